@@ -1,0 +1,41 @@
+# graceful: `make demo` runs the main job on the embedded default, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test lint format bench-compat bench-backfill clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned to 2.13.0 (CPU build); an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/graceful run --dataset digits --generations 3
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench-compat: install
+	$(BIN)/python -m bench.compat
+
+bench-backfill: install
+	$(BIN)/python -m bench.backfill
+
+clean:
+	rm -rf .graceful .pytest_cache

@@ -1,0 +1,40 @@
+"""Deployments: a scheduled update cycle and an on-demand partial backfill.
+
+``graceful serve`` serves both from this process to the Prefect server at
+``PREFECT_API_URL`` (start one with ``prefect server start``: UI on 127.0.0.1:4200).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+def build_deployments(dataset: str, interval_minutes: float, cron: str | None = None) -> list:
+    from flows.backfill import backfill_flow
+    from flows.config import BackfillConfig, CycleConfig
+    from flows.cycle import update_cycle
+
+    schedule = {"cron": cron} if cron else {"interval": timedelta(minutes=interval_minutes)}
+    return [
+        update_cycle.to_deployment(
+            name="scheduled-update",
+            parameters={"config": CycleConfig(dataset=dataset).model_dump()},
+            description="Train, evaluate, gate, promote and backfill the next generation.",
+            tags=["graceful"],
+            **schedule,
+        ),
+        backfill_flow.to_deployment(
+            name="on-demand-backfill",
+            parameters={"config": BackfillConfig().model_dump()},
+            description="Re-embed part of the gallery with the champion; set budget and policy.",
+            tags=["graceful"],
+        ),
+    ]
+
+
+def serve_all(
+    dataset: str = "digits", interval_minutes: float = 1440, cron: str | None = None
+) -> None:
+    from prefect import serve
+
+    serve(*build_deployments(dataset, interval_minutes, cron))

@@ -1,0 +1,80 @@
+"""A partial backfill as a Prefect flow (runnable on demand from the UI as a deployment)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import chain
+from flows.config import BackfillConfig
+from flows.progress import StepProgress
+from store.gallery import Gallery
+from store.lineage import Lineage
+from store.settings import StoreError, subdir
+from workers.backfill import run_backfill
+from workers.datasets import load_dataset
+from workers.evaluate import generation_outputs
+
+
+def backfill_once(
+    lineage: Lineage, cfg: BackfillConfig, progress=None, crash_after_parts: int | None = None
+) -> dict[str, Any]:
+    """Re-embed ``cfg.budget`` of the gallery with the champion, then retire what left."""
+    gallery = Gallery(lineage)
+    info = gallery.require()
+    champion = lineage.champion()
+    if champion is None:
+        raise StoreError("no champion generation to backfill with")
+    ds = load_dataset(info.dataset)
+    out = generation_outputs(champion, ds, subdir("cache"))
+    job = run_backfill(
+        lineage,
+        gallery,
+        ds,
+        champion,
+        cfg.policy,
+        cfg.budget,
+        seed=cfg.seed,
+        query_emb=out.query_emb,
+        query_labels=ds.y_test[out.query_idx],
+        champion_gallery_emb=out.gallery_emb if cfg.curve else None,
+        progress=progress,
+        crash_after_parts=crash_after_parts,
+    )
+    lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
+    retired = chain.retire_unused(lineage)
+    return {
+        "job": job.id,
+        "generation": champion.id,
+        "items_done": job.items_done,
+        "items_total": job.total_items,
+        "m_mix_before": job.m_mix_before,
+        "m_mix_after": job.m_mix_after,
+        "retired": retired,
+        "by_generation": lineage.gallery_counts(),
+    }
+
+
+@task(name="backfill-gallery", cache_policy=NO_CACHE)
+def backfill_task(cfg: BackfillConfig) -> dict[str, Any]:
+    progress = StepProgress("backfill-progress", total=100)
+
+    def report(done: int, total: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if progress.artifact_id is not None:
+            update_progress_artifact(progress.artifact_id, progress=100.0 * done / max(1, total))
+
+    return backfill_once(Lineage(), cfg, progress=report)
+
+
+@flow(name="partial-backfill", log_prints=True)
+def backfill_flow(config: BackfillConfig | None = None) -> dict[str, Any]:
+    """Re-embed part of the gallery with the champion, in policy order, within budget."""
+    result = backfill_task(config or BackfillConfig())
+    from flows.publish import publish_backfill
+
+    publish_backfill(Lineage(), result)
+    return result

@@ -1,0 +1,303 @@
+"""The ``graceful`` command line (typer): run, cycle, backfill, report, search, pin, serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+
+def _env_defaults() -> None:
+    """Settings that make the embedded default work on a small machine."""
+    # the ephemeral Prefect API needs more than its 20 s default on 2 cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _check_inputs(dataset: str | None) -> None:
+    """Reject bad input before anything is created or stored."""
+    from store.settings import StoreError, graceful_home
+    from workers.datasets import DatasetError, parse_spec
+
+    try:
+        graceful_home(create=False)
+        if dataset is not None:
+            parse_spec(dataset)
+    except (StoreError, DatasetError) as exc:
+        _fail(str(exc))
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from store.settings import StoreError
+    from workers.datasets import DatasetError
+    from workers.models import CheckpointError
+
+    return (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, RuntimeError)
+
+
+MethodOpt = Annotated[str, typer.Option(help="none | bct | pct | bct+pct")]
+AgainstOpt = Annotated[
+    str, typer.Option(help="all | last: constrain against every active ancestor or the last")
+]
+PolicyOpt = Annotated[str, typer.Option(help="random | oldest-first | uncertainty")]
+
+
+def _train_config(method: str, against: str, epochs: int, seed: int):
+    from flows.config import TrainConfig
+
+    return TrainConfig(method=method, against=against, epochs=epochs, seed=seed)
+
+
+@app.command()
+def run(
+    dataset: Annotated[
+        str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist")
+    ] = "digits",
+    generations: Annotated[int, typer.Option(min=1, help="cycles to run (>= 1)")] = 3,
+    method: MethodOpt = "bct+pct",
+    against: AgainstOpt = "all",
+    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    seed: int = 0,
+    backfill_budget: Annotated[float, typer.Option(min=0.0)] = 0.3,
+    backfill_policy: PolicyOpt = "uncertainty",
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="promote every generation")] = False,
+) -> None:
+    """Run N update cycles of the growing scenario in GRACEFUL_HOME."""
+    _env_defaults()
+    _check_inputs(dataset)
+    from flows.config import BackfillConfig, CycleConfig, GateConfig
+
+    try:
+        cfg = CycleConfig(
+            dataset=dataset,
+            stages=generations,
+            train=_train_config(method, against, epochs, seed),
+            gate=GateConfig(enabled=not no_gate),
+            backfill=BackfillConfig(budget=backfill_budget, policy=backfill_policy),
+        )
+    except _known_errors() as exc:
+        _fail(str(exc))
+    _run_cycles(cfg, generations)
+    _print_summary()
+
+
+@app.command()
+def cycle(
+    dataset: Annotated[str | None, typer.Option(help="default: the gallery's data set")] = None,
+    stages: Annotated[int, typer.Option(min=1, help="stages of the scenario")] = 3,
+    method: MethodOpt = "bct+pct",
+    against: AgainstOpt = "all",
+    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    seed: int = 0,
+    backfill_budget: Annotated[float, typer.Option(min=0.0)] = 0.3,
+    backfill_policy: PolicyOpt = "uncertainty",
+    no_gate: Annotated[bool, typer.Option("--no-gate")] = False,
+) -> None:
+    """Run one update cycle (the next stage of the scenario)."""
+    _env_defaults()
+    _check_inputs(dataset)
+    from flows.config import BackfillConfig, CycleConfig, GateConfig
+
+    try:
+        cfg = CycleConfig(
+            dataset=dataset,
+            stages=stages,
+            train=_train_config(method, against, epochs, seed),
+            gate=GateConfig(enabled=not no_gate),
+            backfill=BackfillConfig(budget=backfill_budget, policy=backfill_policy),
+        )
+    except _known_errors() as exc:
+        _fail(str(exc))
+    _run_cycles(cfg, 1)
+    _print_summary()
+
+
+def _run_cycles(cfg, n: int) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows import progress as step_progress
+    from flows.cycle import update_cycle
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
+        total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
+        for i in range(n):
+            base = i * 100
+
+            def listen(name: str, pct: float, base: int = base, i: int = i) -> None:
+                bar.update(total, completed=base + pct, description=f"cycle {i + 1}/{n}: {name}")
+
+            step_progress.set_listener(listen)
+            try:
+                result = update_cycle(cfg)
+            except _known_errors() as exc:
+                bar.stop()
+                _fail(str(exc), code=1)
+            finally:
+                step_progress.set_listener(None)
+            verdict = "promoted" if result["promoted"] else "rejected"
+            err.print(
+                f"generation {result['generation']}: accuracy {result['accuracy']:.4f}, {verdict}"
+            )
+
+
+def _matrix_table(title: str, pairs: list, fmt: str = "{:.4f}") -> Table:
+    ids = sorted({int(p[0]) for p in pairs} | {int(p[1]) for p in pairs})
+    value = {(int(a), int(b)): v for a, b, v in pairs}
+    table = Table(title=escape(title))  # "[a][b]" would read as rich markup
+    table.add_column("a \\ b")
+    for b in ids:
+        table.add_column(str(b), justify="right")
+    for a in ids:
+        table.add_row(str(a), *[fmt.format(value[(a, b)]) if (a, b) in value else "" for b in ids])
+    return table
+
+
+def _print_summary() -> None:
+    from flows.report import build_report
+    from store.lineage import Lineage
+
+    rep = build_report(Lineage())
+    gens = Table(title="Generations")
+    for col in ("id", "status", "accuracy", "architecture", "constraints"):
+        gens.add_column(col)
+    for g in rep["generations"]:
+        cons = ", ".join(
+            f"{c['kind'][0]}→{c['target']}" + ("×" if c["status"] == "retired" else "")
+            for c in g["constraints"]
+        )
+        arch = g["architecture"]
+        gens.add_row(
+            str(g["id"]) + (" ★" if g["champion"] else ""),
+            g["status"],
+            f"{g['accuracy']:.4f}" if g["accuracy"] is not None else "-",
+            f"{arch.get('kind')} w{arch.get('width')} d{arch.get('depth')}",
+            cons or "-",
+        )
+    out.print(gens)
+    if rep["nfr"]:
+        out.print(_matrix_table("NFR(a, b)", rep["nfr"]))
+    out.print(_matrix_table("C[a][b] top-1 (a queries, b gallery)", rep["compat_top1"]))
+    out.print(
+        f"AC={rep['ac']}  AM={rep['am']}  M_mix={rep['m_mix']}  "
+        f"gallery={rep['gallery']['by_generation']}"
+    )
+
+
+@app.command()
+def backfill(
+    budget: Annotated[
+        float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")
+    ] = 0.3,
+    policy: PolicyOpt = "uncertainty",
+    batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
+    seed: int = 0,
+) -> None:
+    """Re-embed part of the gallery with the champion (resumes an unfinished job)."""
+    _env_defaults()
+    _check_inputs(None)
+    from flows.backfill import backfill_flow
+    from flows.config import BackfillConfig
+
+    try:
+        cfg = BackfillConfig(budget=budget, policy=policy, batch_rows=batch_rows, seed=seed)
+        result = backfill_flow(cfg)
+    except _known_errors() as exc:
+        _fail(str(exc), code=1)
+    out.print_json(json.dumps(result, default=str))
+
+
+@app.command()
+def report(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+) -> None:
+    """The lineage, every metric, the gallery and the backfills."""
+    _check_inputs(None)
+    from flows.report import build_report
+    from store.lineage import Lineage
+
+    try:
+        rep = build_report(Lineage())
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(rep) + "\n")
+    else:
+        _print_summary()
+
+
+@app.command()
+def search(
+    item: Annotated[int, typer.Option(help="index of a query item in the evaluation split")],
+    k: Annotated[int, typer.Option(min=1)] = 5,
+) -> None:
+    """Nearest gallery items for a query item, from the committed gallery."""
+    _check_inputs(None)
+    from flows.query import search_item
+    from store.lineage import Lineage
+
+    try:
+        hits = search_item(Lineage(), item, k)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"nearest gallery items to test item {item} (label {hits['label']})")
+    for col in ("rank", "item_id", "label", "score"):
+        table.add_column(col)
+    for r, h in enumerate(hits["neighbors"], 1):
+        table.add_row(str(r), str(h["item_id"]), str(h["label"]), f"{h['score']:.4f}")
+    out.print(table)
+
+
+@app.command()
+def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False) -> None:
+    """Pin a generation: its constraint stays active even when its items left the gallery."""
+    _check_inputs(None)
+    from store.lineage import Lineage
+
+    try:
+        Lineage().set_pinned(generation, not unpin)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    out.print(f"generation {generation} {'unpinned' if unpin else 'pinned'}")
+
+
+@app.command()
+def serve(
+    interval_minutes: Annotated[float, typer.Option(help="schedule of the update cycle")] = 24 * 60,
+    cron: Annotated[str | None, typer.Option(help="cron schedule instead of an interval")] = None,
+    dataset: str = "digits",
+) -> None:
+    """Serve the deployments (scheduled update cycle, on-demand backfill) to a Prefect server."""
+    _env_defaults()
+    _check_inputs(dataset)
+    from deploy.deployments import serve_all
+
+    serve_all(dataset=dataset, interval_minutes=interval_minutes, cron=cron)
+
+
+if __name__ == "__main__":
+    app()

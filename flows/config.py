@@ -1,0 +1,77 @@
+"""Typed configuration of the flows; each model is also a deployment's parameter form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+Method = Literal["none", "bct", "pct", "bct+pct"]
+Against = Literal["all", "last"]
+Policy = Literal["random", "oldest-first", "uncertainty"]
+DEFAULT_POLICY: Policy = "uncertainty"
+
+
+class GateConfig(BaseModel):
+    """Promotion thresholds; a generation that misses one is rejected, with the reasons."""
+
+    enabled: bool = True
+    accuracy_tolerance: float = Field(0.02, ge=0, description="accuracy >= champion's - this")
+    require_ecc: bool = Field(True, description="C[g][k] > C[k][k] for every active ancestor k")
+    max_nfr: float = Field(0.10, ge=0, le=1, description="NFR(g, k) bound per active ancestor")
+
+
+class TrainConfig(BaseModel):
+    """How one generation is trained."""
+
+    method: Method = "bct+pct"
+    against: Against = "all"
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+    embed_dim: int = Field(64, ge=2)
+    influence_weight: float = Field(1.0, ge=0)
+    focal_weight: float = Field(1.0, ge=0)
+    focal_alpha: float = Field(1.0, ge=0)
+    focal_beta: float = Field(5.0, ge=0)
+    focal_temperature: float = Field(2.0, gt=0)
+    architecture: dict | None = Field(None, description="override the scenario's architecture")
+
+
+class BackfillConfig(BaseModel):
+    """A partial backfill: re-embed ``budget`` of the gallery with the champion."""
+
+    budget: float = Field(0.3, ge=0, description="a fraction (<= 1) or a count of items (> 1)")
+    policy: Policy = DEFAULT_POLICY
+    batch_rows: int = Field(4096, ge=1, description="items re-embedded per committed batch")
+    seed: int = 0
+    curve: bool = Field(True, description="measure the backfill curve (M_mix over beta)")
+
+    @field_validator("budget")
+    @classmethod
+    def _whole_count(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"a budget above 1 is a count of items, got {v}")
+        return v
+
+
+class CycleConfig(BaseModel):
+    """One update cycle: train -> evaluate -> gate -> promote -> backfill -> publish."""
+
+    dataset: str | None = Field(None, description="data-set spec; default: the gallery's")
+    stages: int = Field(3, ge=1, description="stages of the growing scenario")
+    stage: int | None = Field(None, ge=0, description="default: the next stage")
+    train: TrainConfig = TrainConfig()
+    gate: GateConfig = GateConfig()
+    backfill: BackfillConfig = BackfillConfig()
+
+
+class RunConfig(BaseModel):
+    """N cycles of the scenario."""
+
+    dataset: str = "digits"
+    generations: int = Field(3, ge=1)
+    train: TrainConfig = TrainConfig()
+    gate: GateConfig = GateConfig()
+    backfill: BackfillConfig = BackfillConfig()

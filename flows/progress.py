@@ -1,0 +1,35 @@
+"""Step progress, shown both in the CLI (rich) and in the Prefect UI (progress artifact)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# Set by the CLI to drive its rich progress bar; flows work without it.
+_listener: Callable[[str, float], None] | None = None
+
+
+def set_listener(listener: Callable[[str, float], None] | None) -> None:
+    global _listener
+    _listener = listener
+
+
+class StepProgress:
+    """Reports (step name, fraction done) to the CLI and to a Prefect progress artifact."""
+
+    def __init__(self, key: str, total: int, use_prefect: bool = True) -> None:
+        self.total, self.done = total, 0
+        self.artifact_id = None
+        if use_prefect:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=key)
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        pct = 100.0 * self.done / self.total
+        if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, progress=pct)
+        if _listener is not None:
+            _listener(name, pct)

@@ -1,0 +1,98 @@
+"""Prefect artifacts for the UI: matrices as tables, a markdown summary with plots."""
+
+from __future__ import annotations
+
+import base64
+
+from flows.plots import curves, heatmap
+from flows.report import build_report
+from store.lineage import Lineage
+from store.settings import subdir
+
+
+def matrix_rows(pairs: list[list[float]], ids: list[int]) -> list[dict[str, str]]:
+    """A square table (rows a, columns b) for a Prefect table artifact."""
+    value = {(int(a), int(b)): v for a, b, v in pairs}
+    return [
+        {"a \\ b": str(a)}
+        | {str(b): (f"{value[(a, b)]:.4f}" if (a, b) in value else "") for b in ids}
+        for a in ids
+    ]
+
+
+def _img(path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"![{path.stem}](data:image/png;base64,{data})"
+
+
+def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
+    """Write plots under GRACEFUL_HOME/reports and create the cycle's artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rep = build_report(lineage)
+    ids = [g["id"] for g in rep["generations"] if g["accuracy"] is not None]
+    out = subdir("reports")
+    plots = []
+    if rep["nfr"]:
+        plots.append(heatmap(rep["nfr"], "NFR(a, b)", out / "nfr.png", cmap="magma"))
+        create_table_artifact(
+            matrix_rows(rep["nfr"], ids), key="nfr-matrix", description="NFR(a, b)"
+        )
+    if rep["compat_top1"]:
+        plots.append(heatmap(rep["compat_top1"], "C[a][b] top-1", out / "compat_top1.png"))
+        create_table_artifact(
+            matrix_rows(rep["compat_top1"], ids), key="compat-matrix", description="C[a][b] top-1"
+        )
+    jobs = [j for j in rep["backfills"] if j["curve"]]
+    if jobs:
+        series = {f"job {j['job_id']} ({j['policy']})": j["curve"] for j in jobs[-3:]}
+        plots.append(curves(series, "Backfill curves", out / "backfill_curves.png"))
+    gen = next(g for g in rep["generations"] if g["id"] == gen_id)
+    lines = [
+        f"# Generation {gen_id}: {gen['status']}",
+        "",
+        f"accuracy **{gen['accuracy']:.4f}** · champion **{rep['champion']}** · "
+        f"AC **{rep['ac']}** · AM **{rep['am']}** · M_mix **{rep['m_mix']}**",
+        "",
+        "## Gate",
+        *[f"- {r}" for r in gen["gate_reasons"]],
+        "",
+        "## Constraints",
+        *[
+            f"- {c['kind']} → {c['target']} (w={c['weight']}, {c['status']})"
+            for c in gen["constraints"]
+        ],
+        "",
+        f"Gallery: {rep['gallery']}",
+        "",
+        *[_img(p) for p in plots],
+    ]
+    create_markdown_artifact(
+        "\n".join(lines), key="cycle-summary", description=f"generation {gen_id}"
+    )
+    return rep
+
+
+def publish_backfill(lineage: Lineage, result: dict) -> None:
+    """A markdown artifact with the job's numbers and the backfill curve."""
+    from prefect.artifacts import create_markdown_artifact
+
+    rep = build_report(lineage)
+    job = next(j for j in rep["backfills"] if j["job_id"] == result["job"])
+    lines = [
+        f"# Backfill job {job['job_id']}: {job['policy']}, budget {job['budget']}",
+        "",
+        f"items {job['items_done']}/{job['items_total']} · M_mix {job['m_mix_before']} → "
+        f"{job['m_mix_after']} · area {job['area']} · no regret {job['no_regret']}",
+        "",
+        f"Gallery by generation: {rep['gallery']['by_generation']}",
+        f"Retired: {result['retired']}",
+    ]
+    if job["curve"]:
+        path = curves(
+            {job["policy"]: job["curve"]}, "Backfill curve", subdir("reports") / "backfill.png"
+        )
+        lines += ["", _img(path)]
+    create_markdown_artifact(
+        "\n".join(lines), key="backfill-summary", description="partial backfill"
+    )

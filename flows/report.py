@@ -1,0 +1,95 @@
+"""The contract's JSON report, built from the lineage alone (no model is loaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from store.lineage import Lineage
+from workers import metrics as M
+
+PAIR_METRICS = ("nfr", "pfr", "nfi", "btc", "bec", "compat_map100", "ecc", "update_gain")
+
+
+def _pairs(lineage: Lineage, metric: str, strict: bool) -> list[list[float]]:
+    return [
+        [a, b, v]
+        for a, b, v in lineage.metric(metric)
+        if (a > b if strict else a >= b) and v is not None
+    ]
+
+
+def build_report(lineage: Lineage) -> dict[str, Any]:
+    """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``."""
+    gens = lineage.generations()
+    constraints = lineage.constraints()
+    champion = next((g.id for g in gens if g.is_champion), None)
+    report: dict[str, Any] = {
+        "champion": champion,
+        "generations": [
+            {
+                "id": g.id,
+                "status": g.status,
+                "champion": g.is_champion,
+                "accuracy": g.accuracy,
+                "architecture": g.architecture,
+                "stage": g.stage,
+                "classes": g.classes,
+                "method": g.method,
+                "epochs": g.epochs,
+                "train_samples": g.train_samples,
+                "train_seconds": g.train_seconds,
+                "checkpoint_sha256": g.checkpoint_sha256,
+                "pinned": g.pinned,
+                "retired": g.retired,
+                "retired_reason": g.retired_reason,
+                "gate_passed": g.gate_passed,
+                "gate_reasons": g.gate_reasons,
+                "error": g.error,
+                "constraints": [
+                    {
+                        "target": c.target_id,
+                        "kind": c.kind,
+                        "weight": c.weight,
+                        "status": c.status,
+                        "retired_reason": c.retired_reason,
+                    }
+                    for c in constraints
+                    if c.generation_id == g.id
+                ],
+            }
+            for g in gens
+        ],
+    }
+    for metric in PAIR_METRICS:
+        report[metric] = _pairs(lineage, metric, strict=metric != "compat_map100")
+    report["nfr_any"] = [[a, v] for a, b, v in lineage.metric("nfr_any") if a == b]
+    top1 = {(a, b): v for a, b, v in lineage.metric("compat_top1") if a >= b and v is not None}
+    report["compat_top1"] = [[a, b, v] for (a, b), v in sorted(top1.items())]
+    report["compat_map100"] = _pairs(lineage, "compat_map100", strict=False)
+    report["ac"] = M.ac(top1) if any(a > b for a, b in top1) else None
+    report["am"] = M.am(top1) if top1 else None
+    m_mix = [(a, v) for a, b, v in lineage.metric("m_mix") if a == champion]
+    report["m_mix"] = m_mix[-1][1] if m_mix else None
+    counts = lineage.gallery_counts()
+    report["gallery"] = {
+        "items": sum(counts.values()),
+        "by_generation": {str(g): n for g, n in counts.items()},
+    }
+    report["backfills"] = [
+        {
+            "job_id": j.id,
+            "generation": j.generation_id,
+            "policy": j.policy,
+            "budget": j.budget,
+            "status": j.status,
+            "items_total": j.total_items,
+            "items_done": j.items_done,
+            "m_mix_before": j.m_mix_before,
+            "m_mix_after": j.m_mix_after,
+            "curve": j.curve,
+            "area": M.curve_area(j.curve) if j.curve else None,
+            "no_regret": M.no_regret(j.curve) if j.curve else None,
+        }
+        for j in lineage.backfill_jobs()
+    ]
+    return report

@@ -1,0 +1,323 @@
+"""The lineage: generations, the constraint chain, evaluations and backfill jobs (SQLModel).
+
+SQLite under ``GRACEFUL_HOME`` by default, any SQLAlchemy URL (PostgreSQL) via
+``GRACEFUL_DB_URL``. Every change runs in one transaction; engines are made lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from store.settings import StoreError, db_url
+
+GENERATION_STATUSES = ("training", "trained", "promoted", "rejected", "failed")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Generation(SQLModel, table=True):
+    """One trained model: backbone -> normalised embedding -> classifier head."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset: str
+    stage: int
+    architecture: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    embed_dim: int
+    classes: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    train_samples: int = 0
+    epochs: int = 0
+    seed: int = 0
+    method: str = "none"
+    status: str = "training"
+    is_champion: bool = False
+    pinned: bool = False
+    retired: bool = False
+    retired_reason: str | None = None
+    accuracy: float | None = None
+    train_seconds: float | None = None
+    checkpoint_path: str | None = None
+    checkpoint_sha256: str | None = None
+    gate_passed: bool | None = None
+    gate_reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
+class Constraint(SQLModel, table=True):
+    """Generation ``generation_id`` was trained to stay compatible with ``target_id``."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    generation_id: int = Field(foreign_key="generation.id", index=True)
+    target_id: int = Field(foreign_key="generation.id", index=True)
+    kind: str  # influence | focal
+    weight: float
+    status: str = "active"  # active | retired
+    retired_reason: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+    retired_at: datetime | None = None
+
+
+class Evaluation(SQLModel, table=True):
+    """One metric for a pair of generations (a, b); single-generation metrics use b == a."""
+
+    __table_args__ = (UniqueConstraint("generation_id", "other_id", "metric"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    generation_id: int = Field(foreign_key="generation.id", index=True)
+    other_id: int = Field(foreign_key="generation.id")
+    metric: str = Field(index=True)
+    value: float | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
+class BackfillJob(SQLModel, table=True):
+    """Re-embedding a chosen part of the gallery with one generation."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    generation_id: int = Field(foreign_key="generation.id")
+    policy: str
+    budget: float
+    total_items: int = 0
+    items_done: int = 0
+    status: str = "running"  # running | done | failed
+    m_mix_before: float | None = None
+    m_mix_after: float | None = None
+    curve: list[list[float]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+    finished_at: datetime | None = None
+
+
+class GalleryPart(SQLModel, table=True):
+    """The manifest of the Parquet gallery: one row per committed part file."""
+
+    name: str = Field(primary_key=True)
+    rows: int
+    sha256: str
+    counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class GalleryInfo(SQLModel, table=True):
+    """What the gallery indexes: the data-set spec and split it was built from."""
+
+    id: int = Field(default=1, primary_key=True)
+    dataset: str
+    embed_dim: int
+    items: int
+    created_at: datetime = Field(default_factory=_now)
+
+
+class UnknownGeneration(StoreError):
+    """A generation id that the lineage does not hold."""
+
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def engine_for(url: str) -> Engine:
+    """One engine per URL, created (with the schema) on first use."""
+    if url not in _ENGINES:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # Prefect runs tasks in threads; SQLite waits for a writer instead of failing.
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            engine = create_engine(url, **kwargs)
+            SQLModel.metadata.create_all(engine)
+        except Exception as exc:  # a wrong URL or an unreachable server
+            raise StoreError(f"cannot open the lineage database {url!r}: {exc}") from exc
+        _ENGINES[url] = engine
+    return _ENGINES[url]
+
+
+class Lineage:
+    """Typed access to the lineage; every method is one transaction."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or db_url()
+
+    @property
+    def engine(self) -> Engine:
+        return engine_for(self.url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session whose changes commit together or not at all."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    # -- generations -------------------------------------------------------------------
+    def add_generation(self, **fields: Any) -> Generation:
+        with self.session() as s:
+            gen = Generation(**fields)
+            s.add(gen)
+            s.flush()
+            s.refresh(gen)
+            return gen
+
+    def start_generation(
+        self, constraints: Iterable[tuple[int, str, float]], **fields: Any
+    ) -> Generation:
+        """Record a new generation and its constraints in one transaction."""
+        with self.session() as s:
+            gen = Generation(**fields)
+            s.add(gen)
+            s.flush()
+            for target, kind, weight in constraints:
+                s.add(Constraint(generation_id=gen.id, target_id=target, kind=kind, weight=weight))
+            s.flush()
+            s.refresh(gen)
+            return gen
+
+    def generation(self, gen_id: int) -> Generation:
+        with self.session() as s:
+            gen = s.get(Generation, gen_id)
+            if gen is None:
+                known = [g for g in s.exec(select(Generation.id).order_by(Generation.id))]
+                raise UnknownGeneration(f"unknown generation {gen_id}; the lineage holds {known}")
+            return gen
+
+    def generations(self) -> list[Generation]:
+        with self.session() as s:
+            return list(s.exec(select(Generation).order_by(Generation.id)))
+
+    def update_generation(self, gen_id: int, **fields: Any) -> Generation:
+        with self.session() as s:
+            gen = s.get(Generation, gen_id)
+            if gen is None:
+                raise UnknownGeneration(f"unknown generation {gen_id}")
+            for key, value in fields.items():
+                setattr(gen, key, value)
+            s.add(gen)
+            return gen
+
+    def champion(self) -> Generation | None:
+        with self.session() as s:
+            return s.exec(select(Generation).where(Generation.is_champion)).first()
+
+    def promote(self, gen_id: int) -> None:
+        """Move the champion alias to ``gen_id`` (one transaction)."""
+        with self.session() as s:
+            gen = s.get(Generation, gen_id)
+            if gen is None:
+                raise UnknownGeneration(f"unknown generation {gen_id}")
+            if gen.status not in ("trained", "promoted"):
+                raise StoreError(
+                    f"generation {gen_id} is {gen.status}; only a trained one is promoted"
+                )
+            for old in s.exec(select(Generation).where(Generation.is_champion)):
+                old.is_champion = False
+                s.add(old)
+            gen.is_champion = True
+            gen.status = "promoted"
+            s.add(gen)
+
+    def set_pinned(self, gen_id: int, pinned: bool) -> None:
+        self.update_generation(gen_id, pinned=pinned)
+
+    # -- constraints -------------------------------------------------------------------
+    def add_constraints(self, gen_id: int, items: Iterable[tuple[int, str, float]]) -> None:
+        with self.session() as s:
+            for target, kind, weight in items:
+                s.add(Constraint(generation_id=gen_id, target_id=target, kind=kind, weight=weight))
+
+    def constraints(self, gen_id: int | None = None) -> list[Constraint]:
+        with self.session() as s:
+            q = select(Constraint).order_by(Constraint.generation_id, Constraint.target_id)
+            if gen_id is not None:
+                q = q.where(Constraint.generation_id == gen_id)
+            return list(s.exec(q))
+
+    def retire(self, target_id: int, reason: str) -> int:
+        """Retire generation ``target_id`` from the chain; returns constraints retired."""
+        with self.session() as s:
+            gen = s.get(Generation, target_id)
+            if gen is None:
+                raise UnknownGeneration(f"unknown generation {target_id}")
+            gen.retired, gen.retired_reason = True, reason
+            s.add(gen)
+            n = 0
+            q = select(Constraint).where(
+                Constraint.target_id == target_id, Constraint.status == "active"
+            )
+            for c in s.exec(q):
+                c.status, c.retired_reason, c.retired_at = "retired", reason, _now()
+                s.add(c)
+                n += 1
+            return n
+
+    # -- evaluations -------------------------------------------------------------------
+    def record_metrics(self, rows: Iterable[tuple[int, int, str, float | None]]) -> None:
+        """Upsert (a, b, metric, value) rows in one transaction."""
+        with self.session() as s:
+            for a, b, metric, value in rows:
+                q = select(Evaluation).where(
+                    Evaluation.generation_id == a,
+                    Evaluation.other_id == b,
+                    Evaluation.metric == metric,
+                )
+                row = s.exec(q).first() or Evaluation(generation_id=a, other_id=b, metric=metric)
+                row.value = None if value is None else float(value)
+                row.created_at = _now()
+                s.add(row)
+
+    def metric(self, metric: str) -> list[tuple[int, int, float | None]]:
+        with self.session() as s:
+            q = (
+                select(Evaluation)
+                .where(Evaluation.metric == metric)
+                .order_by(Evaluation.generation_id, Evaluation.other_id)
+            )
+            return [(e.generation_id, e.other_id, e.value) for e in s.exec(q)]
+
+    # -- backfill jobs -----------------------------------------------------------------
+    def add_backfill_job(self, **fields: Any) -> BackfillJob:
+        with self.session() as s:
+            job = BackfillJob(**fields)
+            s.add(job)
+            s.flush()
+            s.refresh(job)
+            return job
+
+    def update_backfill_job(self, job_id: int, **fields: Any) -> BackfillJob:
+        with self.session() as s:
+            job = s.get(BackfillJob, job_id)
+            if job is None:
+                raise StoreError(f"unknown backfill job {job_id}")
+            for key, value in fields.items():
+                setattr(job, key, value)
+            s.add(job)
+            return job
+
+    def backfill_jobs(self) -> list[BackfillJob]:
+        with self.session() as s:
+            return list(s.exec(select(BackfillJob).order_by(BackfillJob.id)))
+
+    # -- gallery manifest --------------------------------------------------------------
+    def gallery_info(self) -> GalleryInfo | None:
+        with self.session() as s:
+            return s.get(GalleryInfo, 1)
+
+    def gallery_parts(self) -> list[GalleryPart]:
+        with self.session() as s:
+            return list(s.exec(select(GalleryPart).order_by(GalleryPart.name)))
+
+    def gallery_counts(self) -> dict[int, int]:
+        """Items per generation over the committed gallery (from the manifest)."""
+        counts: dict[int, int] = {}
+        for part in self.gallery_parts():
+            for gen, n in part.counts.items():
+                counts[int(gen)] = counts.get(int(gen), 0) + int(n)
+        return {g: n for g, n in sorted(counts.items()) if n > 0}

@@ -1,0 +1,126 @@
+"""The whole cycle end to end through the CLI: real Prefect flow runs (ephemeral API),
+real local Ray, SQLite, Parquet and faiss, on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GRACEFUL = [sys.executable, "-m", "flows.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def graceful(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, GRACEFUL_HOME=str(home), COLUMNS="200")
+    env.pop("GRACEFUL_DB_URL", None)
+    proc = subprocess.run(
+        [*GRACEFUL, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"graceful {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    if not path.exists():
+        return {}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run = graceful(
+        home,
+        "run",
+        "--dataset",
+        "digits",
+        "--generations",
+        "3",
+        "--epochs",
+        "4",
+        "--backfill-budget",
+        "0.5",
+        "--no-gate",
+    )
+    assert "NFR(a, b)" in run.stdout and "C[a][b]" in run.stdout
+
+    rep = json.loads(graceful(home, "report", "--json").stdout)
+    ids = [g["id"] for g in rep["generations"]]
+    assert ids == [1, 2, 3]
+    assert all(g["status"] == "promoted" for g in rep["generations"])
+    assert [g["id"] for g in rep["generations"] if g["champion"]] == [3]
+    # NFR for every pair (g, k < g) and C[a][b] for every pair b <= a
+    assert sorted((a, b) for a, b, _ in rep["nfr"]) == [(2, 1), (3, 1), (3, 2)]
+    assert sorted((a, b) for a, b, _ in rep["compat_top1"]) == [
+        (1, 1),
+        (2, 1),
+        (2, 2),
+        (3, 1),
+        (3, 2),
+        (3, 3),
+    ]
+    for key in ("nfi", "btc", "bec"):
+        assert len(rep[key]) == 3
+    assert [a for a, _ in rep["nfr_any"]] == [1, 2, 3]
+    assert all(0.0 <= v <= 1.0 for _, _, v in rep["nfr"] + rep["compat_top1"])
+    assert 0.0 <= rep["ac"] <= 1.0 and 0.0 < rep["am"] <= 1.0
+    g2 = rep["generations"][1]
+    for field in ("architecture", "epochs", "train_samples", "train_seconds", "constraints"):
+        assert field in g2
+    assert {(c["target"], c["kind"]) for c in g2["constraints"]} == {(1, "influence"), (1, "focal")}
+    # the scenario grows: more data and wider models at later stages
+    samples = [g["train_samples"] for g in rep["generations"]]
+    assert samples[0] < samples[1] < samples[2]
+    # gallery: 270 items (the even half of digits' 540 test items), every item once
+    assert rep["gallery"]["items"] == 270
+    assert sum(rep["gallery"]["by_generation"].values()) == 270
+    assert len(rep["backfills"]) == 2 and all(j["items_done"] == 135 for j in rep["backfills"])
+    assert rep["backfills"][0]["curve"][0][0] == 0.0 and len(rep["backfills"][0]["curve"]) == 11
+
+    # a full backfill moves every item to the champion and retires the ancestors
+    graceful(home, "backfill", "--budget", "1.0", "--policy", "oldest-first")
+    rep = json.loads(graceful(home, "report", "--json").stdout)
+    assert rep["gallery"]["by_generation"] == {"3": 270}
+    retired = {g["id"] for g in rep["generations"] if g["retired"]}
+    assert retired == {1, 2}
+    assert all(c["status"] == "retired" for g in rep["generations"] for c in g["constraints"])
+
+    hits = graceful(home, "search", "--item", "1", "--k", "3")
+    assert "nearest gallery items" in hits.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--dataset", "mnist-ish"], "unknown"),
+        (["run", "--dataset", "imagefolder:/no/such/dir"], "/no/such/dir"),
+        (["run", "--dataset", "digits", "--generations", "0"], "generations"),
+        (["run", "--dataset", "digits", "--method", "magic", "--epochs", "1"], "method"),
+    ],
+)
+def test_bad_input_is_rejected_and_store_untouched(tmp_path: Path, args, message) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keep.txt").write_text("existing state")
+    before = snapshot(home)
+    proc = graceful(home, *args, check=False)
+    assert proc.returncode != 0
+    assert message in (proc.stderr + proc.stdout).lower()
+    assert snapshot(home) == before
+
+
+def test_home_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+    home = tmp_path / "home-file"
+    home.write_text("not a directory")
+    proc = graceful(home, "run", "--dataset", "digits", "--generations", "1", check=False)
+    assert proc.returncode == 2
+    assert "not a directory" in proc.stderr
+    assert home.read_text() == "not a directory"

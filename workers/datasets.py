@@ -1,0 +1,585 @@
+"""Data set loading by spec string.
+
+Specs (stable contract):
+
+- ``digits`` -- scikit-learn's bundled 8x8 digits, stratified 70/30 split (random_state=0).
+- ``fashion-mnist[:DIR]`` -- IDX files (gzipped or plain); default DIR is
+  ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
+- ``imagefolder:DIR`` -- ``DIR/{train,test}/<class>/*.{png,jpg,jpeg}``.
+- ``cifar10:DIR`` / ``cifar100:DIR`` -- the python pickle batches of the official archives.
+- ``parquet:PATH`` -- a Parquet file or directory with ``label``, ``split`` and a feature
+  (list of floats) or ``image`` (PNG/JPEG bytes) column.
+
+Every bad input raises :class:`DatasetError`. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import gzip
+import io
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "KNOWN_KINDS",
+    "Dataset",
+    "DatasetError",
+    "load_dataset",
+    "parse_spec",
+]
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+KNOWN_KINDS: tuple[str, ...] = (
+    "digits",
+    "fashion-mnist",
+    "imagefolder",
+    "cifar10",
+    "cifar100",
+    "parquet",
+)
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+_GRAY_MODES = frozenset({"1", "L", "LA"})
+_SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A data set spec, file or content is invalid."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """An in-memory train/test data set.
+
+    Arrays are validated, made C-contiguous (x float32, y int64) and read-only, because
+    loaded data sets are cached and shared; copy before modifying in place.
+    """
+
+    spec: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        names = tuple(str(n) for n in self.class_names)
+        if not names:
+            raise DatasetError(f"{self.spec}: no classes")
+        object.__setattr__(self, "class_names", names)
+        shapes = []
+        for split in _SPLITS:
+            x = np.ascontiguousarray(getattr(self, f"x_{split}"), dtype=np.float32)
+            y_raw = np.asarray(getattr(self, f"y_{split}"))
+            if y_raw.ndim != 1 or (y_raw.size and y_raw.dtype.kind not in "iu"):
+                raise DatasetError(f"{self.spec}: {split} labels must be a 1-D integer array")
+            y = np.ascontiguousarray(y_raw, dtype=np.int64)
+            if x.ndim < 2 or len(x) == 0:
+                raise DatasetError(f"{self.spec}: {split} split is empty")
+            if len(x) != len(y):
+                raise DatasetError(f"{self.spec}: {split} has {len(x)} inputs but {len(y)} labels")
+            if not np.isfinite(x).all():
+                raise DatasetError(f"{self.spec}: {split} inputs contain NaN or infinite values")
+            if y.min() < 0 or y.max() >= len(names):
+                raise DatasetError(
+                    f"{self.spec}: {split} labels must be in 0..{len(names) - 1}, "
+                    f"got {int(y.min())}..{int(y.max())}"
+                )
+            x.setflags(write=False)
+            y.setflags(write=False)
+            object.__setattr__(self, f"x_{split}", x)
+            object.__setattr__(self, f"y_{split}", y)
+            shapes.append(x.shape[1:])
+        if shapes[0] != shapes[1]:
+            raise DatasetError(
+                f"{self.spec}: train input shape {shapes[0]} != test input shape {shapes[1]}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, e.g. ``(1, 28, 28)`` or ``(D,)``."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """Validate ``spec`` without reading data; return ``(kind, absolute path or None)``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError(f"empty or non-string data set spec: {spec!r}")
+    head, sep, tail = spec.strip().partition(":")
+    kind = head.strip().lower()
+    raw_path = tail.strip() if sep else ""
+    if kind not in KNOWN_KINDS:
+        raise DatasetError(
+            f"unknown data set kind {head.strip()!r} in spec {spec!r}; "
+            f"known kinds: {', '.join(KNOWN_KINDS)}"
+        )
+    if kind == "digits":
+        if raw_path:
+            raise DatasetError(f"spec {spec!r}: 'digits' takes no path")
+        return kind, None
+    hint = ""
+    if not raw_path:
+        if kind != "fashion-mnist":
+            raise DatasetError(f"spec {spec!r}: '{kind}' needs a path, e.g. '{kind}:/data/dir'")
+        raw_path = DEFAULT_FASHION_MNIST_DIR
+        hint = " (install it with `apt-get install dataset-fashion-mnist`)"
+    path = os.path.abspath(os.path.expanduser(raw_path))
+    if not os.path.exists(path):
+        raise DatasetError(f"spec {spec!r}: path {path} does not exist{hint}")
+    if kind != "parquet" and not os.path.isdir(path):
+        raise DatasetError(f"spec {spec!r}: path {path} is not a directory")
+    return kind, path
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a data set by spec; results are cached in-process per normalized spec."""
+    kind, path = parse_spec(spec)
+    return _load_cached(kind, path)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(kind: str, path: str | None) -> Dataset:
+    norm = kind if path is None else f"{kind}:{path}"
+    if kind == "digits":
+        parts = _load_digits()
+    elif kind == "fashion-mnist":
+        parts = _load_fashion_mnist(Path(path or DEFAULT_FASHION_MNIST_DIR))
+    elif kind == "imagefolder":
+        parts = _load_imagefolder(Path(str(path)))
+    elif kind in ("cifar10", "cifar100"):
+        parts = _load_cifar(Path(str(path)), fine=kind == "cifar100")
+    else:
+        parts = _load_parquet(Path(str(path)))
+    return Dataset(norm, *parts)
+
+
+_Parts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits() -> _Parts:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    return x_tr, y_tr, x_te, y_te, tuple(str(n) for n in bunch.target_names)
+
+
+# --------------------------------------------------------------------------- IDX
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped) into an array; errors name the file."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(raw) < 4:
+        raise DatasetError(f"IDX file {path} is truncated (no header)")
+    zero0, zero1, code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero0 or zero1 or code not in _IDX_DTYPES or ndim == 0:
+        raise DatasetError(f"IDX file {path} has a bad magic number 0x{raw[:4].hex()}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"IDX file {path} is truncated (incomplete header)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DatasetError(
+            f"IDX file {path} has {len(raw) - header} data bytes, expected {expected} "
+            f"for dims {dims} ({'truncated' if len(raw) - header < expected else 'trailing data'})"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _find_file(directory: Path, name: str) -> Path:
+    for candidate in (directory / f"{name}.gz", directory / name):
+        if candidate.is_file():
+            return candidate
+    raise DatasetError(f"missing file {directory / name}[.gz]")
+
+
+def _load_fashion_mnist(directory: Path) -> _Parts:
+    out: list[np.ndarray] = []
+    for prefix in ("train", "t10k"):
+        img_path = _find_file(directory, f"{prefix}-images-idx3-ubyte")
+        lbl_path = _find_file(directory, f"{prefix}-labels-idx1-ubyte")
+        images, labels = _read_idx(img_path), _read_idx(lbl_path)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise DatasetError(f"IDX file {img_path}: expected 3-D uint8 images")
+        if labels.ndim != 1 or labels.dtype != np.uint8:
+            raise DatasetError(f"IDX file {lbl_path}: expected 1-D uint8 labels")
+        if len(images) != len(labels):
+            raise DatasetError(
+                f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels"
+            )
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DatasetError(f"IDX file {lbl_path}: label {int(labels.max())} out of range")
+        out += [_scale_u8(images[:, None]), labels.astype(np.int64)]
+    return out[0], out[1], out[2], out[3], FASHION_MNIST_CLASSES
+
+
+def _scale_u8(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32) / np.float32(255.0)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _open_image(source: Path | bytes, name: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"cannot decode image {name}: {exc}") from exc
+
+
+def _decode_images(
+    items: Sequence[tuple[str, Path | bytes]], size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode images to (N, C, H, W) float32 in [0, 1].
+
+    Mode is 'L' if every image is grayscale, else 'RGB'; all images are resized to
+    ``size`` = (height, width), defaulting to the size of the first item.
+    """
+    from PIL import Image
+
+    modes: list[str] = []
+    for name, source in items:
+        with _open_image(source, name) as img:
+            modes.append(img.mode)
+            if size is None:
+                size = (img.height, img.width)
+    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
+    if size is None:
+        return np.zeros((0, 1 if mode == "L" else 3, 0, 0), dtype=np.float32)
+    height, width = size
+    out = np.empty((len(items), height, width, 1 if mode == "L" else 3), dtype=np.uint8)
+    for i, (name, source) in enumerate(items):
+        with _open_image(source, name) as img:
+            try:
+                img = img.convert(mode)
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.Resampling.BILINEAR)
+                out[i] = np.asarray(img).reshape(height, width, -1)
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"cannot decode image {name}: {exc}") from exc
+    return _scale_u8(out.transpose(0, 3, 1, 2))
+
+
+def _load_imagefolder(root: Path, size: tuple[int, int] | None = None) -> _Parts:
+    split_dirs = {s: root / s for s in _SPLITS}
+    for split, d in split_dirs.items():
+        if not d.is_dir():
+            raise DatasetError(f"imagefolder {root}: missing {split} directory {d}")
+    classes = sorted(
+        {
+            c.name
+            for d in split_dirs.values()
+            for c in d.iterdir()
+            if c.is_dir() and not c.name.startswith(".")
+        }
+    )
+    if not classes:
+        raise DatasetError(f"imagefolder {root}: no class folders under train/ or test/")
+    files: dict[str, list[tuple[str, Path | bytes]]] = {}
+    labels: dict[str, list[int]] = {}
+    for split, d in split_dirs.items():
+        files[split], labels[split] = [], []
+        for idx, cls in enumerate(classes):
+            cdir = d / cls
+            if not cdir.is_dir():
+                continue
+            for f in sorted(cdir.iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    files[split].append((str(f), f))
+                    labels[split].append(idx)
+        if not files[split]:
+            raise DatasetError(f"imagefolder {root}: {split} split has no PNG/JPEG images")
+    empty = sorted(set(range(len(classes))) - set(labels["train"]) - set(labels["test"]))
+    if empty:
+        raise DatasetError(
+            f"imagefolder {root}: class folder(s) without images: "
+            f"{', '.join(classes[i] for i in empty)}"
+        )
+    x_tr, x_te = _decode_split_images(files["train"], files["test"], size)
+    return (
+        x_tr,
+        np.asarray(labels["train"], dtype=np.int64),
+        x_te,
+        np.asarray(labels["test"], dtype=np.int64),
+        tuple(classes),
+    )
+
+
+def _decode_split_images(
+    train: Sequence[tuple[str, Path | bytes]],
+    test: Sequence[tuple[str, Path | bytes]],
+    size: tuple[int, int] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode both splits together so they share one mode and one size."""
+    x = _decode_images([*train, *test], size)
+    return x[: len(train)], x[len(train) :]
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _numpy_attr(*candidates: str) -> Any:
+    """Return the first importable ``module:attr`` among candidates (numpy 1.x / 2.x)."""
+    import importlib
+
+    for cand in candidates:
+        mod, _, attr = cand.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"none of {candidates} available")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only resolves numpy array reconstruction and harmless builtins."""
+
+    _BUILTINS = frozenset(
+        {"list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int"}
+        | {"float", "complex", "bool"}
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+        }:
+            return _numpy_attr("numpy._core.multiarray:_reconstruct", f"{module}:{name}")
+        if (module, name) in {
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+        }:
+            # Written by numpy for pickle protocol 5; it only builds an array from a buffer.
+            return _numpy_attr("numpy._core.numeric:_frombuffer", f"{module}:{name}")
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if module in ("builtins", "__builtin__") and name in self._BUILTINS:
+            return getattr(builtins, name)
+        if (module, name) == ("_codecs", "encode"):  # bytes pickled with protocol < 3
+            import codecs
+
+            return codecs.encode
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def _read_pickle(path: Path) -> dict[bytes, Any]:
+    """Load a CIFAR pickle batch with a restricted unpickler; errors name the file."""
+    # The CIFAR archives ship python pickles (written by Python 2, hence encoding="bytes");
+    # that is the data set's own format, so we restrict what the pickle may construct.
+    try:
+        with open(path, "rb") as f:
+            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise DatasetError(f"refusing or unable to unpickle {path}: {exc}") from exc
+    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise DatasetError(f"cannot read pickle {path}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"pickle {path} does not hold a dict")
+    return obj
+
+
+def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _read_pickle(path)
+    for key in (b"data", label_key):
+        if key not in batch:
+            raise DatasetError(f"pickle {path} lacks key {key!r}")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
+        raise DatasetError(
+            f"pickle {path}: data must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
+        )
+    if labels.shape != (len(data),) or (labels.size and labels.dtype.kind not in "iu"):
+        raise DatasetError(f"pickle {path}: {label_key!r} must hold {len(data)} integer labels")
+    return _scale_u8(data.reshape(-1, 3, 32, 32)), labels.astype(np.int64)
+
+
+def _load_cifar(root: Path, *, fine: bool) -> _Parts:
+    sub = root / ("cifar-100-python" if fine else "cifar-10-batches-py")
+    meta_name = "meta" if fine else "batches.meta"
+    base = root if (root / meta_name).is_file() or not sub.is_dir() else sub
+    if fine:
+        train_files, test_files = [base / "train"], [base / "test"]
+        label_key, names_key = b"fine_labels", b"fine_label_names"
+    else:
+        train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
+        test_files = [base / "test_batch"]
+        label_key, names_key = b"labels", b"label_names"
+    for f in [*train_files, *test_files, base / meta_name]:
+        if not f.is_file():
+            raise DatasetError(f"missing CIFAR file {f}")
+    meta = _read_pickle(base / meta_name)
+    if names_key not in meta:
+        raise DatasetError(f"pickle {base / meta_name} lacks key {names_key!r}")
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key])
+    splits = []
+    for files in (train_files, test_files):
+        xs, ys = zip(*(_cifar_batch(f, label_key) for f in files), strict=True)
+        splits += [np.concatenate(xs), np.concatenate(ys)]
+    return splits[0], splits[1], splits[2], splits[3], names
+
+
+# --------------------------------------------------------------------------- parquet
+
+
+def _load_parquet(path: Path) -> _Parts:
+    import pyarrow as pa
+
+    try:
+        if path.is_dir():
+            import pyarrow.dataset as pads
+
+            table = pads.dataset(str(path), format="parquet").to_table()
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(str(path))
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"cannot read Parquet {path}: {exc}") from exc
+    cols = table.schema.names
+    for required in ("label", "split"):
+        if required not in cols:
+            raise DatasetError(
+                f"Parquet {path}: missing required column {required!r} (columns: {cols})"
+            )
+    label_col, split_col = table.column("label"), table.column("split")
+    if not pa.types.is_integer(label_col.type) or label_col.null_count:
+        raise DatasetError(f"Parquet {path}: column 'label' must be non-null integers")
+    if not (pa.types.is_string(split_col.type) or pa.types.is_large_string(split_col.type)):
+        raise DatasetError(f"Parquet {path}: column 'split' must be strings")
+    splits = np.asarray(split_col.to_pylist(), dtype=object)
+    bad = sorted({str(s) for s in splits} - set(_SPLITS))
+    if bad:
+        raise DatasetError(f"Parquet {path}: column 'split' has values {bad}; expected train/test")
+    labels = label_col.to_numpy().astype(np.int64)
+    present = np.unique(labels)
+    if len(present) == 0:
+        raise DatasetError(f"Parquet {path}: no rows")
+    if not np.array_equal(present, np.arange(len(present))):
+        raise DatasetError(
+            f"Parquet {path}: labels must be contiguous 0..C-1, got {present.tolist()[:20]}"
+        )
+    names = _parquet_class_names(table, labels, len(present), path)
+
+    train, test = splits == "train", splits == "test"
+    list_cols = [c for c in cols if _is_list_type(table.schema.field(c).type)]
+    if "features" in list_cols or ("image" not in cols and list_cols):
+        name = "features" if "features" in list_cols else list_cols[0]
+        x = _parquet_features(table.column(name), name, path)
+        x_tr, x_te = x[train], x[test]
+    elif "image" in cols:
+        items = _parquet_image_items(table.column("image"), path)
+        x_tr, x_te = _decode_split_images(
+            [items[i] for i in np.flatnonzero(train)],
+            [items[i] for i in np.flatnonzero(test)],
+            None,
+        )
+    else:
+        raise DatasetError(
+            f"Parquet {path}: no feature column (list<float>) or 'image' column; columns: {cols}"
+        )
+    return x_tr, labels[train], x_te, labels[test], names
+
+
+def _is_list_type(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _parquet_class_names(table: Any, labels: np.ndarray, n: int, path: Path) -> tuple[str, ...]:
+    if "class_name" not in table.schema.names:
+        return tuple(str(i) for i in range(n))
+    names: dict[int, str] = {}
+    for lab, name in zip(labels.tolist(), table.column("class_name").to_pylist(), strict=True):
+        if name is not None and names.setdefault(lab, str(name)) != str(name):
+            raise DatasetError(
+                f"Parquet {path}: label {lab} has several class_name values "
+                f"({names[lab]!r}, {str(name)!r})"
+            )
+    return tuple(names.get(i, str(i)) for i in range(n))
+
+
+def _parquet_features(col: Any, name: str, path: Path) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks()
+    if col.null_count:
+        raise DatasetError(f"Parquet {path}: column {name!r} has null rows")
+    lengths = np.asarray(pc.list_value_length(col), dtype=np.int64)
+    if len(lengths) == 0 or lengths.min() != lengths.max() or lengths[0] == 0:
+        raise DatasetError(f"Parquet {path}: column {name!r} rows must share one non-zero length")
+    values = col.flatten()
+    numeric = pa.types.is_floating(values.type) or pa.types.is_integer(values.type)
+    if values.null_count or not numeric:
+        raise DatasetError(f"Parquet {path}: column {name!r} must hold non-null numbers")
+    return np.asarray(values.to_numpy(), dtype=np.float32).reshape(len(lengths), -1)
+
+
+def _parquet_image_items(col: Any, path: Path) -> list[tuple[str, Path | bytes]]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:
+        col = pc.struct_field(col, "bytes")  # Hugging Face style {bytes, path} image structs
+    if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+        raise DatasetError(f"Parquet {path}: column 'image' must be binary PNG/JPEG bytes")
+    if col.null_count:
+        raise DatasetError(f"Parquet {path}: column 'image' has null rows")
+    return [(f"{path} row {i}", b) for i, b in enumerate(col.to_pylist())]

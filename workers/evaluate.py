@@ -1,0 +1,99 @@
+"""Evaluation of a generation against every earlier one: flips and retrieval compatibility.
+
+Each generation's outputs on the evaluation split are computed once and cached next to
+its checkpoint (keyed by the checkpoint's sha256), so evaluating generation g costs one
+forward pass of g plus cached reads of its ancestors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from store.lineage import Generation
+from workers import metrics as M
+from workers.datasets import Dataset
+from workers.embed import Outputs, forward
+from workers.models import load_model
+from workers.scenario import eval_split
+
+
+@dataclass
+class EvalOutputs:
+    """A generation's outputs on the evaluation split, with the gallery/query split."""
+
+    outputs: Outputs
+    gallery_idx: np.ndarray
+    query_idx: np.ndarray
+
+    @property
+    def prediction(self) -> np.ndarray:
+        return self.outputs.prediction
+
+    @property
+    def gallery_emb(self) -> np.ndarray:
+        return self.outputs.embedding[self.gallery_idx]
+
+    @property
+    def query_emb(self) -> np.ndarray:
+        return self.outputs.embedding[self.query_idx]
+
+
+def generation_outputs(gen: Generation, ds: Dataset, cache_dir: Path) -> EvalOutputs:
+    """Outputs of ``gen`` on ``ds``'s evaluation split (cached by checkpoint hash)."""
+    if not gen.checkpoint_path:
+        raise ValueError(f"generation {gen.id} has no checkpoint")
+    cache = cache_dir / f"eval-{gen.id}-{(gen.checkpoint_sha256 or 'x')[:16]}.npz"
+    if cache.exists():
+        z = np.load(cache)
+        out = Outputs(z["embedding"], z["prediction"], z["margin"])
+    else:
+        out = forward(load_model(gen.checkpoint_path, gen.checkpoint_sha256), ds.x_test)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, embedding=out.embedding, prediction=out.prediction, margin=out.margin)
+        tmp.replace(cache)
+    g_idx, q_idx = eval_split(len(ds.y_test))
+    return EvalOutputs(out, g_idx, q_idx)
+
+
+def evaluate_against_ancestors(
+    gen: Generation,
+    ancestors: Sequence[Generation],
+    active: Sequence[int],
+    ds: Dataset,
+    cache_dir: Path,
+) -> list[tuple[int, int, str, float]]:
+    """Every metric of ``gen`` against every earlier generation: rows (a, b, metric, value)."""
+    y = ds.y_test
+    new = generation_outputs(gen, ds, cache_dir)
+    g = int(gen.id)  # type: ignore[arg-type]
+    rows: list[tuple[int, int, str, float]] = [(g, g, "accuracy", M.accuracy(new.prediction, y))]
+    g_idx, q_idx = new.gallery_idx, new.query_idx
+    qy, gy = y[q_idx], y[g_idx]
+
+    own = M.compat_matrix({g: new.query_emb}, {g: new.gallery_emb}, qy, gy)[(g, g)]
+    rows += [(g, g, "compat_top1", own["top1"]), (g, g, "compat_map100", own["map100"])]
+
+    olds_active = []
+    for anc in ancestors:
+        k = int(anc.id)  # type: ignore[arg-type]
+        old = generation_outputs(anc, ds, cache_dir)
+        for name, value in M.flip_metrics(new.prediction, old.prediction, y).items():
+            rows.append((g, k, name, value))
+        if k in active:
+            olds_active.append(old.prediction)
+        cross = M.compat_matrix({g: new.query_emb, k: old.query_emb}, {k: old.gallery_emb}, qy, gy)
+        c_gk = cross[(g, k)]
+        c_kk = cross[(k, k)]["top1"]
+        rows += [
+            (g, k, "compat_top1", c_gk["top1"]),
+            (g, k, "compat_map100", c_gk["map100"]),
+            (g, k, "ecc", float(M.ecc(c_gk["top1"], c_kk))),
+            (g, k, "update_gain", M.update_gain(c_gk["top1"], c_kk, own["top1"])),
+        ]
+    rows.append((g, g, "nfr_any", M.nfr_any(new.prediction, olds_active, y)))
+    return rows

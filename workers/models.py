@@ -1,0 +1,158 @@
+"""A small embedding model: backbone -> L2-normalised embedding -> cosine classifier head.
+
+The architecture (``kind``, ``width``, ``depth``) may change between generations; the
+embedding dimension stays fixed so that embeddings of all generations are comparable.
+Checkpoints hold only tensors and plain values, loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOGIT_SCALE = 16.0  # cosine-classifier temperature, shared by every generation
+
+
+class CheckpointError(RuntimeError):
+    """A missing, swapped or unreadable checkpoint."""
+
+
+def fixed_prototypes(num_classes: int, embed_dim: int) -> torch.Tensor:
+    """Class directions shared by every generation (a stationary head, after CoReS).
+
+    Orthonormal rows when ``embed_dim >= num_classes`` (seeded QR), so classes a
+    generation has not seen yet already own a direction that later ones will use.
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(max(embed_dim, num_classes), embed_dim, generator=g)
+    q, _ = torch.linalg.qr(a.T if embed_dim >= num_classes else a)
+    w = q.T[:num_classes] if embed_dim >= num_classes else q[:num_classes]
+    return F.normalize(w, dim=1)
+
+
+class CosineHead(nn.Module):
+    """Logits = s * cos(embedding, class weight): heads of any generation apply to any embedding.
+
+    ``fixed=True`` freezes the weights at :func:`fixed_prototypes` (a stationary head).
+    """
+
+    def __init__(
+        self, embed_dim: int, num_classes: int, scale: float = LOGIT_SCALE, fixed: bool = False
+    ) -> None:
+        super().__init__()
+        if fixed:
+            weight = fixed_prototypes(num_classes, embed_dim)
+        else:
+            weight = torch.randn(num_classes, embed_dim) / math.sqrt(embed_dim)
+        self.weight = nn.Parameter(weight, requires_grad=not fixed)
+        self.scale = scale
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(emb, self.weight, self.scale)
+
+
+def cosine_logits(
+    emb: torch.Tensor, weight: torch.Tensor, scale: float = LOGIT_SCALE
+) -> torch.Tensor:
+    return scale * F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+
+
+def _backbone(input_shape: tuple[int, ...], kind: str, width: int, depth: int) -> nn.Module:
+    if kind == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = math.prod(input_shape)
+        for _ in range(depth):
+            layers += [nn.Linear(fan_in, width), nn.BatchNorm1d(width), nn.ReLU()]
+            fan_in = width
+        return nn.Sequential(*layers)
+    if kind == "cnn":
+        if len(input_shape) != 3:
+            raise ValueError(f"a cnn needs (C, H, W) inputs, got shape {input_shape}")
+        layers = []
+        channels, side = input_shape[0], min(input_shape[1:])
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            if side >= 8:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            channels = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        return nn.Sequential(*layers)
+    raise ValueError(f"unknown architecture kind {kind!r}; use 'mlp' or 'cnn'")
+
+
+class EmbeddingNet(nn.Module):
+    """backbone -> linear -> L2-normalised embedding (dim d) -> cosine head."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        embed_dim: int,
+        architecture: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        kind = architecture.get("kind", "mlp")
+        width, depth = int(architecture.get("width", 128)), int(architecture.get("depth", 2))
+        head = architecture.get("head", "learned")
+        if head not in ("learned", "fixed"):
+            raise ValueError(f"unknown head {head!r}; use 'learned' or 'fixed'")
+        self.config = {
+            "input_shape": list(input_shape),
+            "num_classes": int(num_classes),
+            "embed_dim": int(embed_dim),
+            "architecture": {"kind": kind, "width": width, "depth": depth, "head": head},
+        }
+        self.backbone = _backbone(tuple(input_shape), kind, width, depth)
+        self.project = nn.Linear(width, embed_dim)
+        self.head = CosineHead(embed_dim, num_classes, fixed=head == "fixed")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project(self.backbone(x)), dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed(x)
+        return emb, self.head(emb)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(model: EmbeddingNet, path: Path) -> str:
+    """Write the model atomically; returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, tmp)
+    tmp.replace(path)
+    return sha256_of(path)
+
+
+def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
+    """Load a checkpoint safely (``weights_only``), checking its hash against the lineage."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if sha256 is not None and sha256_of(path) != sha256:
+        raise CheckpointError(f"checkpoint {path} does not match the sha256 in the lineage")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+    cfg = blob["config"]
+    model = EmbeddingNet(
+        tuple(cfg["input_shape"]), cfg["num_classes"], cfg["embed_dim"], cfg["architecture"]
+    )
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return model
