@@ -70,11 +70,16 @@ def backfill_task(cfg: BackfillConfig) -> dict[str, Any]:
     return backfill_once(Lineage(), cfg, progress=report)
 
 
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(result: dict[str, Any]) -> None:
+    from flows.publish import publish_backfill
+
+    publish_backfill(Lineage(), result)
+
+
 @flow(name="partial-backfill", log_prints=True)
 def backfill_flow(config: BackfillConfig | None = None) -> dict[str, Any]:
     """Re-embed part of the gallery with the champion, in policy order, within budget."""
     result = backfill_task(config or BackfillConfig())
-    from flows.publish import publish_backfill
-
-    publish_backfill(Lineage(), result)
+    publish_task(result)
     return result

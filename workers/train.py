@@ -2,18 +2,22 @@
 
 The loop is literal: for each mini-batch,
 
-    loss = CE(new head)                                     # the task itself
-         + sum_k w_k * influence(old head k, new embedding) # BCT, one per ancestor
-         + sum_k v_k * focal(new logits, old logits k)      # PCT, one per ancestor
+    loss = CE(new head)                                       # the task itself
+         + sum_k w_k * influence(old head k, new embedding)   # BCT, one per ancestor
+         + sum_k v_k * focal(new logits, old logits k)        # PCT, one per ancestor
+         + sum_k u_k * (1 - cos(new embedding, old emb. k))   # embedding distillation
 
 Earlier generations are frozen and their outputs on the training items are computed
-once, before the first epoch (``Teacher``), so a constraint against ten ancestors costs
-little more per epoch than one. A checkpoint is written after every epoch; a killed
-run resumes from it. A NaN or exploding loss stops the run with ``TrainingDiverged``.
+once, before the first epoch (``Teacher``), and stacked per constraint kind, so each
+kind costs one batched operation per step however many ancestors it covers: a
+constraint against ten ancestors costs little more per epoch than one. A checkpoint is
+written after every epoch; a killed run resumes from it. A NaN or exploding loss stops
+the run with ``TrainingDiverged``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +27,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.losses import focal_distillation_loss, influence_loss
-from workers.models import EmbeddingNet, load_model, save_model
+from workers.losses import (
+    embedding_distillation_loss,
+    focal_distillation_loss,
+    influence_loss,
+)
+from workers.models import LOGIT_SCALE, EmbeddingNet, load_model, save_model
 
 EXPLODING_LOSS = 1e4
+CONSTRAINT_KINDS = ("influence", "focal", "embedding")
+EMBEDDING_SCOPES = ("all", "known", "unknown")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or exploded; the message names the epoch, step and terms."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after_epochs`` hook, after the resume file was written."""
 
 
 @dataclass
@@ -38,7 +52,7 @@ class ConstraintSpec:
     """One constraint: stay compatible with generation ``target`` (a frozen checkpoint)."""
 
     target: int
-    kind: str  # "influence" | "focal"
+    kind: str  # "influence" | "focal" | "embedding"
     weight: float
     checkpoint: str
     sha256: str | None
@@ -65,6 +79,18 @@ class TrainSpec:
     focal_temperature: float = 2.0
     checkpoint_dir: str = "."
     threads: int | None = None
+    # -- compatibility knobs (defaults: the variant that won bench/compat.py) -----------
+    # cosine scale of the influence loss; None = the heads' own scale (LOGIT_SCALE)
+    influence_scale: float | None = None
+    # BCT's treatment of classes an ancestor never saw: its head rows become the
+    # normalised mean old embedding of that class. False: those items are masked out.
+    bct_prototypes: bool = True
+    # which items the embedding constraint pulls: "all", "known" (classes the ancestor
+    # saw) or "unknown" (classes it never saw: where no head row says anything)
+    embedding_scope: str = "all"
+    # test hook: raise TrainingInterrupted after this many epochs of this call, once the
+    # resume file is written, as if the process had been killed there
+    stop_after_epochs: int | None = None
 
 
 @dataclass
@@ -78,16 +104,24 @@ class Teacher:
     known: torch.Tensor  # (N,) bool: the item's class was in the old generation's training
     influence_weight: float = 0.0
     focal_weight: float = 0.0
+    embedding: torch.Tensor | None = None  # (N, d): its L2-normalised embeddings
+    embedding_weight: float = 0.0
 
 
 @torch.no_grad()
 def prepare_teacher(
-    model: EmbeddingNet, x: torch.Tensor, y: torch.Tensor, classes: list[int], target: int
+    model: EmbeddingNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[int],
+    target: int,
+    bct_prototypes: bool = True,
 ) -> Teacher:
     """Run the frozen model once over the training items.
 
     Classes the old generation never saw get BCT's treatment: their rows of the old
-    head are replaced by the normalised mean old embedding of that class's items.
+    head are replaced by the normalised mean old embedding of that class's items,
+    scaled to the mean row norm of the old head.
     """
     model.eval()
     embs, logits = [], []
@@ -97,30 +131,134 @@ def prepare_teacher(
         logits.append(z)
     emb, logit = torch.cat(embs), torch.cat(logits)
     head = model.head.weight.detach().clone()
+    row_norm = head.norm(dim=1).mean()
     seen = set(classes)
-    for c in torch.unique(y).tolist():
-        if c not in seen:
-            head[c] = F.normalize(emb[y == c].mean(dim=0), dim=0) * head.norm(dim=1).mean()
-    known = torch.isin(y, torch.tensor(sorted(seen), device=y.device))
-    return Teacher(target, head, logit, logit.argmax(dim=1) == y, known)
+    if bct_prototypes:
+        for c in torch.unique(y).tolist():
+            if c not in seen:
+                head[c] = F.normalize(emb[y == c].mean(dim=0), dim=0) * row_norm
+    known = torch.isin(y, torch.tensor(sorted(seen), dtype=y.dtype, device=y.device))
+    return Teacher(target, head, logit, logit.argmax(dim=1) == y, known, embedding=emb)
 
 
 def build_teachers(spec: TrainSpec, x: torch.Tensor, y: torch.Tensor) -> list[Teacher]:
-    """One Teacher per constrained ancestor, merging its influence and focal weights."""
+    """One Teacher per constrained ancestor, merging its per-kind weights."""
     teachers: dict[int, Teacher] = {}
     for c in spec.constraints:
+        if c.kind not in CONSTRAINT_KINDS:
+            raise ValueError(
+                f"unknown constraint kind {c.kind!r}; use one of {', '.join(CONSTRAINT_KINDS)}"
+            )
         if c.target not in teachers:
             frozen = load_model(c.checkpoint, c.sha256).to(x.device)
             for p in frozen.parameters():
                 p.requires_grad_(False)
-            teachers[c.target] = prepare_teacher(frozen, x, y, c.classes, c.target)
-        if c.kind == "influence":
-            teachers[c.target].influence_weight += c.weight
-        elif c.kind == "focal":
-            teachers[c.target].focal_weight += c.weight
-        else:
-            raise ValueError(f"unknown constraint kind {c.kind!r}; use influence or focal")
+            if frozen.config["embed_dim"] != spec.embed_dim:
+                raise ValueError(
+                    f"generation {c.target} embeds in {frozen.config['embed_dim']} dimensions, "
+                    f"generation {spec.generation} in {spec.embed_dim}: compatibility needs one"
+                )
+            if frozen.config["num_classes"] != spec.num_classes:
+                raise ValueError(
+                    f"generation {c.target} has {frozen.config['num_classes']} classes, "
+                    f"generation {spec.generation} {spec.num_classes}"
+                )
+            teachers[c.target] = prepare_teacher(
+                frozen, x, y, c.classes, c.target, spec.bct_prototypes
+            )
+        setattr(
+            teachers[c.target],
+            f"{c.kind}_weight",
+            getattr(teachers[c.target], f"{c.kind}_weight") + c.weight,
+        )
     return list(teachers.values())
+
+
+@dataclass
+class _Stack:
+    """The teachers of one constraint kind, stacked along a leading dimension K."""
+
+    weight: torch.Tensor  # (K,)
+    head: torch.Tensor | None = None  # (K, C, d)
+    logits: torch.Tensor | None = None  # (K, N, C)
+    correct: torch.Tensor | None = None  # (K, N)
+    mask: torch.Tensor | None = None  # (K, N) bool, or None for all items
+    embedding: torch.Tensor | None = None  # (K, N, d)
+
+
+def stack_teachers(teachers: list[Teacher], spec: TrainSpec) -> dict[str, _Stack]:
+    """Stacks per constraint kind, holding only the teachers with a non-zero weight."""
+    if spec.embedding_scope not in EMBEDDING_SCOPES:
+        raise ValueError(
+            f"unknown embedding_scope {spec.embedding_scope!r}; "
+            f"use one of {', '.join(EMBEDDING_SCOPES)}"
+        )
+    stacks: dict[str, _Stack] = {}
+    inf = [t for t in teachers if t.influence_weight]
+    if inf:
+        stacks["influence"] = _Stack(
+            torch.tensor([t.influence_weight for t in inf], device=inf[0].head.device),
+            head=torch.stack([t.head for t in inf]),
+            # without BCT prototypes an ancestor cannot judge classes it never saw
+            mask=None if spec.bct_prototypes else torch.stack([t.known for t in inf]),
+        )
+    foc = [t for t in teachers if t.focal_weight]
+    if foc:
+        stacks["focal"] = _Stack(
+            torch.tensor([t.focal_weight for t in foc], device=foc[0].logits.device),
+            logits=torch.stack([t.logits for t in foc]),
+            correct=torch.stack([t.correct for t in foc]),
+            mask=torch.stack([t.known for t in foc]),
+        )
+    emb = [t for t in teachers if t.embedding_weight]
+    if emb:
+        mask = None
+        if spec.embedding_scope == "known":
+            mask = torch.stack([t.known for t in emb])
+        elif spec.embedding_scope == "unknown":
+            mask = ~torch.stack([t.known for t in emb])
+        stacks["embedding"] = _Stack(
+            torch.tensor([t.embedding_weight for t in emb], device=emb[0].logits.device),
+            embedding=torch.stack([t.embedding for t in emb]),  # type: ignore[misc]
+            mask=mask,
+        )
+    return stacks
+
+
+def constraint_losses(
+    stacks: dict[str, _Stack],
+    emb: torch.Tensor,
+    logits: torch.Tensor,
+    yb: torch.Tensor,
+    batch: torch.Tensor,
+    spec: TrainSpec,
+) -> dict[str, torch.Tensor]:
+    """The weighted sum over ancestors of each constraint kind, for one mini-batch."""
+    zero = torch.zeros((), device=emb.device)
+    out = {kind: zero for kind in CONSTRAINT_KINDS}
+    s = stacks.get("influence")
+    if s is not None:
+        scale = spec.influence_scale or LOGIT_SCALE
+        mask = None if s.mask is None else s.mask[:, batch]
+        out["influence"] = (s.weight * influence_loss(emb, s.head, yb, scale, mask)).sum()
+    s = stacks.get("focal")
+    if s is not None:
+        per = focal_distillation_loss(
+            logits,
+            s.logits[:, batch],  # type: ignore[index]
+            s.correct[:, batch],  # type: ignore[index]
+            spec.focal_alpha,
+            spec.focal_beta,
+            spec.focal_temperature,
+            s.mask[:, batch],  # type: ignore[index]
+        )
+        out["focal"] = (s.weight * per).sum()
+    s = stacks.get("embedding")
+    if s is not None:
+        mask = None if s.mask is None else s.mask[:, batch]
+        per = embedding_distillation_loss(emb, s.embedding[:, batch], mask)  # type: ignore[index]
+        out["embedding"] = (s.weight * per).sum()
+    return out
 
 
 def _resume_path(spec: TrainSpec) -> Path:
@@ -139,12 +277,15 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     y = torch.tensor(spec.y, dtype=torch.int64, device=device)
     model = EmbeddingNet(tuple(x.shape[1:]), spec.num_classes, spec.embed_dim, spec.architecture)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # a fixed head stays put
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, spec.epochs))
     gen = torch.Generator().manual_seed(spec.seed)
+    fingerprint = _fingerprint(spec)
 
     t0 = time.perf_counter()
     teachers = build_teachers(spec, x, y)
+    stacks = stack_teachers(teachers, spec)
     teacher_seconds = time.perf_counter() - t0
 
     history: list[dict[str, float]] = []
@@ -152,9 +293,10 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     resume = _resume_path(spec)
     if resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)
-        if state.get("fingerprint") != _fingerprint(spec):
+        if state.get("fingerprint") != fingerprint:
             raise RuntimeError(
-                f"{resume} belongs to a different training of generation {spec.generation}; "
+                f"{resume} belongs to a different training of generation {spec.generation} "
+                "(seed, data, architecture, hyper-parameters or constraints differ); "
                 "delete it to start over"
             )
         model.load_state_dict(state["model"])
@@ -169,7 +311,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         t_epoch = time.perf_counter()
         model.train()
         order = torch.randperm(len(x), generator=gen).to(x.device)
-        sums = {"loss": 0.0, "ce": 0.0, "influence": 0.0, "focal": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0} | {kind: 0.0 for kind in CONSTRAINT_KINDS}
         steps = 0
         for step, start in enumerate(range(0, len(x), spec.batch_size)):
             batch = order[start : start + spec.batch_size]
@@ -179,44 +321,36 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
             emb, logits = model(xb)
 
             ce = F.cross_entropy(logits, yb)
-            influence = torch.zeros((), device=x.device)
-            focal = torch.zeros((), device=x.device)
-            for t in teachers:
-                if t.influence_weight:
-                    influence = influence + t.influence_weight * influence_loss(emb, t.head, yb)
-                if t.focal_weight:
-                    focal = focal + t.focal_weight * focal_distillation_loss(
-                        logits,
-                        t.logits[batch],
-                        t.correct[batch],
-                        spec.focal_alpha,
-                        spec.focal_beta,
-                        spec.focal_temperature,
-                        t.known[batch],
-                    )
-            loss = ce + influence + focal
+            terms = constraint_losses(stacks, emb, logits, yb, batch, spec)
+            loss = ce + sum(terms.values())
 
-            if not torch.isfinite(loss) or loss.item() > EXPLODING_LOSS:
+            value = loss.item()
+            if not np.isfinite(value) or value > EXPLODING_LOSS:
+                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
                 raise TrainingDiverged(
-                    f"generation {spec.generation}: loss {loss.item():.4g} at epoch {epoch} "
-                    f"step {step} (ce={ce.item():.4g}, influence={influence.item():.4g}, "
-                    f"focal={focal.item():.4g}); lower the learning rate or the weights"
+                    f"generation {spec.generation}: loss {value:.4g} at epoch {epoch} "
+                    f"step {step} (ce={ce.item():.4g}, {parts}); "
+                    "lower the learning rate or the constraint weights"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps += 1
-            for key, value in (
-                ("loss", loss),
-                ("ce", ce),
-                ("influence", influence),
-                ("focal", focal),
-            ):
-                sums[key] += float(value.detach())
+            sums["loss"] += value
+            sums["ce"] += float(ce.detach())
+            for kind, term in terms.items():
+                sums[kind] += float(term.detach())
         sched.step()
         history.append({k: v / max(1, steps) for k, v in sums.items()} | {"epoch": epoch})
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        _write_resume(resume, model, opt, sched, gen, history, epoch, _fingerprint(spec))
+        _write_resume(resume, model, opt, sched, gen, history, epoch, fingerprint)
+        done = epoch - first_epoch + 1
+        if spec.stop_after_epochs is not None and done >= spec.stop_after_epochs:
+            if epoch < spec.epochs - 1:
+                raise TrainingInterrupted(
+                    f"generation {spec.generation}: stopped after epoch {epoch} "
+                    f"(stop_after_epochs={spec.stop_after_epochs}); {resume} resumes it"
+                )
 
     path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.pt"
     sha = save_model(model.cpu(), path)
@@ -235,8 +369,24 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
 
 def _fingerprint(spec: TrainSpec) -> str:
     """What must match for a resume file to continue this training (not another one)."""
-    targets = sorted((c.target, c.kind, c.weight) for c in spec.constraints)
-    return repr((spec.seed, spec.epochs, spec.architecture, len(spec.y), spec.lr, targets))
+    targets = sorted((c.target, c.kind, c.weight, c.sha256 or "") for c in spec.constraints)
+    labels = hashlib.sha256(np.ascontiguousarray(spec.y, dtype=np.int64).tobytes()).hexdigest()
+    return repr(
+        (
+            spec.seed,
+            spec.epochs,
+            sorted(spec.architecture.items()),
+            spec.embed_dim,
+            tuple(np.shape(spec.x)),
+            labels[:16],
+            spec.batch_size,
+            spec.lr,
+            spec.weight_decay,
+            targets,
+            (spec.focal_alpha, spec.focal_beta, spec.focal_temperature),
+            (spec.influence_scale, spec.bct_prototypes, spec.embedding_scope),
+        )
+    )
 
 
 def _write_resume(

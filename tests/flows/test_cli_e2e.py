@@ -96,6 +96,34 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
     hits = graceful(home, "search", "--item", "1", "--k", "3")
     assert "nearest gallery items" in hits.stdout
 
+    # the runs and their artifacts are in the Prefect API (what the UI shows)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas import filters as F
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        # every filter passed explicitly: this server version rejects null filter fields
+        arts = client.read_artifacts(
+            artifact_filter=F.ArtifactFilter(
+                key=F.ArtifactFilterKey(any_=["nfr-matrix", "cycle-summary", "backfill-summary"])
+            ),
+            flow_run_filter=F.FlowRunFilter(),
+            task_run_filter=F.TaskRunFilter(),
+            sort=ArtifactSort.ID_DESC,
+            limit=100,
+            offset=0,
+        )
+        kinds = sorted({(a.key, a.type) for a in arts})
+        assert kinds == [
+            ("backfill-summary", "markdown"),
+            ("cycle-summary", "markdown"),
+            ("nfr-matrix", "table"),
+        ]
+        assert sum(a.key == "cycle-summary" for a in arts) == 3
+        runs = [client.read_flow_run(r) for r in {a.flow_run_id for a in arts}]
+        assert len(runs) == 4  # three update cycles and one partial backfill
+        assert {r.state_name for r in runs} == {"Completed"}
+
 
 @pytest.mark.parametrize(
     ("args", "message"),

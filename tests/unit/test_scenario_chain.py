@@ -1,0 +1,44 @@
+"""The growing scenario and the planning of the constraint chain."""
+
+import numpy as np
+import pytest
+
+from flows.chain import plan_constraints
+from workers.scenario import eval_split, stage_indices, stage_plan
+
+
+def test_stages_grow_in_classes_data_and_width() -> None:
+    stages = [stage_plan(10, 3, s) for s in range(3)]
+    assert [len(s.classes) for s in stages] == [6, 8, 10]
+    assert [s.fraction for s in stages] == [0.5, 0.75, 1.0]
+    widths = [s.architecture["width"] for s in stages]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert stage_plan(10, 1, 0).classes == tuple(range(10))
+
+
+def test_stage_subsets_are_nested_and_per_class() -> None:
+    y = np.repeat(np.arange(10), 20)
+    idx = [set(stage_indices(y, stage_plan(10, 3, s)).tolist()) for s in range(3)]
+    assert idx[0] < idx[1] < idx[2]
+    assert len(idx[0]) == 6 * 10 and len(idx[2]) == 200
+    assert set(np.unique(y[sorted(idx[0])]).tolist()) == set(range(6))
+
+
+def test_eval_split_is_disjoint_and_covers() -> None:
+    g, q = eval_split(7)
+    assert g.tolist() == [0, 2, 4, 6] and q.tolist() == [1, 3, 5]
+
+
+def test_plan_constraints_by_method_and_against() -> None:
+    assert plan_constraints([1, 2], "none", "all", 1.0, 1.0) == []
+    assert plan_constraints([1, 2], "bct", "all", 2.0, 1.0) == [
+        (1, "influence", 2.0),
+        (2, "influence", 2.0),
+    ]
+    assert plan_constraints([1, 2], "bct", "last", 1.0, 1.0) == [(2, "influence", 1.0)]
+    assert plan_constraints([3], "bct+pct", "all", 1.0, 0.5) == [
+        (3, "influence", 1.0),
+        (3, "focal", 0.5),
+    ]
+    with pytest.raises(ValueError, match="unknown method"):
+        plan_constraints([1], "magic", "all", 1.0, 1.0)

@@ -1,0 +1,299 @@
+"""Training one generation: reproducibility, resume after a kill, divergence, teachers,
+constraints across architecture changes. Synthetic data, a few epochs, CPU."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import workers.train as train_mod
+from workers.models import EmbeddingNet, load_model
+from workers.train import (
+    ConstraintSpec,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainSpec,
+    prepare_teacher,
+    train_generation,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+MLP = {"kind": "mlp", "width": 16, "depth": 1}
+
+
+def blobs(n_per_class: int = 40, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Separable Gaussian blobs shaped as 1x4x4 images (so both mlp and cnn apply)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 2.0, size=(classes, 16))
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centres[y] + rng.normal(0, 1.0, size=(len(y), 16))
+    return x.reshape(-1, 1, 4, 4).astype(np.float32), y.astype(np.int64)
+
+
+X, Y = blobs()
+
+
+def spec(tmp: Path, **kw) -> TrainSpec:
+    base = dict(
+        generation=1,
+        x=X,
+        y=Y,
+        num_classes=4,
+        classes=[0, 1, 2, 3],
+        architecture=dict(MLP),
+        embed_dim=8,
+        epochs=4,
+        batch_size=32,
+        lr=1e-2,
+        seed=3,
+        checkpoint_dir=str(tmp),
+        threads=1,
+    )
+    return TrainSpec(**(base | kw))
+
+
+def state_of(result: dict) -> dict[str, torch.Tensor]:
+    return load_model(result["checkpoint"], result["sha256"]).state_dict()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
+    r1 = train_generation(spec(tmp_path / "a"))
+    r2 = train_generation(spec(tmp_path / "b"))
+    assert_same_weights(state_of(r1), state_of(r2))
+    assert r1["sha256"] == r2["sha256"]
+    r3 = train_generation(spec(tmp_path / "c", seed=4))
+    w1, w3 = state_of(r1), state_of(r3)
+    assert not torch.equal(w1["project.weight"], w3["project.weight"])
+    assert len(r1["history"]) == 4 and r1["history"][-1]["ce"] < r1["history"][0]["ce"]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> None:
+    full = train_generation(spec(tmp_path / "full", epochs=5))
+    assert full["resumed_from_epoch"] == 0
+
+    killed = spec(tmp_path / "killed", epochs=5, stop_after_epochs=2)
+    with pytest.raises(TrainingInterrupted, match="after epoch 1"):
+        train_generation(killed)
+    resume = tmp_path / "killed" / "gen-1.resume.pt"
+    assert resume.exists() and not (tmp_path / "killed" / "gen-1.pt").exists()
+
+    resumed = train_generation(spec(tmp_path / "killed", epochs=5))
+    assert resumed["resumed_from_epoch"] == 2
+    assert len(resumed["epoch_seconds"]) == 3  # only epochs 2, 3, 4 ran again
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3, 4]
+    assert_same_weights(state_of(full), state_of(resumed))
+    assert resumed["history"] == full["history"]
+    assert not resume.exists()  # a finished training leaves only its checkpoint
+
+
+KILL_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, {root!r})
+from workers.train import TrainSpec, train_generation
+z = np.load({data!r})
+train_generation(TrainSpec(generation=1, x=z["x"], y=z["y"], num_classes=4,
+    classes=[0, 1, 2, 3], architecture={arch!r}, embed_dim=8, epochs={epochs},
+    batch_size=32, lr=1e-2, seed=3, checkpoint_dir={ckpt!r}, threads=1))
+"""
+
+
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    """A real kill: SIGKILL the training process once a resume file exists, resume here."""
+    epochs = 400  # long enough that the kill lands mid-training
+    np.savez(tmp_path / "data.npz", x=X, y=Y)
+    ckpt = tmp_path / "killed"
+    code = KILL_SCRIPT.format(
+        root=str(ROOT), data=str(tmp_path / "data.npz"), arch=MLP, epochs=epochs, ckpt=str(ckpt)
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    resume = ckpt / "gen-1.resume.pt"
+    deadline = time.monotonic() + 120
+    while not resume.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (
+        proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    )
+    assert resume.exists() and not (ckpt / "gen-1.pt").exists()
+
+    resumed = train_generation(spec(ckpt, epochs=epochs))
+    assert 0 < resumed["resumed_from_epoch"] < epochs
+    full = train_generation(spec(tmp_path / "full", epochs=epochs))
+    assert_same_weights(state_of(full), state_of(resumed))
+
+
+def test_resume_file_of_another_training_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TrainingInterrupted):
+        train_generation(spec(tmp_path, stop_after_epochs=1))
+    with pytest.raises(RuntimeError, match="belongs to a different training of generation 1"):
+        train_generation(spec(tmp_path, lr=2e-2))
+    with pytest.raises(RuntimeError, match="belongs to a different training"):
+        train_generation(spec(tmp_path, y=Y[::-1].copy()))
+    # the same training resumes
+    assert train_generation(spec(tmp_path))["resumed_from_epoch"] == 1
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path: Path) -> None:
+    huge = X * np.float32(1e38)  # overflows to inf in the first layer: NaN at once
+    with pytest.raises(TrainingDiverged, match=r"generation 1: loss nan at epoch 0 step 0"):
+        train_generation(spec(tmp_path, x=huge))
+    assert not (tmp_path / "gen-1.pt").exists()
+
+
+def test_exploding_learning_rate_stops(tmp_path: Path) -> None:
+    with pytest.raises(TrainingDiverged, match=r"at epoch \d+ step \d+ \(ce="):
+        train_generation(spec(tmp_path, lr=1e30, epochs=3))
+    assert not (tmp_path / "gen-1.pt").exists()
+
+
+def test_exploding_loss_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a finite loss above the bound stops the run too (the bound lowered to hit it)
+    monkeypatch.setattr(train_mod, "EXPLODING_LOSS", 1e-3)
+    with pytest.raises(TrainingDiverged, match="at epoch 0 step 0"):
+        train_generation(spec(tmp_path))
+
+
+def _prototype_model() -> EmbeddingNet:
+    """depth 0 and an identity projection: the embedding is the normalised input."""
+    model = EmbeddingNet((2,), 3, 2, {"kind": "mlp", "width": 2, "depth": 0})
+    with torch.no_grad():
+        model.project.weight.copy_(torch.eye(2))
+        model.project.bias.zero_()
+        model.head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, 5.0]]))
+    return model
+
+
+def test_prepare_teacher_bct_prototypes_by_hand() -> None:
+    model = _prototype_model()
+    x = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 2, 2])
+    t = prepare_teacher(model, x, y, classes=[0, 1], target=7)
+    assert t.target == 7
+    # class 2 was never seen: its row = normalised mean embedding of its items, (1,0) and
+    # (0,1) -> mean (0.5, 0.5) -> (0.7071, 0.7071), times the mean row norm of the old
+    # head (2 + 2 + sqrt(50)) / 3 = 3.6904
+    norm = (4 + math.sqrt(50)) / 3
+    expected = torch.tensor([norm / math.sqrt(2)] * 2)
+    assert torch.allclose(t.head[2], expected, atol=1e-5)
+    # rows of classes it saw are its own head's
+    assert torch.equal(t.head[:2], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    # logits are 16 * cos with the *original* head: item (1, 0) -> (16, 0, 16/sqrt2)
+    assert torch.allclose(t.logits[1], torch.tensor([16.0, 0.0, 16 / math.sqrt(2)]), atol=1e-4)
+    assert torch.allclose(t.logits[2], torch.tensor([0.0, 16.0, 16 / math.sqrt(2)]), atol=1e-4)
+    # predictions (0, 0, 1) against labels (0, 2, 2)
+    assert t.correct.tolist() == [True, False, False]
+    assert t.known.tolist() == [True, False, False]
+    assert torch.allclose(t.embedding, torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
+    # without BCT prototypes the head is left as it was
+    plain = prepare_teacher(model, x, y, classes=[0, 1], target=7, bct_prototypes=False)
+    assert torch.equal(plain.head, model.head.weight)
+
+
+def test_teachers_are_run_once_not_per_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = train_generation(spec(tmp_path / "old", epochs=1))
+    calls = {"n": 0}
+    real_load = train_mod.load_model
+
+    def counting_load(path, sha=None):
+        model = real_load(path, sha)
+        inner = model.forward
+
+        def forward(x):
+            calls["n"] += 1
+            return inner(x)
+
+        model.forward = forward  # type: ignore[method-assign]
+        return model
+
+    monkeypatch.setattr(train_mod, "load_model", counting_load)
+    constraints = [
+        ConstraintSpec(1, kind, 1.0, old["checkpoint"], old["sha256"], [0, 1, 2, 3])
+        for kind in ("influence", "focal", "embedding")
+    ]
+    r = train_generation(spec(tmp_path / "new", generation=2, epochs=3, constraints=constraints))
+    assert calls["n"] == 1  # 160 items: one batch of 2048, once for all three epochs
+    assert r["teachers"] == [1]
+    last = r["history"][-1]
+    assert last["influence"] > 0 and last["focal"] > 0 and last["embedding"] > 0
+    assert last["loss"] == pytest.approx(
+        last["ce"] + last["influence"] + last["focal"] + last["embedding"], rel=1e-5
+    )
+
+
+def test_unknown_constraint_kind(tmp_path: Path) -> None:
+    old = train_generation(spec(tmp_path / "old", epochs=1))
+    bad = [ConstraintSpec(1, "magic", 1.0, old["checkpoint"], old["sha256"], [0, 1])]
+    with pytest.raises(ValueError, match="unknown constraint kind 'magic'"):
+        train_generation(spec(tmp_path, generation=2, constraints=bad))
+
+
+def test_constraints_across_architecture_changes(tmp_path: Path) -> None:
+    """mlp w16 d1 -> mlp w32 d2 -> cnn: embed_dim stays, constraints bind across them."""
+    g1 = train_generation(spec(tmp_path, generation=1, classes=[0, 1, 2]))
+    c1 = [
+        ConstraintSpec(1, k, 1.0, g1["checkpoint"], g1["sha256"], [0, 1, 2])
+        for k in ("influence", "focal", "embedding")
+    ]
+    g2 = train_generation(
+        spec(
+            tmp_path,
+            generation=2,
+            architecture={"kind": "mlp", "width": 32, "depth": 2},
+            constraints=c1,
+        )
+    )
+    c2 = c1 + [
+        ConstraintSpec(2, k, 1.0, g2["checkpoint"], g2["sha256"], [0, 1, 2, 3])
+        for k in ("influence", "focal")
+    ]
+    g3 = train_generation(
+        spec(
+            tmp_path,
+            generation=3,
+            architecture={"kind": "cnn", "width": 8, "depth": 2},
+            constraints=c2,
+            epochs=6,
+        )
+    )
+    models = [load_model(r["checkpoint"], r["sha256"]) for r in (g1, g2, g3)]
+    archs = [m.config["architecture"] for m in models]
+    assert [a["kind"] for a in archs] == ["mlp", "mlp", "cnn"]
+    assert archs[0]["width"] != archs[1]["width"] and archs[0]["depth"] != archs[1]["depth"]
+    assert {m.config["embed_dim"] for m in models} == {8}
+    assert g3["teachers"] == [1, 2]
+    hist = g3["history"]
+    assert hist[-1]["influence"] < hist[0]["influence"]
+    assert hist[-1]["embedding"] < hist[0]["embedding"]
+
+    # the constraints bind: generation 1's head classifies generation 3's embeddings of its
+    # classes (new query vs old head), and the embeddings of the same items stay close
+    x = torch.tensor(X)
+    with torch.no_grad():
+        e1, e3 = models[0].embed(x), models[2].embed(x)
+        cross = models[0].head(e3).argmax(1)
+    seen = torch.tensor(Y) < 3
+    assert (cross[seen] == torch.tensor(Y)[seen]).float().mean() > 0.9
+    assert F.cosine_similarity(e1, e3).mean() > 0.5
+
+    # an ancestor with another embedding dimension cannot constrain
+    with pytest.raises(ValueError, match="compatibility needs one"):
+        train_generation(spec(tmp_path / "d16", generation=4, embed_dim=16, constraints=c1))
