@@ -22,7 +22,8 @@ def _env_defaults() -> None:
     # the ephemeral Prefect API needs more than its 20 s default on 2 cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # the rich progress bar is the console view; the flow logs still reach the Prefect UI
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

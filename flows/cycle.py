@@ -262,6 +262,13 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     log = get_run_logger()
     progress = StepProgress("update-cycle-progress", total=8)
     state = start_task(cfg)
+    log.info(
+        "generation %s: stage %s, %d training items, constraints against %s",
+        state.generation.id,
+        state.stage.index,
+        len(state.train_idx),
+        state.active or "nothing",
+    )
     progress.step(
         f"generation {state.generation.id}: stage {state.stage.index}, "
         f"{len(state.active)} active ancestors"
@@ -271,6 +278,7 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     metrics = evaluate_task(state)
     progress.step("evaluated")
     passed = gate_task(state, metrics, cfg)
+    log.info("gate %s: %s", "passed" if passed else "REJECTED", "; ".join(state.reasons))
     progress.step("gate: " + ("passed" if passed else "rejected"))
     backfill: dict[str, Any] = {}
     if passed:
@@ -281,7 +289,11 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     else:
         progress.step("not promoted")
         progress.step("no backfill")
+    if backfill:
+        log.info("backfill: %s", backfill)
     retired = retire_task()
+    for gen_id, reason in retired:
+        log.info("retired generation %s from the constraint chain: %s", gen_id, reason)
     progress.step(f"retired {len(retired)}")
     publish_task(state)
     progress.step("published")

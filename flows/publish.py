@@ -20,6 +20,10 @@ def matrix_rows(pairs: list[list[float]], ids: list[int]) -> list[dict[str, str]
     ]
 
 
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def _img(path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"![{path.stem}](data:image/png;base64,{data})"
@@ -52,7 +56,7 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         f"# Generation {gen_id}: {gen['status']}",
         "",
         f"accuracy **{gen['accuracy']:.4f}** · champion **{rep['champion']}** · "
-        f"AC **{rep['ac']}** · AM **{rep['am']}** · M_mix **{rep['m_mix']}**",
+        f"AC **{_num(rep['ac'])}** · AM **{_num(rep['am'])}** · M_mix **{_num(rep['m_mix'])}**",
         "",
         "## Gate",
         *[f"- {r}" for r in gen["gate_reasons"]],
@@ -82,8 +86,8 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
     lines = [
         f"# Backfill job {job['job_id']}: {job['policy']}, budget {job['budget']}",
         "",
-        f"items {job['items_done']}/{job['items_total']} · M_mix {job['m_mix_before']} → "
-        f"{job['m_mix_after']} · area {job['area']} · no regret {job['no_regret']}",
+        f"items {job['items_done']}/{job['items_total']} · M_mix {_num(job['m_mix_before'])} → "
+        f"{_num(job['m_mix_after'])} · area {_num(job['area'])} · no regret {job['no_regret']}",
         "",
         f"Gallery by generation: {rep['gallery']['by_generation']}",
         f"Retired: {result['retired']}",

@@ -1,0 +1,148 @@
+"""Deployments against a real `prefect server` (127.0.0.1, started and stopped here):
+`graceful serve` registers the scheduled cycle and the on-demand backfill, and a
+backfill triggered through the API (as from the UI) runs to completion."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path) -> None:
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_API_URL=api,
+        GRACEFUL_HOME=str(tmp_path / "home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    serve = None
+    try:
+        _wait(lambda: _ok(f"{api}/health"), 120, "the Prefect server")
+        cli = [sys.executable, "-m", "flows.cli"]
+        run = subprocess.run(
+            [
+                *cli,
+                "run",
+                "--dataset",
+                "digits",
+                "--generations",
+                "2",
+                "--epochs",
+                "2",
+                "--backfill-budget",
+                "0",
+                "--no-gate",
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+
+        serve = subprocess.Popen(
+            [*cli, "serve", "--interval-minutes", "60"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+        def deployments():
+            r = httpx.post(f"{api}/deployments/filter", json={"limit": 10})
+            names = {d["name"]: d for d in r.json()} if r.status_code == 200 else {}
+            return names if {"scheduled-update", "on-demand-backfill"} <= set(names) else None
+
+        deps = _wait(deployments, 120, "the deployments")
+        sched = httpx.get(f"{api}/deployments/{deps['scheduled-update']['id']}/schedules").json()
+        assert sched and sched[0]["schedule"]["interval"] == 3600.0
+
+        # trigger a partial backfill as the UI's "Run" button does
+        params = {"config": {"budget": 1.0, "policy": "oldest-first", "batch_rows": 64}}
+        created = httpx.post(
+            f"{api}/deployments/{deps['on-demand-backfill']['id']}/create_flow_run",
+            json={"parameters": params},
+        ).json()
+
+        def finished():
+            state = httpx.get(f"{api}/flow_runs/{created['id']}").json()["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+        state = _wait(finished, 300, "the backfill run")
+        assert state["type"] == "COMPLETED", state
+        report = subprocess.run(
+            [*cli, "report", "--json"], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        rep = json.loads(report.stdout)
+        assert rep["gallery"]["by_generation"] == {"2": 270}
+        assert rep["backfills"][-1]["policy"] == "oldest-first"
+    finally:
+        if serve is not None:
+            _stop(serve)
+        _stop(server)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
