@@ -62,10 +62,38 @@ AgainstOpt = Annotated[
 PolicyOpt = Annotated[str, typer.Option(help="random | oldest-first | uncertainty")]
 
 
-def _train_config(method: str, against: str, epochs: int, seed: int):
-    from flows.config import TrainConfig
+EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs per generation")]
+BudgetOpt = Annotated[float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")]
+NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="promote every generation")]
+MaxNfrOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="gate: NFR bound per ancestor")]
+TolOpt = Annotated[float, typer.Option(min=0.0, help="gate: accuracy >= champion's - this")]
+EccOpt = Annotated[bool, typer.Option(help="gate: C[g][k] > C[k][k] for every active ancestor")]
 
-    return TrainConfig(method=method, against=against, epochs=epochs, seed=seed)
+
+def _cycle_config(dataset: str | None, stages: int, opts: dict):
+    """One typed CycleConfig from the shared options of ``run`` and ``cycle``."""
+    from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
+
+    try:
+        return CycleConfig(
+            dataset=dataset,
+            stages=stages,
+            train=TrainConfig(
+                method=opts["method"],
+                against=opts["against"],
+                epochs=opts["epochs"],
+                seed=opts["seed"],
+            ),
+            gate=GateConfig(
+                enabled=not opts["no_gate"],
+                max_nfr=opts["max_nfr"],
+                accuracy_tolerance=opts["accuracy_tolerance"],
+                require_ecc=opts["require_ecc"],
+            ),
+            backfill=BackfillConfig(budget=opts["backfill_budget"], policy=opts["backfill_policy"]),
+        )
+    except _known_errors() as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -76,28 +104,20 @@ def run(
     generations: Annotated[int, typer.Option(min=1, help="cycles to run (>= 1)")] = 3,
     method: MethodOpt = "bct+pct",
     against: AgainstOpt = "all",
-    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    epochs: EpochsOpt = 15,
     seed: int = 0,
-    backfill_budget: Annotated[float, typer.Option(min=0.0)] = 0.3,
+    backfill_budget: BudgetOpt = 0.3,
     backfill_policy: PolicyOpt = "uncertainty",
-    no_gate: Annotated[bool, typer.Option("--no-gate", help="promote every generation")] = False,
+    no_gate: NoGateOpt = False,
+    max_nfr: MaxNfrOpt = 0.10,
+    accuracy_tolerance: TolOpt = 0.02,
+    require_ecc: EccOpt = True,
 ) -> None:
     """Run N update cycles of the growing scenario in GRACEFUL_HOME."""
     _env_defaults()
     _check_inputs(dataset)
-    from flows.config import BackfillConfig, CycleConfig, GateConfig
-
-    try:
-        cfg = CycleConfig(
-            dataset=dataset,
-            stages=generations,
-            train=_train_config(method, against, epochs, seed),
-            gate=GateConfig(enabled=not no_gate),
-            backfill=BackfillConfig(budget=backfill_budget, policy=backfill_policy),
-        )
-    except _known_errors() as exc:
-        _fail(str(exc))
-    _run_cycles(cfg, generations)
+    opts = locals()
+    _run_cycles(_cycle_config(dataset, generations, opts), generations)
     _print_summary()
 
 
@@ -107,28 +127,20 @@ def cycle(
     stages: Annotated[int, typer.Option(min=1, help="stages of the scenario")] = 3,
     method: MethodOpt = "bct+pct",
     against: AgainstOpt = "all",
-    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    epochs: EpochsOpt = 15,
     seed: int = 0,
-    backfill_budget: Annotated[float, typer.Option(min=0.0)] = 0.3,
+    backfill_budget: BudgetOpt = 0.3,
     backfill_policy: PolicyOpt = "uncertainty",
-    no_gate: Annotated[bool, typer.Option("--no-gate")] = False,
+    no_gate: NoGateOpt = False,
+    max_nfr: MaxNfrOpt = 0.10,
+    accuracy_tolerance: TolOpt = 0.02,
+    require_ecc: EccOpt = True,
 ) -> None:
     """Run one update cycle (the next stage of the scenario)."""
     _env_defaults()
     _check_inputs(dataset)
-    from flows.config import BackfillConfig, CycleConfig, GateConfig
-
-    try:
-        cfg = CycleConfig(
-            dataset=dataset,
-            stages=stages,
-            train=_train_config(method, against, epochs, seed),
-            gate=GateConfig(enabled=not no_gate),
-            backfill=BackfillConfig(budget=backfill_budget, policy=backfill_policy),
-        )
-    except _known_errors() as exc:
-        _fail(str(exc))
-    _run_cycles(cfg, 1)
+    opts = locals()
+    _run_cycles(_cycle_config(dataset, stages, opts), 1)
     _print_summary()
 
 
