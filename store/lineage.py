@@ -193,15 +193,19 @@ class Lineage:
         with self.session() as s:
             return list(s.exec(select(Generation).order_by(Generation.id)))
 
-    def update_generation(self, gen_id: int, **fields: Any) -> Generation:
+    def _update(self, model: type[SQLModel], key: int, error: type[Exception], fields: dict):
+        """Set ``fields`` on one row in one transaction; an unknown id raises ``error``."""
         with self.session() as s:
-            gen = s.get(Generation, gen_id)
-            if gen is None:
-                raise UnknownGeneration(f"unknown generation {gen_id}")
-            for key, value in fields.items():
-                setattr(gen, key, value)
-            s.add(gen)
-            return gen
+            row = s.get(model, key)
+            if row is None:
+                raise error(f"unknown {model.__tablename__.replace('job', ' job')} {key}")
+            for name, value in fields.items():
+                setattr(row, name, value)
+            s.add(row)
+            return row
+
+    def update_generation(self, gen_id: int, **fields: Any) -> Generation:
+        return self._update(Generation, gen_id, UnknownGeneration, fields)
 
     def champion(self) -> Generation | None:
         with self.session() as s:
@@ -292,14 +296,7 @@ class Lineage:
             return job
 
     def update_backfill_job(self, job_id: int, **fields: Any) -> BackfillJob:
-        with self.session() as s:
-            job = s.get(BackfillJob, job_id)
-            if job is None:
-                raise StoreError(f"unknown backfill job {job_id}")
-            for key, value in fields.items():
-                setattr(job, key, value)
-            s.add(job)
-            return job
+        return self._update(BackfillJob, job_id, StoreError, fields)
 
     def backfill_jobs(self) -> list[BackfillJob]:
         with self.session() as s:
