@@ -9,6 +9,8 @@ KINDS_BY_METHOD = {
     "bct": ("influence",),
     "pct": ("focal",),
     "bct+pct": ("influence", "focal"),
+    # + an embedding-level pull toward each ancestor's embeddings (best AC in bench/compat)
+    "bct+pct+emb": ("influence", "focal", "embedding"),
 }
 
 
@@ -30,6 +32,7 @@ def plan_constraints(
     against: str,
     influence_weight: float,
     focal_weight: float,
+    embedding_weight: float = 0.0,
 ) -> list[tuple[int, str, float]]:
     """(target, kind, weight) for each constraint of the next generation."""
     if method not in KINDS_BY_METHOD:
@@ -39,7 +42,7 @@ def plan_constraints(
         targets = targets[-1:]
     elif against != "all":
         raise ValueError(f"unknown --against {against!r}; choose all or last")
-    weights = {"influence": influence_weight, "focal": focal_weight}
+    weights = {"influence": influence_weight, "focal": focal_weight, "embedding": embedding_weight}
     return [(k, kind, weights[kind]) for k in targets for kind in KINDS_BY_METHOD[method]]
 
 

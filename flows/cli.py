@@ -55,7 +55,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, RuntimeError)
 
 
-MethodOpt = Annotated[str, typer.Option(help="none | bct | pct | bct+pct")]
+MethodOpt = Annotated[str, typer.Option(help="none | bct | pct | bct+pct | bct+pct+emb")]
 AgainstOpt = Annotated[
     str, typer.Option(help="all | last: constrain against every active ancestor or the last")
 ]
@@ -102,7 +102,7 @@ def run(
         str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist")
     ] = "digits",
     generations: Annotated[int, typer.Option(min=1, help="cycles to run (>= 1)")] = 3,
-    method: MethodOpt = "bct+pct",
+    method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
     epochs: EpochsOpt = 15,
     seed: int = 0,
@@ -125,7 +125,7 @@ def run(
 def cycle(
     dataset: Annotated[str | None, typer.Option(help="default: the gallery's data set")] = None,
     stages: Annotated[int, typer.Option(min=1, help="stages of the scenario")] = 3,
-    method: MethodOpt = "bct+pct",
+    method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
     epochs: EpochsOpt = 15,
     seed: int = 0,

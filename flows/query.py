@@ -1,37 +1,132 @@
-"""Search over the committed gallery (answers during a backfill from committed parts)."""
+"""Search over the committed gallery (answers during a backfill from committed parts).
+
+The query is embedded by the champion in this process (one item needs no Ray task);
+the persisted faiss index is brought up to the committed manifest first, so a search
+running next to a backfill sees every part either in its old or in its new committed
+version, never half of one.
+"""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from store.gallery import Gallery
 from store.index import GalleryIndex
-from store.lineage import Lineage
-from store.settings import StoreError, subdir
+from store.lineage import Generation, Lineage
+from store.settings import StoreError
 from workers.datasets import load_dataset
-from workers.evaluate import generation_outputs
+from workers.embed import forward
+from workers.models import load_model
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _champion(lineage: Lineage) -> Generation:
+    champion = lineage.champion()
+    if champion is None or not champion.checkpoint_path:
+        raise StoreError("no champion generation")
+    return champion
+
+
+def search_embedding(
+    lineage: Lineage, query: np.ndarray, k: int = 5, generation: int | None = None
+) -> list[dict[str, Any]]:
+    """The ``k`` nearest committed gallery items to one query embedding."""
+    gallery = Gallery(lineage)
+    gallery.require()
+    index = GalleryIndex.open(gallery)
+    scores, ids = index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
+    labels = index.label_of(ids[0])
+    return [
+        {"item_id": int(i), "label": int(lab), "score": float(s)}
+        for i, lab, s in zip(ids[0], labels, scores[0], strict=True)
+    ]
+
+
+def _embed(champion: Generation, x: np.ndarray) -> np.ndarray:
+    model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
+    shape = tuple(model.config["input_shape"])
+    if math.prod(x.shape[1:]) != math.prod(shape):
+        raise StoreError(
+            f"the query has shape {tuple(x.shape[1:])}; generation {champion.id} takes "
+            f"inputs of shape {shape}"
+        )
+    return forward(model, np.ascontiguousarray(x.reshape(len(x), *shape))).embedding
 
 
 def search_item(lineage: Lineage, item: int, k: int = 5) -> dict[str, Any]:
     """The ``k`` nearest gallery items to evaluation item ``item``, embedded by the champion."""
-    gallery = Gallery(lineage)
-    info = gallery.require()
-    champion = lineage.champion()
-    if champion is None:
-        raise StoreError("no champion generation")
+    info = Gallery(lineage).require()
+    champion = _champion(lineage)
     ds = load_dataset(info.dataset)
     if not 0 <= item < len(ds.y_test):
         raise StoreError(f"item {item} is outside the evaluation split (0..{len(ds.y_test) - 1})")
-    out = generation_outputs(champion, ds, subdir("cache"))
-    index = GalleryIndex.from_gallery(gallery)
-    scores, ids = index.search(out.outputs.embedding[item : item + 1], k)
-    labels = index.label_of(ids[0])
+    emb = _embed(champion, ds.x_test[item : item + 1])
     return {
         "item": item,
         "label": int(ds.y_test[item]),
         "generation": champion.id,
-        "neighbors": [
-            {"item_id": int(i), "label": int(lab), "score": float(s)}
-            for i, lab, s in zip(ids[0], labels, scores[0], strict=True)
-        ],
+        "neighbors": search_embedding(lineage, emb[0], k),
+    }
+
+
+def load_query_file(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
+    """One query input from a file: an image (PNG, JPEG, ...) or a ``.npy`` array.
+
+    Images are converted like the data sets: grey or RGB by the model's channels,
+    resized to its height and width, scaled to [0, 1].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"query file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read query array {path}: {exc}") from exc
+        x = np.asarray(x, dtype=np.float32)
+    elif suffix in IMAGE_SUFFIXES:
+        from PIL import Image, UnidentifiedImageError
+
+        channels = input_shape[0] if len(input_shape) == 3 else 1
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if len(input_shape) == 3:
+                    img = img.resize((input_shape[2], input_shape[1]), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise StoreError(f"cannot decode query image {path}: {exc}") from exc
+        x = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    else:
+        raise StoreError(
+            f"unsupported query file {path}: use an image ({', '.join(IMAGE_SUFFIXES)}) "
+            "or a .npy array"
+        )
+    if x.size != math.prod(input_shape):
+        raise StoreError(
+            f"query {path} has {x.size} values; the model takes inputs of shape {input_shape}"
+        )
+    if not np.isfinite(x).all():
+        raise StoreError(f"query {path} contains NaN or inf")
+    return x.reshape(1, *input_shape)
+
+
+def search_file(lineage: Lineage, path: Path | str, k: int = 5) -> dict[str, Any]:
+    """The ``k`` nearest gallery items to a query file, embedded by the champion."""
+    Gallery(lineage).require()
+    champion = _champion(lineage)
+    model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
+    x = load_query_file(Path(path), tuple(model.config["input_shape"]))
+    emb = forward(model, x).embedding
+    return {
+        "file": str(path),
+        "label": None,
+        "generation": champion.id,
+        "neighbors": search_embedding(lineage, emb[0], k),
     }

@@ -156,3 +156,70 @@ def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model
+
+
+@torch.no_grad()
+def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None = None) -> bool:
+    """Start ``new`` as a function-preserving expansion of ``old`` (after Net2Net).
+
+    Works for MLPs that are as wide and as deep or more: the old units keep their weights,
+    new units keep their fresh incoming weights and get zero weights into old units (they
+    change nothing until trained), and extra layers start as identities on the old
+    layers' output (BatchNorm set from its statistics on ``x``). Returns False, leaving
+    ``new`` untouched, when the architectures do not allow it (another kind, narrower,
+    shallower, other dimensions).
+    """
+    a_new, a_old = new.config["architecture"], old.config["architecture"]
+    if (
+        a_new["kind"] != "mlp"
+        or a_old["kind"] != "mlp"
+        or a_new["width"] < a_old["width"]
+        or a_new["depth"] < a_old["depth"]
+        or new.config["embed_dim"] != old.config["embed_dim"]
+        or new.config["num_classes"] != old.config["num_classes"]
+        or new.config["input_shape"] != old.config["input_shape"]
+    ):
+        return False
+    w_old, d_old = a_old["width"], a_old["depth"]
+    new_lin = [m for m in new.backbone if isinstance(m, nn.Linear)]
+    new_bn = [m for m in new.backbone if isinstance(m, nn.BatchNorm1d)]
+    old_lin = [m for m in old.backbone if isinstance(m, nn.Linear)]
+    old_bn = [m for m in old.backbone if isinstance(m, nn.BatchNorm1d)]
+    for i in range(d_old):
+        lin, o = new_lin[i], old_lin[i]
+        fan = o.weight.shape[1]
+        lin.weight[:w_old, :fan] = o.weight
+        lin.weight[:w_old, fan:] = 0.0  # new units of the layer below do not reach old units
+        lin.bias[:w_old] = o.bias
+        _copy_bn(new_bn[i], old_bn[i], w_old)
+    if len(new_lin) > d_old:
+        # the old backbone's output h >= 0 (after ReLU); Linear = identity, BatchNorm
+        # undoing its own normalisation with h's statistics, ReLU(h) = h
+        old.eval()
+        h = old.backbone(x) if x is not None and len(x) > 1 else None
+        mean = h.mean(0) if h is not None else torch.zeros(w_old)
+        var = h.var(0, unbiased=False) if h is not None else torch.ones(w_old)
+        for i in range(d_old, len(new_lin)):
+            lin, bn = new_lin[i], new_bn[i]
+            # old units: the identity on the old units below; new units keep their fresh
+            # weights (so they are alive and learn) and reach no old unit above
+            lin.weight[:w_old] = 0.0
+            lin.weight[:w_old, :w_old] = torch.eye(w_old)
+            lin.bias[:w_old] = 0.0
+            bn.weight[:w_old] = torch.sqrt(var + bn.eps)
+            bn.bias[:w_old] = mean
+            bn.running_mean[:w_old] = mean
+            bn.running_var[:w_old] = var
+    new.project.weight.zero_()
+    new.project.weight[:, :w_old] = old.project.weight
+    new.project.bias.copy_(old.project.bias)
+    new.head.weight.copy_(old.head.weight)
+    return True
+
+
+def _copy_bn(new: nn.BatchNorm1d, old: nn.BatchNorm1d, n: int) -> None:
+    new.weight[:n] = old.weight
+    new.bias[:n] = old.bias
+    new.running_mean[:n] = old.running_mean
+    new.running_var[:n] = old.running_var
+    new.num_batches_tracked.copy_(old.num_batches_tracked)

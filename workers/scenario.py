@@ -14,6 +14,7 @@ import numpy as np
 
 FIRST_CLASS_SHARE = 0.6
 FIRST_DATA_SHARE = 0.5
+HEAD = "fixed"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,12 @@ def stage_plan(num_classes: int, n_stages: int, stage: int) -> Stage:
     frac = _ramp(FIRST_DATA_SHARE, stage, n_stages)
     # the model grows too: wider with every stage, one layer deeper in the second half
     grow = min(stage, n_stages - 1) / max(1, n_stages - 1)
-    arch = {"kind": "mlp", "width": int(128 + 128 * grow), "depth": 2 + int(grow >= 0.5)}
+    arch = {
+        "kind": "mlp",
+        "width": int(128 + 128 * grow),
+        "depth": 2 + int(grow >= 0.5),
+        "head": HEAD,
+    }
     return Stage(stage, tuple(range(n_cls)), frac, arch)
 
 
