@@ -59,7 +59,9 @@ MethodOpt = Annotated[str, typer.Option(help="none | bct | pct | bct+pct | bct+p
 AgainstOpt = Annotated[
     str, typer.Option(help="all | last: constrain against every active ancestor or the last")
 ]
-PolicyOpt = Annotated[str, typer.Option(help="random | oldest-first | uncertainty")]
+PolicyOpt = Annotated[
+    str, typer.Option(help="random | oldest-first | uncertainty | representative")
+]
 
 
 EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs per generation")]
@@ -107,7 +109,7 @@ def run(
     epochs: EpochsOpt = 15,
     seed: int = 0,
     backfill_budget: BudgetOpt = 0.3,
-    backfill_policy: PolicyOpt = "uncertainty",
+    backfill_policy: PolicyOpt = "oldest-first",
     no_gate: NoGateOpt = False,
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
@@ -130,7 +132,7 @@ def cycle(
     epochs: EpochsOpt = 15,
     seed: int = 0,
     backfill_budget: BudgetOpt = 0.3,
-    backfill_policy: PolicyOpt = "uncertainty",
+    backfill_policy: PolicyOpt = "oldest-first",
     no_gate: NoGateOpt = False,
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
@@ -226,7 +228,7 @@ def backfill(
     budget: Annotated[
         float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")
     ] = 0.3,
-    policy: PolicyOpt = "uncertainty",
+    policy: PolicyOpt = "oldest-first",
     batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
     seed: int = 0,
 ) -> None:

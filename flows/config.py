@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field, field_validator
 
 Method = Literal["none", "bct", "pct", "bct+pct", "bct+pct+emb"]
 Against = Literal["all", "last"]
-Policy = Literal["random", "oldest-first", "uncertainty"]
-DEFAULT_POLICY: Policy = "uncertainty"
+Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
+DEFAULT_POLICY: Policy = "oldest-first"  # the best mean curve area in bench/results/backfill.md
 
 
 class GateConfig(BaseModel):

@@ -1,18 +1,35 @@
 """The gallery: every indexed item with exactly one current embedding, in Parquet.
 
-Layout: ``GRACEFUL_HOME/gallery/part-NNNNN.parquet``, each part a fixed range of items.
-A part is rewritten whole: written under a temporary name, then renamed over the old
-one inside the same SQL transaction that records its sha256 and per-generation counts
-in the lineage's manifest. A crash between the rename and the commit leaves a part
-whose hash differs from the manifest; :meth:`Gallery.reconcile` re-reads such parts
-(the file is always whole, since the rename is atomic) and fixes the manifest.
+Layout: ``GRACEFUL_HOME/gallery/part-NNNNN[.vV].parquet``. Slot ``NNNNN`` holds a fixed,
+sorted range of item ids for the gallery's whole life; ``V`` counts its rewrites (the
+first version has no suffix). Part files are immutable: a rewrite writes the next
+version under a temporary name, fsyncs it, renames it to its (new, unreferenced) final
+name, and then switches the manifest row (lineage ``GalleryPart``) from the old file to
+the new one in one SQL transaction, together with any caller changes (a backfill job's
+progress). The commit is the only switch point:
+
+- a crash before it leaves an unreferenced file that :meth:`Gallery.reconcile` deletes;
+  the manifest still names the old, whole version;
+- a crash after it leaves the superseded file, also deleted by ``reconcile``;
+- a reader takes the manifest in one query (a consistent snapshot of committed parts)
+  and reads those files; it never sees a half-written or uncommitted part. A file it
+  listed can vanish (superseded and deleted) before it opens it: readers then retry with
+  a fresh snapshot (:class:`PartGone`).
+
+:meth:`Gallery.verify` checks every part (present, a Parquet file, the gallery's schema,
+the row count and sha256 recorded in the manifest) and that no foreign Parquet file sits
+in the directory; errors name the file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +42,16 @@ from store.lineage import GalleryInfo, GalleryPart, Lineage
 from store.settings import StoreError, subdir
 
 COLUMNS = ("item_id", "label", "generation", "margin", "embedding")
+ROW_GROUP_ROWS = 8192
+_PART_RE = re.compile(r"^part-(\d{5,})(?:\.v(\d+))?\.parquet$")
 
 
 class GalleryError(StoreError):
     """A bad gallery file or a mismatched write; the message names the file or the problem."""
+
+
+class PartGone(GalleryError):
+    """A part listed by a manifest snapshot was superseded and deleted before it was read."""
 
 
 def gallery_schema(dim: int) -> pa.Schema:
@@ -52,6 +75,26 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def part_name(slot: int, version: int = 0) -> str:
+    """The file name of version ``version`` of slot ``slot``."""
+    return f"part-{slot:05d}.parquet" if version == 0 else f"part-{slot:05d}.v{version}.parquet"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    """(slot, version) of a part file name, or None for any other name."""
+    m = _PART_RE.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def slot_of(name: str) -> int:
+    parsed = parse_part_name(name)
+    if parsed is None:
+        raise GalleryError(f"{name!r} is not a gallery part name")
+    return parsed[0]
+
+
 @dataclass
 class GalleryRows:
     """Column arrays of gallery rows (numpy)."""
@@ -71,6 +114,10 @@ class GalleryRows:
             raise GalleryError(
                 f"embedding dim mismatch: the gallery stores dim {dim}, got shape {emb.shape}"
             )
+        n = len(self.item_id)
+        for col in ("label", "generation", "margin"):
+            if len(getattr(self, col)) != n or len(emb) != n:
+                raise GalleryError(f"column lengths differ: {n} item ids but {col} differs")
         if not np.isfinite(emb).all():
             raise GalleryError("embeddings contain NaN or inf; nothing was written")
         flat = pa.array(emb.reshape(-1), type=pa.float32())
@@ -86,16 +133,18 @@ class GalleryRows:
         )
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> GalleryRows:
-        emb = table.column("embedding").combine_chunks()
+    def from_table(cls, table: pa.Table | pa.RecordBatch) -> GalleryRows:
+        emb = table.column("embedding")
+        if isinstance(emb, pa.ChunkedArray):
+            emb = emb.combine_chunks()
         dim = emb.type.list_size
-        values = emb.values.to_numpy(zero_copy_only=False)
+        values = emb.flatten().to_numpy(zero_copy_only=False)
         # copies: Arrow buffers are read-only and backfill edits rows in place
         return cls(
-            item_id=np.array(table.column("item_id").to_numpy()),
-            label=np.array(table.column("label").to_numpy()),
-            generation=np.array(table.column("generation").to_numpy()),
-            margin=np.array(table.column("margin").to_numpy()),
+            item_id=np.array(table.column("item_id").to_numpy(), dtype=np.int64),
+            label=np.array(table.column("label").to_numpy(), dtype=np.int64),
+            generation=np.array(table.column("generation").to_numpy(), dtype=np.int32),
+            margin=np.array(table.column("margin").to_numpy(), dtype=np.float32),
             embedding=np.array(values, dtype=np.float32).reshape(-1, dim),
         )
 
@@ -105,6 +154,9 @@ class GalleryRows:
             *(np.concatenate([getattr(p, c) for p in parts]) for c in COLUMNS)  # type: ignore[arg-type]
         )
 
+    def take(self, idx: np.ndarray) -> GalleryRows:
+        return GalleryRows(*(getattr(self, c)[idx] for c in COLUMNS))
+
 
 class Gallery:
     """The Parquet gallery and its manifest in the lineage."""
@@ -112,6 +164,7 @@ class Gallery:
     def __init__(self, lineage: Lineage, root: Path | None = None) -> None:
         self.lineage = lineage
         self._root = root
+        self._lock_fd: int | None = None
 
     @property
     def root(self) -> Path:
@@ -119,6 +172,34 @@ class Gallery:
             self._root = subdir("gallery")
         self._root.mkdir(parents=True, exist_ok=True)
         return self._root
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the gallery's single-writer lock (re-entrant in this object).
+
+        A second writer (another backfill, in this or another process) fails at once
+        instead of racing; the lock dies with its process, so a killed job resumes.
+        """
+        if self._lock_fd is not None:
+            yield
+            return
+        path = self.root.parent / f".{self.root.name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GalleryError(
+                f"another backfill is writing the gallery ({path} is locked); "
+                "wait for it to finish or stop it, then start again"
+            ) from None
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            self._lock_fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # -- metadata --------------------------------------------------------------------
     def info(self) -> GalleryInfo | None:
@@ -133,31 +214,84 @@ class Gallery:
             raise GalleryError("the gallery is empty: run `graceful run` or `graceful cycle` first")
         return info
 
+    def manifest(self) -> list[GalleryPart]:
+        """The committed parts, in slot order: one consistent snapshot (a single query)."""
+        return self.lineage.gallery_parts()
+
     def part_names(self) -> list[str]:
-        return [p.name for p in self.lineage.gallery_parts()]
+        return [p.name for p in self.manifest()]
+
+    def counts(self) -> dict[int, int]:
+        return self.lineage.gallery_counts()
 
     # -- reading ---------------------------------------------------------------------
-    def read_part(self, name: str, info: GalleryInfo | None = None) -> pa.Table:
-        """Read and validate one part file against the gallery's schema."""
-        info = info or self.require()
-        path = self.root / name
-        if not path.exists():
-            raise GalleryError(f"gallery part {path} is missing")
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+    def _open(self, name: str, info: GalleryInfo) -> pq.ParquetFile:
+        """Open part ``name`` and check its schema (reads the footer only)."""
+        path = self._path(name)
         try:
-            table = pq.read_table(path)
+            f = pq.ParquetFile(path)
+        except FileNotFoundError as exc:
+            raise PartGone(f"gallery part {path} is missing") from exc
         except (pa.ArrowInvalid, OSError) as exc:
             raise GalleryError(f"corrupt Parquet file {path}: {exc}") from exc
         expected = gallery_schema(info.embed_dim)
-        if not table.schema.remove_metadata().equals(expected):
+        schema = f.schema_arrow.remove_metadata()
+        if not schema.equals(expected):
+            f.close()
+            if _dims_only_differ(schema, expected):
+                raise GalleryError(
+                    f"embedding dim mismatch in {path}: it stores "
+                    f"{schema.field('embedding').type}, the gallery's dim is {info.embed_dim}"
+                )
             raise GalleryError(
-                f"foreign Parquet file {path}: schema {table.schema.remove_metadata()} "
-                f"is not the gallery's {expected}"
+                f"foreign Parquet file {path}: schema ({_short(schema)}) is not the "
+                f"gallery's ({_short(expected)})"
             )
-        return table
+        return f
+
+    def read_part(
+        self, name: str, info: GalleryInfo | None = None, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Read (``columns`` of) one part file, validated against the gallery's schema."""
+        info = info or self.require()
+        f = self._open(name, info)
+        try:
+            return f.read(columns=list(columns) if columns is not None else None)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise GalleryError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
+        finally:
+            f.close()
+
+    def read_rows(self, name: str, info: GalleryInfo | None = None) -> GalleryRows:
+        return GalleryRows.from_table(self.read_part(name, info))
+
+    def iter_batches(
+        self,
+        columns: Sequence[str] = COLUMNS,
+        names: Sequence[str] | None = None,
+        batch_rows: int = ROW_GROUP_ROWS,
+    ) -> Iterator[tuple[str, pa.RecordBatch]]:
+        """Stream ``columns`` of the committed parts (or of ``names``) in row batches.
+
+        Memory is one batch, whatever the gallery's size.
+        """
+        info = self.require()
+        for name in names if names is not None else self.part_names():
+            f = self._open(name, info)
+            try:
+                for batch in f.iter_batches(batch_size=batch_rows, columns=list(columns)):
+                    yield name, batch
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise GalleryError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
+            finally:
+                f.close()
 
     def iter_parts(self) -> Iterator[tuple[str, GalleryRows]]:
         for name in self.part_names():
-            yield name, GalleryRows.from_table(self.read_part(name))
+            yield name, self.read_rows(name)
 
     def read_all(self) -> GalleryRows:
         """All rows, ordered by item id (for evaluation on small galleries)."""
@@ -165,97 +299,248 @@ class Gallery:
         if not parts:
             raise GalleryError("the gallery has no parts")
         rows = GalleryRows.concat(parts)
-        order = np.argsort(rows.item_id, kind="stable")
-        return GalleryRows(*(getattr(rows, c)[order] for c in COLUMNS))
+        return rows.take(np.argsort(rows.item_id, kind="stable"))
 
-    def counts(self) -> dict[int, int]:
-        return self.lineage.gallery_counts()
+    # -- checking --------------------------------------------------------------------
+    def verify(self, check_hash: bool = True) -> list[GalleryPart]:
+        """Check every committed part and the directory; returns the manifest checked.
+
+        Raises :class:`GalleryError` naming the file: a missing part, a corrupt or
+        foreign Parquet file, a row count or sha256 that differs from the manifest, or a
+        Parquet file in the gallery directory that is not one of the gallery's parts.
+        Reads each file once (streaming); changes nothing.
+        """
+        info = self.require()
+        manifest = self.manifest()
+        slots = {}
+        for part in manifest:
+            path = self._path(part.name)
+            if not path.exists():
+                raise GalleryError(f"gallery part {path} is missing (listed in the manifest)")
+            f = self._open(part.name, info)
+            rows = f.metadata.num_rows
+            f.close()
+            if rows != part.rows:
+                raise GalleryError(
+                    f"gallery part {path} has {rows} rows, the manifest records {part.rows}"
+                )
+            if check_hash and file_sha256(path) != part.sha256:
+                raise GalleryError(
+                    f"gallery part {path} was modified outside graceful: its sha256 differs "
+                    "from the manifest's"
+                )
+            slots[slot_of(part.name)] = parse_part_name(part.name)
+        for path in sorted(self.root.glob("*.parquet")):
+            parsed = parse_part_name(path.name)
+            if parsed is None or parsed[0] not in slots:
+                raise GalleryError(
+                    f"foreign file {path} in the gallery directory: it is not one of the "
+                    "gallery's parts; move it out of the gallery directory"
+                )
+        return manifest
+
+    def reconcile(self) -> list[str]:
+        """Delete files the manifest does not reference: temporary files of interrupted
+        writes, versions never committed and versions already superseded. Returns them.
+
+        Only files named like versions of the gallery's own slots are touched.
+        """
+        with self.writing():
+            return self._reconcile()
+
+    def _reconcile(self) -> list[str]:
+        current = {slot_of(p.name): p.name for p in self.manifest()}
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            name = path.name
+            if name.startswith(".part-") and ".tmp-" in name:
+                path.unlink(missing_ok=True)
+                removed.append(name)
+                continue
+            parsed = parse_part_name(name)
+            if parsed is not None and parsed[0] in current and current[parsed[0]] != name:
+                path.unlink(missing_ok=True)
+                removed.append(name)
+        return removed
 
     # -- writing ---------------------------------------------------------------------
     def _stage(self, name: str, rows: GalleryRows, dim: int) -> _Staged:
-        """Write ``rows`` under a temporary name next to part ``name``."""
+        """Write ``rows`` under a temporary name, fsync, and rename it to ``name``.
+
+        ``name`` is a new version no manifest references yet, so nothing reads it
+        before the commit that switches the manifest to it.
+        """
         table = rows.to_table(dim)
-        final = self.root / name
-        tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, row_group_size=8192)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        return _Staged(name, tmp, final, file_sha256(tmp), len(rows), _counts(rows.generation))
+        final = self._path(name)
+        tmp = final.with_name(f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        sink = pa.BufferOutputStream()
+        # no dictionary for ids and float vectors: it never pays and costs 6x the write
+        pq.write_table(
+            table,
+            sink,
+            row_group_size=ROW_GROUP_ROWS,
+            use_dictionary=["label", "generation"],
+            compression="snappy",
+        )
+        data = sink.getvalue()
+        sha = hashlib.sha256(memoryview(data)).hexdigest()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(memoryview(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        return _Staged(name, final, sha, len(rows), _counts(rows.generation))
 
     @staticmethod
-    def _commit(session: Session, staged: list[_Staged]) -> None:
-        """Record the staged parts in the manifest and rename them into place."""
-        for st in staged:
-            part = session.get(GalleryPart, st.name) or GalleryPart(name=st.name, rows=0, sha256="")
-            part.rows, part.sha256, part.counts = st.rows, st.sha256, st.counts
-            session.add(part)
-        session.flush()
-        # rename inside the transaction: if the commit then fails, reconcile() repairs
-        for st in staged:
-            os.replace(st.tmp, st.final)
+    def _record(session: Session, st: _Staged, replaces: str | None) -> None:
+        if replaces is not None:
+            old = session.get(GalleryPart, replaces)
+            if old is None:
+                raise GalleryError(
+                    f"gallery part {replaces} is no longer in the manifest (another writer "
+                    "changed the gallery); nothing was committed"
+                )
+            session.delete(old)
+            session.flush()
+        session.add(GalleryPart(name=st.name, rows=st.rows, sha256=st.sha256, counts=st.counts))
 
-    def write_part(
+    def rewrite_part(
         self,
         name: str,
         rows: GalleryRows,
         also: Callable[[Session], None] | None = None,
-    ) -> None:
-        """Atomically replace part ``name`` and its manifest row (plus ``also``'s changes)."""
+    ) -> str:
+        """Replace committed part ``name`` by ``rows`` (same item ids): a new version
+        file, then one transaction switching the manifest and applying ``also``.
+
+        Returns the new part's name. On any failure the manifest still names ``name``.
+        """
         info = self.require()
-        staged = self._stage(name, rows, info.embed_dim)
+        slot, version = parse_part_name(name) or (None, None)
+        if slot is None:
+            raise GalleryError(f"{name!r} is not a gallery part name")
+        staged = self._stage(part_name(slot, version + 1), rows, info.embed_dim)
         try:
             with self.lineage.session() as s:
+                self._record(s, staged, replaces=name)
                 if also is not None:
                     also(s)
-                self._commit(s, [staged])
-        finally:
-            staged.tmp.unlink(missing_ok=True)
+        except BaseException:
+            self._unlink_if_unreferenced(staged.name)
+            raise
+        self._path(name).unlink(missing_ok=True)  # superseded (reconcile() if we die first)
+        return staged.name
+
+    # the walking skeleton's name for it
+    write_part = rewrite_part
+
+    def _unlink_if_unreferenced(self, name: str) -> None:
+        """Delete a staged file after a failed commit, unless the commit did happen."""
+        try:
+            committed = name in self.part_names()
+        except Exception:  # cannot tell: leave it to reconcile()
+            return
+        if not committed:
+            self._path(name).unlink(missing_ok=True)
+
+    def _clear_leftovers(self) -> None:
+        """Files of an interrupted first indexing (there is no manifest yet)."""
+        for path in self.root.iterdir():
+            if parse_part_name(path.name) is not None or (
+                path.name.startswith(".part-") and ".tmp-" in path.name
+            ):
+                path.unlink(missing_ok=True)
 
     def create(self, dataset: str, rows: GalleryRows, part_rows: int = 4096) -> None:
         """Build a new gallery from ``rows`` (the first full indexing), all or nothing."""
-        if self.exists():
-            raise GalleryError("the gallery already exists; backfill it instead")
         if len(np.unique(rows.item_id)) != len(rows):
             raise GalleryError("duplicate item ids in the new gallery")
-        dim = int(rows.embedding.shape[1])
         order = np.argsort(rows.item_id, kind="stable")
-        staged: list[_Staged] = []
-        try:
-            for i, start in enumerate(range(0, len(rows), part_rows)):
-                sel = order[start : start + part_rows]
-                part = GalleryRows(*(getattr(rows, c)[sel] for c in COLUMNS))
-                staged.append(self._stage(f"part-{i:05d}.parquet", part, dim))
-            with self.lineage.session() as s:
-                s.add(GalleryInfo(dataset=dataset, embed_dim=dim, items=len(rows)))
-                self._commit(s, staged)
-        finally:
-            for st in staged:
-                st.tmp.unlink(missing_ok=True)
+        dim = int(np.asarray(rows.embedding).shape[1])
+        self.create_from_batches(
+            dataset,
+            dim,
+            (rows.take(order[i : i + part_rows]) for i in range(0, len(rows), part_rows)),
+            part_rows=part_rows,
+        )
 
-    def reconcile(self) -> list[str]:
-        """Make the manifest agree with the part files; returns the parts repaired."""
-        repaired = []
-        for part in self.lineage.gallery_parts():
-            path = self.root / part.name
-            if path.exists() and file_sha256(path) != part.sha256:
-                rows = GalleryRows.from_table(self.read_part(part.name))
-                with self.lineage.session() as s:
-                    row = s.get(GalleryPart, part.name)
-                    assert row is not None
-                    row.rows, row.sha256 = len(rows), file_sha256(path)
-                    row.counts = _counts(rows.generation)
-                    s.add(row)
-                repaired.append(part.name)
-        for leftover in self.root.glob(".part-*.tmp-*"):
-            leftover.unlink(missing_ok=True)
-        return repaired
+    def create_from_batches(
+        self, dataset: str, dim: int, batches: Iterable[GalleryRows], part_rows: int = 4096
+    ) -> int:
+        """Build a new gallery from batches in strictly increasing item-id order, holding
+        one part in memory at a time; all parts commit in one transaction. Returns items.
+        """
+        with self.writing():
+            return self._create_from_batches(dataset, dim, batches, part_rows)
+
+    def _create_from_batches(
+        self, dataset: str, dim: int, batches: Iterable[GalleryRows], part_rows: int
+    ) -> int:
+        if self.exists():
+            raise GalleryError("the gallery already exists; backfill it instead")
+        if part_rows < 1:
+            raise GalleryError(f"part_rows must be >= 1, got {part_rows}")
+        self._clear_leftovers()
+        staged: list[_Staged] = []
+        pending: list[GalleryRows] = []
+        n_pending = 0
+        last = None
+        total = 0
+
+        def flush(final: bool) -> None:
+            nonlocal pending, n_pending
+            if n_pending < part_rows and not (final and n_pending):
+                return
+            rows = GalleryRows.concat(pending)
+            start = 0
+            while len(rows) - start >= part_rows or (final and start < len(rows)):
+                stop = min(start + part_rows, len(rows))
+                chunk = rows.take(np.arange(start, stop))
+                staged.append(self._stage(part_name(len(staged)), chunk, dim))
+                start = stop
+            rest = rows.take(np.arange(start, len(rows)))
+            pending, n_pending = ([rest] if len(rest) else []), len(rest)
+
+        try:
+            for batch in batches:
+                if len(batch) == 0:
+                    continue
+                ids = np.asarray(batch.item_id)
+                if np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last):
+                    raise GalleryError("gallery items must come in strictly increasing id order")
+                last = int(ids[-1])
+                batch.to_table(dim)  # validates dim and values before anything is kept
+                pending.append(batch)
+                n_pending += len(batch)
+                total += len(batch)
+                flush(final=False)
+            flush(final=True)
+            if not staged:
+                raise GalleryError("no items: the new gallery would be empty")
+            with self.lineage.session() as s:
+                s.add(GalleryInfo(dataset=dataset, embed_dim=dim, items=total))
+                for st in staged:
+                    self._record(s, st, replaces=None)
+        except BaseException:
+            try:
+                committed = self.exists()
+            except Exception:
+                committed = True  # cannot tell: keep the files
+            if not committed:
+                for st in staged:
+                    st.path.unlink(missing_ok=True)
+            raise
+        return total
 
 
 @dataclass
 class _Staged:
     name: str
-    tmp: Path
-    final: Path
+    path: Path
     sha256: str
     rows: int
     counts: dict[str, int]
@@ -264,3 +549,32 @@ class _Staged:
 def _counts(generation: np.ndarray) -> dict[str, int]:
     gens, n = np.unique(np.asarray(generation), return_counts=True)
     return {str(int(g)): int(c) for g, c in zip(gens, n, strict=True)}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _short(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def _dims_only_differ(schema: pa.Schema, expected: pa.Schema) -> bool:
+    if schema.names != expected.names:
+        return False
+    emb, exp = schema.field("embedding").type, expected.field("embedding").type
+    return (
+        pa.types.is_fixed_size_list(emb)
+        and emb.value_type == exp.value_type
+        and emb.list_size != exp.list_size
+        and all(schema.field(n).type == expected.field(n).type for n in COLUMNS[:-1])
+    )

@@ -1,34 +1,68 @@
 """Streaming, resumable backfill of the Parquet gallery with the champion generation.
 
-The chosen items (policy order, within the budget) are fixed when a job starts and saved
-next to the job, so a killed job resumes with the same selection. Parts are processed
-one at a time: the next part's items are embedded on a Ray worker while the current
-part is written; each part is committed atomically together with the job's progress.
+A job runs in four steps, each with memory bounded by a few parts, not by the gallery:
+
+1. **check**: every part is whole, has the gallery's schema and the sha256 in the
+   manifest, and no foreign Parquet file sits in the gallery directory; the champion
+   embeds in the gallery's dimension. Any failure raises before anything is written.
+2. **select**: the policy order is computed from a streaming pass over the columns it
+   needs (item id, generation, margin; the ``representative`` policy also streams the
+   old embeddings twice: a seeded sample trains its strata, a second pass assigns them).
+   The chosen items (policy order, within the budget) are fixed and saved next to the
+   job, so a killed job resumes with the same selection.
+3. **re-embed**: part by part, the chosen items' source inputs are read from the data
+   set the gallery was built from (``GalleryInfo.dataset``; a ``parquet:`` feature data
+   set is streamed in row batches), embedded by a Ray actor holding the champion (GPU
+   where the cluster has one), and the part is rewritten. Up to ``pipeline_depth`` parts
+   are in flight, so the actor embeds the next part while this one is written.
+4. **commit**: each rewritten part is committed atomically together with the job's
+   progress (one SQL transaction; see :mod:`store.gallery`). A job killed at any point
+   and started again finishes with every item present exactly once, each with one
+   embedding and the generation that made it.
+
+Afterwards the persisted faiss index is brought up to the new manifest (only the parts
+that changed are re-read).
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from store.gallery import Gallery, GalleryRows
-from store.lineage import BackfillJob, Generation, Lineage
+from store.gallery import Gallery, GalleryError, GalleryRows
+from store.lineage import BackfillJob, GalleryInfo, Generation, Lineage
 from store.settings import StoreError, subdir
 from workers import metrics as M
-from workers.datasets import Dataset
+from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.embed import forward
 from workers.models import load_model
-from workers.policies import backfill_order, budget_items
-from workers.runtime import submit
+from workers.policies import (
+    EMBEDDING_POLICIES,
+    SAMPLE_PER_STRATUM,
+    assign_strata,
+    backfill_order,
+    budget_items,
+    check_policy,
+    item_hash,
+    n_strata,
+    train_strata,
+)
 
 BETAS = tuple(round(0.1 * i, 1) for i in range(11))
+SCAN_ROWS = 8192  # rows per streamed batch
 Progress = Callable[[int, int], None]
 
 
+# -- embedding on Ray ------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def _model(path: str, sha: str | None):
     return load_model(path, sha)
@@ -40,9 +74,120 @@ def embed_items(checkpoint: str, sha: str | None, x: np.ndarray) -> tuple[np.nda
     return out.embedding, out.margin
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: unlike ``ru_maxrss`` it is not
+    inherited through fork and exec from a bigger parent.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class EmbedActor:
+    """Holds one generation's model for a whole job (loaded and hash-checked once) and
+    reads the items' source inputs itself, from the gallery's data-set spec: the driver
+    sends item ids, not images."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        sha: str | None,
+        threads: int | None = None,
+        spec: str | None = None,
+        source: str = "auto",
+    ) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model = load_model(checkpoint, sha)
+        self.source = open_source(spec, mode=source) if spec is not None else None
+        self.seconds = 0.0
+        self.read_seconds = 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def embed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = time.perf_counter()
+        out = forward(self.model, x)
+        self.seconds += time.perf_counter() - t
+        return out.embedding, out.margin
+
+    def embed_items(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and margins of source items ``ids`` (increasing ids stream forward)."""
+        if self.source is None:
+            raise StoreError("this embedding actor has no data set to read items from")
+        t = time.perf_counter()
+        x = self.source.take(ids)
+        self.read_seconds += time.perf_counter() - t
+        return self.embed(x)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "embed_seconds": self.seconds,
+            "read_seconds": self.read_seconds,
+            "peak_rss": float(peak_rss_bytes()),
+        }
+
+
+def start_actor(champion: Generation, spec: str | None = None, source: str = "auto"):
+    """A Ray actor embedding with ``champion`` (the cluster's GPU if it has one), reading
+    items of data set ``spec``. Its OpenMP threads sleep instead of spinning while they
+    wait, so the driver's Parquet work next to it costs it little."""
+    import ray
+
+    from workers.runtime import task_resources
+
+    res = task_resources()
+    env = {"OMP_WAIT_POLICY": os.environ.get("GRACEFUL_OMP_WAIT_POLICY", "PASSIVE")}
+    cls = ray.remote(max_restarts=0, max_task_retries=0, **res)(EmbedActor)
+    actor = cls.options(runtime_env={"env_vars": env}).remote(
+        champion.checkpoint_path,
+        champion.checkpoint_sha256,
+        int(res.get("num_cpus", 1)),
+        spec,
+        source,
+    )
+    ray.get(actor.ready.remote())  # fail here on a bad checkpoint or data set, before writes
+    return actor
+
+
+# -- measuring -------------------------------------------------------------------------
 def m_mix(query_emb: np.ndarray, query_labels: np.ndarray, rows: GalleryRows) -> float:
     """Top-1 of champion queries against the real gallery (each item's current embedding)."""
     return M.retrieval_top1(query_emb, query_labels, rows.embedding, rows.label)
+
+
+def m_mix_stream(
+    gallery: Gallery, query_emb: np.ndarray, query_labels: np.ndarray, batch_rows: int = SCAN_ROWS
+) -> float:
+    """:func:`m_mix` over the committed gallery, streamed in row batches (bounded memory)."""
+    q = np.array(query_emb, dtype=np.float32, copy=True)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    best = np.full(len(q), -np.inf, dtype=np.float32)
+    label = np.full(len(q), -1, dtype=np.int64)
+    for _, batch in gallery.iter_batches(["label", "embedding"], batch_rows=batch_rows):
+        emb = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+        if emb.shape[1] != q.shape[1]:
+            raise GalleryError(
+                f"embedding dim mismatch: queries have {q.shape[1]}, gallery has {emb.shape[1]}"
+            )
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        sims = q @ emb.T
+        arg = sims.argmax(axis=1)
+        top = sims[np.arange(len(q)), arg]
+        better = top > best
+        best[better] = top[better]
+        label[better] = batch.column(0).to_numpy()[arg[better]]
+    return float(np.mean(label == np.asarray(query_labels)))
 
 
 def backfill_curve(
@@ -57,15 +202,226 @@ def backfill_curve(
 
     ``new_emb`` holds the champion's embedding of every gallery item, aligned with ``rows``.
     """
-    pos = {int(i): p for p, i in enumerate(rows.item_id)}
-    order_pos = np.array([pos[int(i)] for i in order], dtype=np.int64)
+    if len(new_emb) != len(rows):
+        raise GalleryError(f"{len(new_emb)} champion embeddings for a gallery of {len(rows)} items")
+    pos = np.searchsorted(rows.item_id, order) if len(order) else np.zeros(0, np.int64)
+    if np.any(np.diff(rows.item_id) <= 0) or not np.array_equal(rows.item_id[pos], order):
+        sorter = {int(i): p for p, i in enumerate(rows.item_id)}
+        pos = np.array([sorter[int(i)] for i in order], dtype=np.int64)
     curve = []
     for beta in betas:
         emb = rows.embedding.copy()
-        take = order_pos[: round(beta * len(order_pos))]
+        take = pos[: round(beta * len(pos))]
         emb[take] = new_emb[take]
         curve.append((float(beta), M.retrieval_top1(query_emb, query_labels, emb, rows.label)))
     return curve
+
+
+# -- source items ----------------------------------------------------------------------
+class ArraySource:
+    """Source inputs held in memory (the loaded data set's evaluation split)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.x)):
+            raise GalleryError(
+                f"item ids {ids.min()}..{ids.max()} outside the data set's evaluation split "
+                f"(0..{len(self.x) - 1})"
+            )
+        return np.ascontiguousarray(self.x[ids])
+
+
+class ParquetSource:
+    """The evaluation split of a ``parquet:`` feature data set, streamed in row batches.
+
+    Item ``i`` is the ``i``-th ``split == "test"`` row, as in :mod:`workers.datasets`.
+    Requests in increasing id order (parts are id ranges) read the file once, forward;
+    memory is one batch.
+    """
+
+    def __init__(self, path: str, column: str, batch_rows: int = SCAN_ROWS) -> None:
+        import pyarrow.dataset as pads
+
+        self.path, self.column, self.batch_rows = path, column, batch_rows
+        self.dataset = pads.dataset(path, format="parquet")
+        self._reset()
+
+    def _batches(self):
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        for path in self.dataset.files:  # the order workers.datasets reads them in
+            # pre_buffer would cache every row group of the file: memory grows with it
+            f = pq.ParquetFile(path, pre_buffer=False)
+            batches = f.iter_batches(
+                batch_size=self.batch_rows, columns=["split", self.column], use_threads=False
+            )
+            for batch in batches:
+                test = pc.equal(batch.column(0), "test").to_numpy(zero_copy_only=False)
+                if not test.any():
+                    continue
+                col = batch.column(1)
+                if not test.all():
+                    col = col.filter(test)
+                values = col.flatten().to_numpy(zero_copy_only=False)
+                yield values.astype(np.float32, copy=False).reshape(len(col), -1)
+            f.close()
+
+    def _reset(self) -> None:
+        self._it = self._batches()
+        self._base = 0
+        self._cur = np.zeros((0, 0), dtype=np.float32)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self._cur.shape[1] if self._cur.size else 0), np.float32)
+        if np.any(np.diff(ids) < 0):
+            order = np.argsort(ids, kind="stable")
+            got = self.take(ids[order])
+            out = np.empty_like(got)
+            out[order] = got
+            return out
+        if ids[0] < self._base:
+            self._reset()
+        parts, i = [], 0
+        while i < len(ids):
+            end = self._base + len(self._cur)
+            if ids[i] >= end:
+                try:
+                    nxt = next(self._it)
+                except StopIteration:
+                    raise GalleryError(
+                        f"item id {int(ids[i])} is beyond the evaluation split of "
+                        f"parquet:{self.path} ({end} items)"
+                    ) from None
+                self._base, self._cur = end, nxt
+                continue
+            j = int(np.searchsorted(ids, end, side="left"))
+            local = ids[i:j] - self._base
+            if len(local) == local[-1] - local[0] + 1:  # a contiguous run: a slice
+                parts.append(self._cur[local[0] : local[-1] + 1])
+            else:
+                parts.append(self._cur[local])
+            i = j
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return np.ascontiguousarray(out)
+
+
+def _feature_column(path: str) -> str | None:
+    """The feature column a ``parquet:`` data set streams from, None for images."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    schema = pads.dataset(path, format="parquet").schema
+    lists = [
+        f.name
+        for f in schema
+        if pa.types.is_list(f.type)
+        or pa.types.is_large_list(f.type)
+        or pa.types.is_fixed_size_list(f.type)
+    ]
+    if "features" in lists:
+        return "features"
+    if "image" in schema.names or not lists:
+        return None
+    return lists[0]
+
+
+SOURCE_MODES = ("auto", "memory", "stream")
+
+
+def open_source(spec: str, ds: Dataset | None = None, mode: str = "auto"):
+    """The source of gallery items for data set ``spec`` (the gallery's recorded spec).
+
+    ``auto`` streams ``parquet:`` feature data sets (memory: one row batch) and loads
+    every other kind (they are loaded whole anyway); ``memory`` loads, ``stream`` streams.
+    """
+    if mode not in SOURCE_MODES:
+        raise ValueError(f"unknown source mode {mode!r}; choose one of {SOURCE_MODES}")
+    if ds is not None:
+        if ds.spec != spec:
+            raise StoreError(f"the gallery indexes {spec!r}, not {ds.spec!r}")
+        return ArraySource(ds.x_test)
+    kind, path = parse_spec(spec)
+    if kind == "parquet" and path is not None and mode != "memory":
+        column = _feature_column(path)
+        if column is not None:
+            return ParquetSource(path, column)
+    if mode == "stream":
+        raise StoreError(f"{spec!r} cannot be streamed (only parquet: feature data sets)")
+    return ArraySource(load_dataset(spec).x_test)
+
+
+# -- selection -------------------------------------------------------------------------
+def _emb(batch, col: int) -> np.ndarray:
+    c = batch.column(col)
+    return c.flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+
+
+def policy_order(
+    gallery: Gallery,
+    target: int,
+    policy: str,
+    seed: int = 0,
+    num_classes: int | None = None,
+    batch_rows: int = SCAN_ROWS,
+) -> tuple[np.ndarray, int]:
+    """(item ids not yet embedded by ``target`` in ``policy`` order, gallery size).
+
+    Streams only the columns the policy needs and keeps per-item scalars (item id,
+    generation, margin, stratum: 20 bytes an item, filled in place) plus, for
+    ``representative``, a sample of at most 256 embeddings a stratum.
+    """
+    check_policy(policy)
+    manifest = gallery.manifest()  # one snapshot for every pass
+    names = [p.name for p in manifest]
+    n = sum(int(p.rows) for p in manifest)
+    need_emb = policy in EMBEDDING_POLICIES
+    cols = ["item_id", "generation", "margin"] + (["embedding"] if need_emb else [])
+    k = n_strata(num_classes)
+    cap = SAMPLE_PER_STRATUM * k
+    item_id = np.empty(n, dtype=np.int64)
+    generation = np.empty(n, dtype=np.int32)
+    margin = np.empty(n, dtype=np.float32)
+    s_keys = np.zeros(0, dtype=np.uint64)
+    s_emb: np.ndarray | None = None
+    at = 0
+    for _, batch in gallery.iter_batches(cols, names=names, batch_rows=batch_rows):
+        m = batch.num_rows
+        if at + m > n:
+            raise GalleryError("the gallery changed while it was read; start the backfill again")
+        item_id[at : at + m] = batch.column(0).to_numpy()
+        generation[at : at + m] = batch.column(1).to_numpy()
+        margin[at : at + m] = batch.column(2).to_numpy()
+        if need_emb:  # keep the `cap` stale items of smallest hash: a seeded uniform sample
+            stale = generation[at : at + m] != target
+            if stale.any():
+                keys = np.concatenate([s_keys, item_hash(item_id[at : at + m][stale], seed)])
+                emb = _emb(batch, 3)[stale]
+                emb = emb if s_emb is None else np.concatenate([s_emb, emb])
+                keep = np.argsort(keys, kind="stable")[:cap]
+                s_keys, s_emb = keys[keep], emb[keep]
+        at += m
+    if at != n:
+        raise GalleryError("the gallery changed while it was read; start the backfill again")
+    strata = None
+    if need_emb:
+        strata = np.full(n, -1, dtype=np.int32)
+        if s_emb is not None and len(s_emb):
+            centroids = train_strata(s_emb, k, seed)
+            at = 0
+            for _, batch in gallery.iter_batches(["embedding"], names=names, batch_rows=batch_rows):
+                strata[at : at + batch.num_rows] = assign_strata(centroids, _emb(batch, 0))
+                at += batch.num_rows
+    order = backfill_order(item_id, generation, margin, target, policy, seed, strata=strata)
+    return order, n
 
 
 def _selection_path(job_id: int) -> Path:
@@ -77,6 +433,11 @@ def _save_selection(job_id: int, ids: np.ndarray) -> None:
     tmp = path.with_name(path.stem + ".tmp.npy")
     np.save(tmp, ids)
     tmp.replace(path)
+
+
+def load_selection(job_id: int) -> np.ndarray | None:
+    path = _selection_path(job_id)
+    return np.load(path) if path.exists() else None
 
 
 def resumable_job(
@@ -93,10 +454,49 @@ def resumable_job(
     return None
 
 
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[pos] == values
+
+
+def _progress_scan(gallery: Gallery, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
+    """(chosen items already embedded by ``target``, parts still holding chosen stale items)."""
+    done, todo = 0, []
+    for name in gallery.part_names():
+        pending = False
+        for _, batch in gallery.iter_batches(["item_id", "generation"], names=[name]):
+            hit = _in_sorted(np.asarray(batch.column(0).to_numpy(), dtype=np.int64), chosen)
+            fresh = np.asarray(batch.column(1).to_numpy()) == target
+            done += int((hit & fresh).sum())
+            pending |= bool((hit & ~fresh).any())
+        if pending:
+            todo.append(name)
+    return done, todo
+
+
+# -- the job ---------------------------------------------------------------------------
+def _check_champion(champion: Generation, info: GalleryInfo) -> int:
+    if champion is None or champion.id is None:
+        raise StoreError("no champion generation to backfill with")
+    if not champion.checkpoint_path or not Path(champion.checkpoint_path).exists():
+        raise StoreError(
+            f"generation {champion.id} has no checkpoint at {champion.checkpoint_path!r}"
+        )
+    if int(champion.embed_dim) != int(info.embed_dim):
+        raise GalleryError(
+            f"embedding dim mismatch: generation {champion.id} embeds in dim "
+            f"{champion.embed_dim} but the gallery stores dim {info.embed_dim}; "
+            "a gallery cannot mix dimensions (index a new gallery in a new GRACEFUL_HOME)"
+        )
+    return int(champion.id)
+
+
 def run_backfill(
     lineage: Lineage,
     gallery: Gallery,
-    ds: Dataset,
+    ds: Dataset | None,
     champion: Generation,
     policy: str,
     budget: float,
@@ -106,32 +506,92 @@ def run_backfill(
     champion_gallery_emb: np.ndarray | None = None,
     progress: Progress | None = None,
     crash_after_parts: int | None = None,
+    *,
+    source: str = "auto",
+    pipeline_depth: int = 3,
+    update_index: bool = True,
+    stats: dict[str, Any] | None = None,
 ) -> BackfillJob:
     """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
 
-    ``query_emb``/``query_labels`` give M_mix before and after; with
+    The embedding actor reads the items' inputs from the gallery's recorded data-set
+    spec (``source``: see :func:`open_source`); ``ds``, when given, must be that data
+    set. ``query_emb`` / ``query_labels`` give M_mix before and after; with
     ``champion_gallery_emb`` (aligned with the gallery's item ids) the curve is measured.
-    ``crash_after_parts`` simulates a kill (tests): stop after committing that many parts.
+    ``crash_after_parts`` simulates a kill (tests): stop after committing that many
+    parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
     """
-    info = gallery.require()
-    if info.dataset != ds.spec:
-        raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
-    gallery.reconcile()
-    target = int(champion.id)  # type: ignore[arg-type]
-    rows = gallery.read_all()
-    measure = query_emb is not None and query_labels is not None
-    before = m_mix(query_emb, query_labels, rows) if measure else None
+    with gallery.writing():  # one writer at a time; the lock dies with a killed job
+        return _run_backfill(
+            lineage,
+            gallery,
+            ds,
+            champion,
+            policy,
+            budget,
+            seed,
+            query_emb,
+            query_labels,
+            champion_gallery_emb,
+            progress,
+            crash_after_parts,
+            source,
+            pipeline_depth,
+            update_index,
+            stats,
+        )
 
+
+def _run_backfill(
+    lineage: Lineage,
+    gallery: Gallery,
+    ds: Dataset | None,
+    champion: Generation,
+    policy: str,
+    budget: float,
+    seed: int,
+    query_emb: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    champion_gallery_emb: np.ndarray | None,
+    progress: Progress | None,
+    crash_after_parts: int | None,
+    source: str,
+    pipeline_depth: int,
+    update_index: bool,
+    stats: dict[str, Any] | None,
+) -> BackfillJob:
+    t0 = time.perf_counter()
+    st: dict[str, Any] = stats if stats is not None else {}
+    check_policy(policy)
+    if source not in SOURCE_MODES:
+        raise ValueError(f"unknown source mode {source!r}; choose one of {SOURCE_MODES}")
+    info = gallery.require()
+    target = _check_champion(champion, info)
+    if ds is not None and ds.spec != info.dataset:
+        raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
+    parse_spec(info.dataset)  # a clear error for a data set that went away
+    gallery.verify()  # raises, naming the file, before anything changes
+    gallery.reconcile()
+    st["verify_seconds"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    measure = query_emb is not None and query_labels is not None
     job = resumable_job(lineage, target, policy, budget)
-    selection: np.ndarray | None = None
-    if job is not None and _selection_path(job.id).exists():
-        selection = np.load(_selection_path(job.id))
-    else:
-        order = backfill_order(rows.item_id, rows.generation, rows.margin, target, policy, seed)
-        selection = order[: budget_items(budget, len(rows))]
-        curve = []
+    selection = load_selection(job.id) if job is not None else None
+    before = None
+    if selection is None:
+        num_classes = len(champion.classes) if champion.classes else None
+        order, n_items = policy_order(gallery, target, policy, seed, num_classes)
+        selection = order[: budget_items(budget, n_items)].copy()
+        curve: list[tuple[float, float]] = []
         if measure and champion_gallery_emb is not None:
+            rows = gallery.read_all()
+            before = m_mix(query_emb, query_labels, rows)
             curve = backfill_curve(rows, champion_gallery_emb, order, query_emb, query_labels)
+            del rows
+        elif measure:
+            before = m_mix_stream(gallery, query_emb, query_labels)
+        del order
         if job is None:
             job = lineage.add_backfill_job(
                 generation_id=target,
@@ -143,52 +603,148 @@ def run_backfill(
             )
         _save_selection(job.id, selection)
     assert job is not None and job.id is not None
-
-    chosen = set(selection.tolist())
-    done = int(np.isin(selection, rows.item_id[rows.generation == target]).sum())
-    lineage.update_backfill_job(job.id, items_done=done)
+    job_id = int(job.id)
+    total = len(selection)
+    chosen = np.sort(selection)
+    del selection
+    done, todo = _progress_scan(gallery, chosen, target)
+    lineage.update_backfill_job(job_id, items_done=done, error=None)
     if progress:
-        progress(done, len(selection))
+        progress(done, total)
+    st["select_seconds"] = time.perf_counter() - t1
 
-    # parts that still hold chosen items not yet embedded by the champion
-    todo: list[tuple[str, GalleryRows, np.ndarray]] = []
-    for name, part in gallery.iter_parts():
-        mask = np.array([int(i) in chosen for i in part.item_id]) & (part.generation != target)
-        if mask.any():
-            todo.append((name, part, mask))
+    t2 = time.perf_counter()
+    items = 0
+    try:
+        if todo:
+            items = _pipeline(
+                gallery,
+                info,
+                todo,
+                chosen,
+                target,
+                source,
+                champion,
+                job_id,
+                done,
+                total,
+                progress,
+                crash_after_parts,
+                max(1, pipeline_depth),
+                st,
+            )
+    except Exception as exc:  # recorded; the job stays resumable
+        lineage.update_backfill_job(job_id, error=str(exc)[:2000])
+        raise
+    st["pipeline_seconds"] = time.perf_counter() - t2
+    st["items"] = items
+    st["parts"] = len(todo)
 
-    import ray
-
-    def _submit(i: int):
-        name, part, mask = todo[i]
-        x = ds.x_test[part.item_id[mask]]
-        return submit(embed_items, champion.checkpoint_path, champion.checkpoint_sha256, x)
-
-    pending = _submit(0) if todo else None
-    for i, (name, part, mask) in enumerate(todo):
-        emb, margin = ray.get(pending)
-        pending = _submit(i + 1) if i + 1 < len(todo) else None  # overlap embed and write
-        part.embedding[mask] = emb
-        part.margin[mask] = margin
-        part.generation[mask] = target
-        done += int(mask.sum())
-
-        def _progress(session, n=done):
-            j = session.get(BackfillJob, job.id)
-            j.items_done = n
-            session.add(j)
-
-        gallery.write_part(name, part, also=_progress)
-        if progress:
-            progress(done, len(selection))
-        if crash_after_parts is not None and i + 1 >= crash_after_parts:
-            raise KeyboardInterrupt(f"simulated kill after {i + 1} parts")
-
-    after = m_mix(query_emb, query_labels, gallery.read_all()) if measure else None
-    return lineage.update_backfill_job(
-        job.id,
+    t3 = time.perf_counter()
+    after = m_mix_stream(gallery, query_emb, query_labels) if measure else None
+    job = lineage.update_backfill_job(
+        job_id,
         status="done",
-        items_done=done,
+        items_done=done + items,
         m_mix_after=after,
         finished_at=datetime.now(UTC),
     )
+    if update_index:
+        from store.index import GalleryIndex
+
+        GalleryIndex.open(gallery)
+    st["finish_seconds"] = time.perf_counter() - t3
+    st["peak_rss"] = peak_rss_bytes()
+    return job
+
+
+def _pipeline(
+    gallery: Gallery,
+    info: GalleryInfo,
+    todo: list[str],
+    chosen: np.ndarray,
+    target: int,
+    source: str,
+    champion: Generation,
+    job_id: int,
+    done: int,
+    total: int,
+    progress: Progress | None,
+    crash_after_parts: int | None,
+    depth: int,
+    st: dict[str, Any],
+) -> int:
+    """Read -> embed (Ray actor) -> write + commit, part by part; returns items embedded.
+
+    The driver reads only what it keeps (ids, labels; the whole part only when some of
+    its items stay as they are) and sends item ids; the actor reads their inputs.
+    """
+    import ray
+
+    t = time.perf_counter()
+    actor = start_actor(champion, info.dataset, source)
+    st["actor_start_seconds"] = time.perf_counter() - t
+    t_stream = time.perf_counter()
+    inflight: deque = deque()
+    committed = 0
+    embedded = 0
+    timers = {"read": 0.0, "submit": 0.0, "wait": 0.0, "write": 0.0}
+
+    def finish() -> None:
+        nonlocal committed, embedded
+        name, keys, full, mask, ref = inflight.popleft()
+        t = time.perf_counter()
+        emb, margin = ray.get(ref)
+        t1 = time.perf_counter()
+        timers["wait"] += t1 - t
+        if full is None:  # every item of the part is re-embedded
+            ids, labels = keys
+            rows = GalleryRows(ids, labels, np.full(len(ids), target, np.int32), margin, emb)
+        else:
+            rows = full
+            rows.embedding[mask] = emb
+            rows.margin[mask] = margin
+            rows.generation[mask] = target
+        embedded += int(mask.sum())
+        n_done = done + embedded
+
+        def record(session, n=n_done) -> None:
+            job = session.get(BackfillJob, job_id)
+            job.items_done = n
+            session.add(job)
+
+        gallery.rewrite_part(name, rows, also=record)
+        timers["write"] += time.perf_counter() - t1
+        committed += 1
+        if progress:
+            progress(n_done, total)
+        if crash_after_parts is not None and committed >= crash_after_parts:
+            raise KeyboardInterrupt(f"simulated kill after {committed} parts")
+
+    try:
+        for name in todo:
+            t = time.perf_counter()
+            head = gallery.read_part(name, info, columns=["item_id", "generation", "label"])
+            ids = np.asarray(head.column(0).to_numpy(), dtype=np.int64)
+            gens = np.asarray(head.column(1).to_numpy())
+            mask = _in_sorted(ids, chosen) & (gens != target)
+            if not mask.any():
+                continue
+            full = None if mask.all() else gallery.read_rows(name, info)
+            labels = np.asarray(head.column(2).to_numpy(), dtype=np.int64)
+            t1 = time.perf_counter()
+            ref = actor.embed_items.remote(ids[mask])
+            timers["read"] += t1 - t
+            timers["submit"] += time.perf_counter() - t1
+            inflight.append((name, (ids, labels), full, mask, ref))
+            if len(inflight) >= depth:
+                finish()
+        while inflight:
+            finish()
+        st["stream_seconds"] = time.perf_counter() - t_stream
+        st.update({f"driver_{k}_seconds": v for k, v in timers.items()})
+        st.update({f"actor_{k}": v for k, v in ray.get(actor.stats.remote()).items()})
+    finally:
+        inflight.clear()
+        ray.kill(actor)
+    return embedded

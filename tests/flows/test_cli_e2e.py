@@ -75,7 +75,11 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
     g2 = rep["generations"][1]
     for field in ("architecture", "epochs", "train_samples", "train_seconds", "constraints"):
         assert field in g2
-    assert {(c["target"], c["kind"]) for c in g2["constraints"]} == {(1, "influence"), (1, "focal")}
+    assert {(c["target"], c["kind"]) for c in g2["constraints"]} == {
+        (1, "influence"),
+        (1, "focal"),
+        (1, "embedding"),
+    }
     # the scenario grows: more data and wider models at later stages
     samples = [g["train_samples"] for g in rep["generations"]]
     assert samples[0] < samples[1] < samples[2]

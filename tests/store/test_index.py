@@ -1,0 +1,146 @@
+"""The faiss index over the gallery: no duplicate ids, persisted with the manifest state
+it reflects, incremental sync, and readers that only ever see committed parts."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from store.gallery import Gallery, GalleryError, GalleryRows
+from store.index import INDEX_FILE, GalleryIndex
+from store.lineage import Lineage
+
+DIM = 8
+N_PARTS, PART = 4, 16
+IDS = np.arange(N_PARTS * PART, dtype=np.int64) * 3  # not contiguous on purpose
+
+
+def one_hot_rows(ids: np.ndarray, gen: int) -> GalleryRows:
+    """Every item of generation ``gen`` embeds to basis vector ``gen % DIM``."""
+    emb = np.zeros((len(ids), DIM), np.float32)
+    emb[:, gen % DIM] = 1.0
+    return GalleryRows(
+        item_id=np.asarray(ids, np.int64),
+        label=np.asarray(ids, np.int64) % 5,
+        generation=np.full(len(ids), gen, np.int32),
+        margin=np.full(len(ids), 0.5, np.float32),
+        embedding=emb,
+    )
+
+
+@pytest.fixture
+def gallery(home: Path) -> Gallery:
+    g = Gallery(Lineage())
+    g.create("digits", one_hot_rows(IDS, 1), part_rows=PART)
+    return g
+
+
+def index_ids(idx: GalleryIndex) -> np.ndarray:
+    return faiss.vector_to_array(idx.index.id_map)
+
+
+def generation_in_index(idx: GalleryIndex, item: int) -> int:
+    return int(np.argmax(idx.index.reconstruct(int(item))))
+
+
+def test_upsert_replaces_instead_of_duplicating() -> None:
+    idx = GalleryIndex(DIM)
+    ids = np.array([5, 6, 7])
+    idx.upsert(ids, one_hot_rows(ids, 1).embedding, [0, 1, 2])
+    idx.upsert(ids[:2], one_hot_rows(ids[:2], 2).embedding, [0, 1])
+    assert idx.ntotal == 3 and sorted(index_ids(idx).tolist()) == [5, 6, 7]
+    assert [generation_in_index(idx, i) for i in ids] == [2, 2, 1]
+    scores, found = idx.search(np.eye(DIM, dtype=np.float32)[[2]], k=3)
+    assert sorted(found[0][:2].tolist()) == [5, 6] and scores[0][0] == pytest.approx(1.0)
+    assert idx.label_of(np.array([7, 5])).tolist() == [2, 0]
+    with pytest.raises(GalleryError, match="duplicate item ids"):
+        idx.upsert(np.array([1, 1]), np.ones((2, DIM)), [0, 0])
+    with pytest.raises(GalleryError, match="dim mismatch: the index has dim 8"):
+        idx.upsert(np.array([9]), np.ones((1, 3)), [0])
+    with pytest.raises(GalleryError, match="dim mismatch"):
+        idx.search(np.ones((1, 3)))
+    with pytest.raises(GalleryError, match="not in the index"):
+        idx.label_of(np.array([404]))
+
+
+def test_open_persists_and_syncs_only_changed_parts(gallery: Gallery, monkeypatch) -> None:
+    idx = GalleryIndex.open(gallery)
+    path = gallery.root / INDEX_FILE
+    assert path.exists() and idx.ntotal == len(IDS)
+    assert set(idx.parts.values()) == set(gallery.part_names())
+
+    reads: list[str] = []
+    real = Gallery.read_rows
+
+    def counting(self, name, info=None):
+        reads.append(name)
+        return real(self, name, info)
+
+    monkeypatch.setattr(Gallery, "read_rows", counting)
+    again = GalleryIndex.open(gallery)  # loaded from disk; nothing to re-read
+    assert reads == [] and again.ntotal == len(IDS)
+
+    new = gallery.rewrite_part("part-00002.parquet", one_hot_rows(IDS[32:48], 2))
+    synced = GalleryIndex.open(gallery)
+    assert reads == [new]  # only the part that changed
+    ids = index_ids(synced)
+    assert len(ids) == len(IDS) and len(np.unique(ids)) == len(IDS)  # no id twice
+    assert [generation_in_index(synced, i) for i in IDS[30:34]] == [1, 1, 2, 2]
+    assert synced.label_of(IDS).tolist() == (IDS % 5).tolist()
+    reloaded = GalleryIndex.load(path, DIM)
+    assert reloaded is not None and set(reloaded.parts.values()) == set(gallery.part_names())
+
+
+def test_a_torn_index_file_is_rebuilt(gallery: Gallery) -> None:
+    GalleryIndex.open(gallery)
+    path = gallery.root / INDEX_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    assert GalleryIndex.load(path, DIM) is None
+    idx = GalleryIndex.open(gallery)
+    assert idx.ntotal == len(IDS) and GalleryIndex.load(path, DIM) is not None
+
+
+def test_index_of_another_dimension_is_refused(gallery: Gallery) -> None:
+    with pytest.raises(GalleryError, match="the index has dim 3, the gallery stores dim 8"):
+        GalleryIndex(3).sync(gallery)
+
+
+def test_readers_see_whole_committed_parts_during_rewrites(gallery: Gallery) -> None:
+    """A writer rewrites every part again and again; a reader that opens the index in a
+    loop must always find every item once and each part entirely in one version."""
+    rounds = 6
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for gen in range(2, 2 + rounds):
+                for name in gallery.part_names():
+                    slot = int(name[5:10])
+                    gallery.rewrite_part(
+                        name, one_hot_rows(IDS[slot * PART : (slot + 1) * PART], gen)
+                    )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    looks = 0
+    seen_versions = set()
+    while t.is_alive() or looks == 0:
+        idx = GalleryIndex.open(gallery, save=looks % 2 == 0)
+        ids = index_ids(idx)
+        assert len(ids) == len(IDS) and len(np.unique(ids)) == len(IDS)
+        for slot in range(N_PARTS):
+            gens = {generation_in_index(idx, i) for i in IDS[slot * PART : (slot + 1) * PART]}
+            assert len(gens) == 1, f"slot {slot} mixes versions {gens}"
+        seen_versions.update(idx.parts.values())
+        looks += 1
+    t.join()
+    assert not errors, errors
+    final = GalleryIndex.open(gallery)
+    assert {generation_in_index(final, i) for i in IDS} == {(1 + rounds) % DIM}
+    assert looks > 1 and len(seen_versions) > N_PARTS  # it did read while parts changed
