@@ -160,7 +160,7 @@ def curves(home: Path) -> dict[str, Any]:
         state = GalleryRows(rows.item_id, rows.label, gen_of.astype(np.int32), margin, emb)
         robust[name] = {}
         for policy in POLICIES:
-            seeds = SEEDS if policy in ("random", "representative") else (0,)
+            seeds = SEEDS if policy != "uncertainty" else (0,)  # margins order it alone
             res = []
             for seed in seeds:
                 strata = (
@@ -185,7 +185,14 @@ def curves(home: Path) -> dict[str, Any]:
             }
         print(f"  robustness: {name}", flush=True)
     overall = {p: float(np.mean([robust[s][p]["area_mean"] for s in robust])) for p in POLICIES}
-    winner = max(POLICIES, key=lambda p: (main[p]["no_regret"], main[p]["area"]))
+    # the winner: on the real gallery after the chain (the measurement the issue asks
+    # for), no regret for any seed, then the best area averaged over the seeds (a single
+    # curve moves by about +-0.002 with the seed alone); the other starting galleries
+    # show where it holds and where it does not
+    actual = robust["actual mix -> champion"]
+    winner = max(
+        POLICIES, key=lambda p: (actual[p]["no_regret_share"] == 1.0, actual[p]["area_mean"])
+    )
     return {
         "champion": target,
         "gallery_by_generation": {str(g): n for g, n in lin.gallery_counts().items()},
@@ -551,6 +558,12 @@ def memory_child(home: Path, what: str) -> dict[str, Any]:
             stream_seconds=stats.get("stream_seconds"),
             select_seconds=stats.get("select_seconds"),
             verify_seconds=stats.get("verify_seconds"),
+            peak_rss_after_verify=stats.get("peak_rss_after_verify"),
+            peak_rss_after_select=stats.get("peak_rss_after_select"),
+            rss_anon=stats.get("rss_RssAnon"),
+            rss_shmem=stats.get("rss_RssShmem"),
+            actor_rss_anon=stats.get("actor_rss_anon"),
+            actor_rss_shmem=stats.get("actor_rss_shmem"),
         )
     else:
         from store.index import GalleryIndex
@@ -605,6 +618,11 @@ def memory(work: Path, sizes: tuple[int, ...]) -> dict[str, Any]:
                 "index_sync_peak_rss_mb": idx["peak_rss"] / 2**20,
                 "gallery_mb_on_disk": disk / 2**20,
                 "setup_seconds": setup,
+                "driver_peak_after_select_mb": (res["peak_rss_after_select"] or 0) / 2**20,
+                "driver_private_end_mb": (res["rss_anon"] or 0) / 2**20,
+                "driver_object_store_pages_end_mb": (res["rss_shmem"] or 0) / 2**20,
+                "actor_private_end_mb": (res["actor_rss_anon"] or 0) / 2**20,
+                "actor_object_store_pages_end_mb": (res["actor_rss_shmem"] or 0) / 2**20,
             }
         )
         print(
@@ -614,8 +632,10 @@ def memory(work: Path, sizes: tuple[int, ...]) -> dict[str, Any]:
         )
     n = np.array([r["items"] for r in rows], float)
     peak = np.array([r["driver_peak_rss_mb"] for r in rows])
+    private = np.array([r["driver_private_end_mb"] for r in rows])
     slope = float(np.polyfit(n / 1e6, peak, 1)[0]) if len(rows) > 1 else 0.0
     growth = float(peak[-1] / peak[0] - 1)
+    actor = np.array([r["actor_peak_rss_mb"] for r in rows])
     return {
         "feature_dim": FEAT_DIM,
         "policy": "representative",
@@ -623,6 +643,8 @@ def memory(work: Path, sizes: tuple[int, ...]) -> dict[str, Any]:
         "rows": rows,
         "driver_slope_mb_per_million_items": slope,
         "driver_growth_smallest_to_largest": growth,
+        "driver_private_growth_smallest_to_largest": float(private[-1] / private[0] - 1),
+        "actor_growth_smallest_to_largest": float(actor[-1] / actor[0] - 1),
         "flat": bool(growth <= FLAT_TOLERANCE),
         "flat_tolerance": FLAT_TOLERANCE,
     }
@@ -762,9 +784,9 @@ def markdown(result: dict[str, Any]) -> str:
         "### Robustness: other starting galleries, five seeds",
         "",
         "The same curves from other gallery states built from the cached outputs of the "
-        "chain (M~ mean ± std over seeds 0–4 for the seeded policies; oldest-first and "
-        "uncertainty are deterministic), orders computed in memory by the same policy "
-        "code.",
+        "chain (M~ mean ± std over seeds 0–4; uncertainty has no seed), orders computed "
+        "in memory by the same policy code. The winner is decided on the first row, the "
+        "real gallery after the chain: no regret for any seed, then the best mean M~.",
         "",
         "| starting gallery | M(0) → M(1) | " + " | ".join(c["policies"]) + " |",
         "|---|---|" + "---|" * len(c["policies"]),
@@ -798,9 +820,15 @@ def markdown(result: dict[str, Any]) -> str:
         "queries of the neighbouring classes and the curve falls far below its start. "
         "*representative* (k-means strata of the old embeddings, two per class, advanced "
         "at equal rates; inside a stratum the most confident items first) gives every "
-        "mode its share, and that share is the mode's core: it recovers the gain at "
-        "β = 0.1–0.2 and overshoots M(1) for a while (a gallery of class cores retrieves "
-        "better than the full one).",
+        "mode its share, and that share is the mode's core: on the real gallery it "
+        "recovers the whole gain by β = 0.1 and stays above M(1) until β ≈ 0.5 (a gallery "
+        "of class cores retrieves better than the full one). It does not win everywhere: "
+        "see the rows above where random is ahead. A plausible cause, not the whole story: "
+        "items of classes the old generation never trained on sit inside other classes' "
+        "strata with low stored confidence and come late (yet with every item by "
+        "generation 1, which knew the fewest classes, it wins). Averaged over every "
+        "starting gallery, the orders that keep coverage (random, oldest-first, "
+        "representative) end up close in M~; uncertainty is far behind and regresses.",
     ]
     job = result.get("job")
     if job:
@@ -867,30 +895,43 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Full backfills (policy {mem['policy']}, budget 1.0) of galleries of "
             f"{mem['feature_dim']}-d feature items (a `parquet:` data set streamed as the "
-            "source), each in a fresh process; peak RSS from `ru_maxrss`.",
+            "source), each in a fresh process; peak RSS is `VmHWM` (`ru_maxrss` would "
+            "carry the parent's peak over fork and exec), the split at the end from "
+            "`RssAnon` (private) and `RssShmem` (pages of Ray's shared object store).",
             "",
             "![memory](backfill_memory.png)",
             "",
-            "| items | gallery on disk (MB) | backfill driver peak (MB) | actor peak (MB) | "
+            "| items | gallery on disk (MB) | driver peak (MB) | driver peak after "
+            "selection (MB) | driver at the end: private / object-store pages (MB) | "
+            "actor peak (MB) | actor at the end: private / object-store pages (MB) | "
             "backfill (s) | faiss index sync peak (MB) |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in mem["rows"]:
             lines.append(
                 f"| {r['items']:,} | {r['gallery_mb_on_disk']:.0f} | "
-                f"{r['driver_peak_rss_mb']:.0f} | {r['actor_peak_rss_mb']:.0f} | "
+                f"{r['driver_peak_rss_mb']:.0f} | {r['driver_peak_after_select_mb']:.0f} | "
+                f"{r['driver_private_end_mb']:.0f} / "
+                f"{r['driver_object_store_pages_end_mb']:.0f} | "
+                f"{r['actor_peak_rss_mb']:.0f} | {r['actor_private_end_mb']:.0f} / "
+                f"{r['actor_object_store_pages_end_mb']:.0f} | "
                 f"{r['backfill_seconds']:.0f} | {r['index_sync_peak_rss_mb']:.0f} |"
             )
         lines += [
             "",
-            f"Driver growth from the smallest to the largest gallery: "
+            f"From {mem['rows'][0]['items']:,} to {mem['rows'][-1]['items']:,} items "
+            f"({mem['rows'][-1]['items'] // mem['rows'][0]['items']}x): the driver's peak "
             f"{mem['driver_growth_smallest_to_largest']:+.1%} "
-            f"({mem['driver_slope_mb_per_million_items']:.0f} MB per million items, about "
-            f"{mem['driver_slope_mb_per_million_items'] * 1.048576:.0f} bytes an item: the "
-            "per-item scalars the selection sorts (id, generation, margin, stratum, sort "
-            "keys); embeddings and inputs stream part by part, and the actor stays flat). "
-            "The faiss index is a flat in-memory index, so syncing it needs n × d floats "
-            "by design (an IVF or on-disk index is the way past one machine).",
+            f"({mem['driver_slope_mb_per_million_items']:.0f} MB per million items), its "
+            f"private memory at the end {mem['driver_private_growth_smallest_to_largest']:+.1%}, "
+            f"the actor's peak {mem['actor_growth_smallest_to_largest']:+.1%}. What grows: "
+            "the selection's per-item scalars while it sorts (id, generation, margin, "
+            "stratum, a 32-bit sort key: the peak after the selection), the chosen ids "
+            "(8 bytes an item) during the job, and the pages of Ray's shared object store "
+            "the embeddings passed through (shared memory, bounded by the store's size). "
+            "Embeddings and inputs stream part by part. The faiss index is a flat in-memory "
+            "index, so syncing it needs n × d floats by design (an IVF or on-disk index is "
+            "the way past one machine).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -923,10 +964,13 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if mem:
         r0, r1 = mem["rows"][0], mem["rows"][-1]
         out["memory"] = {
-            "target": f"peak memory flat as the gallery grows (≤ +{FLAT_TOLERANCE:.0%})",
-            "measured": f"{r0['driver_peak_rss_mb']:.0f} MB at {r0['items']:,} → "
+            "target": f"peak memory flat as the gallery grows (≤ +{FLAT_TOLERANCE:.0%} "
+            "for 16x the items)",
+            "measured": f"driver peak {r0['driver_peak_rss_mb']:.0f} MB at {r0['items']:,} → "
             f"{r1['driver_peak_rss_mb']:.0f} MB at {r1['items']:,} items "
-            f"({mem['driver_growth_smallest_to_largest']:+.1%})",
+            f"({mem['driver_growth_smallest_to_largest']:+.1%}; private memory "
+            f"{mem['driver_private_growth_smallest_to_largest']:+.1%}); actor "
+            f"{mem['actor_growth_smallest_to_largest']:+.1%}",
             "holds": bool(mem["flat"]),
         }
     return out
@@ -950,7 +994,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job-budget", type=float, default=0.2)
     ap.add_argument("--home", type=Path, default=None, help="work directory (kept; reused)")
     ap.add_argument("--quick", action="store_true", help="1 epoch, small sizes (smoke run)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = ap.parse_args(argv)
+    if args.render:
+        result = json.loads((RESULTS / f"{NAME}.json").read_text())
+        result["targets"] = targets(result)
+        result["plots"] = plots(result)
+        (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        (RESULTS / f"{NAME}.md").write_text(markdown(result))
+        return 0
     if args.quick:
         args.epochs, args.sizes, args.throughput_items = 1, "20000,40000", 20_000
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -109,7 +110,7 @@ def run(
     epochs: EpochsOpt = 15,
     seed: int = 0,
     backfill_budget: BudgetOpt = 0.3,
-    backfill_policy: PolicyOpt = "oldest-first",
+    backfill_policy: PolicyOpt = "representative",
     no_gate: NoGateOpt = False,
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
@@ -132,7 +133,7 @@ def cycle(
     epochs: EpochsOpt = 15,
     seed: int = 0,
     backfill_budget: BudgetOpt = 0.3,
-    backfill_policy: PolicyOpt = "oldest-first",
+    backfill_policy: PolicyOpt = "representative",
     no_gate: NoGateOpt = False,
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
@@ -228,7 +229,7 @@ def backfill(
     budget: Annotated[
         float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")
     ] = 0.3,
-    policy: PolicyOpt = "oldest-first",
+    policy: PolicyOpt = "representative",
     batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
     seed: int = 0,
 ) -> None:
@@ -267,19 +268,27 @@ def report(
 
 @app.command()
 def search(
-    item: Annotated[int, typer.Option(help="index of a query item in the evaluation split")],
+    item: Annotated[
+        int | None, typer.Option(help="index of a query item in the evaluation split")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="query image (PNG/JPEG) or .npy")
+    ] = None,
     k: Annotated[int, typer.Option(min=1)] = 5,
 ) -> None:
-    """Nearest gallery items for a query item, from the committed gallery."""
+    """Nearest gallery items for a query item or file, from the committed gallery."""
     _check_inputs(None)
-    from flows.query import search_item
+    if (item is None) == (file is None):
+        _fail("give exactly one of --item or --file")
+    from flows.query import search_file, search_item
     from store.lineage import Lineage
 
     try:
-        hits = search_item(Lineage(), item, k)
+        hits = search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
     except _known_errors() as exc:
         _fail(str(exc))
-    table = Table(title=f"nearest gallery items to test item {item} (label {hits['label']})")
+    what = f"test item {item} (label {hits['label']})" if file is None else str(file)
+    table = Table(title=escape(f"nearest gallery items to {what}"))
     for col in ("rank", "item_id", "label", "score"):
         table.add_column(col)
     for r, h in enumerate(hits["neighbors"], 1):

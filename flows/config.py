@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 Method = Literal["none", "bct", "pct", "bct+pct", "bct+pct+emb"]
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
-DEFAULT_POLICY: Policy = "oldest-first"  # the best mean curve area in bench/results/backfill.md
+DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
 
 
 class GateConfig(BaseModel):

@@ -31,11 +31,13 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sqlalchemy import delete, insert
 from sqlmodel import Session
 
 from store.lineage import GalleryInfo, GalleryPart, Lineage
@@ -380,7 +382,9 @@ class Gallery:
             sink,
             row_group_size=ROW_GROUP_ROWS,
             use_dictionary=["label", "generation"],
-            compression="snappy",
+            # floats of an embedding do not compress; statistics of them serve no reader
+            compression={c: "snappy" for c in COLUMNS[:-1]} | {"embedding.list.element": "none"},
+            write_statistics=list(COLUMNS[:-1]),
         )
         data = sink.getvalue()
         sha = hashlib.sha256(memoryview(data)).hexdigest()
@@ -397,16 +401,20 @@ class Gallery:
 
     @staticmethod
     def _record(session: Session, st: _Staged, replaces: str | None) -> None:
+        # plain statements, not the ORM's load-modify-flush: this runs once a part
+        table = GalleryPart.__table__
         if replaces is not None:
-            old = session.get(GalleryPart, replaces)
-            if old is None:
+            gone = session.execute(delete(table).where(table.c.name == replaces))
+            if gone.rowcount != 1:
                 raise GalleryError(
                     f"gallery part {replaces} is no longer in the manifest (another writer "
                     "changed the gallery); nothing was committed"
                 )
-            session.delete(old)
-            session.flush()
-        session.add(GalleryPart(name=st.name, rows=st.rows, sha256=st.sha256, counts=st.counts))
+        session.execute(
+            insert(table).values(
+                name=st.name, rows=st.rows, sha256=st.sha256, counts=st.counts, updated_at=_now()
+            )
+        )
 
     def rewrite_part(
         self,
@@ -544,6 +552,10 @@ class _Staged:
     sha256: str
     rows: int
     counts: dict[str, int]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _counts(generation: np.ndarray) -> dict[str, int]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import update
 
 from store.gallery import Gallery, GalleryError, GalleryRows
 from store.lineage import BackfillJob, GalleryInfo, Generation, Lineage
@@ -72,6 +73,21 @@ def embed_items(checkpoint: str, sha: str | None, x: np.ndarray) -> tuple[np.nda
     """Ray task body: (embeddings, margins) of ``x`` under one generation."""
     out = forward(_model(checkpoint, sha), x)
     return out.embedding, out.margin
+
+
+def rss_breakdown() -> dict[str, int]:
+    """Resident memory of this process now, by kind (bytes): anonymous (its own heap),
+    file-backed, shared memory (for a Ray process: pages of the object store it mapped)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def peak_rss_bytes() -> int:
@@ -131,10 +147,13 @@ class EmbedActor:
         return self.embed(x)
 
     def stats(self) -> dict[str, float]:
+        mem = rss_breakdown()
         return {
             "embed_seconds": self.seconds,
             "read_seconds": self.read_seconds,
             "peak_rss": float(peak_rss_bytes()),
+            "rss_anon": float(mem.get("RssAnon", 0)),
+            "rss_shmem": float(mem.get("RssShmem", 0)),
         }
 
 
@@ -413,7 +432,7 @@ def policy_order(
         raise GalleryError("the gallery changed while it was read; start the backfill again")
     strata = None
     if need_emb:
-        strata = np.full(n, -1, dtype=np.int32)
+        strata = np.full(n, -1, dtype=np.int16 if k < 2**15 else np.int32)
         if s_emb is not None and len(s_emb):
             centroids = train_strata(s_emb, k, seed)
             at = 0
@@ -573,6 +592,7 @@ def _run_backfill(
     gallery.verify()  # raises, naming the file, before anything changes
     gallery.reconcile()
     st["verify_seconds"] = time.perf_counter() - t0
+    st["peak_rss_after_verify"] = peak_rss_bytes()
 
     t1 = time.perf_counter()
     measure = query_emb is not None and query_labels is not None
@@ -612,6 +632,7 @@ def _run_backfill(
     if progress:
         progress(done, total)
     st["select_seconds"] = time.perf_counter() - t1
+    st["peak_rss_after_select"] = peak_rss_bytes()
 
     t2 = time.perf_counter()
     items = 0
@@ -655,6 +676,7 @@ def _run_backfill(
         GalleryIndex.open(gallery)
     st["finish_seconds"] = time.perf_counter() - t3
     st["peak_rss"] = peak_rss_bytes()
+    st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})
     return job
 
 
@@ -709,9 +731,11 @@ def _pipeline(
         n_done = done + embedded
 
         def record(session, n=n_done) -> None:
-            job = session.get(BackfillJob, job_id)
-            job.items_done = n
-            session.add(job)
+            session.execute(
+                update(BackfillJob.__table__)
+                .where(BackfillJob.__table__.c.id == job_id)
+                .values(items_done=n)
+            )
 
         gallery.rewrite_part(name, rows, also=record)
         timers["write"] += time.perf_counter() - t1

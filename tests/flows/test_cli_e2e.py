@@ -99,6 +99,15 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
 
     hits = graceful(home, "search", "--item", "1", "--k", "3")
     assert "nearest gallery items" in hits.stdout
+    import numpy as np
+
+    from workers.datasets import load_dataset
+
+    np.save(tmp_path / "q.npy", load_dataset("digits").x_test[1])
+    hits = graceful(home, "search", "--file", str(tmp_path / "q.npy"), "--k", "3")
+    assert "q.npy" in hits.stdout and hits.stdout.count("│ 1 ") >= 1
+    both = graceful(home, "search", check=False)
+    assert both.returncode == 2 and "--item or --file" in both.stderr
 
     # the runs and their artifacts are in the Prefect API (what the UI shows)
     from prefect.client.orchestration import get_client
