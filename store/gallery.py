@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import delete, insert
 from sqlmodel import Session
 
+from store.files import file_sha256
 from store.lineage import GalleryInfo, GalleryPart, Lineage
 from store.settings import StoreError, subdir
 
@@ -67,14 +68,6 @@ def gallery_schema(dim: int) -> pa.Schema:
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
         ]
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def part_name(slot: int, version: int = 0) -> str:

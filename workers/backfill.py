@@ -26,6 +26,7 @@ that changed are re-read).
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
@@ -512,6 +513,18 @@ def _check_champion(champion: Generation, info: GalleryInfo) -> int:
     return int(champion.id)
 
 
+def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
+    """Run ``fn`` holding the gallery's writer lock (it dies with a killed job)."""
+
+    @functools.wraps(fn)
+    def locked(lineage: Lineage, gallery: Gallery, *args: Any, **kwargs: Any) -> BackfillJob:
+        with gallery.writing():
+            return fn(lineage, gallery, *args, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def run_backfill(
     lineage: Lineage,
     gallery: Gallery,
@@ -540,45 +553,6 @@ def run_backfill(
     ``crash_after_parts`` simulates a kill (tests): stop after committing that many
     parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
     """
-    with gallery.writing():  # one writer at a time; the lock dies with a killed job
-        return _run_backfill(
-            lineage,
-            gallery,
-            ds,
-            champion,
-            policy,
-            budget,
-            seed,
-            query_emb,
-            query_labels,
-            champion_gallery_emb,
-            progress,
-            crash_after_parts,
-            source,
-            pipeline_depth,
-            update_index,
-            stats,
-        )
-
-
-def _run_backfill(
-    lineage: Lineage,
-    gallery: Gallery,
-    ds: Dataset | None,
-    champion: Generation,
-    policy: str,
-    budget: float,
-    seed: int,
-    query_emb: np.ndarray | None,
-    query_labels: np.ndarray | None,
-    champion_gallery_emb: np.ndarray | None,
-    progress: Progress | None,
-    crash_after_parts: int | None,
-    source: str,
-    pipeline_depth: int,
-    update_index: bool,
-    stats: dict[str, Any] | None,
-) -> BackfillJob:
     t0 = time.perf_counter()
     st: dict[str, Any] = stats if stats is not None else {}
     check_policy(policy)

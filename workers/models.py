@@ -7,7 +7,6 @@ Checkpoints hold only tensors and plain values, loaded with ``weights_only=True`
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from store.files import file_sha256
 
 LOGIT_SCALE = 16.0  # cosine-classifier temperature, shared by every generation
 
@@ -121,21 +122,13 @@ class EmbeddingNet(nn.Module):
         return emb, self.head(emb)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_model(model: EmbeddingNet, path: Path) -> str:
     """Write the model atomically; returns the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"config": model.config, "state_dict": model.state_dict()}, tmp)
     tmp.replace(path)
-    return sha256_of(path)
+    return file_sha256(path)
 
 
 def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
@@ -143,7 +136,7 @@ def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if sha256 is not None and sha256_of(path) != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise CheckpointError(f"checkpoint {path} does not match the sha256 in the lineage")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
