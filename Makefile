@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export RAY_AUTH_MODE ?= disabled
+# Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
 .PHONY: install demo test lint format bench-compat bench-backfill clean
 

@@ -21,6 +21,9 @@ def build_deployments(dataset: str, interval_minutes: float, cron: str | None = 
             parameters={"config": CycleConfig(dataset=dataset).model_dump()},
             description="Train, evaluate, gate, promote and backfill the next generation.",
             tags=["graceful"],
+            # one run at a time from this deployment; the lineage's cycle lock also
+            # serialises cycles started any other way (the CLI, another deployment)
+            concurrency_limit=1,
             **schedule,
         ),
         backfill_flow.to_deployment(

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from store.lineage import Generation, Lineage
+from collections.abc import Mapping
 
-KINDS_BY_METHOD = {
-    "none": (),
-    "bct": ("influence",),
-    "pct": ("focal",),
-    "bct+pct": ("influence", "focal"),
-    # + an embedding-level pull toward each ancestor's embeddings (best AC in bench/compat)
-    "bct+pct+emb": ("influence", "focal", "embedding"),
-}
+from store.lineage import Generation, GenerationStatus, Lineage
+from workers.constraints import METHOD_KINDS, full_weights, parse_method
 
 
 def active_generations(lineage: Lineage) -> list[int]:
@@ -19,7 +13,7 @@ def active_generations(lineage: Lineage) -> list[int]:
     in_gallery = set(lineage.gallery_counts())
     active = []
     for gen in lineage.generations():
-        if gen.status != "promoted" or gen.retired:
+        if gen.status != GenerationStatus.PROMOTED or gen.retired:
             continue
         if gen.id in in_gallery or gen.pinned or gen.is_champion:
             active.append(int(gen.id))  # type: ignore[arg-type]
@@ -27,23 +21,21 @@ def active_generations(lineage: Lineage) -> list[int]:
 
 
 def plan_constraints(
-    active: list[int],
-    method: str,
-    against: str,
-    influence_weight: float,
-    focal_weight: float,
-    embedding_weight: float = 0.0,
+    active: list[int], method: str, against: str, weights: Mapping[str, float] | None = None
 ) -> list[tuple[int, str, float]]:
-    """(target, kind, weight) for each constraint of the next generation."""
-    if method not in KINDS_BY_METHOD:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(KINDS_BY_METHOD)}")
+    """(target, kind, weight) for each constraint of the next generation.
+
+    ``weights`` maps kinds to weights (workers.constraints); kinds left out keep their
+    default, so every kind the method uses gets a weight.
+    """
+    kinds = METHOD_KINDS[parse_method(str(method))]
+    full = full_weights(weights)
     targets = sorted(active)
     if against == "last":
         targets = targets[-1:]
     elif against != "all":
         raise ValueError(f"unknown --against {against!r}; choose all or last")
-    weights = {"influence": influence_weight, "focal": focal_weight, "embedding": embedding_weight}
-    return [(k, kind, weights[kind]) for k in targets for kind in KINDS_BY_METHOD[method]]
+    return [(k, kind.value, full[kind]) for k in targets for kind in kinds]
 
 
 def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:
@@ -51,7 +43,7 @@ def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:
     counts = lineage.gallery_counts()
     retired = []
     for gen in lineage.generations():
-        if gen.status != "promoted" or gen.retired or gen.pinned or gen.is_champion:
+        if gen.status != GenerationStatus.PROMOTED or gen.retired or gen.pinned or gen.is_champion:
             continue
         if counts.get(int(gen.id), 0) == 0:  # type: ignore[arg-type]
             reason = f"generation {gen.id} has no items left in the gallery (backfilled away)"
@@ -60,10 +52,13 @@ def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:
     return retired
 
 
+EVALUATED = (GenerationStatus.TRAINED, GenerationStatus.PROMOTED, GenerationStatus.REJECTED)
+
+
 def ancestors_of(lineage: Lineage, gen_id: int) -> list[Generation]:
     """Earlier generations that trained successfully (evaluation compares against all)."""
     return [
         g
         for g in lineage.generations()
-        if g.id < gen_id and g.status in ("trained", "promoted", "rejected") and g.checkpoint_path
+        if g.id < gen_id and g.status in EVALUATED and g.checkpoint_path
     ]

@@ -22,7 +22,7 @@ def _env_defaults() -> None:
     """Settings that make the embedded default work on a small machine."""
     # the ephemeral Prefect API needs more than its 20 s default on 2 cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray: token auth on and loopback only, set up in workers.runtime.ensure_ray
     # the rich progress bar is the console view; the flow logs still reach the Prefect UI
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -71,12 +71,39 @@ NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="promote every genera
 MaxNfrOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="gate: NFR bound per ancestor")]
 TolOpt = Annotated[float, typer.Option(min=0.0, help="gate: accuracy >= champion's - this")]
 EccOpt = Annotated[bool, typer.Option(help="gate: C[g][k] > C[k][k] for every active ancestor")]
+NoWaitOpt = Annotated[
+    bool, typer.Option("--no-wait", help="refuse, instead of waiting, while a cycle runs")
+]
+WeightOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--weight",
+        help="KIND=W, repeatable: a constraint kind's weight (influence, focal, embedding); "
+        "kinds not given keep their default",
+    ),
+]
+BatchRowsOpt = Annotated[int, typer.Option(min=1, help="backfill: items per committed part")]
+
+
+def _weights(items: list[str] | None) -> dict[str, float]:
+    """``["focal=0.5", ...]`` as a mapping; a malformed item is bad input."""
+    weights: dict[str, float] = {}
+    for item in items or []:
+        kind, sep, value = item.partition("=")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            _fail(f"--weight takes KIND=W, e.g. --weight focal=0.5; got {item!r}")
+    return weights
 
 
 def _cycle_config(dataset: str | None, stages: int, opts: dict):
     """One typed CycleConfig from the shared options of ``run`` and ``cycle``."""
     from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 
+    weights = _weights(opts["weight"])
     try:
         return CycleConfig(
             dataset=dataset,
@@ -86,6 +113,7 @@ def _cycle_config(dataset: str | None, stages: int, opts: dict):
                 against=opts["against"],
                 epochs=opts["epochs"],
                 seed=opts["seed"],
+                weights=weights,
             ),
             gate=GateConfig(
                 enabled=not opts["no_gate"],
@@ -93,7 +121,12 @@ def _cycle_config(dataset: str | None, stages: int, opts: dict):
                 accuracy_tolerance=opts["accuracy_tolerance"],
                 require_ecc=opts["require_ecc"],
             ),
-            backfill=BackfillConfig(budget=opts["backfill_budget"], policy=opts["backfill_policy"]),
+            backfill=BackfillConfig(
+                budget=opts["backfill_budget"],
+                policy=opts["backfill_policy"],
+                batch_rows=opts["backfill_batch_rows"],
+            ),
+            wait_for_lock=not opts["no_wait"],
         )
     except _known_errors() as exc:
         _fail(str(exc))
@@ -115,6 +148,9 @@ def run(
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
     require_ecc: EccOpt = True,
+    backfill_batch_rows: BatchRowsOpt = 4096,
+    no_wait: NoWaitOpt = False,
+    weight: WeightOpt = None,
 ) -> None:
     """Run N update cycles of the growing scenario in GRACEFUL_HOME."""
     _env_defaults()
@@ -138,8 +174,11 @@ def cycle(
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
     require_ecc: EccOpt = True,
+    backfill_batch_rows: BatchRowsOpt = 4096,
+    no_wait: NoWaitOpt = False,
+    weight: WeightOpt = None,
 ) -> None:
-    """Run one update cycle (the next stage of the scenario)."""
+    """Run one update cycle (the next stage of the scenario); an interrupted one resumes."""
     _env_defaults()
     _check_inputs(dataset)
     opts = locals()
@@ -175,6 +214,11 @@ def _run_cycles(cfg, n: int) -> None:
                 _fail(str(exc), code=1)
             finally:
                 step_progress.set_listener(None)
+            if result.get("resumed_backfill"):
+                job = result["resumed_backfill"]
+                err.print(f"finished the interrupted backfill job {job['job']}")
+            if result.get("resumed"):
+                err.print(escape(result["resumed"]))
             verdict = "promoted" if result["promoted"] else "rejected"
             err.print(
                 f"generation {result['generation']}: accuracy {result['accuracy']:.4f}, {verdict}"

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-Method = Literal["none", "bct", "pct", "bct+pct", "bct+pct+emb"]
+from workers.constraints import ConstraintKind, TrainMethod, full_weights
+
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
 DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
@@ -24,20 +25,36 @@ class GateConfig(BaseModel):
 class TrainConfig(BaseModel):
     """How one generation is trained."""
 
-    method: Method = "bct+pct+emb"  # the best recipe measured in bench/results/compat.md
+    method: TrainMethod = TrainMethod.BCT_PCT_EMB  # best measured: bench/results/compat.md
     against: Against = "all"
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
     embed_dim: int = Field(64, ge=2)
-    influence_weight: float = Field(1.0, ge=0)
-    focal_weight: float = Field(0.3, ge=0)
-    embedding_weight: float = Field(2.0, ge=0, description="weight of the embedding constraint")
+    weights: dict[ConstraintKind, float] = Field(
+        default_factory=full_weights,
+        description="weight per constraint kind (one constraint per active ancestor and kind "
+        "of the method); kinds left out keep their default",
+    )
     focal_alpha: float = Field(1.0, ge=0)
     focal_beta: float = Field(5.0, ge=0)
     focal_temperature: float = Field(2.0, gt=0)
-    architecture: dict | None = Field(None, description="override the scenario's architecture")
+    influence_head: Literal["centroids", "head"] = Field(
+        "centroids",
+        description="BCT's frozen head: the ancestor's class centroids, or its own head rows",
+    )
+    warm_start: bool = Field(
+        True, description="start from the newest constrained ancestor's weights, expanded"
+    )
+    architecture: dict | None = Field(
+        None, description="keys that override the scenario's architecture (kind, width, head…)"
+    )
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _every_kind(cls, v: dict | None) -> dict[ConstraintKind, float]:
+        return full_weights(v)
 
 
 class BackfillConfig(BaseModel):
@@ -66,13 +83,6 @@ class CycleConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     backfill: BackfillConfig = BackfillConfig()
-
-
-class RunConfig(BaseModel):
-    """N cycles of the scenario."""
-
-    dataset: str = "digits"
-    generations: int = Field(3, ge=1)
-    train: TrainConfig = TrainConfig()
-    gate: GateConfig = GateConfig()
-    backfill: BackfillConfig = BackfillConfig()
+    wait_for_lock: bool = Field(
+        True, description="wait for a cycle already running on this lineage; false: refuse"
+    )

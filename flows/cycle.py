@@ -1,9 +1,17 @@
 """One update cycle as a Prefect flow: snapshot -> constraints -> train -> evaluate -> gate
--> promote -> backfill -> retire -> publish. Tasks are thin wrappers over plain functions."""
+-> promote -> backfill -> retire -> publish. Tasks are thin wrappers over plain functions.
+
+A cycle holds the lineage's cycle lock from start to end (store.locks): a second cycle
+waits for it, or refuses with ``wait_for_lock=False``. So when a cycle starts, any
+generation still mid-cycle was interrupted (a kill, a crash): flows.recovery continues it
+from the step it reached, or closes it as failed, before anything new is trained.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,15 +22,27 @@ from flows import chain
 from flows.config import CycleConfig
 from flows.gate import decide
 from flows.progress import StepProgress
+from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryRows
-from store.lineage import Generation, Lineage
+from store.lineage import Generation, GenerationStatus, Lineage
+from store.locks import CYCLE_LOCK
 from store.settings import StoreError, subdir
 from workers.backfill import run_backfill
+from workers.constraints import parse_kind
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
+from workers.failpoints import failpoint
 from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, stage_indices, stage_plan
 from workers.train import ConstraintSpec, TrainSpec, train_generation
+
+
+class Step(IntEnum):
+    """The steps of a cycle that a resumed cycle continues from, in order."""
+
+    TRAIN = 1
+    EVALUATE = 2  # evaluate, then gate
+    PROMOTE = 3
 
 
 @dataclass
@@ -34,9 +54,13 @@ class CycleState:
     generation: Generation
     train_idx: np.ndarray
     active: list[int]
+    config: CycleConfig  # the one its generation trains under (a resumed one: its own)
+    champion: int | None  # the champion when the cycle began: the gate compares against it
+    step: Step = Step.TRAIN
     result: dict[str, Any] = field(default_factory=dict)
     promoted: bool = False
     reasons: list[str] = field(default_factory=list)
+    resumed: str | None = None  # how an interrupted cycle was picked up, if it was
 
 
 def resolve_dataset(lineage: Lineage, spec: str | None) -> Dataset:
@@ -56,43 +80,76 @@ def resolve_dataset(lineage: Lineage, spec: str | None) -> Dataset:
     return ds
 
 
+def cycle_config_path(gen_id: int) -> Path:
+    """The config a generation trains under, kept so an interrupted cycle can resume."""
+    return subdir("snapshots") / f"gen-{gen_id}-cycle.json"
+
+
+def train_idx_path(gen_id: int) -> Path:
+    return subdir("snapshots") / f"gen-{gen_id}-train-idx.npy"
+
+
+def verify_inputs(lineage: Lineage, generations: list[int]) -> None:
+    """The checkpoints a cycle reads (champion, ancestors) match the lineage, before work."""
+    by_id = {g.id: g for g in lineage.generations()}
+    for gen_id in generations:
+        gen = by_id[gen_id]
+        verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
+
+
 def start_cycle(lineage: Lineage, cfg: CycleConfig) -> CycleState:
     """Steps 1-2: snapshot this stage's training data, resolve the active constraints."""
     ds = resolve_dataset(lineage, cfg.dataset)
-    existing = [g for g in lineage.generations() if g.status != "failed"]
+    champion = lineage.champion()
+    active = chain.active_generations(lineage)
+    verify_inputs(lineage, active)  # a swapped file fails here, before anything is recorded
+    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
     index = cfg.stage if cfg.stage is not None else len(existing)
     stage = stage_plan(ds.num_classes, cfg.stages, min(index, cfg.stages - 1))
     train_idx = stage_indices(ds.y_train, stage, seed=0)
-    active = chain.active_generations(lineage)
     t = cfg.train
-    planned = chain.plan_constraints(
-        active, t.method, t.against, t.influence_weight, t.focal_weight
-    )
+    planned = chain.plan_constraints(active, t.method, t.against, t.weights)
     gen = lineage.start_generation(
         planned,
         dataset=ds.spec,
         stage=stage.index,
-        architecture=t.architecture or stage.architecture,
+        architecture=dict(stage.architecture) | (t.architecture or {}),
         embed_dim=t.embed_dim,
         classes=list(stage.classes),
         train_samples=len(train_idx),
         epochs=t.epochs,
         seed=t.seed,
-        method=t.method,
+        method=t.method.value,
     )
-    snap = subdir("snapshots") / f"gen-{gen.id}-train-idx.npy"
-    np.save(snap, train_idx)
-    return CycleState(ds, stage, gen, train_idx, active)
+    save_snapshot(int(gen.id), train_idx, cfg)  # type: ignore[arg-type]
+    return CycleState(ds, stage, gen, train_idx, active, cfg, champion.id if champion else None)
 
 
-def train_step(lineage: Lineage, state: CycleState, cfg: CycleConfig) -> dict[str, Any]:
-    """Step 3: train on a Ray worker; a failure marks the generation failed."""
-    gen, t = state.generation, cfg.train
+def save_snapshot(gen_id: int, train_idx: np.ndarray, cfg: CycleConfig) -> None:
+    """What the generation trains on and under which config, each written atomically."""
+    idx_path = train_idx_path(gen_id)
+    tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
+    np.save(tmp, train_idx)
+    tmp.replace(idx_path)
+    cfg_path = cycle_config_path(gen_id)
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(cfg.model_dump_json(indent=1))
+    tmp.replace(cfg_path)
+
+
+def train_step(
+    lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
+) -> dict[str, Any]:
+    """Step 3: train on a Ray worker; a failure marks the generation failed.
+
+    An interrupted training of this generation continues from its resume file.
+    """
+    gen, t = state.generation, (cfg or state.config).train
     by_id = {g.id: g for g in lineage.generations()}
     constraints = [
         ConstraintSpec(
             c.target_id,
-            c.kind,
+            parse_kind(c.kind),
             c.weight,
             by_id[c.target_id].checkpoint_path,
             by_id[c.target_id].checkpoint_sha256,
@@ -116,6 +173,8 @@ def train_step(lineage: Lineage, state: CycleState, cfg: CycleConfig) -> dict[st
         focal_alpha=t.focal_alpha,
         focal_beta=t.focal_beta,
         focal_temperature=t.focal_temperature,
+        influence_head=t.influence_head,
+        warm_start=t.warm_start,
         checkpoint_dir=str(subdir("checkpoints")),
         threads=int(task_resources().get("num_cpus", 1)),
     )
@@ -123,11 +182,11 @@ def train_step(lineage: Lineage, state: CycleState, cfg: CycleConfig) -> dict[st
         result = run_on_ray(train_generation, spec)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # Ray wraps the task's exception
-        lineage.update_generation(gen.id, status="failed", error=str(cause)[:2000])
+        lineage.update_generation(gen.id, status=GenerationStatus.FAILED, error=str(cause)[:2000])
         raise RuntimeError(f"training generation {gen.id} failed: {cause}") from exc
     state.generation = lineage.update_generation(
         gen.id,
-        status="trained",
+        status=GenerationStatus.TRAINED,
         checkpoint_path=result["checkpoint"],
         checkpoint_sha256=result["sha256"],
         train_seconds=result["train_seconds"],
@@ -143,6 +202,7 @@ def evaluate_step(lineage: Lineage, state: CycleState) -> dict[tuple[int, int, s
         gen, chain.ancestors_of(lineage, gen.id), state.active, state.dataset, subdir("cache")
     )
     lineage.record_metrics(rows)
+    failpoint("evaluate")  # the kill tests stop here: metrics stored, not yet gated
     acc = next(v for a, b, m, v in rows if m == "accuracy")
     state.generation = lineage.update_generation(gen.id, accuracy=acc)
     return {(a, b, m): v for a, b, m, v in rows}
@@ -156,7 +216,7 @@ def gate_step(
 ) -> bool:
     """Step 5: the promotion decision and its reasons, stored on the generation."""
     g = state.generation.id
-    champion = lineage.champion()
+    champion = lineage.generation(state.champion) if state.champion is not None else None
     own = {(a, b): v for (a, b, m), v in lineage_pairs(lineage, "compat_top1").items()}
     compat = {k: (metrics[(g, k, "compat_top1")], own[(k, k)]) for k in state.active}
     nfr = {k: metrics[(g, k, "nfr")] for k in state.active}
@@ -165,17 +225,31 @@ def gate_step(
     )
     state.reasons = reasons
     state.generation = lineage.update_generation(
-        g, gate_passed=passed, gate_reasons=reasons, status="trained" if passed else "rejected"
+        g,
+        gate_passed=passed,
+        gate_reasons=reasons,
+        status=GenerationStatus.TRAINED if passed else GenerationStatus.REJECTED,
     )
     return passed
+
+
+def promote_step(lineage: Lineage, state: CycleState) -> None:
+    """Step 6: move the champion alias, if it is still the one the gate compared against."""
+    failpoint("promote")  # the kill tests stop here: gated, not yet promoted
+    lineage.promote(int(state.generation.id), expected_champion=state.champion)  # type: ignore[arg-type]
+    state.generation = lineage.generation(int(state.generation.id))  # type: ignore[arg-type]
+    state.promoted = True
 
 
 def lineage_pairs(lineage: Lineage, metric: str) -> dict[tuple[int, int, str], float]:
     return {(a, b, metric): v for a, b, v in lineage.metric(metric)}
 
 
-def backfill_step(lineage: Lineage, state: CycleState, cfg: CycleConfig) -> dict[str, Any]:
+def backfill_step(
+    lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
+) -> dict[str, Any]:
     """Step 7: the first generation indexes the gallery; later ones backfill within budget."""
+    cfg = cfg or state.config
     gallery = Gallery(lineage)
     champion = lineage.champion()
     assert champion is not None
@@ -213,14 +287,21 @@ def backfill_step(lineage: Lineage, state: CycleState, cfg: CycleConfig) -> dict
 
 
 # -- Prefect -------------------------------------------------------------------------------
+@task(name="recover-interrupted", cache_policy=NO_CACHE)
+def recover_task(cfg: CycleConfig) -> tuple[CycleState | None, dict[str, Any] | None]:
+    from flows.recovery import recover  # recovery builds on this module's steps
+
+    return recover(Lineage(), cfg)
+
+
 @task(name="snapshot-and-constraints", cache_policy=NO_CACHE)
 def start_task(cfg: CycleConfig) -> CycleState:
     return start_cycle(Lineage(), cfg)
 
 
 @task(name="train-on-ray", cache_policy=NO_CACHE)
-def train_task(state: CycleState, cfg: CycleConfig) -> dict[str, Any]:
-    return train_step(Lineage(), state, cfg)
+def train_task(state: CycleState) -> dict[str, Any]:
+    return train_step(Lineage(), state)
 
 
 @task(name="evaluate-against-ancestors", cache_policy=NO_CACHE)
@@ -229,18 +310,18 @@ def evaluate_task(state: CycleState) -> dict:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_task(state: CycleState, metrics: dict, cfg: CycleConfig) -> bool:
-    return gate_step(Lineage(), state, metrics, cfg)
+def gate_task(state: CycleState, metrics: dict) -> bool:
+    return gate_step(Lineage(), state, metrics, state.config)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(state: CycleState) -> None:
-    Lineage().promote(state.generation.id)
+    promote_step(Lineage(), state)
 
 
 @task(name="backfill", cache_policy=NO_CACHE)
-def backfill_task(state: CycleState, cfg: CycleConfig) -> dict:
-    return backfill_step(Lineage(), state, cfg)
+def backfill_task(state: CycleState) -> dict:
+    return backfill_step(Lineage(), state)
 
 
 @task(name="retire-constraints", cache_policy=NO_CACHE)
@@ -257,11 +338,34 @@ def publish_task(state: CycleState) -> None:
 
 @flow(name="update-cycle", log_prints=True)
 def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
-    """Train the next generation under the accumulated constraints and roll it out."""
+    """Train the next generation under the accumulated constraints and roll it out.
+
+    Holds the lineage's cycle lock throughout; an interrupted cycle is resumed first.
+    """
     cfg = config or CycleConfig()
     log = get_run_logger()
+
+    def waiting(holder: object) -> None:
+        log.warning("waiting for the update cycle that is running (%s)", holder or "starting")
+
+    lock = Lineage().lock(CYCLE_LOCK)
+    lock.acquire(wait=cfg.wait_for_lock, on_wait=waiting)
+    try:
+        return _run_cycle(cfg, log)
+    finally:
+        lock.release()
+
+
+def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
+    """The cycle's steps, in order, from where an interrupted one stopped (lock held)."""
     progress = StepProgress("update-cycle-progress", total=8)
-    state = start_task(cfg)
+    state, resumed_backfill = recover_task(cfg)
+    if resumed_backfill:
+        log.warning("finished the interrupted backfill: %s", resumed_backfill)
+    if state is None:
+        state = start_task(cfg)
+    else:
+        log.warning("%s", state.resumed)
     log.info(
         "generation %s: stage %s, %d training items, constraints against %s",
         state.generation.id,
@@ -273,18 +377,25 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
         f"generation {state.generation.id}: stage {state.stage.index}, "
         f"{len(state.active)} active ancestors"
     )
-    train_task(state, cfg)
+    if state.step <= Step.TRAIN:
+        result = train_task(state)
+        if result.get("resumed_from_epoch"):
+            log.warning("training resumed from epoch %s", result["resumed_from_epoch"])
     progress.step("trained")
-    metrics = evaluate_task(state)
-    progress.step("evaluated")
-    passed = gate_task(state, metrics, cfg)
+    if state.step <= Step.EVALUATE:
+        metrics = evaluate_task(state)
+        progress.step("evaluated")
+        passed = gate_task(state, metrics)
+    else:  # gated before the interruption
+        progress.step("evaluated before")
+        passed, state.reasons = True, list(state.generation.gate_reasons)
     log.info("gate %s: %s", "passed" if passed else "REJECTED", "; ".join(state.reasons))
     progress.step("gate: " + ("passed" if passed else "rejected"))
     backfill: dict[str, Any] = {}
     if passed:
         promote_task(state)
         progress.step("promoted")
-        backfill = backfill_task(state, cfg)
+        backfill = backfill_task(state)
         progress.step("backfilled")
     else:
         progress.step("not promoted")
@@ -306,4 +417,7 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
         "reasons": state.reasons,
         "backfill": backfill,
         "retired": retired,
+        "resumed": state.resumed,
+        "resumed_backfill": resumed_backfill,
+        "resumed_from_epoch": state.result.get("resumed_from_epoch"),
     }

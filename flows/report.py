@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from store.lineage import Lineage
+from store.gallery import Gallery
+from store.lineage import INTERRUPTED, BackfillJob, Generation, GenerationStatus, JobStatus, Lineage
+from store.locks import CYCLE_LOCK
 from workers import metrics as M
 
 PAIR_METRICS = ("nfr", "pfr", "nfi", "btc", "bec", "compat_map100", "ecc", "update_gain")
@@ -18,9 +20,34 @@ def _pairs(lineage: Lineage, metric: str, strict: bool) -> list[list[float]]:
     ]
 
 
+def mid_cycle(gen: Generation) -> bool:
+    """Trained or training, but not yet gated or not yet promoted: its cycle is under way."""
+    return gen.status == GenerationStatus.TRAINING or (
+        gen.status == GenerationStatus.TRAINED and gen.gate_passed is not False
+    )
+
+
+def generation_status(gen: Generation, cycle_running: bool) -> str:
+    """The stored status, or ``interrupted`` for a cycle whose process is gone."""
+    return INTERRUPTED if mid_cycle(gen) and not cycle_running else str(gen.status)
+
+
+def job_status(job: BackfillJob, writer_running: bool) -> str:
+    """The stored status, or ``interrupted`` for a running job that no process writes."""
+    return INTERRUPTED if job.status == JobStatus.RUNNING and not writer_running else job.status
+
+
 def build_report(lineage: Lineage) -> dict[str, Any]:
-    """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``."""
+    """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``.
+
+    A run is shown in progress only while its process holds its lock: a generation
+    mid-cycle with no cycle holding the lineage's cycle lock, or a running backfill job
+    with nobody holding the gallery's writer lock, was killed and shows ``interrupted``
+    (the next cycle or backfill resumes or closes it).
+    """
     gens = lineage.generations()
+    cycle_running = lineage.lock(CYCLE_LOCK).holder() is not None
+    writer_running = Gallery(lineage).writer_active()
     constraints = lineage.constraints()
     champion = next((g.id for g in gens if g.is_champion), None)
     report: dict[str, Any] = {
@@ -28,7 +55,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
         "generations": [
             {
                 "id": g.id,
-                "status": g.status,
+                "status": generation_status(g, cycle_running),
                 "champion": g.is_champion,
                 "accuracy": g.accuracy,
                 "architecture": g.architecture,
@@ -81,7 +108,8 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
             "generation": j.generation_id,
             "policy": j.policy,
             "budget": j.budget,
-            "status": j.status,
+            "status": job_status(j, writer_running),
+            "error": j.error,
             "items_total": j.total_items,
             "items_done": j.items_done,
             "m_mix_before": j.m_mix_before,

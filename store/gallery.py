@@ -42,7 +42,7 @@ from sqlmodel import Session
 
 from store.files import file_sha256
 from store.lineage import GalleryInfo, GalleryPart, Lineage
-from store.settings import StoreError, subdir
+from store.settings import StoreError, graceful_home, subdir
 
 COLUMNS = ("item_id", "label", "generation", "margin", "embedding")
 ROW_GROUP_ROWS = 8192
@@ -168,6 +168,11 @@ class Gallery:
         self._root.mkdir(parents=True, exist_ok=True)
         return self._root
 
+    def _lock_path(self) -> Path:
+        """``.gallery.lock`` beside the gallery directory (found without creating it)."""
+        root = self._root if self._root is not None else graceful_home(create=False) / "gallery"
+        return root.parent / f".{root.name}.lock"
+
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the gallery's single-writer lock (re-entrant in this object).
@@ -178,7 +183,8 @@ class Gallery:
         if self._lock_fd is not None:
             yield
             return
-        path = self.root.parent / f".{self.root.name}.lock"
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self._lock_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -195,6 +201,22 @@ class Gallery:
             self._lock_fd = None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def writer_active(self) -> bool:
+        """Whether a writer (a backfill, in any process on this host) holds the lock now."""
+        if self._lock_fd is not None:
+            return True
+        path = self._lock_path()
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing also drops a lock this probe took
+        return False
 
     # -- metadata --------------------------------------------------------------------
     def info(self) -> GalleryInfo | None:

@@ -9,15 +9,38 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from store.locks import CYCLE_LOCK, DatabaseLock
 from store.settings import StoreError, db_url
 
-GENERATION_STATUSES = ("training", "trained", "promoted", "rejected", "failed")
+
+class GenerationStatus(StrEnum):
+    """Where a generation stands in its cycle."""
+
+    TRAINING = "training"
+    TRAINED = "trained"  # gate_passed None: not gated yet; True: awaiting promotion
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class JobStatus(StrEnum):
+    """Where a backfill job stands."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # an error, or ``interrupted`` (killed, then superseded); resumable
+
+
+GENERATION_STATUSES = tuple(GenerationStatus)
+UNFINISHED_JOBS = (JobStatus.RUNNING, JobStatus.FAILED)
+INTERRUPTED = "interrupted"  # the report's status for a run whose process is gone
 
 
 def _now() -> datetime:
@@ -26,6 +49,17 @@ def _now() -> datetime:
 
 class Generation(SQLModel, table=True):
     """One trained model: backbone -> normalised embedding -> classifier head."""
+
+    # the schema itself allows at most one champion (a partial unique index)
+    __table_args__ = (
+        Index(
+            "one_champion",
+            "is_champion",
+            unique=True,
+            sqlite_where=text("is_champion"),
+            postgresql_where=text("is_champion"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     dataset: str
@@ -37,7 +71,7 @@ class Generation(SQLModel, table=True):
     epochs: int = 0
     seed: int = 0
     method: str = "none"
-    status: str = "training"
+    status: str = GenerationStatus.TRAINING
     is_champion: bool = False
     pinned: bool = False
     retired: bool = False
@@ -88,7 +122,7 @@ class BackfillJob(SQLModel, table=True):
     budget: float
     total_items: int = 0
     items_done: int = 0
-    status: str = "running"  # running | done | failed
+    status: str = JobStatus.RUNNING
     m_mix_before: float | None = None
     m_mix_after: float | None = None
     curve: list[list[float]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -138,8 +172,28 @@ def engine_for(url: str) -> Engine:
             SQLModel.metadata.create_all(engine)
         except Exception as exc:  # a wrong URL or an unreachable server
             raise StoreError(f"cannot open the lineage database {url!r}: {exc}") from exc
+        _ensure_indexes(engine)
         _ENGINES[url] = engine
     return _ENGINES[url]
+
+
+def _ensure_indexes(engine: Engine) -> None:
+    """Indexes added after a table was created (``create_all`` skips existing tables)."""
+    for index in Generation.__table__.indexes:  # type: ignore[attr-defined]
+        try:
+            index.create(engine, checkfirst=True)
+        except Exception as exc:
+            with Session(engine) as s:
+                champions = list(s.exec(select(Generation.id).where(Generation.is_champion)))
+            raise StoreError(
+                f"cannot add index {index.name} to the lineage: {exc}; the lineage names "
+                f"generations {champions} as champions (an earlier concurrent cycle); set "
+                "is_champion false on all but one of them, then run again"
+            ) from exc
+
+
+class ChampionChanged(StoreError):
+    """Promotion found another champion than the one the gate compared against."""
 
 
 class Lineage:
@@ -211,22 +265,39 @@ class Lineage:
         with self.session() as s:
             return s.exec(select(Generation).where(Generation.is_champion)).first()
 
-    def promote(self, gen_id: int) -> None:
-        """Move the champion alias to ``gen_id`` (one transaction)."""
+    def promote(self, gen_id: int, expected_champion: int | None | bool = True) -> None:
+        """Move the champion alias to ``gen_id`` (one transaction).
+
+        ``expected_champion`` is the champion the gate compared against (None: there was
+        none); if another generation is champion by now, nothing changes and
+        ``ChampionChanged`` says so. ``True`` skips the check (a manual promotion).
+        """
         with self.session() as s:
             gen = s.get(Generation, gen_id)
             if gen is None:
                 raise UnknownGeneration(f"unknown generation {gen_id}")
-            if gen.status not in ("trained", "promoted"):
+            if gen.status not in (GenerationStatus.TRAINED, GenerationStatus.PROMOTED):
                 raise StoreError(
                     f"generation {gen_id} is {gen.status}; only a trained one is promoted"
                 )
-            for old in s.exec(select(Generation).where(Generation.is_champion)):
+            olds = list(s.exec(select(Generation).where(Generation.is_champion)))
+            current = olds[0].id if olds else None
+            if expected_champion is not True and current not in (expected_champion, gen_id):
+                raise ChampionChanged(
+                    f"generation {gen_id} was gated against champion {expected_champion}, "
+                    f"but generation {current} is champion now; it was not promoted"
+                )
+            for old in olds:
                 old.is_champion = False
                 s.add(old)
+            s.flush()  # the old champion steps down before the unique index sees the new one
             gen.is_champion = True
-            gen.status = "promoted"
+            gen.status = GenerationStatus.PROMOTED
             s.add(gen)
+
+    def lock(self, name: str = CYCLE_LOCK, ttl: float = 30.0) -> DatabaseLock:
+        """A named lock in this lineage's database (not yet acquired)."""
+        return DatabaseLock(self.engine, name, ttl=ttl)
 
     def set_pinned(self, gen_id: int, pinned: bool) -> None:
         self.update_generation(gen_id, pinned=pinned)

@@ -40,12 +40,21 @@ from typing import Any
 import numpy as np
 from sqlalchemy import update
 
+from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryError, GalleryRows
-from store.lineage import BackfillJob, GalleryInfo, Generation, Lineage
+from store.lineage import (
+    UNFINISHED_JOBS,
+    BackfillJob,
+    GalleryInfo,
+    Generation,
+    JobStatus,
+    Lineage,
+)
 from store.settings import StoreError, subdir
 from workers import metrics as M
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.embed import forward
+from workers.failpoints import failpoint
 from workers.models import load_model
 from workers.policies import (
     EMBEDDING_POLICIES,
@@ -463,15 +472,35 @@ def load_selection(job_id: int) -> np.ndarray | None:
 def resumable_job(
     lineage: Lineage, champion: int, policy: str, budget: float
 ) -> BackfillJob | None:
-    """An unfinished job with the same champion, policy and budget, if any."""
+    """An unfinished job (killed or failed) with the same champion, policy and budget."""
     for job in reversed(lineage.backfill_jobs()):
-        if job.status == "running" and (job.generation_id, job.policy, job.budget) == (
+        if job.status in UNFINISHED_JOBS and (job.generation_id, job.policy, job.budget) == (
             champion,
             policy,
             budget,
         ):
             return job
     return None
+
+
+def close_interrupted_jobs(lineage: Lineage, keep: int | None) -> list[int]:
+    """Mark every other unfinished job failed (``interrupted``); call holding the writer lock.
+
+    With the gallery's writer lock held no other backfill runs, so a job still marked
+    running was killed; it is superseded by the job this backfill resumes or starts.
+    """
+    closed = []
+    for job in lineage.backfill_jobs():
+        if job.status == JobStatus.RUNNING and job.id != keep:
+            why = f"{job.error}; " if job.error else ""
+            lineage.update_backfill_job(
+                job.id,
+                status=JobStatus.FAILED,
+                error=f"{why}interrupted: superseded by backfill job {keep}",
+                finished_at=datetime.now(UTC),
+            )
+            closed.append(int(job.id))  # type: ignore[arg-type]
+    return closed
 
 
 def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -500,10 +529,10 @@ def _progress_scan(gallery: Gallery, chosen: np.ndarray, target: int) -> tuple[i
 def _check_champion(champion: Generation, info: GalleryInfo) -> int:
     if champion is None or champion.id is None:
         raise StoreError("no champion generation to backfill with")
-    if not champion.checkpoint_path or not Path(champion.checkpoint_path).exists():
-        raise StoreError(
-            f"generation {champion.id} has no checkpoint at {champion.checkpoint_path!r}"
-        )
+    # before any job is recorded or worker started: a swapped file fails here, not mid-way
+    verify_checkpoint(
+        champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
+    )
     if int(champion.embed_dim) != int(info.embed_dim):
         raise GalleryError(
             f"embedding dim mismatch: generation {champion.id} embeds in dim "
@@ -598,11 +627,12 @@ def run_backfill(
         _save_selection(job.id, selection)
     assert job is not None and job.id is not None
     job_id = int(job.id)
+    close_interrupted_jobs(lineage, keep=job_id)
     total = len(selection)
     chosen = np.sort(selection)
     del selection
     done, todo = _progress_scan(gallery, chosen, target)
-    lineage.update_backfill_job(job_id, items_done=done, error=None)
+    lineage.update_backfill_job(job_id, status=JobStatus.RUNNING, items_done=done, error=None)
     if progress:
         progress(done, total)
     st["select_seconds"] = time.perf_counter() - t1
@@ -628,8 +658,10 @@ def run_backfill(
                 max(1, pipeline_depth),
                 st,
             )
-    except Exception as exc:  # recorded; the job stays resumable
-        lineage.update_backfill_job(job_id, error=str(exc)[:2000])
+    except BaseException as exc:  # recorded; a later backfill with these settings resumes it
+        lineage.update_backfill_job(
+            job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000]
+        )
         raise
     st["pipeline_seconds"] = time.perf_counter() - t2
     st["items"] = items
@@ -639,7 +671,7 @@ def run_backfill(
     after = m_mix_stream(gallery, query_emb, query_labels) if measure else None
     job = lineage.update_backfill_job(
         job_id,
-        status="done",
+        status=JobStatus.DONE,
         items_done=done + items,
         m_mix_after=after,
         finished_at=datetime.now(UTC),
@@ -716,6 +748,7 @@ def _pipeline(
         committed += 1
         if progress:
             progress(n_done, total)
+        failpoint("backfill-part")  # the kill tests stop here, a part committed
         if crash_after_parts is not None and committed >= crash_after_parts:
             raise KeyboardInterrupt(f"simulated kill after {committed} parts")
 

@@ -15,13 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from store.files import file_sha256
+from store.files import CheckpointError as CheckpointError  # re-exported: callers catch it
+from store.files import file_sha256, verify_checkpoint
 
 LOGIT_SCALE = 16.0  # cosine-classifier temperature, shared by every generation
-
-
-class CheckpointError(RuntimeError):
-    """A missing, swapped or unreadable checkpoint."""
 
 
 def fixed_prototypes(num_classes: int, embed_dim: int) -> torch.Tensor:
@@ -133,11 +130,7 @@ def save_model(model: EmbeddingNet, path: Path) -> str:
 
 def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
     """Load a checkpoint safely (``weights_only``), checking its hash against the lineage."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise CheckpointError(f"checkpoint {path} does not match the sha256 in the lineage")
+    path = verify_checkpoint(path, sha256)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -34,15 +34,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.losses import (
-    embedding_distillation_loss,
-    focal_distillation_loss,
-    influence_loss,
+from workers.constraints import (
+    REGISTRY,
+    ConstraintKind,
+    StepInputs,
+    constraint_losses,
+    parse_kind,
+    received_weights,
+    stack_teachers,
 )
-from workers.models import LOGIT_SCALE, EmbeddingNet, inherit_weights, load_model, save_model
+from workers.models import EmbeddingNet, inherit_weights, load_model, save_model
 
 EXPLODING_LOSS = 1e4
-CONSTRAINT_KINDS = ("influence", "focal", "embedding")
 EMBEDDING_SCOPES = ("all", "known", "unknown")
 INFLUENCE_HEADS = ("head", "centroids")
 
@@ -60,7 +63,7 @@ class ConstraintSpec:
     """One constraint: stay compatible with generation ``target`` (a frozen checkpoint)."""
 
     target: int
-    kind: str  # "influence" | "focal" | "embedding"
+    kind: ConstraintKind
     weight: float
     checkpoint: str
     sha256: str | None
@@ -121,10 +124,7 @@ class TrainSpec:
 def check_spec(spec: TrainSpec) -> None:
     """Refuse unknown constraint kinds and options before any work is done."""
     for c in spec.constraints:
-        if c.kind not in CONSTRAINT_KINDS:
-            raise ValueError(
-                f"unknown constraint kind {c.kind!r}; use one of {', '.join(CONSTRAINT_KINDS)}"
-            )
+        c.kind = parse_kind(c.kind)  # a plain string from a caller becomes the enum
         if not c.weight >= 0:
             raise ValueError(f"constraint weight must be >= 0, got {c.weight} ({c.kind})")
     for name, value, allowed in (
@@ -150,11 +150,10 @@ class Teacher:
     logits: torch.Tensor  # (N, C)
     correct: torch.Tensor  # (N,) bool
     known: torch.Tensor  # (N,) bool: the item's class was in the old generation's training
-    influence_weight: float = 0.0
-    focal_weight: float = 0.0
     embedding: torch.Tensor | None = None  # (N, d): its L2-normalised embeddings
-    embedding_weight: float = 0.0
     extra_embedding: torch.Tensor | None = None  # (M, d): on the extra distillation inputs
+    # summed weight per constraint kind against this ancestor (workers.constraints)
+    weights: dict[ConstraintKind, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -242,104 +241,9 @@ def build_teachers(
                 centroids=spec.influence_head == "centroids",
                 extra=extra,
             )
-        setattr(
-            teachers[c.target],
-            f"{c.kind}_weight",
-            getattr(teachers[c.target], f"{c.kind}_weight") + c.weight,
-        )
+        weights = teachers[c.target].weights
+        weights[c.kind] = weights.get(c.kind, 0.0) + c.weight
     return list(teachers.values())
-
-
-@dataclass
-class _Stack:
-    """The teachers of one constraint kind, stacked along a leading dimension K."""
-
-    weight: torch.Tensor  # (K,)
-    head: torch.Tensor | None = None  # (K, C, d)
-    logits: torch.Tensor | None = None  # (K, N, C)
-    correct: torch.Tensor | None = None  # (K, N)
-    mask: torch.Tensor | None = None  # (K, N) bool, or None for all items
-    embedding: torch.Tensor | None = None  # (K, N, d)
-    extra: torch.Tensor | None = None  # (K, M, d): embeddings of the extra inputs
-
-
-def stack_teachers(teachers: list[Teacher], spec: TrainSpec) -> dict[str, _Stack]:
-    """Stacks per constraint kind, holding only the teachers with a non-zero weight."""
-    stacks: dict[str, _Stack] = {}
-    inf = [t for t in teachers if t.influence_weight]
-    if inf:
-        stacks["influence"] = _Stack(
-            torch.tensor([t.influence_weight for t in inf], device=inf[0].head.device),
-            head=torch.stack([t.head for t in inf]),
-            # without BCT prototypes an ancestor cannot judge classes it never saw
-            mask=None
-            if spec.bct_prototypes or spec.influence_head == "centroids"
-            else torch.stack([t.known for t in inf]),
-        )
-    foc = [t for t in teachers if t.focal_weight]
-    if foc:
-        stacks["focal"] = _Stack(
-            torch.tensor([t.focal_weight for t in foc], device=foc[0].logits.device),
-            logits=torch.stack([t.logits for t in foc]),
-            correct=torch.stack([t.correct for t in foc]),
-            mask=torch.stack([t.known for t in foc]),
-        )
-    emb = [t for t in teachers if t.embedding_weight]
-    if emb:
-        mask = None
-        if spec.embedding_scope == "known":
-            mask = torch.stack([t.known for t in emb])
-        elif spec.embedding_scope == "unknown":
-            mask = ~torch.stack([t.known for t in emb])
-        stacks["embedding"] = _Stack(
-            torch.tensor([t.embedding_weight for t in emb], device=emb[0].logits.device),
-            embedding=torch.stack([t.embedding for t in emb]),  # type: ignore[misc]
-            mask=mask,
-            extra=torch.stack([t.extra_embedding for t in emb])  # type: ignore[misc]
-            if emb[0].extra_embedding is not None
-            else None,
-        )
-    return stacks
-
-
-def constraint_losses(
-    stacks: dict[str, _Stack],
-    emb: torch.Tensor,
-    logits: torch.Tensor,
-    yb: torch.Tensor,
-    batch: torch.Tensor,
-    spec: TrainSpec,
-    extra_emb: torch.Tensor | None = None,
-    extra_batch: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The weighted sum over ancestors of each constraint kind, for one mini-batch."""
-    zero = torch.zeros((), device=emb.device)
-    out = {kind: zero for kind in CONSTRAINT_KINDS}
-    s = stacks.get("influence")
-    if s is not None:
-        scale = spec.influence_scale or LOGIT_SCALE
-        mask = None if s.mask is None else s.mask[:, batch]
-        out["influence"] = (s.weight * influence_loss(emb, s.head, yb, scale, mask)).sum()
-    s = stacks.get("focal")
-    if s is not None:
-        per = focal_distillation_loss(
-            logits,
-            s.logits[:, batch],  # type: ignore[index]
-            s.correct[:, batch],  # type: ignore[index]
-            spec.focal_alpha,
-            spec.focal_beta,
-            spec.focal_temperature,
-            s.mask[:, batch],  # type: ignore[index]
-        )
-        out["focal"] = (s.weight * per).sum()
-    s = stacks.get("embedding")
-    if s is not None:
-        mask = None if s.mask is None else s.mask[:, batch]
-        per = embedding_distillation_loss(emb, s.embedding[:, batch], mask)  # type: ignore[index]
-        if s.extra is not None and extra_emb is not None and len(extra_batch):  # type: ignore[arg-type]
-            per = per + embedding_distillation_loss(extra_emb, s.extra[:, extra_batch])
-        out["embedding"] = (s.weight * per).sum()
-    return out
 
 
 def _resume_path(spec: TrainSpec) -> Path:
@@ -367,7 +271,10 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     fingerprint = _fingerprint(spec)
 
     t0 = time.perf_counter()
-    uses_extra = spec.distill_mix > 0 and any(c.kind == "embedding" for c in spec.constraints)
+    # the extra (mixup) inputs are precomputed only for kinds that read them
+    uses_extra = spec.distill_mix > 0 and any(
+        "extra_embedding" in REGISTRY[parse_kind(c.kind)].teacher_tensors for c in spec.constraints
+    )
     n_extra = round(spec.distill_mix * len(x)) if uses_extra else 0
     extra = mixup_inputs(x, n_extra, spec.seed) if n_extra else None
     per_batch_extra = max(1, round(spec.distill_mix * spec.batch_size)) if n_extra else 0
@@ -399,7 +306,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         model.train()
         order = torch.randperm(len(x), generator=gen).to(x.device)
         extra_order = torch.randperm(n_extra, generator=gen).to(x.device) if n_extra else None
-        sums = {"loss": 0.0, "ce": 0.0} | {kind: 0.0 for kind in CONSTRAINT_KINDS}
+        sums = {"loss": 0.0, "ce": 0.0} | {kind.value: 0.0 for kind in REGISTRY}
         steps = 0
         for step, start in enumerate(range(0, len(x), spec.batch_size)):
             batch = order[start : start + spec.batch_size]
@@ -420,7 +327,9 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
                 emb, logits = model(xb)
 
             ce = F.cross_entropy(logits, yb)
-            terms = constraint_losses(stacks, emb, logits, yb, batch, spec, extra_emb, extra_batch)
+            terms = constraint_losses(
+                stacks, StepInputs(emb, logits, yb, batch, extra_emb, extra_batch), spec
+            )
             loss = ce + sum(terms.values())
 
             value = loss.item()
@@ -438,7 +347,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
             sums["loss"] += value
             sums["ce"] += float(ce.detach())
             for kind, term in terms.items():
-                sums[kind] += float(term.detach())
+                sums[kind.value] += float(term.detach())
         sched.step()
         history.append({k: v / max(1, steps) for k, v in sums.items()} | {"epoch": epoch})
         epoch_seconds.append(time.perf_counter() - t_epoch)
@@ -463,6 +372,8 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         "epoch_seconds": epoch_seconds,
         "resumed_from_epoch": first_epoch,
         "teachers": [t.target for t in teachers],
+        # what the loop applied: {kind: {ancestor: weight}}, from the stacks themselves
+        "constraint_weights": received_weights(stacks),
         "warm_start_from": warm_from,
     }
 
@@ -478,7 +389,7 @@ def _warm_start(spec: TrainSpec, model: EmbeddingNet, x: torch.Tensor) -> int | 
 
 def _fingerprint(spec: TrainSpec) -> str:
     """What must match for a resume file to continue this training (not another one)."""
-    targets = sorted((c.target, c.kind, c.weight, c.sha256 or "") for c in spec.constraints)
+    targets = sorted((c.target, str(c.kind), c.weight, c.sha256 or "") for c in spec.constraints)
     labels = hashlib.sha256(np.ascontiguousarray(spec.y, dtype=np.int64).tobytes()).hexdigest()
     return repr(
         (

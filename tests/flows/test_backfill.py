@@ -147,7 +147,8 @@ def test_killed_mid_way_and_resumed_nothing_lost_nothing_duplicated(tiny) -> Non
             lin, gallery, None, g2, "oldest-first", 1.0, progress=watch, crash_after_parts=2
         )
     [job] = lin.backfill_jobs()
-    assert job.status == "running" and job.items_done == 64  # progress committed per part
+    assert job.items_done == 64  # progress committed per part
+    assert job.status == "failed" and "simulated kill" in job.error  # closed, resumable
     assert lin.gallery_counts() == {g1.id: 206, g2.id: 64}
     assert seen == [(0, 0), (32, 32), (64, 64)]
 
@@ -331,3 +332,46 @@ def test_search_answers_for_an_item_or_a_file(tiny, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="unsupported query file"):
         (tmp_path / "q.txt").write_text("hi")
         search_file(lin, tmp_path / "q.txt")
+
+
+def test_a_swapped_champion_checkpoint_is_refused_before_any_job(tiny) -> None:
+    from store.files import CheckpointError
+
+    lin, gallery, g1, g2 = tiny
+    Path(g2.checkpoint_path).write_bytes(Path(g1.checkpoint_path).read_bytes())
+    before = _state(gallery)
+    with pytest.raises(CheckpointError, match=f"champion generation {g2.id} .* does not match"):
+        run_backfill(lin, gallery, None, g2, "random", 0.5)
+    assert lin.backfill_jobs() == [] and _state(gallery) == before  # no job left running
+
+
+def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
+    from flows.report import build_report
+    from workers.runtime import ensure_ray
+
+    lin, gallery, g1, g2 = tiny
+    ensure_ray()
+    script = textwrap.dedent(
+        """
+        from store.gallery import Gallery
+        from store.lineage import Lineage
+        from workers.backfill import run_backfill
+        lin = Lineage()
+        run_backfill(lin, Gallery(lin), None, lin.champion(), "oldest-first", 1.0)
+        """
+    )
+    env = dict(os.environ, GRACEFUL_FAILPOINT="backfill-part")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL  # killed right after its first part
+    [job] = lin.backfill_jobs()
+    assert job.status == "running" and job.items_done == PART_ROWS
+    assert not gallery.writer_active()
+    assert build_report(lin)["backfills"][0]["status"] == "interrupted"  # not "running"
+
+    other = run_backfill(lin, gallery, None, g2, "random", 0.5)
+    old = lin.backfill_jobs()[0]
+    assert (
+        old.status == "failed"
+        and old.error == f"interrupted: superseded by backfill job {other.id}"
+    )
+    assert other.status == "done" and [j.status for j in lin.backfill_jobs()] == ["failed", "done"]

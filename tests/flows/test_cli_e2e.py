@@ -145,6 +145,8 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
         (["run", "--dataset", "imagefolder:/no/such/dir"], "/no/such/dir"),
         (["run", "--dataset", "digits", "--generations", "0"], "generations"),
         (["run", "--dataset", "digits", "--method", "magic", "--epochs", "1"], "method"),
+        (["run", "--dataset", "digits", "--weight", "focal"], "--weight takes"),
+        (["cycle", "--dataset", "digits", "--weight", "magic=1"], "unknown constraint kind"),
     ],
 )
 def test_bad_input_is_rejected_and_store_untouched(tmp_path: Path, args, message) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.config import CycleConfig, GateConfig, TrainConfig
@@ -56,3 +58,67 @@ def test_cycle_without_dataset_on_empty_home_names_the_problem(home) -> None:
     with pytest.raises(StoreError, match="pass --dataset"):
         start_cycle(Lineage(), CycleConfig())
     assert Lineage().generations() == []
+
+
+@pytest.mark.slow
+def test_each_method_trains_every_kind_at_its_configured_weight(home) -> None:
+    """From the config to the lineage to the loss: the default's embedding term once got 0."""
+    from workers.constraints import METHOD_KINDS, TrainMethod
+
+    lin = Lineage()
+    g1, ok = _cycle(lin, CycleConfig(dataset="digits", train=TrainConfig(method="none", epochs=1)))
+    assert ok
+    custom = {"influence": 0.7, "focal": 0.2, "embedding": 1.5}
+    for method in TrainMethod:
+        for weights in (None, custom):
+            train = TrainConfig(method=method, epochs=1, weights=weights)
+            cfg = CycleConfig(train=train)
+            state = start_cycle(lin, cfg)
+            result = train_step(lin, state, cfg)
+            expected = {kind.value: train.weights[kind] for kind in METHOD_KINDS[method]}
+            stored = {c.kind: c.weight for c in lin.constraints(state.generation.id)}
+            assert all(c.target_id == g1 for c in lin.constraints(state.generation.id))
+            assert stored == expected, (method, weights)
+            received = result["constraint_weights"]  # float32 in the loss
+            assert received == {k: {str(g1): pytest.approx(w)} for k, w in expected.items()}
+    assert expected and all(w > 0 for w in expected.values())
+
+
+@pytest.mark.slow
+def test_a_swapped_champion_checkpoint_stops_the_cycle_before_anything_starts(home) -> None:
+    from store.files import CheckpointError
+
+    lin = Lineage()
+    g1, _ = _cycle(lin, CycleConfig(dataset="digits", train=TrainConfig(method="none", epochs=1)))
+    g2, _ = _cycle(lin, CycleConfig(train=TrainConfig(method="none", epochs=1)))
+    champion = lin.champion()
+    other = lin.generation(g1 if champion.id == g2 else g2)
+    Path(champion.checkpoint_path).write_bytes(Path(other.checkpoint_path).read_bytes())
+    before = [(g.id, g.status) for g in lin.generations()]
+    with pytest.raises(CheckpointError, match=f"generation {champion.id} .* does not match"):
+        start_cycle(lin, CycleConfig(train=TrainConfig(epochs=1)))
+    assert [(g.id, g.status) for g in lin.generations()] == before  # nothing recorded
+
+
+def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> None:
+    from flows.cycle import Step, cycle_config_path
+    from flows.recovery import recover_generations
+
+    lin = Lineage()
+    cfg = CycleConfig(dataset="digits", train=TrainConfig(epochs=1))
+    first = start_cycle(lin, cfg).generation  # "killed" before training: status training
+    second = start_cycle(lin, cfg).generation
+    state = recover_generations(lin)
+    # the newest continues from its step, under the config it was started with
+    assert state is not None and state.generation.id == second.id and state.step == Step.TRAIN
+    assert state.config == cfg and state.resumed.startswith(f"resumed generation {second.id}")
+    older = lin.generation(first.id)
+    assert older.status == "failed"
+    assert older.error == f"interrupted: superseded by generation {second.id}"
+
+    cycle_config_path(second.id).unlink()  # what it needs to resume is gone
+    assert recover_generations(lin) is None
+    gone = lin.generation(second.id)
+    assert gone.status == "failed" and gone.error.startswith("interrupted: cannot resume: ")
+    assert "cycle config" in gone.error
+    assert recover_generations(lin) is None  # nothing left mid-cycle

@@ -1,4 +1,4 @@
-"""Deployments against a real `prefect server` (127.0.0.1, started and stopped here):
+"""Deployments against a real `prefect server` (the session's, on 127.0.0.1):
 `graceful serve` registers the scheduled cycle and the on-demand backfill, and a
 backfill triggered through the API (as from the UI) runs to completion."""
 
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +15,6 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -35,19 +27,9 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
-def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path) -> None:
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
+def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, stop_group) -> None:
+    api = prefect_api
     env = dict(
         os.environ,
         PREFECT_HOME=str(tmp_path / "prefect"),
@@ -55,26 +37,8 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path) -> None:
         GRACEFUL_HOME=str(tmp_path / "home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     serve = None
     try:
-        _wait(lambda: _ok(f"{api}/health"), 120, "the Prefect server")
         cli = [sys.executable, "-m", "flows.cli"]
         run = subprocess.run(
             [
@@ -115,6 +79,12 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path) -> None:
         deps = _wait(deployments, 120, "the deployments")
         sched = httpx.get(f"{api}/deployments/{deps['scheduled-update']['id']}/schedules").json()
         assert sched and sched[0]["schedule"]["interval"] == 3600.0
+        # one update cycle at a time from the deployment (the lineage lock does the rest)
+        cycle_dep = httpx.get(f"{api}/deployments/{deps['scheduled-update']['id']}").json()
+        limit = cycle_dep.get("concurrency_limit")
+        if limit is None:  # newer servers report it as a global concurrency limit
+            limit = (cycle_dep.get("global_concurrency_limit") or {}).get("limit")
+        assert limit == 1, cycle_dep
 
         # trigger a partial backfill as the UI's "Run" button does
         params = {"config": {"budget": 1.0, "policy": "oldest-first", "batch_rows": 64}}
@@ -137,12 +107,4 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path) -> None:
         assert rep["backfills"][-1]["policy"] == "oldest-first"
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(server)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+            stop_group(serve, timeout=20)

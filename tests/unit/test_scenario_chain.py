@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from flows.chain import plan_constraints
+from workers.constraints import DEFAULT_WEIGHTS, METHOD_KINDS, REGISTRY, ConstraintKind
 from workers.scenario import eval_split, stage_indices, stage_plan
 
 
@@ -30,15 +31,49 @@ def test_eval_split_is_disjoint_and_covers() -> None:
 
 
 def test_plan_constraints_by_method_and_against() -> None:
-    assert plan_constraints([1, 2], "none", "all", 1.0, 1.0) == []
-    assert plan_constraints([1, 2], "bct", "all", 2.0, 1.0) == [
+    assert plan_constraints([1, 2], "none", "all", {"influence": 1.0}) == []
+    assert plan_constraints([1, 2], "bct", "all", {"influence": 2.0}) == [
         (1, "influence", 2.0),
         (2, "influence", 2.0),
     ]
-    assert plan_constraints([1, 2], "bct", "last", 1.0, 1.0) == [(2, "influence", 1.0)]
-    assert plan_constraints([3], "bct+pct", "all", 1.0, 0.5) == [
+    assert plan_constraints([1, 2], "bct", "last", {"influence": 1.0}) == [(2, "influence", 1.0)]
+    assert plan_constraints([3], "bct+pct", "all", {"influence": 1.0, "focal": 0.5}) == [
         (3, "influence", 1.0),
         (3, "focal", 0.5),
     ]
     with pytest.raises(ValueError, match="unknown method"):
-        plan_constraints([1], "magic", "all", 1.0, 1.0)
+        plan_constraints([1], "magic", "all")
+    with pytest.raises(ValueError, match="unknown constraint kind 'magic'"):
+        plan_constraints([1], "bct", "all", {"magic": 1.0})
+
+
+def test_every_kind_of_every_method_gets_its_configured_weight() -> None:
+    """The default recipe's embedding constraint once got weight 0.0 (issue 7)."""
+    weights = {"influence": 0.7, "focal": 0.2, "embedding": 1.5}
+    for method, kinds in METHOD_KINDS.items():
+        plan = plan_constraints([1, 4], method.value, "all", weights)
+        assert plan == [(k, kind.value, weights[kind.value]) for k in (1, 4) for kind in kinds]
+    # kinds left out keep the registry's default, never 0
+    plan = plan_constraints([1], "bct+pct+emb", "all", {"focal": 0.1})
+    assert plan == [
+        (1, "influence", DEFAULT_WEIGHTS[ConstraintKind.INFLUENCE]),
+        (1, "focal", 0.1),
+        (1, "embedding", DEFAULT_WEIGHTS[ConstraintKind.EMBEDDING]),
+    ]
+    assert all(w > 0 for w in DEFAULT_WEIGHTS.values())
+    assert set(DEFAULT_WEIGHTS) == set(ConstraintKind) == set(REGISTRY)
+
+
+def test_train_config_weights_travel_whole() -> None:
+    from flows.config import TrainConfig
+
+    cfg = TrainConfig(weights={"embedding": 0.5})
+    assert cfg.weights == {**DEFAULT_WEIGHTS, ConstraintKind.EMBEDDING: 0.5}
+    assert TrainConfig().weights == DEFAULT_WEIGHTS
+    # the deployment's parameter form round-trips (JSON keys are strings)
+    again = TrainConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again.weights == cfg.weights
+    with pytest.raises(ValueError, match="unknown constraint kind"):
+        TrainConfig(weights={"embeding": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(weights={"focal": -1.0})

@@ -1,0 +1,132 @@
+"""Picking up after a kill: what the next cycle does with a cycle that did not finish.
+
+It runs holding the lineage's cycle lock, so no other cycle is running: a generation
+that is still mid-cycle (training, trained but not gated, gated but not promoted) was
+interrupted. The newest one is continued from the step it reached, under the config it
+was started with (training continues from its resume file); one that cannot be
+continued (its snapshot or config is gone, an input changed) and any older one are
+closed as ``failed`` with a reason that starts ``interrupted``. A backfill job still
+marked running while nobody holds the gallery's writer lock was killed too: the
+champion's is finished, another generation's is closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from flows import chain
+from flows.backfill import backfill_once
+from flows.config import BackfillConfig, CycleConfig
+from flows.cycle import (
+    CycleState,
+    Step,
+    cycle_config_path,
+    resolve_dataset,
+    train_idx_path,
+    verify_inputs,
+)
+from store.files import CheckpointError, verify_checkpoint
+from store.gallery import Gallery
+from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
+from store.settings import StoreError
+from workers.datasets import DatasetError
+from workers.scenario import stage_plan
+
+CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
+
+
+def interrupted_step(gen: Generation) -> Step | None:
+    """The step an unfinished generation stopped before, or None if its cycle ended."""
+    if gen.status == GenerationStatus.TRAINING:
+        return Step.TRAIN
+    if gen.status == GenerationStatus.TRAINED and gen.gate_passed is None:
+        return Step.EVALUATE
+    if gen.status == GenerationStatus.TRAINED and gen.gate_passed:
+        return Step.PROMOTE
+    return None
+
+
+def close_generation(lineage: Lineage, gen_id: int, why: str) -> None:
+    lineage.update_generation(
+        gen_id, status=GenerationStatus.FAILED, error=f"interrupted: {why}"[:2000]
+    )
+
+
+def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
+    """The interrupted cycle's state, rebuilt from what it recorded before its first step."""
+    gen_id = int(gen.id)  # type: ignore[arg-type]
+    path = cycle_config_path(gen_id)
+    if not path.exists():
+        raise StoreError(f"its cycle config {path} is missing")
+    cfg = CycleConfig.model_validate_json(path.read_text())
+    ds = resolve_dataset(lineage, gen.dataset)
+    train_idx = np.load(train_idx_path(gen_id))
+    champion = lineage.champion()
+    active = chain.active_generations(lineage)
+    targets = {c.target_id for c in lineage.constraints(gen_id)}
+    verify_inputs(lineage, sorted(set(active) | targets))
+    if step > Step.TRAIN:
+        verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
+    state = CycleState(
+        ds,
+        stage_plan(ds.num_classes, cfg.stages, gen.stage),
+        gen,
+        train_idx,
+        active,
+        cfg,
+        champion.id if champion else None,
+        step=step,
+    )
+    state.resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
+    return state
+
+
+def recover_generations(lineage: Lineage) -> CycleState | None:
+    """Continue the newest interrupted generation, close the others (cycle lock held)."""
+    pending = [(g, s) for g in lineage.generations() if (s := interrupted_step(g)) is not None]
+    if not pending:
+        return None
+    *older, (newest, step) = pending
+    for gen, _ in older:
+        close_generation(lineage, int(gen.id), f"superseded by generation {newest.id}")  # type: ignore[arg-type]
+    try:
+        return resume_state(lineage, newest, step)
+    except CANNOT_RESUME as exc:
+        close_generation(lineage, int(newest.id), f"cannot resume: {exc}")  # type: ignore[arg-type]
+        return None
+
+
+def recover_backfill(lineage: Lineage, cfg: CycleConfig) -> dict[str, Any] | None:
+    """Finish the champion's killed backfill job; close killed jobs of other generations."""
+    running = [j for j in lineage.backfill_jobs() if j.status == JobStatus.RUNNING]
+    if not running or Gallery(lineage).writer_active():
+        return None  # nothing was killed, or a backfill is writing right now
+    champion = lineage.champion()
+    mine = [j for j in running if champion is not None and j.generation_id == champion.id]
+    for job in running:
+        if job not in mine:
+            lineage.update_backfill_job(
+                job.id,
+                status=JobStatus.FAILED,
+                error=f"interrupted: generation {job.generation_id} is no longer the champion",
+            )
+    if not mine:
+        return None
+    job = mine[-1]  # run_backfill resumes it (same champion, policy, budget)
+    resumed = BackfillConfig(
+        budget=job.budget,
+        policy=job.policy,
+        batch_rows=cfg.backfill.batch_rows,
+        curve=cfg.backfill.curve,
+    )
+    return backfill_once(lineage, resumed)
+
+
+def recover(lineage: Lineage, cfg: CycleConfig) -> tuple[CycleState | None, dict[str, Any] | None]:
+    """Both of the above: (the cycle to continue or None, the finished backfill or None)."""
+    state = recover_generations(lineage)
+    backfill = recover_backfill(lineage, cfg)
+    return state, backfill
