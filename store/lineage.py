@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from store.locks import CYCLE_LOCK, DatabaseLock
+from store.migrate import upgrade
 from store.settings import StoreError, db_url
 
 
@@ -169,27 +170,13 @@ def engine_for(url: str) -> Engine:
             kwargs["pool_pre_ping"] = True
         try:
             engine = create_engine(url, **kwargs)
-            SQLModel.metadata.create_all(engine)
-        except Exception as exc:  # a wrong URL or an unreachable server
+            upgrade(engine)  # the schema, created or upgraded in place (store.migrate)
+        except StoreError:
+            raise
+        except Exception as exc:  # a wrong URL, an unreachable server, a failed migration
             raise StoreError(f"cannot open the lineage database {url!r}: {exc}") from exc
-        _ensure_indexes(engine)
         _ENGINES[url] = engine
     return _ENGINES[url]
-
-
-def _ensure_indexes(engine: Engine) -> None:
-    """Indexes added after a table was created (``create_all`` skips existing tables)."""
-    for index in Generation.__table__.indexes:  # type: ignore[attr-defined]
-        try:
-            index.create(engine, checkfirst=True)
-        except Exception as exc:
-            with Session(engine) as s:
-                champions = list(s.exec(select(Generation.id).where(Generation.is_champion)))
-            raise StoreError(
-                f"cannot add index {index.name} to the lineage: {exc}; the lineage names "
-                f"generations {champions} as champions (an earlier concurrent cycle); set "
-                "is_champion false on all but one of them, then run again"
-            ) from exc
 
 
 class ChampionChanged(StoreError):
