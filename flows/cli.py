@@ -99,7 +99,7 @@ def _weights(items: list[str] | None) -> dict[str, float]:
     return weights
 
 
-def _cycle_config(dataset: str | None, stages: int, opts: dict):
+def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
     """One typed CycleConfig from the shared options of ``run`` and ``cycle``."""
     from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 
@@ -127,6 +127,7 @@ def _cycle_config(dataset: str | None, stages: int, opts: dict):
                 batch_rows=opts["backfill_batch_rows"],
             ),
             wait_for_lock=not opts["no_wait"],
+            force=opts.get("force", False),
         )
     except _known_errors() as exc:
         _fail(str(exc))
@@ -163,7 +164,10 @@ def run(
 @app.command()
 def cycle(
     dataset: Annotated[str | None, typer.Option(help="default: the gallery's data set")] = None,
-    stages: Annotated[int, typer.Option(min=1, help="stages of the scenario")] = 3,
+    stages: Annotated[
+        int | None,
+        typer.Option(min=1, help="stages of the scenario (default: the lineage's, else 3)"),
+    ] = None,
     method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
     epochs: EpochsOpt = 15,
@@ -177,8 +181,15 @@ def cycle(
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="train even if nothing changed since the champion")
+    ] = False,
 ) -> None:
-    """Run one update cycle (the next stage of the scenario); an interrupted one resumes."""
+    """Run one update cycle (the next stage of the scenario); an interrupted one resumes.
+
+    When the training data equals the champion's snapshot there is nothing new to learn:
+    the cycle prints a line with ``skipped`` and exits 0, unless ``--force``.
+    """
     _env_defaults()
     _check_inputs(dataset)
     opts = locals()
@@ -217,6 +228,10 @@ def _run_cycles(cfg, n: int) -> None:
             if result.get("resumed_backfill"):
                 job = result["resumed_backfill"]
                 err.print(f"finished the interrupted backfill job {job['job']}")
+            if result.get("skipped"):
+                bar.stop()
+                out.print(result["message"])
+                return
             if result.get("resumed"):
                 err.print(escape(result["resumed"]))
             verdict = "promoted" if result["promoted"] else "rejected"

@@ -78,11 +78,16 @@ class CycleConfig(BaseModel):
     """One update cycle: train -> evaluate -> gate -> promote -> backfill -> publish."""
 
     dataset: str | None = Field(None, description="data-set spec; default: the gallery's")
-    stages: int = Field(3, ge=1, description="stages of the growing scenario")
+    stages: int | None = Field(
+        None, ge=1, description="stages of the growing scenario; default: the lineage's, else 3"
+    )
     stage: int | None = Field(None, ge=0, description="default: the next stage")
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     backfill: BackfillConfig = BackfillConfig()
+    force: bool = Field(
+        False, description="train even when the snapshot equals the champion's (else: skip)"
+    )
     wait_for_lock: bool = Field(
         True, description="wait for a cycle already running on this lineage; false: refuse"
     )

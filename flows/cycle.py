@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -34,6 +36,7 @@ from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.failpoints import failpoint
 from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, stage_indices, stage_plan
+from workers.snapshot import Snapshot, scenario_snapshot
 from workers.train import ConstraintSpec, TrainSpec, train_generation
 
 
@@ -97,20 +100,75 @@ def verify_inputs(lineage: Lineage, generations: list[int]) -> None:
         verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
 
 
-def start_cycle(lineage: Lineage, cfg: CycleConfig) -> CycleState:
-    """Steps 1-2: snapshot this stage's training data, resolve the active constraints."""
+DEFAULT_STAGES = 3  # the scenario's stage count when neither the config nor the lineage says
+
+
+@dataclass
+class CyclePlan:
+    """Step 1: the next cycle's training data, before anything is recorded."""
+
+    dataset: Dataset
+    stage: Stage
+    train_idx: np.ndarray
+    snapshot: Snapshot
+
+
+def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
+    """The next stage's snapshot; refuses an evaluation set that changed under the lineage."""
     ds = resolve_dataset(lineage, cfg.dataset)
+    snapshots = lineage.snapshots()
+    known = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
+    stages = cfg.stages or (known[-1] if known else DEFAULT_STAGES)
+    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
+    index = cfg.stage if cfg.stage is not None else len(existing)
+    stage = stage_plan(ds.num_classes, stages, min(index, stages - 1))
+    train_idx = stage_indices(ds.y_train, stage, seed=0)
+    snap = scenario_snapshot(ds, stage, stages, train_idx)
+    first = next((r for _, r in sorted(snapshots.items())), None)
+    if first is not None and first.eval_fingerprint != snap.eval_fingerprint:
+        raise StoreError(
+            f"the evaluation set of {ds.spec!r} changed since generation {first.generation_id} "
+            f"(fingerprint {first.eval_fingerprint[:12]} -> {snap.eval_fingerprint[:12]}): "
+            "every generation here was measured on the old one; restore it, or use a new "
+            "GRACEFUL_HOME"
+        )
+    return CyclePlan(ds, stage, train_idx, snap)
+
+
+def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
+    """The champion, if it trained on exactly this snapshot (then a cycle has nothing new)."""
+    champion = lineage.champion()
+    if champion is None:
+        return None
+    record = lineage.snapshots().get(int(champion.id))  # type: ignore[arg-type]
+    if record is not None and record.fingerprint == plan.snapshot.fingerprint:
+        return int(champion.id)  # type: ignore[arg-type]
+    return None
+
+
+def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = None) -> CycleState:
+    """Steps 1-2: record the snapshot and the generation with its active constraints."""
+    plan = plan or plan_cycle(lineage, cfg)
+    ds, stage, train_idx, snap = plan.dataset, plan.stage, plan.train_idx, plan.snapshot
+    cfg = cfg.model_copy(update={"stages": snap.stages})  # what a resumed cycle must reuse
     champion = lineage.champion()
     active = chain.active_generations(lineage)
     verify_inputs(lineage, active)  # a swapped file fails here, before anything is recorded
-    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
-    index = cfg.stage if cfg.stage is not None else len(existing)
-    stage = stage_plan(ds.num_classes, cfg.stages, min(index, cfg.stages - 1))
-    train_idx = stage_indices(ds.y_train, stage, seed=0)
     t = cfg.train
     planned = chain.plan_constraints(active, t.method, t.against, t.weights)
+    keys_path = save_keys(snap)
     gen = lineage.start_generation(
         planned,
+        snapshot={
+            "source": snap.source,
+            "stage": snap.stage,
+            "stages": snap.stages,
+            "items": snap.items,
+            "classes": snap.classes,
+            "fingerprint": snap.fingerprint,
+            "eval_fingerprint": snap.eval_fingerprint,
+            "keys_path": str(keys_path),
+        },
         dataset=ds.spec,
         stage=stage.index,
         architecture=dict(stage.architecture) | (t.architecture or {}),
@@ -123,6 +181,17 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig) -> CycleState:
     )
     save_snapshot(int(gen.id), train_idx, cfg)  # type: ignore[arg-type]
     return CycleState(ds, stage, gen, train_idx, active, cfg, champion.id if champion else None)
+
+
+def save_keys(snap: Snapshot) -> Path:
+    """The snapshot's keys and labels as Parquet, named by its fingerprint (written once)."""
+    path = subdir("snapshots") / f"keys-{snap.fingerprint[:24]}.parquet"
+    if not path.exists():
+        table = pa.table({"key": snap.keys, "label": np.asarray(snap.labels, dtype=np.int64)})
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    return path
 
 
 def save_snapshot(gen_id: int, train_idx: np.ndarray, cfg: CycleConfig) -> None:
@@ -294,9 +363,21 @@ def recover_task(cfg: CycleConfig) -> tuple[CycleState | None, dict[str, Any] | 
     return recover(Lineage(), cfg)
 
 
-@task(name="snapshot-and-constraints", cache_policy=NO_CACHE)
-def start_task(cfg: CycleConfig) -> CycleState:
-    return start_cycle(Lineage(), cfg)
+@task(name="snapshot", cache_policy=NO_CACHE)
+def plan_task(cfg: CycleConfig) -> CyclePlan:
+    return plan_cycle(Lineage(), cfg)
+
+
+@task(name="record-generation-and-constraints", cache_policy=NO_CACHE)
+def start_task(cfg: CycleConfig, plan: CyclePlan) -> CycleState:
+    return start_cycle(Lineage(), cfg, plan)
+
+
+@task(name="publish-skip", cache_policy=NO_CACHE)
+def publish_skip_task(message: str) -> None:
+    from flows.publish import publish_skip
+
+    publish_skip(message)
 
 
 @task(name="train-on-ray", cache_policy=NO_CACHE)
@@ -363,7 +444,20 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
     if resumed_backfill:
         log.warning("finished the interrupted backfill: %s", resumed_backfill)
     if state is None:
-        state = start_task(cfg)
+        plan = plan_task(cfg)
+        since = None if cfg.force else unchanged_since(Lineage(), plan)
+        if since is not None:
+            message = f"skipped: no new data since generation {since}"
+            log.info("%s (snapshot %s)", message, plan.snapshot.fingerprint[:12])
+            publish_skip_task(message)
+            progress.step(message)
+            return {
+                "skipped": True,
+                "message": message,
+                "generation": since,
+                "resumed_backfill": resumed_backfill,
+            }
+        state = start_task(cfg, plan)
     else:
         log.warning("%s", state.resumed)
     log.info(

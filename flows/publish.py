@@ -100,3 +100,15 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
     create_markdown_artifact(
         "\n".join(lines), key="backfill-summary", description="partial backfill"
     )
+
+
+def publish_skip(message: str) -> None:
+    """The summary of a cycle that had nothing new to train on."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        key="cycle-summary",
+        markdown=f"# Update cycle\n\n**{message}**: the training data's snapshot equals the "
+        "champion's, so no generation was trained. Add data, or run with `force`.",
+        description=message,
+    )

@@ -21,6 +21,7 @@ from flows import chain
 from flows.backfill import backfill_once
 from flows.config import BackfillConfig, CycleConfig
 from flows.cycle import (
+    DEFAULT_STAGES,
     CycleState,
     Step,
     cycle_config_path,
@@ -72,7 +73,7 @@ def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
         verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
     state = CycleState(
         ds,
-        stage_plan(ds.num_classes, cfg.stages, gen.stage),
+        stage_plan(ds.num_classes, cfg.stages or DEFAULT_STAGES, gen.stage),
         gen,
         train_idx,
         active,

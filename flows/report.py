@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from store.gallery import Gallery
-from store.lineage import INTERRUPTED, BackfillJob, Generation, GenerationStatus, JobStatus, Lineage
+from store.lineage import (
+    INTERRUPTED,
+    BackfillJob,
+    Generation,
+    GenerationStatus,
+    JobStatus,
+    Lineage,
+    SnapshotRecord,
+)
 from store.locks import CYCLE_LOCK
 from workers import metrics as M
 
@@ -37,6 +45,20 @@ def job_status(job: BackfillJob, writer_running: bool) -> str:
     return INTERRUPTED if job.status == JobStatus.RUNNING and not writer_running else job.status
 
 
+def _snapshot(record: SnapshotRecord | None) -> dict[str, Any] | None:
+    if record is None:  # a generation made before snapshots were recorded
+        return None
+    return {
+        "source": record.source,
+        "items": record.items,
+        "classes": record.classes,
+        "fingerprint": record.fingerprint,
+        "eval_fingerprint": record.eval_fingerprint,
+        "stage": record.stage,
+        "stages": record.stages,
+    }
+
+
 def build_report(lineage: Lineage) -> dict[str, Any]:
     """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``.
 
@@ -46,6 +68,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
     (the next cycle or backfill resumes or closes it).
     """
     gens = lineage.generations()
+    snapshots = lineage.snapshots()
     cycle_running = lineage.lock(CYCLE_LOCK).holder() is not None
     writer_running = Gallery(lineage).writer_active()
     constraints = lineage.constraints()
@@ -72,6 +95,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
                 "gate_passed": g.gate_passed,
                 "gate_reasons": g.gate_reasons,
                 "error": g.error,
+                "snapshot": _snapshot(snapshots.get(int(g.id))),  # type: ignore[arg-type]
                 "constraints": [
                     {
                         "target": c.target_id,

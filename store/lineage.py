@@ -87,6 +87,24 @@ class Generation(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_now)
 
 
+class SnapshotRecord(SQLModel, table=True):
+    """What generation ``generation_id`` trained on (workers.snapshot), recorded with it."""
+
+    __tablename__ = "snapshot"
+
+    id: int | None = Field(default=None, primary_key=True)
+    generation_id: int = Field(foreign_key="generation.id", unique=True)
+    source: str
+    stage: int | None = None
+    stages: int | None = None
+    items: int
+    classes: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    fingerprint: str = Field(index=True)
+    eval_fingerprint: str
+    keys_path: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
 class Constraint(SQLModel, table=True):
     """Generation ``generation_id`` was trained to stay compatible with ``target_id``."""
 
@@ -209,15 +227,20 @@ class Lineage:
             return gen
 
     def start_generation(
-        self, constraints: Iterable[tuple[int, str, float]], **fields: Any
+        self,
+        constraints: Iterable[tuple[int, str, float]],
+        snapshot: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> Generation:
-        """Record a new generation and its constraints in one transaction."""
+        """Record a new generation, its constraints and its snapshot in one transaction."""
         with self.session() as s:
             gen = Generation(**fields)
             s.add(gen)
             s.flush()
             for target, kind, weight in constraints:
                 s.add(Constraint(generation_id=gen.id, target_id=target, kind=kind, weight=weight))
+            if snapshot is not None:
+                s.add(SnapshotRecord(generation_id=gen.id, **snapshot))
             s.flush()
             s.refresh(gen)
             return gen
@@ -281,6 +304,11 @@ class Lineage:
             gen.is_champion = True
             gen.status = GenerationStatus.PROMOTED
             s.add(gen)
+
+    def snapshots(self) -> dict[int, SnapshotRecord]:
+        """Each generation's snapshot, by generation id (generations made before have none)."""
+        with self.session() as s:
+            return {r.generation_id: r for r in s.exec(select(SnapshotRecord))}
 
     def lock(self, name: str = CYCLE_LOCK, ttl: float = 30.0) -> DatabaseLock:
         """A named lock in this lineage's database (not yet acquired)."""

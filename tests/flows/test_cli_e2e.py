@@ -89,6 +89,19 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
     assert len(rep["backfills"]) == 2 and all(j["items_done"] == 135 for j in rep["backfills"])
     assert rep["backfills"][0]["curve"][0][0] == 0.0 and len(rep["backfills"][0]["curve"]) == 11
 
+    # every generation records its snapshot; the scenario's stages differ
+    snaps = [g["snapshot"] for g in rep["generations"]]
+    assert [s["items"] for s in snaps] == samples
+    assert all(sum(s["classes"].values()) == s["items"] for s in snaps)
+    assert len({s["fingerprint"] for s in snaps}) == 3
+
+    # nothing new since the champion (the scenario's last stage again): skipped, exit 0
+    skipped = graceful(home, "cycle")
+    assert "skipped: no new data since generation 3" in skipped.stdout
+    assert [
+        g["id"] for g in json.loads(graceful(home, "report", "--json").stdout)["generations"]
+    ] == [1, 2, 3]
+
     # a full backfill moves every item to the champion and retires the ancestors
     graceful(home, "backfill", "--budget", "1.0", "--policy", "oldest-first")
     rep = json.loads(graceful(home, "report", "--json").stdout)
@@ -132,9 +145,10 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
             ("cycle-summary", "markdown"),
             ("nfr-matrix", "table"),
         ]
-        assert sum(a.key == "cycle-summary" for a in arts) == 3
+        assert sum(a.key == "cycle-summary" for a in arts) == 4  # one says skipped
+        assert any("skipped" in (a.description or "") for a in arts)
         runs = [client.read_flow_run(r) for r in {a.flow_run_id for a in arts}]
-        assert len(runs) == 4  # three update cycles and one partial backfill
+        assert len(runs) == 5  # four update cycles (one skipped) and one partial backfill
         assert {r.state_name for r in runs} == {"Completed"}
 
 

@@ -111,7 +111,8 @@ def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> No
     state = recover_generations(lin)
     # the newest continues from its step, under the config it was started with
     assert state is not None and state.generation.id == second.id and state.step == Step.TRAIN
-    assert state.config == cfg and state.resumed.startswith(f"resumed generation {second.id}")
+    assert state.config == cfg.model_copy(update={"stages": 3})  # the stage count it used
+    assert state.resumed.startswith(f"resumed generation {second.id}")
     older = lin.generation(first.id)
     assert older.status == "failed"
     assert older.error == f"interrupted: superseded by generation {second.id}"
@@ -122,3 +123,48 @@ def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> No
     assert gone.status == "failed" and gone.error.startswith("interrupted: cannot resume: ")
     assert "cycle config" in gone.error
     assert recover_generations(lin) is None  # nothing left mid-cycle
+
+
+@pytest.mark.slow
+def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
+    import numpy as np
+    from sqlmodel import Session
+
+    from flows.cycle import plan_cycle, unchanged_since
+    from flows.report import build_report
+    from store.lineage import SnapshotRecord
+    from store.settings import StoreError
+    from workers.datasets import load_dataset
+
+    lin = Lineage()
+    train = TrainConfig(method="none", epochs=1)
+    cfg = CycleConfig(dataset="digits", stages=2, train=train, gate=GateConfig(enabled=False))
+    g1, _ = _cycle(lin, cfg)
+    assert unchanged_since(lin, plan_cycle(lin, CycleConfig(train=train))) is None  # stage 1
+    g2, _ = _cycle(lin, CycleConfig(train=train, gate=GateConfig(enabled=False)))
+    # the scenario's last stage again: the champion's very snapshot (stages from the lineage)
+    plan = plan_cycle(lin, CycleConfig(train=train))
+    assert plan.snapshot.stages == 2 and plan.stage.index == 1
+    assert unchanged_since(lin, plan) == g2
+    forced, _ = _cycle(lin, CycleConfig(train=train, force=True, gate=GateConfig(enabled=False)))
+    assert forced == 3 and lin.champion().id == 3
+
+    rep = build_report(lin)
+    snaps = {g["id"]: g["snapshot"] for g in rep["generations"]}
+    assert snaps[g2]["fingerprint"] == snaps[forced]["fingerprint"] != snaps[g1]["fingerprint"]
+    ds = load_dataset("digits")
+    idx = np.load(home / "snapshots" / f"gen-{g1}-train-idx.npy")
+    labels = ds.y_train[idx]
+    assert snaps[g1]["items"] == len(idx) == lin.generation(g1).train_samples
+    assert snaps[g1]["classes"] == {  # hand-counted from the stage's own rows
+        ds.class_names[c]: int((labels == c).sum()) for c in np.unique(labels)
+    }
+    assert sum(snaps[g1]["classes"].values()) == snaps[g1]["items"]
+    assert len(snaps[g1]["classes"]) == len(lin.generation(g1).classes) < 10  # stage 0
+
+    with Session(lin.engine) as s, s.begin():  # as if the evaluation set had been edited
+        row = s.get(SnapshotRecord, 1)
+        row.eval_fingerprint = "0" * 64
+        s.add(row)
+    with pytest.raises(StoreError, match="evaluation set of 'digits' changed since generation 1"):
+        plan_cycle(lin, CycleConfig(train=train))

@@ -109,15 +109,20 @@ def test_sigkill_at_each_step_then_the_next_cycle_resumes(tmp_path: Path, cli) -
     assert home.lineage.champion().id == 3
 
     # 4. backfill: one 32-item part committed; the next cycle finishes the job first
-    killed = home.run("cycle", *BASE, "--backfill-budget", "1.0", failpoint="backfill-part")
+    # (the scenario's 3 stages are used up: --force trains on the last one again)
+    killed = home.run(
+        "cycle", *BASE, "--force", "--backfill-budget", "1.0", failpoint="backfill-part"
+    )
     assert killed.returncode == -signal.SIGKILL
     rep = home.report()
     [job] = [b for b in rep["backfills"] if b["generation"] == 4]
     assert job["status"] == "interrupted" and job["items_done"] == 32
-    err = _ok(home.run("cycle", *BASE, "--backfill-budget", "0"))
+    done = home.run("cycle", *BASE)  # nothing new to train on, but the backfill is finished
+    err = _ok(done)
     assert f"finished the interrupted backfill job {job['job_id']}" in err
+    assert "skipped: no new data since generation 4" in done.stdout
     job = next(j for j in home.lineage.backfill_jobs() if j.id == job["job_id"])
     assert job.status == "done" and job.items_done == job.total_items == 270
     rep = _assert_settled(home)
-    assert _statuses(rep) == {g: "promoted" for g in (1, 2, 3, 4, 5)}
-    assert rep["gallery"]["by_generation"] == {"4": 270}  # generation 5 backfilled nothing
+    assert _statuses(rep) == {g: "promoted" for g in (1, 2, 3, 4)}
+    assert rep["gallery"]["by_generation"] == {"4": 270}
