@@ -67,12 +67,16 @@ class CycleState:
 
 
 def resolve_dataset(lineage: Lineage, spec: str | None) -> Dataset:
-    """The cycle's data set: the given spec, else the one the gallery indexes."""
+    """The cycle's data set: the given spec, else the gallery's, else the last snapshot's."""
     info = lineage.gallery_info()
     if spec is None:
-        if info is None:
-            raise StoreError("no data set: pass --dataset (the gallery is empty)")
-        spec = info.dataset
+        snapshots = lineage.snapshots()
+        if info is not None:
+            spec = info.dataset
+        elif snapshots:
+            spec = snapshots[max(snapshots)].source
+        else:
+            raise StoreError("no data set: pass --dataset (this lineage has trained nothing)")
     parse_spec(spec)  # a clear error before anything is loaded or stored
     ds = load_dataset(spec)
     if info is not None and info.dataset != ds.spec:

@@ -123,6 +123,11 @@ def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> No
     assert gone.status == "failed" and gone.error.startswith("interrupted: cannot resume: ")
     assert "cycle config" in gone.error
     assert recover_generations(lin) is None  # nothing left mid-cycle
+    # no gallery yet, but the lineage knows its source: no --dataset needed
+    from flows.cycle import plan_cycle
+
+    assert lin.gallery_info() is None
+    assert plan_cycle(lin, CycleConfig(train=TrainConfig(epochs=1))).dataset.spec == "digits"
 
 
 @pytest.mark.slow
