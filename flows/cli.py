@@ -89,12 +89,10 @@ def _weights(items: list[str] | None) -> dict[str, float]:
     """``["focal=0.5", ...]`` as a mapping; a malformed item is bad input."""
     weights: dict[str, float] = {}
     for item in items or []:
-        kind, sep, value = item.partition("=")
+        kind, _, value = item.partition("=")  # no "=": value "" is not a number
         try:
             weights[kind.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
             _fail(f"--weight takes KIND=W, e.g. --weight focal=0.5; got {item!r}")
     return weights
 

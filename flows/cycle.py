@@ -10,7 +10,6 @@ from the step it reached, or closes it as failed, before anything new is trained
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,13 @@ from flows import chain
 from flows.config import CycleConfig
 from flows.gate import decide
 from flows.progress import StepProgress
+from flows.steps import Step
 from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryRows
 from store.lineage import Generation, GenerationStatus, Lineage
 from store.locks import CYCLE_LOCK
 from store.settings import StoreError, subdir
 from workers.backfill import run_backfill
-from workers.constraints import parse_kind
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.failpoints import failpoint
@@ -38,14 +37,6 @@ from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, stage_indices, stage_plan
 from workers.snapshot import Snapshot, scenario_snapshot
 from workers.train import ConstraintSpec, TrainSpec, train_generation
-
-
-class Step(IntEnum):
-    """The steps of a cycle that a resumed cycle continues from, in order."""
-
-    TRAIN = 1
-    EVALUATE = 2  # evaluate, then gate
-    PROMOTE = 3
 
 
 @dataclass
@@ -70,7 +61,7 @@ def resolve_dataset(lineage: Lineage, spec: str | None) -> Dataset:
     """The cycle's data set: the given spec, else the gallery's, else the last snapshot's."""
     info = lineage.gallery_info()
     if spec is None:
-        snapshots = lineage.snapshots()
+        snapshots = {} if info is not None else lineage.snapshots()
         if info is not None:
             spec = info.dataset
         elif snapshots:
@@ -222,7 +213,7 @@ def train_step(
     constraints = [
         ConstraintSpec(
             c.target_id,
-            parse_kind(c.kind),
+            c.kind,  # check_spec turns the name into the enum
             c.weight,
             by_id[c.target_id].checkpoint_path,
             by_id[c.target_id].checkpoint_sha256,

@@ -23,31 +23,21 @@ from flows.config import BackfillConfig, CycleConfig
 from flows.cycle import (
     DEFAULT_STAGES,
     CycleState,
-    Step,
     cycle_config_path,
     resolve_dataset,
     train_idx_path,
     verify_inputs,
 )
+from flows.steps import Step, interrupted_step
 from store.files import CheckpointError, verify_checkpoint
 from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.settings import StoreError
+from workers.backfill import close_interrupted_jobs
 from workers.datasets import DatasetError
 from workers.scenario import stage_plan
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
-
-
-def interrupted_step(gen: Generation) -> Step | None:
-    """The step an unfinished generation stopped before, or None if its cycle ended."""
-    if gen.status == GenerationStatus.TRAINING:
-        return Step.TRAIN
-    if gen.status == GenerationStatus.TRAINED and gen.gate_passed is None:
-        return Step.EVALUATE
-    if gen.status == GenerationStatus.TRAINED and gen.gate_passed:
-        return Step.PROMOTE
-    return None
 
 
 def close_generation(lineage: Lineage, gen_id: int, why: str) -> None:
@@ -107,16 +97,10 @@ def recover_backfill(lineage: Lineage, cfg: CycleConfig) -> dict[str, Any] | Non
         return None  # nothing was killed, or a backfill is writing right now
     champion = lineage.champion()
     mine = [j for j in running if champion is not None and j.generation_id == champion.id]
-    for job in running:
-        if job not in mine:
-            lineage.update_backfill_job(
-                job.id,
-                status=JobStatus.FAILED,
-                error=f"interrupted: generation {job.generation_id} is no longer the champion",
-            )
     if not mine:
+        close_interrupted_jobs(lineage, keep=None, why="its generation is no longer the champion")
         return None
-    job = mine[-1]  # run_backfill resumes it (same champion, policy, budget)
+    job = mine[-1]  # run_backfill resumes it (same settings) and closes the others
     resumed = BackfillConfig(
         budget=job.budget,
         policy=job.policy,

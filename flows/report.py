@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows.steps import interrupted_step
 from store.gallery import Gallery
 from store.lineage import (
     INTERRUPTED,
     BackfillJob,
     Generation,
-    GenerationStatus,
     JobStatus,
     Lineage,
     SnapshotRecord,
@@ -28,16 +28,10 @@ def _pairs(lineage: Lineage, metric: str, strict: bool) -> list[list[float]]:
     ]
 
 
-def mid_cycle(gen: Generation) -> bool:
-    """Trained or training, but not yet gated or not yet promoted: its cycle is under way."""
-    return gen.status == GenerationStatus.TRAINING or (
-        gen.status == GenerationStatus.TRAINED and gen.gate_passed is not False
-    )
-
-
 def generation_status(gen: Generation, cycle_running: bool) -> str:
     """The stored status, or ``interrupted`` for a cycle whose process is gone."""
-    return INTERRUPTED if mid_cycle(gen) and not cycle_running else str(gen.status)
+    unfinished = interrupted_step(gen) is not None
+    return INTERRUPTED if unfinished and not cycle_running else str(gen.status)
 
 
 def job_status(job: BackfillJob, writer_running: bool) -> str:

@@ -39,7 +39,6 @@ class JobStatus(StrEnum):
     FAILED = "failed"  # an error, or ``interrupted`` (killed, then superseded); resumable
 
 
-GENERATION_STATUSES = tuple(GenerationStatus)
 UNFINISHED_JOBS = (JobStatus.RUNNING, JobStatus.FAILED)
 INTERRUPTED = "interrupted"  # the report's status for a run whose process is gone
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from sqlalchemy import delete, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel
 
 from store.settings import StoreError
 
@@ -57,6 +57,7 @@ class Holder:
     host: str
     pid: int
     since: datetime
+    stale: bool = False  # its process is gone, or its heartbeat too old (SQLite)
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.since:%Y-%m-%d %H:%M:%S} UTC"
@@ -127,15 +128,16 @@ class DatabaseLock:
         deadline = None if timeout is None else time.monotonic() + timeout
         told = False
         while not self._try_once():
-            holder = self.holder()
+            # the attempt just failed, so someone holds it: the lease row says who
             if not wait or (deadline is not None and time.monotonic() >= deadline):
+                holder = self._row_holder()
                 who = f" ({holder})" if holder else ""
                 raise LockHeld(
                     f"another {self.name} is running{who}; wait for it to finish, "
                     "or run again without --no-wait to wait for it"
                 )
             if on_wait is not None and not told:
-                on_wait(holder)
+                on_wait(self._row_holder())
                 told = True
             time.sleep(self.poll)
         self.held = True
@@ -241,16 +243,21 @@ class DatabaseLock:
     # -- looking -----------------------------------------------------------------------
     def holder(self) -> Holder | None:
         """Who holds the lock now, or None when nobody does (a dead holder is nobody)."""
-        with Session(self.engine) as s:
-            row = s.exec(select(LockLease).where(LockLease.name == self.name)).first()
         if self.postgres:
             if not self._postgres_locked():
                 return None
-        elif row is None or self._stale(row):
+            # locked: the row may not be written yet
+            return self._row_holder() or Holder("unknown host", 0, _now())
+        holder = self._row_holder()
+        return None if holder is None or holder.stale else holder
+
+    def _row_holder(self) -> Holder | None:
+        """The holder the lease row names, if there is a row."""
+        with Session(self.engine) as s:
+            row = s.get(LockLease, self.name)
+        if row is None:
             return None
-        if row is None:  # PostgreSQL: locked, the row not written yet
-            return Holder("unknown host", 0, _now())
-        return Holder(row.host, row.pid, _aware(row.acquired_at))
+        return Holder(row.host, row.pid, _aware(row.acquired_at), self._stale(row))
 
     def _postgres_locked(self) -> bool:
         if self.held:

@@ -483,24 +483,22 @@ def resumable_job(
     return None
 
 
-def close_interrupted_jobs(lineage: Lineage, keep: int | None) -> list[int]:
-    """Mark every other unfinished job failed (``interrupted``); call holding the writer lock.
+def close_interrupted_jobs(lineage: Lineage, keep: int | None, why: str | None = None) -> None:
+    """Mark every other job still running failed (``interrupted: why``).
 
-    With the gallery's writer lock held no other backfill runs, so a job still marked
-    running was killed; it is superseded by the job this backfill resumes or starts.
+    Call it with no backfill writing (the gallery's writer lock held, or free): a job
+    still marked running then was killed. By default it is superseded by job ``keep``.
     """
-    closed = []
+    why = why or f"superseded by backfill job {keep}"
     for job in lineage.backfill_jobs():
         if job.status == JobStatus.RUNNING and job.id != keep:
-            why = f"{job.error}; " if job.error else ""
+            before = f"{job.error}; " if job.error else ""
             lineage.update_backfill_job(
                 job.id,
                 status=JobStatus.FAILED,
-                error=f"{why}interrupted: superseded by backfill job {keep}",
+                error=f"{before}interrupted: {why}",
                 finished_at=datetime.now(UTC),
             )
-            closed.append(int(job.id))  # type: ignore[arg-type]
-    return closed
 
 
 def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

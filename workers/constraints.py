@@ -84,21 +84,19 @@ class StepInputs:
     extra_batch: torch.Tensor | None = None  # their indices
 
 
-def _weights(teachers: list[Teacher], kind: ConstraintKind, device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.weights[kind] for t in teachers], device=device)
+# Each kind's ``stack`` returns its stacked teacher tensors and its item mask (or None);
+# ``stack_teachers`` adds the ancestors and their weights, the same for every kind.
+Tensors = dict[str, torch.Tensor | None]
 
 
 # -- influence (BCT) -------------------------------------------------------------------
-def _stack_influence(teachers: list[Teacher], spec: TrainSpec) -> Stack:
-    head = torch.stack([t.head for t in teachers])
+def _stack_influence(
+    teachers: list[Teacher], spec: TrainSpec
+) -> tuple[Tensors, torch.Tensor | None]:
     # without BCT prototypes an ancestor cannot judge classes it never saw
     judged_all = spec.bct_prototypes or spec.influence_head == "centroids"
-    return Stack(
-        [t.target for t in teachers],
-        _weights(teachers, ConstraintKind.INFLUENCE, head.device),
-        {"head": head},
-        None if judged_all else torch.stack([t.known for t in teachers]),
-    )
+    mask = None if judged_all else torch.stack([t.known for t in teachers])
+    return {"head": torch.stack([t.head for t in teachers])}, mask
 
 
 def _loss_influence(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
@@ -108,14 +106,12 @@ def _loss_influence(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
 
 
 # -- focal distillation (PCT) ----------------------------------------------------------
-def _stack_focal(teachers: list[Teacher], spec: TrainSpec) -> Stack:
-    logits = torch.stack([t.logits for t in teachers])
-    return Stack(
-        [t.target for t in teachers],
-        _weights(teachers, ConstraintKind.FOCAL, logits.device),
-        {"logits": logits, "correct": torch.stack([t.correct for t in teachers])},
-        torch.stack([t.known for t in teachers]),  # an ancestor's logits on unseen classes lie
-    )
+def _stack_focal(teachers: list[Teacher], spec: TrainSpec) -> tuple[Tensors, torch.Tensor | None]:
+    tensors: Tensors = {
+        "logits": torch.stack([t.logits for t in teachers]),
+        "correct": torch.stack([t.correct for t in teachers]),
+    }
+    return tensors, torch.stack([t.known for t in teachers])  # its logits on unseen classes lie
 
 
 def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
@@ -131,25 +127,22 @@ def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
 
 
 # -- embedding distillation ------------------------------------------------------------
-def _stack_embedding(teachers: list[Teacher], spec: TrainSpec) -> Stack:
-    emb = torch.stack([t.embedding for t in teachers])  # type: ignore[misc]
+def _stack_embedding(
+    teachers: list[Teacher], spec: TrainSpec
+) -> tuple[Tensors, torch.Tensor | None]:
     mask = None
     if spec.embedding_scope == "known":
         mask = torch.stack([t.known for t in teachers])
     elif spec.embedding_scope == "unknown":
         mask = ~torch.stack([t.known for t in teachers])
     has_extra = teachers[0].extra_embedding is not None
-    return Stack(
-        [t.target for t in teachers],
-        _weights(teachers, ConstraintKind.EMBEDDING, emb.device),
-        {
-            "embedding": emb,
-            "extra": torch.stack([t.extra_embedding for t in teachers])  # type: ignore[misc]
-            if has_extra
-            else None,
-        },
-        mask,
-    )
+    tensors: Tensors = {
+        "embedding": torch.stack([t.embedding for t in teachers]),  # type: ignore[misc]
+        "extra": torch.stack([t.extra_embedding for t in teachers])  # type: ignore[misc]
+        if has_extra
+        else None,
+    }
+    return tensors, mask
 
 
 def _loss_embedding(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
@@ -168,7 +161,7 @@ class KindSpec:
     kind: ConstraintKind
     default_weight: float  # what bench/compat.py measured best (bench/results/compat.md)
     teacher_tensors: tuple[str, ...]  # the Teacher fields it reads, precomputed once
-    stack: Callable[[list[Teacher], TrainSpec], Stack]
+    stack: Callable[[list[Teacher], TrainSpec], tuple[Tensors, torch.Tensor | None]]
     loss: Callable[[Stack, StepInputs, TrainSpec], torch.Tensor]  # (K,): one per ancestor
 
 
@@ -229,7 +222,10 @@ def stack_teachers(teachers: list[Teacher], spec: TrainSpec) -> dict[ConstraintK
     for kind, entry in REGISTRY.items():
         members = [t for t in teachers if t.weights.get(kind, 0.0)]
         if members:
-            stacks[kind] = entry.stack(members, spec)
+            tensors, mask = entry.stack(members, spec)
+            device = members[0].logits.device
+            weight = torch.tensor([t.weights[kind] for t in members], device=device)
+            stacks[kind] = Stack([t.target for t in members], weight, tensors, mask)
     return stacks
 
 

@@ -11,7 +11,7 @@ stage s of a fixed data set is one snapshot, keyed ``train/<row>``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +33,6 @@ class Snapshot:
     eval_fingerprint: str
     stage: int | None = None  # the scenario's stage and stage count, when it is one
     stages: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def items(self) -> int:

@@ -124,7 +124,7 @@ class TrainSpec:
 def check_spec(spec: TrainSpec) -> None:
     """Refuse unknown constraint kinds and options before any work is done."""
     for c in spec.constraints:
-        c.kind = parse_kind(c.kind)  # a plain string from a caller becomes the enum
+        c.kind = parse_kind(c.kind)  # a plain name from a caller becomes the enum
         if not c.weight >= 0:
             raise ValueError(f"constraint weight must be >= 0, got {c.weight} ({c.kind})")
     for name, value, allowed in (
@@ -273,7 +273,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     # the extra (mixup) inputs are precomputed only for kinds that read them
     uses_extra = spec.distill_mix > 0 and any(
-        "extra_embedding" in REGISTRY[parse_kind(c.kind)].teacher_tensors for c in spec.constraints
+        "extra_embedding" in REGISTRY[c.kind].teacher_tensors for c in spec.constraints
     )
     n_extra = round(spec.distill_mix * len(x)) if uses_extra else 0
     extra = mixup_inputs(x, n_extra, spec.seed) if n_extra else None
