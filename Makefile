@@ -6,7 +6,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
-.PHONY: install demo test lint format bench-compat bench-backfill clean
+.PHONY: install demo test lint format bench-compat bench-backfill bench-stream clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ bench-compat: install
 
 bench-backfill: install
 	$(BIN)/python -m bench.backfill
+
+bench-stream: install
+	$(BIN)/python -m bench.stream
 
 clean:
 	rm -rf .graceful .pytest_cache

@@ -7,18 +7,32 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.config import CycleConfig
 
 
-def build_deployments(dataset: str, interval_minutes: float, cron: str | None = None) -> list:
+def build_deployments(
+    config: CycleConfig,
+    interval_minutes: float,
+    cron: str | None = None,
+    name: str = "scheduled-update",
+) -> list:
+    """The scheduled update cycle (its parameters: ``config``) and the on-demand backfill.
+
+    On a source, a firing trains only when the source's snapshot changed since the
+    champion's; otherwise the run logs and summarises ``skipped: no new data ...``.
+    """
     from flows.backfill import backfill_flow
-    from flows.config import BackfillConfig, CycleConfig
+    from flows.config import BackfillConfig
     from flows.cycle import update_cycle
 
     schedule = {"cron": cron} if cron else {"interval": timedelta(minutes=interval_minutes)}
     return [
         update_cycle.to_deployment(
-            name="scheduled-update",
-            parameters={"config": CycleConfig(dataset=dataset).model_dump()},
+            name=name,
+            parameters={"config": config.model_dump(mode="json")},
             description="Train, evaluate, gate, promote and backfill the next generation.",
             tags=["graceful"],
             # one run at a time from this deployment; the lineage's cycle lock also
@@ -36,8 +50,11 @@ def build_deployments(dataset: str, interval_minutes: float, cron: str | None = 
 
 
 def serve_all(
-    dataset: str = "digits", interval_minutes: float = 1440, cron: str | None = None
+    config: CycleConfig,
+    interval_minutes: float = 1440,
+    cron: str | None = None,
+    name: str = "scheduled-update",
 ) -> None:
     from prefect import serve
 
-    serve(*build_deployments(dataset, interval_minutes, cron))
+    serve(*build_deployments(config, interval_minutes, cron, name))

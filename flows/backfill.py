@@ -9,12 +9,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import chain
 from flows.config import BackfillConfig
+from flows.cycle import resolve_dataset
 from flows.progress import StepProgress
 from store.gallery import Gallery
 from store.lineage import Lineage
 from store.settings import StoreError, subdir
 from workers.backfill import run_backfill
-from workers.datasets import load_dataset
 from workers.evaluate import generation_outputs
 
 
@@ -27,7 +27,7 @@ def backfill_once(
     champion = lineage.champion()
     if champion is None:
         raise StoreError("no champion generation to backfill with")
-    ds = load_dataset(info.dataset)
+    ds = resolve_dataset(lineage, info.dataset)
     out = generation_outputs(champion, ds, subdir("cache"))
     job = run_backfill(
         lineage,

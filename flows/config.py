@@ -50,6 +50,12 @@ class TrainConfig(BaseModel):
     architecture: dict | None = Field(
         None, description="keys that override the scenario's architecture (kind, width, head…)"
     )
+    class_capacity: int | None = Field(
+        None,
+        ge=2,
+        description="head rows a source's lineage reserves at its first cycle, so classes "
+        "that appear later need no renumbering; default max(embed_dim, 2 x classes seen)",
+    )
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -87,6 +93,9 @@ class CycleConfig(BaseModel):
     backfill: BackfillConfig = BackfillConfig()
     force: bool = Field(
         False, description="train even when the snapshot equals the champion's (else: skip)"
+    )
+    strict: bool = Field(
+        False, description="refuse a source with unreadable items (else: skip and record them)"
     )
     wait_for_lock: bool = Field(
         True, description="wait for a cycle already running on this lineage; false: refuse"

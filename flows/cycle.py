@@ -35,18 +35,19 @@ from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.failpoints import failpoint
 from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, stage_indices, stage_plan
-from workers.snapshot import Snapshot, scenario_snapshot
-from workers.train import ConstraintSpec, TrainSpec, train_generation
+from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
+from workers.sources import SourceError, describe_change, is_source, load_eval, scan_source
+from workers.train import ConstraintSpec, SourceItems, TrainSpec, train_generation
 
 
 @dataclass
 class CycleState:
     """What one cycle carries from step to step."""
 
-    dataset: Dataset
+    dataset: Dataset  # the scenario's data set, or a source's evaluation set
     stage: Stage
     generation: Generation
-    train_idx: np.ndarray
+    train_idx: np.ndarray | None  # the scenario's training rows; None for a source
     active: list[int]
     config: CycleConfig  # the one its generation trains under (a resumed one: its own)
     champion: int | None  # the champion when the cycle began: the gate compares against it
@@ -55,21 +56,65 @@ class CycleState:
     promoted: bool = False
     reasons: list[str] = field(default_factory=list)
     resumed: str | None = None  # how an interrupted cycle was picked up, if it was
+    source: SourceItems | None = None  # a source's snapshot, streamed by the trainer
+    capacity: int | None = None  # head rows (a source's lineage reserves them up front)
+
+    @property
+    def train_items(self) -> int:
+        return int(self.generation.train_samples or 0)
 
 
-def resolve_dataset(lineage: Lineage, spec: str | None) -> Dataset:
-    """The cycle's data set: the given spec, else the gallery's, else the last snapshot's."""
+def last_snapshot(lineage: Lineage):
+    """The newest generation's snapshot record, or None."""
+    snapshots = lineage.snapshots()
+    return snapshots[max(snapshots)] if snapshots else None
+
+
+def source_mode(lineage: Lineage, spec: str | None, stages: int | None = None) -> bool:
+    """Whether cycles here train on a source's snapshots (not the scenario's stages).
+
+    A lineage keeps the mode it started with; a new one trains on a source when given an
+    image folder or Parquet source and no scenario stage count.
+    """
+    last = last_snapshot(lineage)
+    if last is not None:
+        return last.stages is None and is_source(last.source)
+    if lineage.generations():
+        return False  # made before snapshots: the scenario
+    return stages is None and is_source(spec)
+
+
+def resolve_spec(lineage: Lineage, spec: str | None) -> str:
+    """The cycle's data: the given spec, else the gallery's, else the last snapshot's."""
     info = lineage.gallery_info()
     if spec is None:
-        snapshots = {} if info is not None else lineage.snapshots()
+        last = last_snapshot(lineage)
         if info is not None:
             spec = info.dataset
-        elif snapshots:
-            spec = snapshots[max(snapshots)].source
+        elif last is not None:
+            spec = last.source
         else:
             raise StoreError("no data set: pass --dataset (this lineage has trained nothing)")
     parse_spec(spec)  # a clear error before anything is loaded or stored
-    ds = load_dataset(spec)
+    return spec
+
+
+def resolve_dataset(lineage: Lineage, spec: str | None, stages: int | None = None) -> Dataset:
+    """The data set a cycle evaluates on: the scenario's, or a source's evaluation set."""
+    spec = resolve_spec(lineage, spec)
+    if source_mode(lineage, spec, stages):
+        vocab = lineage.vocabulary()
+        ev = load_eval(spec)
+        missing = sorted(set(ev.labels) - set(vocab))
+        if missing:
+            raise StoreError(
+                f"the evaluation set of {spec!r} has classes this lineage never saw "
+                f"({', '.join(missing[:5])}): it changed; restore it"
+            )
+        ds = ev.dataset(spec, vocab)
+    else:
+        ds = load_dataset(spec)
+    info = lineage.gallery_info()
     if info is not None and info.dataset != ds.spec:
         raise StoreError(
             f"the gallery in this GRACEFUL_HOME indexes {info.dataset!r}; "
@@ -104,13 +149,51 @@ class CyclePlan:
 
     dataset: Dataset
     stage: Stage
-    train_idx: np.ndarray
+    train_idx: np.ndarray | None
     snapshot: Snapshot
+    source: SourceItems | None = None
+    capacity: int | None = None
+
+
+# A source's model: the scenario's last-stage MLP (what bench/compat.py measured)
+SOURCE_ARCHITECTURE = {"kind": "mlp", "width": 256, "depth": 3, "head": "fixed"}
 
 
 def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
-    """The next stage's snapshot; refuses an evaluation set that changed under the lineage."""
-    ds = resolve_dataset(lineage, cfg.dataset)
+    """The next snapshot (a source's, or the scenario's next stage); refuses an
+    evaluation set that changed under the lineage."""
+    spec = resolve_spec(lineage, cfg.dataset)
+    if source_mode(lineage, spec, cfg.stages):
+        plan = plan_source(lineage, cfg, spec)
+    else:
+        plan = plan_scenario(lineage, cfg, spec)
+    check_eval_set(lineage, plan.snapshot)
+    return plan
+
+
+def eval_items_path(fingerprint: str) -> Path:
+    return subdir("snapshots") / f"eval-{fingerprint[:24]}.parquet"
+
+
+def check_eval_set(lineage: Lineage, snap: Snapshot) -> None:
+    """Refuse an evaluation set other than the one the lineage's first generation had."""
+    first = next((r for _, r in sorted(lineage.snapshots().items())), None)
+    if first is None or first.eval_fingerprint == snap.eval_fingerprint:
+        return
+    what = f"fingerprint {first.eval_fingerprint[:12]} -> {snap.eval_fingerprint[:12]}"
+    old = eval_items_path(first.eval_fingerprint)
+    if snap.eval_items is not None and old.exists():
+        what = describe_change(pq.read_table(old), snap.eval_items)
+    raise StoreError(
+        f"the evaluation set of {snap.source!r} changed since generation "
+        f"{first.generation_id}: {what}; every generation here was measured on the old one: "
+        "restore it, or use a new GRACEFUL_HOME"
+    )
+
+
+def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
+    """The scenario's next stage over a data set loaded whole."""
+    ds = resolve_dataset(lineage, spec, cfg.stages or DEFAULT_STAGES)
     snapshots = lineage.snapshots()
     known = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
     stages = cfg.stages or (known[-1] if known else DEFAULT_STAGES)
@@ -118,16 +201,51 @@ def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     index = cfg.stage if cfg.stage is not None else len(existing)
     stage = stage_plan(ds.num_classes, stages, min(index, stages - 1))
     train_idx = stage_indices(ds.y_train, stage, seed=0)
-    snap = scenario_snapshot(ds, stage, stages, train_idx)
-    first = next((r for _, r in sorted(snapshots.items())), None)
-    if first is not None and first.eval_fingerprint != snap.eval_fingerprint:
-        raise StoreError(
-            f"the evaluation set of {ds.spec!r} changed since generation {first.generation_id} "
-            f"(fingerprint {first.eval_fingerprint[:12]} -> {snap.eval_fingerprint[:12]}): "
-            "every generation here was measured on the old one; restore it, or use a new "
-            "GRACEFUL_HOME"
+    return CyclePlan(ds, stage, train_idx, scenario_snapshot(ds, stage, stages, train_idx))
+
+
+def class_capacity(lineage: Lineage, cfg: CycleConfig, n_classes: int) -> int:
+    """Head rows of a source's lineage: fixed by its first snapshot, room to grow."""
+    last = last_snapshot(lineage)
+    if last is not None and last.capacity:
+        return int(last.capacity)
+    return cfg.train.class_capacity or max(cfg.train.embed_dim, 2 * n_classes)
+
+
+def plan_source(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
+    """A snapshot of the source as it is now; new classes get the next free head rows."""
+    last = last_snapshot(lineage)
+    previous = None
+    if last is not None and last.keys_path and Path(last.keys_path).exists():
+        previous = pq.read_table(last.keys_path)  # spares re-hashing unchanged files
+    scan = scan_source(spec, previous)
+    if scan.skipped and cfg.strict:
+        first = scan.skipped[0]
+        raise SourceError(
+            f"{len(scan.skipped)} unreadable item(s) in {spec} (first: {first['key']}: "
+            f"{first['reason']}); fix or remove them, or run without --strict to skip them"
         )
-    return CyclePlan(ds, stage, train_idx, snap)
+    ev = load_eval(spec)
+    counts = scan.class_counts()
+    names = sorted(set(counts) | set(ev.labels))
+    capacity = class_capacity(lineage, cfg, len(names))
+    known = lineage.vocabulary()
+    vocab = lineage.extend_vocabulary(
+        sorted(set(names) - set(known)), capacity
+    )  # earlier classes keep their rows
+    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
+    trained = tuple(sorted(vocab[n] for n in counts))
+    architecture = dict(SOURCE_ARCHITECTURE)
+    stage = Stage(len(existing), trained, 1.0, architecture)
+    snap = source_snapshot(scan, ev, vocab)
+    items = SourceItems(
+        spec=spec,
+        keys_path="",  # set when the snapshot's keys are saved (start_cycle)
+        vocabulary=vocab,
+        input_format=ev.input_format.as_dict(),
+        fingerprint=snap.fingerprint,
+    )
+    return CyclePlan(ev.dataset(spec, vocab), stage, None, snap, items, capacity)
 
 
 def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
@@ -152,6 +270,11 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     t = cfg.train
     planned = chain.plan_constraints(active, t.method, t.against, t.weights)
     keys_path = save_keys(snap)
+    if snap.eval_items is not None:
+        _write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
+    source = plan.source
+    if source is not None:
+        source.keys_path = str(keys_path)
     gen = lineage.start_generation(
         planned,
         snapshot={
@@ -163,38 +286,51 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
             "fingerprint": snap.fingerprint,
             "eval_fingerprint": snap.eval_fingerprint,
             "keys_path": str(keys_path),
+            "capacity": plan.capacity,
+            "skipped": snap.skipped,
         },
         dataset=ds.spec,
         stage=stage.index,
         architecture=dict(stage.architecture) | (t.architecture or {}),
         embed_dim=t.embed_dim,
         classes=list(stage.classes),
-        train_samples=len(train_idx),
+        train_samples=snap.items,
         epochs=t.epochs,
         seed=t.seed,
         method=t.method.value,
     )
     save_snapshot(int(gen.id), train_idx, cfg)  # type: ignore[arg-type]
-    return CycleState(ds, stage, gen, train_idx, active, cfg, champion.id if champion else None)
+    state = CycleState(ds, stage, gen, train_idx, active, cfg, champion.id if champion else None)
+    state.source, state.capacity = source, plan.capacity
+    return state
 
 
 def save_keys(snap: Snapshot) -> Path:
-    """The snapshot's keys and labels as Parquet, named by its fingerprint (written once)."""
+    """The snapshot's items (keys, labels, what locates them) as Parquet, named by its
+    fingerprint (written once, atomically)."""
     path = subdir("snapshots") / f"keys-{snap.fingerprint[:24]}.parquet"
-    if not path.exists():
+    table = snap.table
+    if table is None:
         table = pa.table({"key": snap.keys, "label": np.asarray(snap.labels, dtype=np.int64)})
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+    _write_once(path, table)
     return path
 
 
-def save_snapshot(gen_id: int, train_idx: np.ndarray, cfg: CycleConfig) -> None:
+def _write_once(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` atomically unless it exists (names are fingerprints)."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+
+
+def save_snapshot(gen_id: int, train_idx: np.ndarray | None, cfg: CycleConfig) -> None:
     """What the generation trains on and under which config, each written atomically."""
-    idx_path = train_idx_path(gen_id)
-    tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
-    np.save(tmp, train_idx)
-    tmp.replace(idx_path)
+    if train_idx is not None:  # the scenario's rows (a source's are its keys file)
+        idx_path = train_idx_path(gen_id)
+        tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
+        np.save(tmp, train_idx)
+        tmp.replace(idx_path)
     cfg_path = cycle_config_path(gen_id)
     tmp = cfg_path.with_name(cfg_path.name + ".tmp")
     tmp.write_text(cfg.model_dump_json(indent=1))
@@ -221,11 +357,13 @@ def train_step(
         )
         for c in lineage.constraints(gen.id)
     ]
+    in_memory = state.source is None
     spec = TrainSpec(
         generation=int(gen.id),
-        x=state.dataset.x_train[state.train_idx],
-        y=state.dataset.y_train[state.train_idx],
-        num_classes=state.dataset.num_classes,
+        x=state.dataset.x_train[state.train_idx] if in_memory else None,
+        y=state.dataset.y_train[state.train_idx] if in_memory else None,
+        source=state.source,
+        num_classes=state.capacity or state.dataset.num_classes,
         classes=list(state.stage.classes),
         architecture=gen.architecture,
         embed_dim=t.embed_dim,
@@ -438,8 +576,14 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
     state, resumed_backfill = recover_task(cfg)
     if resumed_backfill:
         log.warning("finished the interrupted backfill: %s", resumed_backfill)
+    unreadable: list[dict[str, str]] = []
     if state is None:
         plan = plan_task(cfg)
+        unreadable = plan.snapshot.skipped
+        for item in unreadable[:20]:
+            log.warning("skipped unreadable item %s: %s", item["key"], item["reason"])
+        if unreadable:
+            log.warning("%d unreadable item(s) skipped (--strict refuses them)", len(unreadable))
         since = None if cfg.force else unchanged_since(Lineage(), plan)
         if since is not None:
             message = f"skipped: no new data since generation {since}"
@@ -459,7 +603,7 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         "generation %s: stage %s, %d training items, constraints against %s",
         state.generation.id,
         state.stage.index,
-        len(state.train_idx),
+        state.train_items,
         state.active or "nothing",
     )
     progress.step(
@@ -509,4 +653,5 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         "resumed": state.resumed,
         "resumed_backfill": resumed_backfill,
         "resumed_from_epoch": state.result.get("resumed_from_epoch"),
+        "unreadable_skipped": len(unreadable),
     }

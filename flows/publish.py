@@ -61,6 +61,7 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         "## Gate",
         *[f"- {r}" for r in gen["gate_reasons"]],
         "",
+        *_snapshot_lines(gen.get("snapshot")),
         "## Constraints",
         *[
             f"- {c['kind']} → {c['target']} (w={c['weight']}, {c['status']})"
@@ -75,6 +76,20 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         "\n".join(lines), key="cycle-summary", description=f"generation {gen_id}"
     )
     return rep
+
+
+def _snapshot_lines(snap: dict | None) -> list[str]:
+    if not snap:
+        return []
+    classes = ", ".join(f"{name} {n}" for name, n in snap["classes"].items())
+    lines = [
+        "## Snapshot",
+        f"- source `{snap['source']}`: **{snap['items']}** items ({classes})",
+        f"- fingerprint `{snap['fingerprint'][:16]}`",
+    ]
+    if snap.get("skipped"):
+        lines.append(f"- **{snap['skipped']} unreadable item(s) skipped** (keys in the lineage)")
+    return lines + [""]
 
 
 def publish_backfill(lineage: Lineage, result: dict) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from flows.cycle import resolve_dataset
 from store.gallery import Gallery
 from store.index import GalleryIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError
-from workers.datasets import load_dataset
 from workers.embed import forward
 from workers.models import load_model
 
@@ -62,7 +62,7 @@ def search_item(lineage: Lineage, item: int, k: int = 5) -> dict[str, Any]:
     """The ``k`` nearest gallery items to evaluation item ``item``, embedded by the champion."""
     info = Gallery(lineage).require()
     champion = _champion(lineage)
-    ds = load_dataset(info.dataset)
+    ds = resolve_dataset(lineage, info.dataset)
     if not 0 <= item < len(ds.y_test):
         raise StoreError(f"item {item} is outside the evaluation split (0..{len(ds.y_test) - 1})")
     emb = _embed(champion, ds.x_test[item : item + 1])

@@ -12,6 +12,7 @@ champion's is finished, another generation's is closed.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,9 @@ from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.settings import StoreError
 from workers.backfill import close_interrupted_jobs
 from workers.datasets import DatasetError
-from workers.scenario import stage_plan
+from workers.scenario import Stage, stage_plan
+from workers.sources import load_eval
+from workers.train import SourceItems
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
 
@@ -53,8 +56,24 @@ def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
     if not path.exists():
         raise StoreError(f"its cycle config {path} is missing")
     cfg = CycleConfig.model_validate_json(path.read_text())
-    ds = resolve_dataset(lineage, gen.dataset)
-    train_idx = np.load(train_idx_path(gen_id))
+    snap = lineage.snapshots().get(gen_id)
+    ds = resolve_dataset(lineage, gen.dataset, cfg.stages)
+    source = None
+    if snap is not None and snap.stages is None and ds.eval_only:  # a source's snapshot
+        if not snap.keys_path or not Path(snap.keys_path).exists():
+            raise StoreError(f"its snapshot's keys {snap.keys_path} are missing")
+        train_idx = None
+        stage = Stage(int(gen.stage or 0), tuple(gen.classes), 1.0, dict(gen.architecture))
+        source = SourceItems(
+            gen.dataset,
+            snap.keys_path,
+            lineage.vocabulary(),
+            load_eval(gen.dataset).input_format.as_dict(),
+            snap.fingerprint,
+        )
+    else:
+        train_idx = np.load(train_idx_path(gen_id))
+        stage = stage_plan(ds.num_classes, cfg.stages or DEFAULT_STAGES, gen.stage)
     champion = lineage.champion()
     active = chain.active_generations(lineage)
     targets = {c.target_id for c in lineage.constraints(gen_id)}
@@ -63,7 +82,7 @@ def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
         verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
     state = CycleState(
         ds,
-        stage_plan(ds.num_classes, cfg.stages or DEFAULT_STAGES, gen.stage),
+        stage,
         gen,
         train_idx,
         active,
@@ -71,6 +90,7 @@ def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
         champion.id if champion else None,
         step=step,
     )
+    state.source, state.capacity = source, snap.capacity if snap is not None else None
     state.resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
     return state
 

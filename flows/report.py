@@ -50,6 +50,8 @@ def _snapshot(record: SnapshotRecord | None) -> dict[str, Any] | None:
         "eval_fingerprint": record.eval_fingerprint,
         "stage": record.stage,
         "stages": record.stages,
+        "skipped": len(record.skipped or []),  # unreadable items left out (keys in the lineage)
+        "class_capacity": record.capacity,
     }
 
 

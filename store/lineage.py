@@ -101,6 +101,22 @@ class SnapshotRecord(SQLModel, table=True):
     fingerprint: str = Field(index=True)
     eval_fingerprint: str
     keys_path: str | None = None
+    # head rows every generation of the lineage reserves (set by the first snapshot)
+    capacity: int | None = None
+    # items of the source that could not be read: [{"key": ..., "reason": ...}], not trained on
+    skipped: list[dict[str, str]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    created_at: datetime = Field(default_factory=_now)
+
+
+class ClassName(SQLModel, table=True):
+    """The lineage's class vocabulary: a class keeps its head row for good."""
+
+    __tablename__ = "class_name"
+
+    idx: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    name: str = Field(unique=True)
     created_at: datetime = Field(default_factory=_now)
 
 
@@ -308,6 +324,32 @@ class Lineage:
         """Each generation's snapshot, by generation id (generations made before have none)."""
         with self.session() as s:
             return {r.generation_id: r for r in s.exec(select(SnapshotRecord))}
+
+    def vocabulary(self) -> dict[str, int]:
+        """Class name -> head row, in row order."""
+        with self.session() as s:
+            return {r.name: r.idx for r in s.exec(select(ClassName).order_by(ClassName.idx))}
+
+    def extend_vocabulary(
+        self, names: Iterable[str], capacity: int | None = None
+    ) -> dict[str, int]:
+        """Give each name not yet known the next free head row (earlier rows never move).
+
+        Refuses (StoreError) to grow past ``capacity`` rows; returns the whole vocabulary.
+        """
+        with self.session() as s:
+            known = {r.name: r.idx for r in s.exec(select(ClassName).order_by(ClassName.idx))}
+            new = [n for n in dict.fromkeys(names) if n not in known]
+            if capacity is not None and len(known) + len(new) > capacity:
+                raise StoreError(
+                    f"{len(known) + len(new)} classes do not fit the {capacity} head rows this "
+                    f"lineage reserved (new: {', '.join(new[:5])}); start a new GRACEFUL_HOME "
+                    "with a larger --class-capacity"
+                )
+            for i, name in enumerate(new, start=len(known)):
+                s.add(ClassName(idx=i, name=name))
+                known[name] = i
+            return known
 
     def lock(self, name: str = CYCLE_LOCK, ttl: float = 30.0) -> DatabaseLock:
         """A named lock in this lineage's database (not yet acquired)."""

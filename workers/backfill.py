@@ -278,19 +278,23 @@ class ParquetSource:
         import pyarrow.dataset as pads
 
         self.path, self.column, self.batch_rows = path, column, batch_rows
-        self.dataset = pads.dataset(path, format="parquet")
+        self.dataset = pads.dataset(path, format="parquet", partitioning="hive")
         self._reset()
 
     def _batches(self):
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+        import pyarrow.dataset as pads
 
-        for path in self.dataset.files:  # the order workers.datasets reads them in
-            # pre_buffer would cache every row group of the file: memory grows with it
-            f = pq.ParquetFile(path, pre_buffer=False)
-            batches = f.iter_batches(
-                batch_size=self.batch_rows, columns=["split", self.column], use_threads=False
-            )
+        # the order workers.datasets and workers.sources read them in: files by path
+        for frag in sorted(self.dataset.get_fragments(), key=lambda f: f.path):
+            batches = pads.Scanner.from_fragment(
+                frag,
+                schema=self.dataset.schema,
+                columns=["split", self.column],
+                batch_size=self.batch_rows,
+                batch_readahead=1,  # memory: one batch ahead, not sixteen
+                use_threads=False,
+            ).to_batches()
             for batch in batches:
                 test = pc.equal(batch.column(0), "test").to_numpy(zero_copy_only=False)
                 if not test.any():
@@ -300,7 +304,6 @@ class ParquetSource:
                     col = col.filter(test)
                 values = col.flatten().to_numpy(zero_copy_only=False)
                 yield values.astype(np.float32, copy=False).reshape(len(col), -1)
-            f.close()
 
     def _reset(self) -> None:
         self._it = self._batches()
@@ -348,7 +351,7 @@ def _feature_column(path: str) -> str | None:
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    schema = pads.dataset(path, format="parquet").schema
+    schema = pads.dataset(path, format="parquet", partitioning="hive").schema
     lists = [
         f.name
         for f in schema
@@ -379,6 +382,10 @@ def open_source(spec: str, ds: Dataset | None = None, mode: str = "auto"):
             raise StoreError(f"the gallery indexes {spec!r}, not {ds.spec!r}")
         return ArraySource(ds.x_test)
     kind, path = parse_spec(spec)
+    if kind == "imagefolder" and mode != "stream":
+        from workers.sources import load_eval  # its evaluation set alone, as load_dataset's
+
+        return ArraySource(load_eval(spec).x)
     if kind == "parquet" and path is not None and mode != "memory":
         column = _feature_column(path)
         if column is not None:

@@ -10,7 +10,9 @@ builds one stack per kind from those rows through :data:`REGISTRY`. A new kind i
 entry here; nothing else names kinds one by one.
 
 Each kind stacks its K teachers along a leading dimension, so one batched operation per
-step covers every ancestor it constrains against (workers.losses).
+step covers every ancestor it constrains against (workers.losses). What varies per item
+(the ancestors' embeddings of the batch) arrives with the batch; what does not (heads,
+the classes each ancestor knew) is stacked once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from workers.losses import embedding_distillation_loss, focal_distillation_loss, influence_loss
 from workers.models import LOGIT_SCALE
@@ -68,8 +71,9 @@ class Stack:
 
     targets: list[int]  # the ancestors, in stacking order
     weight: torch.Tensor  # (K,)
-    tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    mask: torch.Tensor | None = None  # (K, N) bool, or None for every item
+    slots: torch.Tensor  # (K,) their rows in StepInputs.teachers
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # (K, ...) each
+    mask: torch.Tensor | None = None  # (K, C) bool: classes whose items count, or None
 
 
 @dataclass
@@ -79,14 +83,22 @@ class StepInputs:
     emb: torch.Tensor  # (n, d) new embeddings
     logits: torch.Tensor  # (n, C) new logits
     labels: torch.Tensor  # (n,)
-    batch: torch.Tensor  # (n,) indices of the items into the precomputed teacher tensors
-    extra_emb: torch.Tensor | None = None  # new embeddings of the extra distillation inputs
-    extra_batch: torch.Tensor | None = None  # their indices
+    teachers: torch.Tensor | None  # (K_all, n, d): every ancestor's precomputed embeddings
 
 
-# Each kind's ``stack`` returns its stacked teacher tensors and its item mask (or None);
-# ``stack_teachers`` adds the ancestors and their weights, the same for every kind.
-Tensors = dict[str, torch.Tensor | None]
+# Each kind's ``stack`` returns its stacked static teacher tensors and its class mask (or
+# None); ``stack_teachers`` adds the ancestors, their slots and weights, alike for every kind.
+Tensors = dict[str, torch.Tensor]
+
+
+def _item_mask(s: Stack, b: StepInputs) -> torch.Tensor | None:
+    """(K, n): whether each ancestor's constraint counts each item (by its class)."""
+    return None if s.mask is None else s.mask[:, b.labels]
+
+
+def _old_emb(s: Stack, b: StepInputs) -> torch.Tensor:
+    assert b.teachers is not None, "a constrained step needs the teachers' embeddings"
+    return b.teachers[s.slots]
 
 
 # -- influence (BCT) -------------------------------------------------------------------
@@ -100,29 +112,28 @@ def _stack_influence(
 
 
 def _loss_influence(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
-    mask = None if s.mask is None else s.mask[:, b.batch]
     scale = spec.influence_scale or LOGIT_SCALE
-    return influence_loss(b.emb, s.tensors["head"], b.labels, scale, mask)  # type: ignore[arg-type]
+    return influence_loss(b.emb, s.tensors["head"], b.labels, scale, _item_mask(s, b))
 
 
 # -- focal distillation (PCT) ----------------------------------------------------------
 def _stack_focal(teachers: list[Teacher], spec: TrainSpec) -> tuple[Tensors, torch.Tensor | None]:
-    tensors: Tensors = {
-        "logits": torch.stack([t.logits for t in teachers]),
-        "correct": torch.stack([t.correct for t in teachers]),
-    }
-    return tensors, torch.stack([t.known for t in teachers])  # its logits on unseen classes lie
+    own = torch.stack([t.own_head for t in teachers])
+    # its logits on classes it never saw lie: those items are masked out
+    return {"own_head": own}, torch.stack([t.known for t in teachers])
 
 
 def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
+    # the ancestor's logits: its cosine head on its (precomputed) embeddings, (K, n, C)
+    old_logits = cosine_logits_stacked(_old_emb(s, b), s.tensors["own_head"])
     return focal_distillation_loss(
         b.logits,
-        s.tensors["logits"][:, b.batch],  # type: ignore[index]
-        s.tensors["correct"][:, b.batch],  # type: ignore[index]
+        old_logits,
+        old_logits.argmax(dim=-1) == b.labels,
         spec.focal_alpha,
         spec.focal_beta,
         spec.focal_temperature,
-        s.mask[:, b.batch],  # type: ignore[index]
+        _item_mask(s, b),
     )
 
 
@@ -135,23 +146,16 @@ def _stack_embedding(
         mask = torch.stack([t.known for t in teachers])
     elif spec.embedding_scope == "unknown":
         mask = ~torch.stack([t.known for t in teachers])
-    has_extra = teachers[0].extra_embedding is not None
-    tensors: Tensors = {
-        "embedding": torch.stack([t.embedding for t in teachers]),  # type: ignore[misc]
-        "extra": torch.stack([t.extra_embedding for t in teachers])  # type: ignore[misc]
-        if has_extra
-        else None,
-    }
-    return tensors, mask
+    return {}, mask
 
 
 def _loss_embedding(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
-    mask = None if s.mask is None else s.mask[:, b.batch]
-    per = embedding_distillation_loss(b.emb, s.tensors["embedding"][:, b.batch], mask)  # type: ignore[index]
-    extra = s.tensors.get("extra")
-    if extra is not None and b.extra_emb is not None and len(b.extra_batch):  # type: ignore[arg-type]
-        per = per + embedding_distillation_loss(b.extra_emb, extra[:, b.extra_batch])
-    return per
+    return embedding_distillation_loss(b.emb, _old_emb(s, b), _item_mask(s, b))
+
+
+def cosine_logits_stacked(emb: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """(K, n, d) embeddings and (K, C, d) heads -> (K, n, C) logits, as CosineHead does."""
+    return LOGIT_SCALE * F.normalize(emb, dim=-1) @ F.normalize(heads, dim=-1).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,6 @@ class KindSpec:
 
     kind: ConstraintKind
     default_weight: float  # what bench/compat.py measured best (bench/results/compat.md)
-    teacher_tensors: tuple[str, ...]  # the Teacher fields it reads, precomputed once
     stack: Callable[[list[Teacher], TrainSpec], tuple[Tensors, torch.Tensor | None]]
     loss: Callable[[Stack, StepInputs, TrainSpec], torch.Tensor]  # (K,): one per ancestor
 
@@ -168,19 +171,9 @@ class KindSpec:
 REGISTRY: dict[ConstraintKind, KindSpec] = {
     s.kind: s
     for s in (
-        KindSpec(
-            ConstraintKind.INFLUENCE, 1.0, ("head", "known"), _stack_influence, _loss_influence
-        ),
-        KindSpec(
-            ConstraintKind.FOCAL, 0.3, ("logits", "correct", "known"), _stack_focal, _loss_focal
-        ),
-        KindSpec(
-            ConstraintKind.EMBEDDING,
-            2.0,
-            ("embedding", "known", "extra_embedding"),
-            _stack_embedding,
-            _loss_embedding,
-        ),
+        KindSpec(ConstraintKind.INFLUENCE, 1.0, _stack_influence, _loss_influence),
+        KindSpec(ConstraintKind.FOCAL, 0.3, _stack_focal, _loss_focal),
+        KindSpec(ConstraintKind.EMBEDDING, 2.0, _stack_embedding, _loss_embedding),
     )
 }
 
@@ -223,9 +216,10 @@ def stack_teachers(teachers: list[Teacher], spec: TrainSpec) -> dict[ConstraintK
         members = [t for t in teachers if t.weights.get(kind, 0.0)]
         if members:
             tensors, mask = entry.stack(members, spec)
-            device = members[0].logits.device
+            device = members[0].head.device
             weight = torch.tensor([t.weights[kind] for t in members], device=device)
-            stacks[kind] = Stack([t.target for t in members], weight, tensors, mask)
+            slots = torch.tensor([t.slot for t in members], device=device)
+            stacks[kind] = Stack([t.target for t in members], weight, slots, tensors, mask)
     return stacks
 
 

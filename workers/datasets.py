@@ -81,6 +81,8 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...]
+    # only the evaluation split (a source's): training items stream from the source
+    eval_only: bool = False
 
     def __post_init__(self) -> None:
         names = tuple(str(n) for n in self.class_names)
@@ -94,13 +96,13 @@ class Dataset:
             if y_raw.ndim != 1 or (y_raw.size and y_raw.dtype.kind not in "iu"):
                 raise DatasetError(f"{self.spec}: {split} labels must be a 1-D integer array")
             y = np.ascontiguousarray(y_raw, dtype=np.int64)
-            if x.ndim < 2 or len(x) == 0:
+            if x.ndim < 2 or (len(x) == 0 and not (self.eval_only and split == "train")):
                 raise DatasetError(f"{self.spec}: {split} split is empty")
             if len(x) != len(y):
                 raise DatasetError(f"{self.spec}: {split} has {len(x)} inputs but {len(y)} labels")
             if not np.isfinite(x).all():
                 raise DatasetError(f"{self.spec}: {split} inputs contain NaN or infinite values")
-            if y.min() < 0 or y.max() >= len(names):
+            if len(y) and (y.min() < 0 or y.max() >= len(names)):
                 raise DatasetError(
                     f"{self.spec}: {split} labels must be in 0..{len(names) - 1}, "
                     f"got {int(y.min())}..{int(y.max())}"
@@ -151,6 +153,10 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
             raise DatasetError(f"spec {spec!r}: '{kind}' needs a path, e.g. '{kind}:/data/dir'")
         raw_path = DEFAULT_FASHION_MNIST_DIR
         hint = " (install it with `apt-get install dataset-fashion-mnist`)"
+    if "://" in raw_path:
+        if kind != "parquet":
+            raise DatasetError(f"spec {spec!r}: only parquet: reads from a URI (s3://...)")
+        return kind, raw_path  # reached when read (workers.sources), not here
     path = os.path.abspath(os.path.expanduser(raw_path))
     if not os.path.exists(path):
         raise DatasetError(f"spec {spec!r}: path {path} does not exist{hint}")
@@ -290,8 +296,6 @@ def _decode_images(
     Mode is 'L' if every image is grayscale, else 'RGB'; all images are resized to
     ``size`` = (height, width), defaulting to the size of the first item.
     """
-    from PIL import Image
-
     modes: list[str] = []
     for name, source in items:
         with _open_image(source, name) as img:
@@ -301,18 +305,7 @@ def _decode_images(
     mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
     if size is None:
         return np.zeros((0, 1 if mode == "L" else 3, 0, 0), dtype=np.float32)
-    height, width = size
-    out = np.empty((len(items), height, width, 1 if mode == "L" else 3), dtype=np.uint8)
-    for i, (name, source) in enumerate(items):
-        with _open_image(source, name) as img:
-            try:
-                img = img.convert(mode)
-                if img.size != (width, height):
-                    img = img.resize((width, height), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(img).reshape(height, width, -1)
-            except (OSError, ValueError) as exc:
-                raise DatasetError(f"cannot decode image {name}: {exc}") from exc
-    return _scale_u8(out.transpose(0, 3, 1, 2))
+    return decode_images_as(items, mode, size)
 
 
 def _load_imagefolder(root: Path, size: tuple[int, int] | None = None) -> _Parts:
@@ -365,9 +358,36 @@ def _decode_split_images(
     test: Sequence[tuple[str, Path | bytes]],
     size: tuple[int, int] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode both splits together so they share one mode and one size."""
-    x = _decode_images([*train, *test], size)
-    return x[: len(train)], x[len(train) :]
+    """Decode the evaluation split, then the training split to its mode and size.
+
+    The evaluation split alone fixes the input format, so it decodes the same whether a
+    data set is loaded whole or streamed as a source (workers.sources).
+    """
+    x_te = _decode_images(test, size)
+    mode = "L" if x_te.shape[1] == 1 else "RGB"
+    return decode_images_as(train, mode, (x_te.shape[2], x_te.shape[3])), x_te
+
+
+def decode_images_as(
+    items: Sequence[tuple[str, Path | bytes]], mode: str, size: tuple[int, int]
+) -> np.ndarray:
+    """Decode images to ``mode`` ("L" or "RGB") and ``size`` = (height, width), as
+    (N, C, H, W) float32 in [0, 1]."""
+    from PIL import Image
+
+    height, width = size
+    channels = 1 if mode == "L" else 3
+    out = np.empty((len(items), height, width, channels), dtype=np.uint8)
+    for i, (name, source) in enumerate(items):
+        with _open_image(source, name) as img:
+            try:
+                img = img.convert(mode)
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.Resampling.BILINEAR)
+                out[i] = np.asarray(img).reshape(height, width, channels)
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"cannot decode image {name}: {exc}") from exc
+    return _scale_u8(out.transpose(0, 3, 1, 2))
 
 
 # --------------------------------------------------------------------------- CIFAR

@@ -11,12 +11,14 @@ stage s of a fixed data set is one snapshot, keyed ``train/<row>``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from workers.datasets import Dataset
 from workers.scenario import Stage
+from workers.sources import EvalSet, Scan, label_indices
 
 _CHUNK = 4096  # rows hashed at a time: no copy of a whole split
 
@@ -33,10 +35,13 @@ class Snapshot:
     eval_fingerprint: str
     stage: int | None = None  # the scenario's stage and stage count, when it is one
     stages: int | None = None
+    table: pa.Table | None = None  # a source's items as its scan listed them
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable: key, reason
+    eval_items: pa.Table | None = None  # a source's evaluation items (key, label, sha256)
 
     @property
     def items(self) -> int:
-        return len(self.keys)
+        return len(self.labels)
 
 
 def _hash_rows(digest, x: np.ndarray, rows: np.ndarray | None = None) -> None:
@@ -81,4 +86,20 @@ def scenario_snapshot(ds: Dataset, stage: Stage, stages: int, train_idx: np.ndar
         eval_fingerprint=eval_fingerprint(ds),
         stage=stage.index,
         stages=stages,
+    )
+
+
+def source_snapshot(scan: Scan, ev: EvalSet, vocabulary: dict[str, int]) -> Snapshot:
+    """A source's snapshot: its scan (keys in training order) and its evaluation set."""
+    labels = label_indices(scan.table.column("label"), vocabulary)
+    return Snapshot(
+        source=scan.source,
+        keys=[],  # in ``table``: a source's keys are not copied into Python strings
+        labels=labels,
+        classes=scan.class_counts(),
+        fingerprint=scan.fingerprint,
+        eval_fingerprint=ev.fingerprint,
+        table=scan.table,
+        skipped=scan.skipped,
+        eval_items=ev.items_table(),
     )

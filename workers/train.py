@@ -7,10 +7,12 @@ The loop is literal: for each mini-batch,
          + sum_k v_k * focal(new logits, old logits k)        # PCT, one per ancestor
          + sum_k u_k * (1 - cos(new embedding, old emb. k))   # embedding distillation
 
-Earlier generations are frozen and their outputs on the training items are computed
-once, before the first epoch (``Teacher``), and stacked per constraint kind, so each
-kind costs one batched operation per step however many ancestors it covers: a
-constraint against ten ancestors costs little more per epoch than one. A checkpoint is
+The items stream (workers.stream): units of the snapshot in a random order, shuffled
+within a bounded window, so memory does not grow with the source. Earlier generations
+are frozen; their embeddings of every training item are computed once, before the first
+epoch, kept on disk and read back with each window (their logits are their cosine heads
+applied to those embeddings). Teachers are stacked per constraint kind, so each kind
+costs one batched operation per step however many ancestors it covers. A checkpoint is
 written after every epoch; a killed run resumes from it. A NaN or exploding loss stops
 the run with ``TrainingDiverged``.
 
@@ -25,6 +27,7 @@ one point of the unconstrained accuracy.
 from __future__ import annotations
 
 import hashlib
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from workers.constraints import (
     REGISTRY,
@@ -44,6 +48,8 @@ from workers.constraints import (
     stack_teachers,
 )
 from workers.models import EmbeddingNet, inherit_weights, load_model, save_model
+from workers.sources import ArrayReader, InputFormat, label_indices, open_reader
+from workers.stream import Reader, ShuffledItems, TeacherStore, precompute_teachers, window_items
 
 EXPLODING_LOSS = 1e4
 EMBEDDING_SCOPES = ("all", "known", "unknown")
@@ -71,11 +77,22 @@ class ConstraintSpec:
 
 
 @dataclass
+class SourceItems:
+    """A snapshot of a source, as the worker streams it (instead of in-memory arrays)."""
+
+    spec: str
+    keys_path: str  # the snapshot's items (workers.sources.Scan.table) as Parquet
+    vocabulary: dict[str, int]  # class name -> head row
+    input_format: dict[str, Any]  # workers.sources.InputFormat.as_dict()
+    fingerprint: str  # the snapshot's
+
+
+@dataclass
 class TrainSpec:
     generation: int
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int
+    x: np.ndarray | None  # in-memory items (the scenario), or None with ``source``
+    y: np.ndarray | None
+    num_classes: int  # head rows: the lineage's reserved class capacity
     classes: list[int]
     architecture: dict[str, Any]
     embed_dim: int = 64
@@ -90,6 +107,8 @@ class TrainSpec:
     focal_temperature: float = 2.0
     checkpoint_dir: str = "."
     threads: int | None = None
+    source: SourceItems | None = None
+    loader_workers: int = 0  # DataLoader processes decoding items (0: in the trainer)
     # -- compatibility knobs (defaults: the recipe that won bench/compat.py) ------------
     # cosine scale of the influence loss; None = the heads' own scale (LOGIT_SCALE)
     influence_scale: float | None = None
@@ -104,13 +123,6 @@ class TrainSpec:
     # which items the embedding constraint pulls: "all", "known" (classes the ancestor
     # saw) or "unknown" (classes it never saw: where no head row says anything)
     embedding_scope: str = "all"
-    # extra distillation inputs, as many per training item: fixed mixups of two random
-    # training items (drawn once from the seed). Ancestors' embeddings of them are
-    # precomputed like the rest; each step adds that share of them to the batch and the
-    # embedding constraint pulls the new embeddings of them too. They reach the inputs
-    # between the training classes, where classes no generation has seen yet may lie.
-    # (Measured: a little more AC for 3-4 points of accuracy, so off by default.)
-    distill_mix: float = 0.0
     # start from the newest constrained ancestor's weights, expanded to this architecture
     # without changing its function (workers.models.inherit_weights), when it allows that
     # (an mlp as wide and deep or more); otherwise, and without constraints, start fresh.
@@ -133,121 +145,137 @@ def check_spec(spec: TrainSpec) -> None:
     ):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
-    if not spec.distill_mix >= 0:
-        raise ValueError(f"distill_mix must be >= 0, got {spec.distill_mix}")
     if spec.epochs < 1 or spec.batch_size < 2:
         raise ValueError(
             f"need epochs >= 1 and batch_size >= 2, got {spec.epochs}, {spec.batch_size}"
         )
+    if (spec.x is None) == (spec.source is None):
+        raise ValueError("give the training items as x and y, or as a source, not both")
 
 
 @dataclass
 class Teacher:
-    """A frozen earlier generation's precomputed outputs on this stage's training items."""
+    """A frozen earlier generation: its heads, the classes it knew, its weights."""
 
     target: int
-    head: torch.Tensor  # (C, d): its head, with BCT prototypes for classes it never saw
-    logits: torch.Tensor  # (N, C)
-    correct: torch.Tensor  # (N,) bool
-    known: torch.Tensor  # (N,) bool: the item's class was in the old generation's training
-    embedding: torch.Tensor | None = None  # (N, d): its L2-normalised embeddings
-    extra_embedding: torch.Tensor | None = None  # (M, d): on the extra distillation inputs
+    slot: int  # its index along the K axis of the precomputed embeddings
+    head: torch.Tensor  # (C, d): the influence head (centroids / BCT prototypes)
+    own_head: torch.Tensor  # (C, d): its cosine head, which gives its logits
+    known: torch.Tensor  # (C,) bool: classes in its training data
     # summed weight per constraint kind against this ancestor (workers.constraints)
     weights: dict[ConstraintKind, float] = field(default_factory=dict)
 
 
-@torch.no_grad()
-def prepare_teacher(
-    model: EmbeddingNet,
-    x: torch.Tensor,
-    y: torch.Tensor,
+def teacher_head(
+    own_head: torch.Tensor,
+    class_sums: torch.Tensor,
+    counts: torch.Tensor,
     classes: list[int],
-    target: int,
     bct_prototypes: bool = True,
     centroids: bool = False,
-    extra: torch.Tensor | None = None,
-) -> Teacher:
-    """Run the frozen model once over the training items.
+) -> torch.Tensor:
+    """The head an ancestor's influence loss applies, from its embeddings' class sums.
 
-    Classes the old generation never saw get BCT's treatment: their rows of the old
-    head are replaced by the normalised mean old embedding of that class's items,
-    scaled to the mean row norm of the old head. ``centroids=True`` does the same for
-    every class that has items here (a head of old class centroids).
+    Classes the ancestor never saw get BCT's treatment: their rows become the normalised
+    mean old embedding of that class's items, scaled to the mean row norm of the old
+    head. ``centroids=True`` does the same for every class that has items here.
     """
-    model.eval()
-    emb, logit = _forward_all(model, x)
-    head = model.head.weight.detach().clone()
+    head = own_head.detach().clone()
     row_norm = head.norm(dim=1).mean()
+    if not (bct_prototypes or centroids):
+        return head
     seen = set(classes)
-    if bct_prototypes or centroids:
-        for c in torch.unique(y).tolist():
-            if centroids or c not in seen:
-                head[c] = F.normalize(emb[y == c].mean(dim=0), dim=0) * row_norm
-    known = torch.isin(y, torch.tensor(sorted(seen), dtype=y.dtype, device=y.device))
-    teacher = Teacher(target, head, logit, logit.argmax(dim=1) == y, known, embedding=emb)
-    if extra is not None and len(extra):
-        teacher.extra_embedding = _forward_all(model, extra)[0]
-    return teacher
+    for c in torch.nonzero(counts > 0).flatten().tolist():
+        if centroids or c not in seen:
+            head[c] = F.normalize(class_sums[c], dim=0) * row_norm
+    return head
 
 
-def _forward_all(model: EmbeddingNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    embs, logits = [], []
-    for start in range(0, len(x), 2048):
-        e, z = model(x[start : start + 2048])
-        embs.append(e)
-        logits.append(z)
-    if not embs:
-        return x.new_zeros((0, model.config["embed_dim"])), x.new_zeros((0, 0))
-    return torch.cat(embs), torch.cat(logits)
+def _reader(spec: TrainSpec) -> tuple[Reader, tuple[int, ...]]:
+    """The training items as a stream reader, and one item's shape."""
+    if spec.source is None:
+        x, y = np.asarray(spec.x, dtype=np.float32), np.asarray(spec.y, dtype=np.int64)
+        return ArrayReader(x, y), tuple(x.shape[1:])
+    import pyarrow.parquet as pq
 
-
-def mixup_inputs(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """``count`` fixed mixups ``lam * x_i + (1 - lam) * x_j`` of random training items."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    i = torch.randint(len(x), (count,), generator=g)
-    j = torch.randint(len(x), (count,), generator=g)
-    lam = torch.rand((count,) + (1,) * (x.dim() - 1), generator=g).to(x.device)
-    return lam * x[i.to(x.device)] + (1 - lam) * x[j.to(x.device)]
+    src = spec.source
+    names = pq.read_schema(src.keys_path).names
+    # a Parquet source's rows are found by file and row group: its keys stay on disk
+    table = pq.read_table(
+        src.keys_path, columns=[c for c in names if c != "key" or "file" not in names]
+    )
+    labels = label_indices(table.column("label"), src.vocabulary)
+    fmt = InputFormat.from_dict(src.input_format)
+    return open_reader(src.spec, table, labels, fmt), fmt.shape
 
 
 def build_teachers(
-    spec: TrainSpec, x: torch.Tensor, y: torch.Tensor, extra: torch.Tensor | None = None
-) -> list[Teacher]:
-    """One Teacher per constrained ancestor, merging its per-kind weights."""
+    spec: TrainSpec, reader: Reader, store_path: Path, device: torch.device
+) -> tuple[list[Teacher], TeacherStore | None, np.ndarray]:
+    """Load each constrained ancestor once, embed every training item with it (one pass).
+
+    Returns the teachers, the store of their embeddings, and up to 4096 training inputs
+    (for the warm start's BatchNorm statistics).
+    """
     check_spec(spec)
-    teachers: dict[int, Teacher] = {}
+    models: dict[int, EmbeddingNet] = {}
     for c in spec.constraints:
-        if c.target not in teachers:
-            frozen = load_model(c.checkpoint, c.sha256).to(x.device)
-            for p in frozen.parameters():
-                p.requires_grad_(False)
-            if frozen.config["embed_dim"] != spec.embed_dim:
-                raise ValueError(
-                    f"generation {c.target} embeds in {frozen.config['embed_dim']} dimensions, "
-                    f"generation {spec.generation} in {spec.embed_dim}: compatibility needs one"
-                )
-            if frozen.config["num_classes"] != spec.num_classes:
-                raise ValueError(
-                    f"generation {c.target} has {frozen.config['num_classes']} classes, "
-                    f"generation {spec.generation} {spec.num_classes}"
-                )
-            teachers[c.target] = prepare_teacher(
-                frozen,
-                x,
-                y,
-                c.classes,
-                c.target,
-                spec.bct_prototypes,
-                centroids=spec.influence_head == "centroids",
-                extra=extra,
+        if c.target in models:
+            continue
+        frozen = load_model(c.checkpoint, c.sha256).to(device)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        if frozen.config["embed_dim"] != spec.embed_dim:
+            raise ValueError(
+                f"generation {c.target} embeds in {frozen.config['embed_dim']} dimensions, "
+                f"generation {spec.generation} in {spec.embed_dim}: compatibility needs one"
             )
+        if frozen.config["num_classes"] != spec.num_classes:
+            raise ValueError(
+                f"generation {c.target} has {frozen.config['num_classes']} classes, "
+                f"generation {spec.generation} {spec.num_classes}"
+            )
+        models[c.target] = frozen.eval()
+    sample: list[np.ndarray] = []
+
+    def keep(x: np.ndarray) -> None:
+        if sum(len(s) for s in sample) < 4096:
+            sample.append(x[:4096])
+
+    if not models:
+        return [], None, np.zeros(0, np.float32)
+    store = TeacherStore(store_path, len(reader), len(models), spec.embed_dim)
+    sums, counts = precompute_teachers(
+        reader, list(models.values()), store, spec.num_classes, device, on_chunk=keep
+    )
+    classes = {c.target: c.classes for c in spec.constraints}
+    teachers: dict[int, Teacher] = {}
+    for slot, (target, m) in enumerate(models.items()):
+        own = m.head.weight.detach()
+        head = teacher_head(
+            own,
+            sums[slot],
+            counts,
+            classes[target],
+            spec.bct_prototypes,
+            centroids=spec.influence_head == "centroids",
+        )
+        known = torch.zeros(spec.num_classes, dtype=torch.bool, device=device)
+        known[torch.as_tensor(classes[target], dtype=torch.long, device=device)] = True
+        teachers[target] = Teacher(target, slot, head, own.clone(), known)
+    for c in spec.constraints:
         weights = teachers[c.target].weights
         weights[c.kind] = weights.get(c.kind, 0.0) + c.weight
-    return list(teachers.values())
+    return list(teachers.values()), store, np.concatenate(sample)[:4096]
 
 
 def _resume_path(spec: TrainSpec) -> Path:
     return Path(spec.checkpoint_dir) / f"gen-{spec.generation}.resume.pt"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train_generation(spec: TrainSpec) -> dict[str, Any]:
@@ -257,30 +285,22 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     started = time.perf_counter()
     check_spec(spec)
     torch.manual_seed(spec.seed)
-    # the Ray task got a GPU only if the cluster has one; small data sets live on the device
+    # the Ray task got a GPU only if the cluster has one
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    x = torch.tensor(spec.x, dtype=torch.float32, device=device)
-    y = torch.tensor(spec.y, dtype=torch.int64, device=device)
-    model = EmbeddingNet(tuple(x.shape[1:]), spec.num_classes, spec.embed_dim, spec.architecture)
+    reader, input_shape = _reader(spec)
+    model = EmbeddingNet(input_shape, spec.num_classes, spec.embed_dim, spec.architecture)
     model.to(device)
-    warm_from = _warm_start(spec, model, x) if spec.warm_start else None
+    fingerprint = _fingerprint(spec, len(reader))
+
+    t0 = time.perf_counter()
+    store_path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.teachers.f32"
+    teachers, store, sample = build_teachers(spec, reader, store_path, device)
+    stacks = stack_teachers(teachers, spec)
+    teacher_seconds = time.perf_counter() - t0
+    warm_from = _warm_start(spec, model, sample, device) if spec.warm_start else None
     params = [p for p in model.parameters() if p.requires_grad]  # a fixed head stays put
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, spec.epochs))
-    gen = torch.Generator().manual_seed(spec.seed)
-    fingerprint = _fingerprint(spec)
-
-    t0 = time.perf_counter()
-    # the extra (mixup) inputs are precomputed only for kinds that read them
-    uses_extra = spec.distill_mix > 0 and any(
-        "extra_embedding" in REGISTRY[c.kind].teacher_tensors for c in spec.constraints
-    )
-    n_extra = round(spec.distill_mix * len(x)) if uses_extra else 0
-    extra = mixup_inputs(x, n_extra, spec.seed) if n_extra else None
-    per_batch_extra = max(1, round(spec.distill_mix * spec.batch_size)) if n_extra else 0
-    teachers = build_teachers(spec, x, y, extra)
-    stacks = stack_teachers(teachers, spec)
-    teacher_seconds = time.perf_counter() - t0
 
     history: list[dict[str, float]] = []
     first_epoch = 0
@@ -296,40 +316,31 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"].cpu())
         history = [dict(h) for h in state["history"]]
         first_epoch = int(state["epoch"]) + 1
 
+    window = window_items(input_shape, spec.batch_size)
+    cuda = device.type == "cuda"
     epoch_seconds: list[float] = []
+    items_seen = 0
     for epoch in range(first_epoch, spec.epochs):
         t_epoch = time.perf_counter()
         model.train()
-        order = torch.randperm(len(x), generator=gen).to(x.device)
-        extra_order = torch.randperm(n_extra, generator=gen).to(x.device) if n_extra else None
+        # the order depends on (seed, epoch) only: a resumed epoch sees what it would have
+        epoch_items = ShuffledItems(reader, spec.batch_size, window, spec.seed, epoch, store)
+        loader = DataLoader(
+            epoch_items, batch_size=None, num_workers=spec.loader_workers, pin_memory=cuda
+        )
         sums = {"loss": 0.0, "ce": 0.0} | {kind.value: 0.0 for kind in REGISTRY}
         steps = 0
-        for step, start in enumerate(range(0, len(x), spec.batch_size)):
-            batch = order[start : start + spec.batch_size]
-            if len(batch) < 2:  # BatchNorm needs two items
-                continue
-            xb, yb = x[batch], y[batch]
-            extra_batch = extra_emb = None
-            if extra_order is not None:
-                at = (step * per_batch_extra) % n_extra
-                extra_batch = extra_order[at : at + per_batch_extra]
-                emb_all, logits_all = model(torch.cat([xb, extra[extra_batch]]))  # type: ignore[index]
-                emb, logits, extra_emb = (
-                    emb_all[: len(xb)],
-                    logits_all[: len(xb)],
-                    emb_all[len(xb) :],
-                )
-            else:
-                emb, logits = model(xb)
+        for step, batch in enumerate(loader):
+            xb = batch["x"].to(device, non_blocking=True)
+            yb = batch["y"].to(device, non_blocking=True)
+            teacher_emb = batch["teacher"].to(device, non_blocking=True) if stacks else None
+            emb, logits = model(xb)
 
             ce = F.cross_entropy(logits, yb)
-            terms = constraint_losses(
-                stacks, StepInputs(emb, logits, yb, batch, extra_emb, extra_batch), spec
-            )
+            terms = constraint_losses(stacks, StepInputs(emb, logits, yb, teacher_emb), spec)
             loss = ce + sum(terms.values())
 
             value = loss.item()
@@ -344,6 +355,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
             loss.backward()
             opt.step()
             steps += 1
+            items_seen += len(yb)
             sums["loss"] += value
             sums["ce"] += float(ce.detach())
             for kind, term in terms.items():
@@ -351,7 +363,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         sched.step()
         history.append({k: v / max(1, steps) for k, v in sums.items()} | {"epoch": epoch})
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        _write_resume(resume, model, opt, sched, gen, history, epoch, fingerprint)
+        _write_resume(resume, model, opt, sched, history, epoch, fingerprint)
         done = epoch - first_epoch + 1
         stop = spec.stop_after_epochs
         if stop is not None and done >= stop and epoch < spec.epochs - 1:
@@ -363,6 +375,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.pt"
     sha = save_model(model.cpu(), path)
     resume.unlink(missing_ok=True)
+    store_path.unlink(missing_ok=True)
     return {
         "checkpoint": str(path),
         "sha256": sha,
@@ -370,6 +383,9 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         "train_seconds": time.perf_counter() - started,
         "teacher_seconds": teacher_seconds,
         "epoch_seconds": epoch_seconds,
+        "items": len(reader),
+        "items_seen": items_seen,
+        "peak_rss_bytes": peak_rss_bytes(),
         "resumed_from_epoch": first_epoch,
         "teachers": [t.target for t in teachers],
         # what the loop applied: {kind: {ancestor: weight}}, from the stacks themselves
@@ -378,41 +394,47 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     }
 
 
-def _warm_start(spec: TrainSpec, model: EmbeddingNet, x: torch.Tensor) -> int | None:
+def _warm_start(
+    spec: TrainSpec, model: EmbeddingNet, sample: np.ndarray, device: torch.device
+) -> int | None:
     """Inherit the newest constrained ancestor's weights; its id, or None if impossible."""
     if not spec.constraints:
         return None
     newest = max(spec.constraints, key=lambda c: c.target)
-    old = load_model(newest.checkpoint, newest.sha256).to(x.device)
-    return newest.target if inherit_weights(model, old, x[:4096]) else None
+    old = load_model(newest.checkpoint, newest.sha256).to(device)
+    x = torch.as_tensor(sample, device=device)
+    return newest.target if inherit_weights(model, old, x) else None
 
 
-def _fingerprint(spec: TrainSpec) -> str:
+def _fingerprint(spec: TrainSpec, n_items: int) -> str:
     """What must match for a resume file to continue this training (not another one)."""
     targets = sorted((c.target, str(c.kind), c.weight, c.sha256 or "") for c in spec.constraints)
-    labels = hashlib.sha256(np.ascontiguousarray(spec.y, dtype=np.int64).tobytes()).hexdigest()
+    if spec.source is not None:
+        data = spec.source.fingerprint
+    else:
+        y = np.ascontiguousarray(spec.y, dtype=np.int64)
+        data = hashlib.sha256(y.tobytes()).hexdigest() + repr(tuple(np.shape(spec.x)))
     return repr(
         (
             spec.seed,
             spec.epochs,
             sorted(spec.architecture.items()),
             spec.embed_dim,
-            tuple(np.shape(spec.x)),
-            labels[:16],
+            spec.num_classes,
+            n_items,
+            data[:16],
             spec.batch_size,
             spec.lr,
             spec.weight_decay,
             targets,
             (spec.focal_alpha, spec.focal_beta, spec.focal_temperature),
             (spec.influence_scale, spec.bct_prototypes, spec.influence_head),
-            (spec.embedding_scope, spec.distill_mix, spec.warm_start),
+            (spec.embedding_scope, spec.warm_start),
         )
     )
 
 
-def _write_resume(
-    path: Path, model, opt, sched, gen, history, epoch: int, fingerprint: str
-) -> None:
+def _write_resume(path: Path, model, opt, sched, history, epoch: int, fingerprint: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(
@@ -420,7 +442,6 @@ def _write_resume(
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "generator": gen.get_state(),
             "history": history,
             "epoch": epoch,
             "fingerprint": fingerprint,

@@ -164,11 +164,13 @@ def make_imagefolder(root: Path, *, rgb: bool) -> dict[str, np.ndarray]:
         "train/cat/a.png": gray(3, 4, 0),
         "train/cat/b.jpg": np.full((3, 4), 77, U8),
         "train/dog/c.png": gray(3, 4, 2),
-        "test/dog/d.png": gray(3, 4, 3),
-        "test/bird/e.png": gray(6, 8, 4),  # other size -> resized; class only in test
+        "test/dog/d.png": gray(6, 8, 3),  # other size -> resized
+        "test/bird/e.png": gray(3, 4, 4),  # the first evaluation image fixes the format
     }
     if rgb:
-        arrs["train/dog/c.png"] = np.random.default_rng(5).integers(0, 256, (3, 4, 3)).astype(U8)
+        rng = np.random.default_rng(5)
+        arrs["train/dog/c.png"] = rng.integers(0, 256, (3, 4, 3)).astype(U8)
+        arrs["test/bird/e.png"] = rng.integers(0, 256, (3, 4, 3)).astype(U8)
     for rel, arr in arrs.items():
         save(root / rel, arr)
     (root / "train" / "cat" / "notes.txt").write_text("ignored")
@@ -180,16 +182,17 @@ def test_imagefolder_grayscale(tmp_path: Path) -> None:
     ds = load_dataset(f"imagefolder:{tmp_path}")
     check_common(ds)
     assert ds.class_names == ("bird", "cat", "dog")
-    assert ds.input_shape == (1, 3, 4)  # size of first training image (train/cat/a.png)
+    assert ds.input_shape == (1, 3, 4)  # size of the first evaluation image (test/bird/e.png)
     assert ds.y_train.tolist() == [1, 1, 2] and ds.y_test.tolist() == [0, 2]
     np.testing.assert_array_equal(ds.x_train[0, 0], scaled(arrs["train/cat/a.png"]))
     np.testing.assert_array_equal(ds.x_train[2, 0], scaled(arrs["train/dog/c.png"]))
     with Image.open(tmp_path / "train/cat/b.jpg") as jpg:
         assert jpg.format == "JPEG"
         np.testing.assert_array_equal(ds.x_train[1, 0], scaled(np.asarray(jpg.convert("L"))))
-    with Image.open(tmp_path / "test/bird/e.png") as big:
+    with Image.open(tmp_path / "test/dog/d.png") as big:
         small = np.asarray(big.resize((4, 3), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(ds.x_test[0, 0], scaled(small))
+    np.testing.assert_array_equal(ds.x_test[1, 0], scaled(small))
+    np.testing.assert_array_equal(ds.x_test[0, 0], scaled(arrs["test/bird/e.png"]))
 
 
 def test_imagefolder_rgb_and_explicit_size(tmp_path: Path) -> None:

@@ -16,17 +16,20 @@ import pytest
 import torch
 
 import workers.train as train_mod
+from workers.constraints import cosine_logits_stacked
 from workers.datasets import load_dataset
 from workers.embed import forward
 from workers.metrics import retrieval_top1
 from workers.models import EmbeddingNet, load_model
 from workers.scenario import eval_split
+from workers.sources import ArrayReader
+from workers.stream import TeacherStore, precompute_teachers
 from workers.train import (
     ConstraintSpec,
     TrainingDiverged,
     TrainingInterrupted,
     TrainSpec,
-    prepare_teacher,
+    teacher_head,
     train_generation,
 )
 
@@ -183,36 +186,44 @@ def _prototype_model() -> EmbeddingNet:
     return model
 
 
-def test_prepare_teacher_bct_prototypes_by_hand() -> None:
+def test_teacher_heads_and_logits_by_hand(tmp_path: Path) -> None:
     model = _prototype_model()
-    x = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
-    y = torch.tensor([0, 2, 2])
-    t = prepare_teacher(model, x, y, classes=[0, 1], target=7)
-    assert t.target == 7
+    x = np.array([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    y = np.array([0, 2, 2])
+    store = TeacherStore(tmp_path / "t.f32", n=3, k=1, d=2)
+    sums, counts = precompute_teachers(
+        ArrayReader(x, y), [model], store, num_classes=3, device=torch.device("cpu")
+    )
+    # embeddings (1,0), (1,0), (0,1), written once to disk and read back by position
+    emb = torch.from_numpy(store.read(0, 3).copy())[:, 0]
+    assert torch.allclose(emb, torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
+    assert torch.allclose(torch.from_numpy(store.read(2, 3).copy())[0, 0], torch.tensor([0.0, 1]))
+    assert counts.tolist() == [1.0, 0.0, 2.0]
+    assert torch.allclose(sums[0, 2], torch.tensor([1.0, 1.0]))
+    own = model.head.weight.detach()
+    head = teacher_head(own, sums[0], counts, classes=[0, 1])
     # class 2 was never seen: its row = normalised mean embedding of its items, (1,0) and
     # (0,1) -> mean (0.5, 0.5) -> (0.7071, 0.7071), times the mean row norm of the old
     # head (2 + 2 + sqrt(50)) / 3 = 3.6904
     norm = (4 + math.sqrt(50)) / 3
     expected = torch.tensor([norm / math.sqrt(2)] * 2)
-    assert torch.allclose(t.head[2], expected, atol=1e-5)
+    assert torch.allclose(head[2], expected, atol=1e-5)
     # rows of classes it saw are its own head's
-    assert torch.equal(t.head[:2], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
-    # logits are 16 * cos with the *original* head: item (1, 0) -> (16, 0, 16/sqrt2)
-    assert torch.allclose(t.logits[1], torch.tensor([16.0, 0.0, 16 / math.sqrt(2)]), atol=1e-4)
-    assert torch.allclose(t.logits[2], torch.tensor([0.0, 16.0, 16 / math.sqrt(2)]), atol=1e-4)
-    # predictions (0, 0, 1) against labels (0, 2, 2)
-    assert t.correct.tolist() == [True, False, False]
-    assert t.known.tolist() == [True, False, False]
-    assert torch.allclose(t.embedding, torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
+    assert torch.equal(head[:2], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    # its logits are 16 * cos with the *original* head: item (1, 0) -> (16, 0, 16/sqrt2)
+    logits = cosine_logits_stacked(emb[None], own[None])[0]
+    assert torch.allclose(logits[1], torch.tensor([16.0, 0.0, 16 / math.sqrt(2)]), atol=1e-4)
+    assert torch.allclose(logits[2], torch.tensor([0.0, 16.0, 16 / math.sqrt(2)]), atol=1e-4)
+    assert torch.allclose(logits, model(torch.from_numpy(x))[1], atol=1e-5)  # as its forward
     # without BCT prototypes the head is left as it was
-    plain = prepare_teacher(model, x, y, classes=[0, 1], target=7, bct_prototypes=False)
-    assert torch.equal(plain.head, model.head.weight)
+    plain = teacher_head(own, sums[0], counts, classes=[0, 1], bct_prototypes=False)
+    assert torch.equal(plain, own)
     # a head of centroids: every class with items gets its normalised mean old embedding
     # (class 0: (1, 0) * 3.6904); class 1 has no items and keeps its own row
-    cent = prepare_teacher(model, x, y, classes=[0, 1], target=7, centroids=True)
-    assert torch.allclose(cent.head[0], torch.tensor([norm, 0.0]), atol=1e-5)
-    assert torch.equal(cent.head[1], torch.tensor([0.0, 2.0]))
-    assert torch.allclose(cent.head[2], expected, atol=1e-5)
+    cent = teacher_head(own, sums[0], counts, classes=[0, 1], centroids=True)
+    assert torch.allclose(cent[0], torch.tensor([norm, 0.0]), atol=1e-5)
+    assert torch.equal(cent[1], torch.tensor([0.0, 2.0]))
+    assert torch.allclose(cent[2], expected, atol=1e-5)
 
 
 def test_teachers_are_run_once_not_per_epoch(
@@ -224,13 +235,13 @@ def test_teachers_are_run_once_not_per_epoch(
 
     def counting_load(path, sha=None):
         model = real_load(path, sha)
-        inner = model.forward
+        inner = model.embed
 
-        def forward(x):
+        def embed(x):
             calls["n"] += 1
             return inner(x)
 
-        model.forward = forward  # type: ignore[method-assign]
+        model.embed = embed  # type: ignore[method-assign]
         return model
 
     monkeypatch.setattr(train_mod, "load_model", counting_load)
@@ -238,11 +249,10 @@ def test_teachers_are_run_once_not_per_epoch(
         ConstraintSpec(1, kind, 1.0, old["checkpoint"], old["sha256"], [0, 1, 2, 3])
         for kind in ("influence", "focal", "embedding")
     ]
-    r = train_generation(
-        spec(tmp_path / "new", generation=2, epochs=3, constraints=constraints, distill_mix=0.5)
-    )
-    # 160 items and 80 fixed mixups: one forward pass each, once for all three epochs
-    assert calls["n"] == 2
+    r = train_generation(spec(tmp_path / "new", generation=2, epochs=3, constraints=constraints))
+    # 160 items: one batched pass of the frozen model, once for all three epochs
+    assert calls["n"] == 1
+    assert not list((tmp_path / "new").glob("*.teachers.f32"))  # its store is removed after
     assert r["teachers"] == [1]
     last = r["history"][-1]
     assert last["influence"] > 0 and last["focal"] > 0 and last["embedding"] > 0
@@ -382,7 +392,7 @@ def test_fixed_head_does_not_move_in_training(tmp_path: Path) -> None:
     [
         ({"embedding_scope": "some"}, "unknown embedding_scope 'some'"),
         ({"influence_head": "tail"}, "unknown influence_head 'tail'"),
-        ({"distill_mix": -1.0}, "distill_mix must be >= 0"),
+        ({"x": None}, "give the training items as x and y, or as a source"),
         ({"epochs": 0}, "need epochs >= 1"),
     ],
 )
