@@ -216,8 +216,9 @@ def plan_source(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
     """A snapshot of the source as it is now; new classes get the next free head rows."""
     last = last_snapshot(lineage)
     previous = None
-    if last is not None and last.keys_path and Path(last.keys_path).exists():
-        previous = pq.read_table(last.keys_path)  # spares re-hashing unchanged files
+    known_files = last.keys_path if last is not None and spec.startswith("imagefolder") else None
+    if known_files and Path(known_files).exists():  # spares re-hashing unchanged files
+        previous = pq.read_table(known_files, columns=["key", "size", "mtime_ns", "sha256"])
     scan = scan_source(spec, previous)
     if scan.skipped and cfg.strict:
         first = scan.skipped[0]

@@ -364,6 +364,11 @@ def label_indices(names: Any, vocabulary: dict[str, int]) -> np.ndarray:
     """Class names (an Arrow string column) -> head rows, without Python objects per row."""
     import pyarrow.compute as pc
 
+    if isinstance(names, pa.ChunkedArray):
+        names = names.combine_chunks()
+    if pa.types.is_dictionary(names.type):  # map the few distinct names, then the indices
+        per_name = label_indices(names.dictionary, vocabulary)
+        return per_name[names.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
     known = pa.array(list(vocabulary), type=pa.string())
     rows = np.asarray(list(vocabulary.values()), dtype=np.int64)
     at = pc.index_in(names, value_set=known)
@@ -422,23 +427,28 @@ def _scan_parquet(spec: str, path: str) -> Scan:
     if not keys:
         raise SourceError(f"Parquet source {redact(path)}: no training rows (split != 'test')")
     key_col = pa.chunked_array(keys).combine_chunks()
-    dup = pc.value_counts(key_col).filter(
-        pc.greater(pc.struct_field(pc.value_counts(key_col), "counts"), 1)
-    )
-    if len(dup):
+    keys.clear()
+    if pc.count_distinct(key_col).as_py() < len(key_col):  # then find them, for the message
+        counts = pc.value_counts(key_col)
+        dup = counts.filter(pc.greater(pc.struct_field(counts, "counts"), 1))
         shown = ", ".join(repr(v) for v in pc.struct_field(dup, "values").to_pylist()[:5])
         raise SourceError(
             f"Parquet source {redact(path)}: {len(dup)} item_id value(s) repeat ({shown}); "
             "keys must be unique"
         )
     unit = np.concatenate(units)
-    files = pa.array([places[u][0] for u in range(len(places))]).take(pa.array(unit))
+    units.clear()
+    # file and row group of each row, as small integers into the list of places
+    paths = sorted({f for f, _ in places})
+    number = {f: i for i, f in enumerate(paths)}
+    file_of = np.asarray([number[f] for f, _ in places], dtype=np.int32)
+    group_of = np.asarray([g for _, g in places], dtype=np.int32)
     table = pa.table(
         {
             "key": key_col,
-            "label": pa.chunked_array(labels).combine_chunks(),
-            "file": files.dictionary_encode(),
-            "row_group": pa.array([places[u][1] for u in range(len(places))]).take(pa.array(unit)),
+            "label": pa.chunked_array(labels).combine_chunks().dictionary_encode(),
+            "file": pa.DictionaryArray.from_arrays(file_of[unit], pa.array(paths, pa.string())),
+            "row_group": group_of[unit],
         }
     )
     return Scan(spec, table, digest.hexdigest())

@@ -3,8 +3,8 @@
 A reader (workers.sources) yields a snapshot's items as contiguous position ranges in
 "units" (a block of image files, a Parquet row group). Each epoch, :class:`ShuffledItems`
 visits the units in a seeded random order and shuffles the items of a bounded window of
-them before cutting mini-batches, as Ray Data's local shuffle buffer or WebDataset do:
-memory is one window, not the source.
+them (32 MiB of inputs and teacher rows) before cutting mini-batches, as Ray Data's
+local shuffle buffer or WebDataset do: memory is one window, not the source.
 
 The frozen ancestors' embeddings of every training item are computed once, before the
 first epoch, in one pass over the snapshot (:func:`precompute_teachers`), and kept on
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-WINDOW_BYTES = 64 << 20  # shuffle window: this many bytes of decoded inputs
+WINDOW_BYTES = 32 << 20  # shuffle window: this many bytes of inputs and teacher rows
 MIN_WINDOW_BATCHES = 8
 
 
@@ -102,9 +102,10 @@ def precompute_teachers(
     return sums, counts
 
 
-def window_items(item_shape: tuple[int, ...], batch_size: int) -> int:
-    """Items in a shuffle window: WINDOW_BYTES of inputs, at least a few batches."""
-    item_bytes = 4 * int(np.prod(item_shape) or 1)
+def window_items(item_shape: tuple[int, ...], batch_size: int, extra_bytes: int = 0) -> int:
+    """Items in a shuffle window: WINDOW_BYTES of inputs (and ``extra_bytes`` per item:
+    teacher rows), at least a few batches."""
+    item_bytes = 4 * int(np.prod(item_shape) or 1) + extra_bytes
     return max(MIN_WINDOW_BATCHES * batch_size, WINDOW_BYTES // item_bytes)
 
 

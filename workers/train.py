@@ -319,7 +319,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         history = [dict(h) for h in state["history"]]
         first_epoch = int(state["epoch"]) + 1
 
-    window = window_items(input_shape, spec.batch_size)
+    window = window_items(input_shape, spec.batch_size, store.row_bytes if store else 0)
     cuda = device.type == "cuda"
     epoch_seconds: list[float] = []
     items_seen = 0

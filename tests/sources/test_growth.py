@@ -155,3 +155,27 @@ def test_a_parquet_directory_grows_over_three_cycles(home: Path, tmp_path: Path)
     with pytest.raises(SourceError, match="item_id value.*repeat"):
         plan_cycle(lin, CycleConfig(**CFG))
     assert len(lin.generations()) == 3
+
+
+@pytest.mark.slow
+def test_an_interrupted_cycle_on_a_source_resumes_from_its_snapshot(
+    home: Path, tmp_path: Path
+) -> None:
+    from flows.recovery import recover_generations
+    from flows.steps import Step
+
+    xtr, ytr, xte, yte = digits()
+    root = tmp_path / "photos"
+    write_images(root, "train", xtr, ytr, 0, 6, OLD)
+    write_images(root, "test", xte, yte, 0, 5, OLD)
+    lin = Lineage()
+    cfg = CycleConfig(dataset=f"imagefolder:{root}", **CFG)
+    state = start_cycle(lin, cfg, plan_cycle(lin, cfg))  # recorded, then "killed"
+    write_images(root, "train", xtr, ytr, 6, 9, OLD)  # the source grows meanwhile
+    resumed = recover_generations(lin)
+    assert resumed is not None and resumed.step == Step.TRAIN
+    assert resumed.generation.id == state.generation.id
+    # it trains on the snapshot it recorded, not on the source as it is now
+    assert resumed.source is not None and resumed.source.keys_path == state.source.keys_path
+    result = train_step(lin, resumed)
+    assert result["items"] == 24 == lin.snapshots()[1].items

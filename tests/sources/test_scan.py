@@ -177,6 +177,7 @@ def test_shuffled_items_visit_every_item_once_per_epoch(tmp_path: Path) -> None:
         [b["pos"].numpy() for b in ShuffledItems(reader, 64, 1024, seed=5, epoch=1, store=store)]
     )
     np.testing.assert_array_equal(again, epochs[1])  # ... and the same one on a resume
-    # window: 64 MiB of inputs, at least 8 batches
-    assert window_items((1, 28, 28), 128) == (64 << 20) // (4 * 784)
+    # window: 32 MiB of inputs and teacher rows, at least 8 batches
+    assert window_items((1, 28, 28), 128) == (32 << 20) // (4 * 784)
+    assert window_items((49,), 128, extra_bytes=256) == (32 << 20) // (196 + 256)
     assert window_items((3, 1024, 1024), 128) == 8 * 128
