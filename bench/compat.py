@@ -360,12 +360,12 @@ def loss_step_cost(
 ) -> dict[str, dict[str, float]]:
     """Milliseconds per step of one constraint kind's loss and its backward pass
     (``workers.constraints.constraint_losses``), against 1 and ``n_many`` stacked
-    ancestors (60,000 precomputed items, batch 128, d 64)."""
+    ancestors (batch 128, d 64; the teachers' embeddings of the batch as the loop reads them)."""
     if threads:
         torch.set_num_threads(threads)
-    n, c, d, b = 60_000, num_classes, 64, 128
+    c, d, b = num_classes, 64, 128
     g = torch.Generator().manual_seed(0)
-    spec = TrainSpec(0, np.zeros((2, 1)), np.zeros(2, np.int64), c, [], {})
+    spec = TrainSpec(0, np.zeros((2, 1), np.float32), np.zeros(2, np.int64), c, [], {})
     out: dict[str, dict[str, float]] = {}
     for k in (1, n_many):
         targets = list(range(k))
@@ -373,26 +373,23 @@ def loss_step_cost(
         def weight(kind: ConstraintKind, k: int = k) -> torch.Tensor:
             return torch.full((k,), DEFAULT_WEIGHTS[kind])
 
+        slots = torch.arange(k)
+        known = torch.rand(k, c, generator=g) > 0.2
         stacks = {
             ConstraintKind.INFLUENCE: Stack(
                 targets,
                 weight(ConstraintKind.INFLUENCE),
+                slots,
                 {"head": torch.randn(k, c, d, generator=g)},
             ),
             ConstraintKind.FOCAL: Stack(
                 targets,
                 weight(ConstraintKind.FOCAL),
-                {
-                    "logits": torch.randn(k, n, c, generator=g),
-                    "correct": torch.rand(k, n, generator=g) > 0.5,
-                },
-                mask=torch.rand(k, n, generator=g) > 0.2,
+                slots,
+                {"own_head": torch.randn(k, c, d, generator=g)},
+                mask=known,
             ),
-            ConstraintKind.EMBEDDING: Stack(
-                targets,
-                weight(ConstraintKind.EMBEDDING),
-                {"embedding": torch.randn(k, n, d, generator=g), "extra": None},
-            ),
+            ConstraintKind.EMBEDDING: Stack(targets, weight(ConstraintKind.EMBEDDING), slots, {}),
         }
         emb = torch.randn(b, d, generator=g, requires_grad=True)
         logits = torch.randn(b, c, generator=g, requires_grad=True)
@@ -400,8 +397,9 @@ def loss_step_cost(
         for kind, stack in stacks.items():
             t = time.perf_counter()
             for _ in range(steps):
-                batch = torch.randint(0, n, (b,), generator=g)
-                terms = constraint_losses({kind: stack}, StepInputs(emb, logits, y, batch), spec)
+                # the batch's rows of the precomputed teacher embeddings, as the loop gets them
+                teachers = torch.randn(k, b, d, generator=g)
+                terms = constraint_losses({kind: stack}, StepInputs(emb, logits, y, teachers), spec)
                 sum(terms.values()).backward()
             out.setdefault(kind.value, {})[str(k)] = (time.perf_counter() - t) / steps * 1e3
     return out

@@ -174,6 +174,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
             wait_for_lock=not opts["no_wait"],
             force=opts.get("force", False),
             strict=opts.get("strict", False),
+            reevaluate=opts.get("reevaluate", False),
         )
     except _known_errors() as exc:
         _fail(str(exc))
@@ -240,6 +241,13 @@ def cycle(
             min=2, help="head rows a new source lineage reserves (default max(64, 2 x classes))"
         ),
     ] = None,
+    reevaluate: Annotated[
+        bool,
+        typer.Option(
+            "--reevaluate",
+            help="if the evaluation set changed: measure every kept generation on the new one",
+        ),
+    ] = False,
 ) -> None:
     """Run one update cycle; an interrupted one resumes.
 

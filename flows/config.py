@@ -97,6 +97,11 @@ class CycleConfig(BaseModel):
     strict: bool = Field(
         False, description="refuse a source with unreadable items (else: skip and record them)"
     )
+    reevaluate: bool = Field(
+        False,
+        description="when the evaluation set changed: measure every kept generation on the "
+        "new one (and rebuild the gallery) instead of refusing",
+    )
     wait_for_lock: bool = Field(
         True, description="wait for a cycle already running on this lineage; false: refuse"
     )

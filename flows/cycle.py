@@ -29,7 +29,7 @@ from store.gallery import Gallery, GalleryRows
 from store.lineage import Generation, GenerationStatus, Lineage
 from store.locks import CYCLE_LOCK
 from store.settings import StoreError, subdir
-from workers.backfill import run_backfill
+from workers.backfill import close_interrupted_jobs, run_backfill
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.failpoints import failpoint
@@ -153,6 +153,7 @@ class CyclePlan:
     snapshot: Snapshot
     source: SourceItems | None = None
     capacity: int | None = None
+    eval_changed: bool = False  # the evaluation set changed and is to be re-evaluated on
 
 
 # A source's model: the scenario's last-stage MLP (what bench/compat.py measured)
@@ -167,12 +168,20 @@ def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
         plan = plan_source(lineage, cfg, spec)
     else:
         plan = plan_scenario(lineage, cfg, spec)
-    check_eval_set(lineage, plan.snapshot)
+    if cfg.reevaluate:
+        plan.eval_changed = eval_set_changed(lineage, plan.snapshot)
+    else:
+        check_eval_set(lineage, plan.snapshot)
     return plan
 
 
 def eval_items_path(fingerprint: str) -> Path:
     return subdir("snapshots") / f"eval-{fingerprint[:24]}.parquet"
+
+
+def eval_set_changed(lineage: Lineage, snap: Snapshot) -> bool:
+    first = next((r for _, r in sorted(lineage.snapshots().items())), None)
+    return first is not None and first.eval_fingerprint != snap.eval_fingerprint
 
 
 def check_eval_set(lineage: Lineage, snap: Snapshot) -> None:
@@ -187,8 +196,40 @@ def check_eval_set(lineage: Lineage, snap: Snapshot) -> None:
     raise StoreError(
         f"the evaluation set of {snap.source!r} changed since generation "
         f"{first.generation_id}: {what}; every generation here was measured on the old one: "
-        "restore it, or use a new GRACEFUL_HOME"
+        "restore it, or pass --reevaluate to measure every kept generation on the new one"
     )
+
+
+def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list[int]:
+    """Measure every kept generation again on the plan's (new) evaluation set.
+
+    Every metric against every ancestor is recomputed and replaces the old value; the
+    snapshots' evaluation fingerprint moves to the new set; the gallery, which indexes
+    the evaluation set's gallery half, is built again by the champion. Returns the
+    generations measured.
+    """
+    ds = plan.dataset
+    for stale in subdir("cache").glob("eval-*.npz"):  # outputs on the old set
+        stale.unlink(missing_ok=True)
+    kept = [g for g in lineage.generations() if g.status in chain.EVALUATED and g.checkpoint_path]
+    for gen in kept:
+        active = sorted({c.target_id for c in lineage.constraints(gen.id)})
+        ancestors = chain.ancestors_of(lineage, int(gen.id))  # type: ignore[arg-type]
+        rows = evaluate_against_ancestors(gen, ancestors, active, ds, subdir("cache"))
+        lineage.record_metrics(rows)
+        acc = next(v for a, b, m, v in rows if m == "accuracy")
+        lineage.update_generation(gen.id, accuracy=acc)
+    if plan.snapshot.eval_items is not None:
+        _write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
+    lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
+    gallery = Gallery(lineage)
+    champion = lineage.champion()
+    if gallery.exists():
+        close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
+        gallery.drop()
+        if champion is not None:
+            index_gallery(lineage, ds, champion, part_rows)
+    return [int(g.id) for g in kept]  # type: ignore[arg-type]
 
 
 def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
@@ -448,6 +489,27 @@ def lineage_pairs(lineage: Lineage, metric: str) -> dict[tuple[int, int, str], f
     return {(a, b, metric): v for a, b, v in lineage.metric(metric)}
 
 
+def index_gallery(
+    lineage: Lineage, ds: Dataset, champion: Generation, part_rows: int
+) -> dict[str, Any]:
+    """The first gallery: the evaluation set's gallery half, embedded by the champion."""
+    from workers.backfill import m_mix
+
+    gallery = Gallery(lineage)
+    out = generation_outputs(champion, ds, subdir("cache"))
+    rows = GalleryRows(
+        item_id=out.gallery_idx.astype(np.int64),
+        label=ds.y_test[out.gallery_idx],
+        generation=np.full(len(out.gallery_idx), champion.id, np.int32),
+        margin=out.outputs.margin[out.gallery_idx],
+        embedding=out.gallery_emb,
+    )
+    gallery.create(ds.spec, rows, part_rows=part_rows)
+    value = m_mix(out.query_emb, ds.y_test[out.query_idx], gallery.read_all())
+    lineage.record_metrics([(champion.id, champion.id, "m_mix", value)])
+    return {"indexed": len(rows), "m_mix": value}
+
+
 def backfill_step(
     lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
 ) -> dict[str, Any]:
@@ -459,19 +521,7 @@ def backfill_step(
     out = generation_outputs(champion, state.dataset, subdir("cache"))
     qy = state.dataset.y_test[out.query_idx]
     if not gallery.exists():
-        rows = GalleryRows(
-            item_id=out.gallery_idx.astype(np.int64),
-            label=state.dataset.y_test[out.gallery_idx],
-            generation=np.full(len(out.gallery_idx), champion.id, np.int32),
-            margin=out.outputs.margin[out.gallery_idx],
-            embedding=out.gallery_emb,
-        )
-        gallery.create(state.dataset.spec, rows, part_rows=cfg.backfill.batch_rows)
-        from workers.backfill import m_mix
-
-        value = m_mix(out.query_emb, qy, gallery.read_all())
-        lineage.record_metrics([(champion.id, champion.id, "m_mix", value)])
-        return {"indexed": len(rows), "m_mix": value}
+        return index_gallery(lineage, state.dataset, champion, cfg.backfill.batch_rows)
     b = cfg.backfill
     job = run_backfill(
         lineage,
@@ -500,6 +550,11 @@ def recover_task(cfg: CycleConfig) -> tuple[CycleState | None, dict[str, Any] | 
 @task(name="snapshot", cache_policy=NO_CACHE)
 def plan_task(cfg: CycleConfig) -> CyclePlan:
     return plan_cycle(Lineage(), cfg)
+
+
+@task(name="reevaluate-on-new-evaluation-set", cache_policy=NO_CACHE)
+def reevaluate_task(plan: CyclePlan, part_rows: int) -> list[int]:
+    return reevaluate(Lineage(), plan, part_rows)
 
 
 @task(name="record-generation-and-constraints", cache_policy=NO_CACHE)
@@ -580,6 +635,9 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
     unreadable: list[dict[str, str]] = []
     if state is None:
         plan = plan_task(cfg)
+        if plan.eval_changed:
+            measured = reevaluate_task(plan, cfg.backfill.batch_rows)
+            log.warning("the evaluation set changed: re-evaluated generations %s on it", measured)
         unreadable = plan.snapshot.skipped
         for item in unreadable[:20]:
             log.warning("skipped unreadable item %s: %s", item["key"], item["reason"])

@@ -478,6 +478,19 @@ class Gallery:
             ):
                 path.unlink(missing_ok=True)
 
+    def drop(self) -> int:
+        """Remove the whole gallery (manifest and info in one transaction, then its files and
+        the index); returns the items it held. For a gallery whose items no longer exist."""
+        with self.writing():
+            info = self.info()
+            with Session(self.lineage.engine) as s, s.begin():
+                s.execute(delete(GalleryPart))
+                s.execute(delete(GalleryInfo))
+            for path in self.root.iterdir():
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+            return info.items if info is not None else 0
+
     def create(self, dataset: str, rows: GalleryRows, part_rows: int = 4096) -> None:
         """Build a new gallery from ``rows`` (the first full indexing), all or nothing."""
         if len(np.unique(rows.item_id)) != len(rows):

@@ -325,6 +325,13 @@ class Lineage:
         with self.session() as s:
             return {r.generation_id: r for r in s.exec(select(SnapshotRecord))}
 
+    def set_eval_fingerprint(self, fingerprint: str) -> None:
+        """Every snapshot is measured on this evaluation set now (after a re-evaluation)."""
+        with self.session() as s:
+            for record in s.exec(select(SnapshotRecord)):
+                record.eval_fingerprint = fingerprint
+                s.add(record)
+
     def vocabulary(self) -> dict[str, int]:
         """Class name -> head row, in row order."""
         with self.session() as s:

@@ -15,6 +15,7 @@ from flows.cycle import (
     evaluate_step,
     gate_step,
     plan_cycle,
+    reevaluate,
     start_cycle,
     train_step,
     unchanged_since,
@@ -35,6 +36,8 @@ def cycle(lin: Lineage, spec: str | None, **kw) -> int | None:
     """One cycle through the flow's steps; None when it would be skipped."""
     cfg = CycleConfig(dataset=spec, **(CFG | kw))
     plan = plan_cycle(lin, cfg)
+    if plan.eval_changed:
+        reevaluate(lin, plan)
     if not cfg.force and unchanged_since(lin, plan) is not None:
         return None
     state = start_cycle(lin, cfg, plan)
@@ -126,6 +129,16 @@ def test_an_image_folder_grows_over_three_cycles(home: Path, tmp_path: Path) -> 
     with pytest.raises(StoreError, match=r"changed since generation 1: 2 added \(test/digit-0/"):
         plan_cycle(lin, CycleConfig(**CFG))
     assert len(lin.generations()) == 3
+    # ... unless told to measure every kept generation on the new one
+    before = {(a, b): v for a, b, v in lin.metric("compat_top1")}
+    assert cycle(lin, None, reevaluate=True) is None  # re-evaluated; no new training data
+    after = {(a, b): v for a, b, v in lin.metric("compat_top1")}
+    assert set(after) == set(before) and after != before
+    n_eval = 5 * 15 + 2
+    assert build_report(lin)["gallery"]["items"] == (n_eval + 1) // 2  # rebuilt on the new set
+    assert {r.eval_fingerprint for r in lin.snapshots().values()} == {
+        plan_cycle(lin, CycleConfig(**CFG)).snapshot.eval_fingerprint
+    }
 
 
 @pytest.mark.slow
