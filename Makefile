@@ -6,7 +6,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
-.PHONY: install demo test lint format bench-compat bench-backfill bench-stream clean
+.PHONY: install demo test lint format bench-compat bench-backfill bench-stream bench-models bench-collection clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ bench-backfill: install
 
 bench-stream: install
 	$(BIN)/python -m bench.stream
+
+bench-collection: install
+	$(BIN)/python -m bench.collection
+
+bench-models: install
+	$(BIN)/python -m bench.models
 
 clean:
 	rm -rf .graceful .pytest_cache

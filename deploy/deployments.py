@@ -1,4 +1,5 @@
-"""Deployments: a scheduled update cycle and an on-demand partial backfill.
+"""Deployments: a scheduled update cycle, an on-demand partial backfill, and an on-demand
+indexing of the collection (its parameters: the collection's spec, prune, strict).
 
 ``graceful serve`` serves both from this process to the Prefect server at
 ``PREFECT_API_URL`` (start one with ``prefect server start``: UI on 127.0.0.1:4200).
@@ -18,6 +19,7 @@ def build_deployments(
     interval_minutes: float,
     cron: str | None = None,
     name: str = "scheduled-update",
+    collection: str | None = None,
 ) -> list:
     """The scheduled update cycle (its parameters: ``config``) and the on-demand backfill.
 
@@ -25,7 +27,8 @@ def build_deployments(
     champion's; otherwise the run logs and summarises ``skipped: no new data ...``.
     """
     from flows.backfill import backfill_flow
-    from flows.config import BackfillConfig
+    from flows.collection import index_flow
+    from flows.config import BackfillConfig, IndexConfig
     from flows.cycle import update_cycle
 
     schedule = {"cron": cron} if cron else {"interval": timedelta(minutes=interval_minutes)}
@@ -46,6 +49,13 @@ def build_deployments(
             description="Re-embed part of the gallery with the champion; set budget and policy.",
             tags=["graceful"],
         ),
+        index_flow.to_deployment(
+            name="on-demand-index",
+            parameters={"config": IndexConfig(spec=collection).model_dump()},
+            description="Embed the collection's new and changed items with the champion "
+            "(prune: remove the ones gone).",
+            tags=["graceful"],
+        ),
     ]
 
 
@@ -54,7 +64,8 @@ def serve_all(
     interval_minutes: float = 1440,
     cron: str | None = None,
     name: str = "scheduled-update",
+    collection: str | None = None,
 ) -> None:
     from prefect import serve
 
-    serve(*build_deployments(config, interval_minutes, cron, name))
+    serve(*build_deployments(config, interval_minutes, cron, name, collection))

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain
 from flows.config import BackfillConfig
 from flows.cycle import resolve_dataset
-from flows.progress import StepProgress
+from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
 from store.settings import StoreError, subdir
@@ -21,14 +21,27 @@ from workers.evaluate import generation_outputs
 def backfill_once(
     lineage: Lineage, cfg: BackfillConfig, progress=None, crash_after_parts: int | None = None
 ) -> dict[str, Any]:
-    """Re-embed ``cfg.budget`` of the gallery with the champion, then retire what left."""
+    """Re-embed ``cfg.budget`` of the collection with the champion, then retire what left.
+
+    The scenario's collection (the evaluation gallery) measures M_mix and the backfill
+    curve; a user's collection is read by key from its source, and M_mix, which needs
+    labelled queries against it, is not measured.
+    """
     gallery = Gallery(lineage)
     info = gallery.require()
     champion = lineage.champion()
     if champion is None:
         raise StoreError("no champion generation to backfill with")
-    ds = resolve_dataset(lineage, info.dataset)
-    out = generation_outputs(champion, ds, subdir("cache"))
+    measure: dict[str, Any] = {}
+    ds = None
+    if info.scenario:
+        ds = resolve_dataset(lineage, info.dataset)
+        out = generation_outputs(champion, ds, subdir("cache"))
+        measure = {
+            "query_emb": out.query_emb,
+            "query_labels": ds.y_test[out.query_idx],
+            "champion_gallery_emb": out.gallery_emb if cfg.curve else None,
+        }
     job = run_backfill(
         lineage,
         gallery,
@@ -37,13 +50,12 @@ def backfill_once(
         cfg.policy,
         cfg.budget,
         seed=cfg.seed,
-        query_emb=out.query_emb,
-        query_labels=ds.y_test[out.query_idx],
-        champion_gallery_emb=out.gallery_emb if cfg.curve else None,
         progress=progress,
         crash_after_parts=crash_after_parts,
+        **measure,
     )
-    lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
+    if job.m_mix_after is not None:
+        lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
     retired = chain.retire_unused(lineage)
     return {
         "job": job.id,
@@ -59,15 +71,7 @@ def backfill_once(
 
 @task(name="backfill-gallery", cache_policy=NO_CACHE)
 def backfill_task(cfg: BackfillConfig) -> dict[str, Any]:
-    progress = StepProgress("backfill-progress", total=100)
-
-    def report(done: int, total: int) -> None:
-        from prefect.artifacts import update_progress_artifact
-
-        if progress.artifact_id is not None:
-            update_progress_artifact(progress.artifact_id, progress=100.0 * done / max(1, total))
-
-    return backfill_once(Lineage(), cfg, progress=report)
+    return backfill_once(Lineage(), cfg, progress=counter("backfill-progress"))
 
 
 @task(name="publish", cache_policy=NO_CACHE)

@@ -1,4 +1,5 @@
-"""The ``graceful`` command line (typer): run, cycle, backfill, report, search, pin, serve."""
+"""The ``graceful`` command line (typer): run, cycle, backfill, index, report, search, pin,
+serve."""
 
 from __future__ import annotations
 
@@ -114,9 +115,23 @@ PolicyOpt = Annotated[
 EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs per generation")]
 BudgetOpt = Annotated[float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")]
 NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="promote every generation")]
-MaxNfrOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="gate: NFR bound per ancestor")]
+MaxNfrOpt = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="gate: reject NFR above this beyond doubt")
+]
 TolOpt = Annotated[float, typer.Option(min=0.0, help="gate: accuracy >= champion's - this")]
-EccOpt = Annotated[bool, typer.Option(help="gate: C[g][k] > C[k][k] for every active ancestor")]
+EccOpt = Annotated[
+    bool, typer.Option(help="gate: reject when C(g,k) - C(k,k) < -ecc-margin beyond doubt")
+]
+EccMarginOpt = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="gate: C(g,k) may trail C(k,k) by this")
+]
+ConfidenceOpt = Annotated[
+    float,
+    typer.Option("--gate-confidence", min=0.5, max=0.9999, help="gate: level of its intervals"),
+]
+ResamplesOpt = Annotated[
+    int, typer.Option(min=100, help="gate: paired bootstrap resamples for C(g,k) - C(k,k)")
+]
 NoWaitOpt = Annotated[
     bool, typer.Option("--no-wait", help="refuse, instead of waiting, while a cycle runs")
 ]
@@ -165,6 +180,9 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
                 max_nfr=opts["max_nfr"],
                 accuracy_tolerance=opts["accuracy_tolerance"],
                 require_ecc=opts["require_ecc"],
+                ecc_margin=opts["ecc_margin"],
+                confidence=opts["confidence"],
+                bootstrap_resamples=opts["bootstrap_resamples"],
             ),
             backfill=BackfillConfig(
                 budget=opts["backfill_budget"],
@@ -196,6 +214,9 @@ def run(
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
     require_ecc: EccOpt = True,
+    ecc_margin: EccMarginOpt = 0.0,
+    confidence: ConfidenceOpt = 0.95,
+    bootstrap_resamples: ResamplesOpt = 10_000,
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
@@ -225,6 +246,9 @@ def cycle(
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
     require_ecc: EccOpt = True,
+    ecc_margin: EccMarginOpt = 0.0,
+    confidence: ConfidenceOpt = 0.95,
+    bootstrap_resamples: ResamplesOpt = 10_000,
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
@@ -263,19 +287,25 @@ def cycle(
     _print_summary()
 
 
-def _run_cycles(cfg, n: int) -> None:
+def _progress_bar(transient: bool = False):
+    """The CLI's rich progress bar (on stderr: stdout stays the command's answer)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows import progress as step_progress
-    from flows.cycle import update_cycle
-
-    with Progress(
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
         console=err,
-    ) as bar:
+        transient=transient,
+    )
+
+
+def _run_cycles(cfg, n: int) -> None:
+    from flows import progress as step_progress
+    from flows.cycle import update_cycle
+
+    with _progress_bar() as bar:
         total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
         for i in range(n):
             base = i * 100
@@ -394,16 +424,78 @@ def report(
 
 
 @app.command()
+def index(
+    spec: Annotated[
+        str | None,
+        typer.Argument(
+            help="images:DIR, imagefolder:DIR or parquet:PATH; default: the collection's own"
+        ),
+    ] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="remove items gone from SPEC")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="refuse unreadable items instead of skipping them")
+    ] = False,
+    part_rows: Annotated[int, typer.Option(min=1, help="items per committed part")] = 4096,
+) -> None:
+    """Add SPEC's new items to the collection, embedded by the champion; re-embed changed
+    ones; with --prune remove the ones gone. A killed run resumes where it stopped."""
+    _env_defaults()
+    _check_inputs(None)
+    from flows.collection import index_flow
+    from flows.config import IndexConfig
+    from workers.collection import CollectionError, parse_collection_spec
+    from workers.datasets import DatasetError
+    from workers.sources import SourceError
+
+    try:
+        if spec is not None:
+            parse_collection_spec(spec)
+        cfg = IndexConfig(spec=spec, prune=prune, strict=strict, part_rows=part_rows)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    _quiet_known_failures()
+    from flows import progress as step_progress
+
+    with _progress_bar(transient=True) as bar:
+        task = bar.add_task("indexing", total=100)
+        step_progress.set_listener(
+            lambda name, pct: bar.update(task, completed=pct, description=f"indexing: {name}")
+        )
+        try:
+            result = index_flow(cfg)
+        except (CollectionError, SourceError, DatasetError) as exc:
+            bar.stop()
+            _fail(str(exc))
+        except _known_errors() as exc:
+            bar.stop()
+            _fail(str(exc), code=1)
+        finally:
+            step_progress.set_listener(None)
+    for item in result["skipped_items"]:
+        err.print(f"skipped unreadable item {escape(item['key'])}: {escape(item['reason'])}")
+    out.print(
+        f"indexed {escape(result['spec'])} with generation {result['generation']}: "
+        f"{result['added']} added, {result['reembedded']} re-embedded, {result['pruned']} "
+        f"pruned, {result['unchanged']} unchanged, {result['skipped']} skipped; "
+        f"{result['items']} items"
+    )
+
+
+@app.command()
 def search(
     item: Annotated[
-        int | None, typer.Option(help="index of a query item in the evaluation split")
+        str | None,
+        typer.Option(help="the key of a collection item (scenario: a position of the test split)"),
     ] = None,
     file: Annotated[
         Path | None, typer.Option("--file", help="query image (PNG/JPEG) or .npy")
     ] = None,
     k: Annotated[int, typer.Option(min=1)] = 5,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON list of {key, score, generation} on stdout")
+    ] = False,
 ) -> None:
-    """Nearest gallery items for a query item or file, from the committed gallery."""
+    """Nearest collection items (by key) for a query item or file, from the committed state."""
     _check_inputs(None)
     if (item is None) == (file is None):
         _fail("give exactly one of --item or --file")
@@ -414,12 +506,17 @@ def search(
         hits = search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
     except _known_errors() as exc:
         _fail(str(exc))
-    what = f"test item {item} (label {hits['label']})" if file is None else str(file)
-    table = Table(title=escape(f"nearest gallery items to {what}"))
-    for col in ("rank", "item_id", "label", "score"):
+    if as_json:
+        sys.stdout.write(json.dumps(hits["neighbors"]) + "\n")
+        return
+    label = "" if hits["label"] is None else f" (label {hits['label']})"
+    what = f"item {item}{label}" if file is None else str(file)
+    table = Table(title=escape(f"nearest collection items to {what}"))
+    for col in ("rank", "key", "generation", "label", "score"):
         table.add_column(col)
     for r, h in enumerate(hits["neighbors"], 1):
-        table.add_row(str(r), str(h["item_id"]), str(h["label"]), f"{h['score']:.4f}")
+        lab = "-" if h["label"] is None else str(h["label"])
+        table.add_row(str(r), escape(h["key"]), str(h["generation"]), lab, f"{h['score']:.4f}")
     out.print(table)
 
 
@@ -447,6 +544,10 @@ def serve(
     name: Annotated[str, typer.Option(help="the update cycle deployment's name")] = (
         "scheduled-update"
     ),
+    collection: Annotated[
+        str | None,
+        typer.Option(help="the on-demand index deployment's default spec (images:DIR, ...)"),
+    ] = None,
 ) -> None:
     """Serve the deployments (scheduled update cycle, on-demand backfill) to a Prefect server.
 
@@ -462,7 +563,9 @@ def serve(
         config = CycleConfig(dataset=dataset, train=TrainConfig(epochs=epochs))
     except _known_errors() as exc:
         _fail(str(exc))
-    serve_all(config, interval_minutes=interval_minutes, cron=cron, name=name)
+    serve_all(
+        config, interval_minutes=interval_minutes, cron=cron, name=name, collection=collection
+    )
 
 
 if __name__ == "__main__":

@@ -14,12 +14,35 @@ DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/r
 
 
 class GateConfig(BaseModel):
-    """Promotion thresholds; a generation that misses one is rejected, with the reasons."""
+    """Promotion thresholds, decided on paired evidence (``flows/gate.py``, ``workers/stats.py``).
+
+    A check fails only when its whole interval at ``confidence`` lies on the bad side of
+    its threshold; a generation that fails one is rejected, with the reasons and intervals.
+    ``ecc_margin`` defaults to 0: the textbook criterion itself (new queries must not do
+    worse against an old gallery than that generation's own queries), tested rather than
+    compared point to point; the interval already absorbs the noise of a few hundred
+    queries, so a margin is only for accepting a real, bounded loss of compatibility.
+    """
 
     enabled: bool = True
     accuracy_tolerance: float = Field(0.02, ge=0, description="accuracy >= champion's - this")
-    require_ecc: bool = Field(True, description="C[g][k] > C[k][k] for every active ancestor k")
-    max_nfr: float = Field(0.10, ge=0, le=1, description="NFR(g, k) bound per active ancestor")
+    require_ecc: bool = Field(
+        True,
+        description="reject when C[g][k] - C[k][k] is below -ecc_margin beyond doubt, for any "
+        "active ancestor k",
+    )
+    ecc_margin: float = Field(
+        0.0, ge=0, le=1, description="C[g][k] - C[k][k] may be this far below 0 (top-1 share)"
+    )
+    max_nfr: float = Field(
+        0.10, ge=0, le=1, description="reject when NFR(g, k) is above this beyond doubt"
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="two-sided level of the intervals the checks use"
+    )
+    bootstrap_resamples: int = Field(
+        10_000, ge=100, description="paired bootstrap resamples for C[g][k] - C[k][k]"
+    )
 
 
 class TrainConfig(BaseModel):
@@ -50,6 +73,15 @@ class TrainConfig(BaseModel):
     architecture: dict | None = Field(
         None, description="keys that override the scenario's architecture (kind, width, head…)"
     )
+    augment: Literal["auto", "none", "crop", "crop+flip"] = Field(
+        "auto",
+        description="image augmentation in training: a random crop with zero padding and a "
+        "horizontal flip; auto: the resnet's images are cropped, and also flipped for "
+        "Fashion-MNIST and CIFAR (never digits, text or a user's own images: a mirrored 'b' "
+        "is a 'd'; pass crop+flip where mirroring keeps the class), unless the generation "
+        "is distilled from its ancestors' per-item outputs (focal, embedding constraints); "
+        "feature vectors never (workers.train.resolve_augment)",
+    )
     class_capacity: int | None = Field(
         None,
         ge=2,
@@ -70,7 +102,11 @@ class BackfillConfig(BaseModel):
     policy: Policy = DEFAULT_POLICY
     batch_rows: int = Field(4096, ge=1, description="items re-embedded per committed batch")
     seed: int = 0
-    curve: bool = Field(True, description="measure the backfill curve (M_mix over beta)")
+    curve: bool = Field(
+        True,
+        description="measure the backfill curve (M_mix over beta; the scenario's labelled "
+        "evaluation gallery only: a user's collection has no labelled queries against it)",
+    )
 
     @field_validator("budget")
     @classmethod
@@ -78,6 +114,19 @@ class BackfillConfig(BaseModel):
         if v > 1 and v != int(v):
             raise ValueError(f"a budget above 1 is a count of items, got {v}")
         return v
+
+
+class IndexConfig(BaseModel):
+    """Index a collection: embed with the champion what it does not hold yet."""
+
+    spec: str | None = Field(
+        None,
+        description="the collection: images:DIR, imagefolder:DIR or parquet:PATH; default: "
+        "the spec this collection was indexed from",
+    )
+    prune: bool = Field(False, description="remove items gone from the spec")
+    strict: bool = Field(False, description="refuse unreadable items (else: skip and count)")
+    part_rows: int = Field(4096, ge=1, description="items per committed Parquet part")
 
 
 class CycleConfig(BaseModel):

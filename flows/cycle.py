@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import chain
 from flows.config import CycleConfig
-from flows.gate import decide
+from flows.gate import counts_from_metrics, decide, evidence_rows
 from flows.progress import StepProgress
 from flows.steps import Step
 from store.files import verify_checkpoint
@@ -34,7 +34,7 @@ from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.failpoints import failpoint
 from workers.runtime import run_on_ray, task_resources
-from workers.scenario import Stage, stage_indices, stage_plan
+from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
 from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
 from workers.sources import SourceError, describe_change, is_source, load_eval, scan_source
 from workers.train import ConstraintSpec, SourceItems, TrainSpec, train_generation
@@ -84,9 +84,16 @@ def source_mode(lineage: Lineage, spec: str | None, stages: int | None = None) -
     return stages is None and is_source(spec)
 
 
-def resolve_spec(lineage: Lineage, spec: str | None) -> str:
-    """The cycle's data: the given spec, else the gallery's, else the last snapshot's."""
+def scenario_gallery(lineage: Lineage):
+    """The collection's info when it is the scenario's evaluation gallery, else None."""
     info = lineage.gallery_info()
+    return info if info is not None and info.scenario else None
+
+
+def resolve_spec(lineage: Lineage, spec: str | None) -> str:
+    """The cycle's data: the given spec, else the scenario gallery's, else the last
+    snapshot's (a user's collection is not training data)."""
+    info = scenario_gallery(lineage)
     if spec is None:
         last = last_snapshot(lineage)
         if info is not None:
@@ -114,13 +121,22 @@ def resolve_dataset(lineage: Lineage, spec: str | None, stages: int | None = Non
         ds = ev.dataset(spec, vocab)
     else:
         ds = load_dataset(spec)
-    info = lineage.gallery_info()
+    info = scenario_gallery(lineage)
     if info is not None and info.dataset != ds.spec:
         raise StoreError(
             f"the gallery in this GRACEFUL_HOME indexes {info.dataset!r}; "
             f"use another GRACEFUL_HOME for {ds.spec!r}"
         )
     return ds
+
+
+def eval_dataset(lineage: Lineage) -> Dataset | None:
+    """The lineage's evaluation data (the scenario's data set or the source's evaluation
+    set), or None before anything trained."""
+    try:
+        return resolve_dataset(lineage, None)
+    except StoreError:
+        return None
 
 
 def cycle_config_path(gen_id: int) -> Path:
@@ -156,8 +172,10 @@ class CyclePlan:
     eval_changed: bool = False  # the evaluation set changed and is to be re-evaluated on
 
 
-# A source's model: the scenario's last-stage MLP (what bench/compat.py measured)
-SOURCE_ARCHITECTURE = {"kind": "mlp", "width": 256, "depth": 3, "head": "fixed"}
+def source_architecture(input_shape: tuple[int, ...]) -> dict:
+    """A source's model: the scenario's last-stage one for its inputs (a residual CNN for
+    images, the MLP for feature vectors; workers.scenario.default_architecture)."""
+    return default_architecture(tuple(input_shape), grow=1.0)
 
 
 def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
@@ -224,12 +242,18 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
     gallery = Gallery(lineage)
     champion = lineage.champion()
-    if gallery.exists():
+    if scenario_gallery(lineage) is not None:  # a user's collection does not change
         close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
         gallery.drop()
         if champion is not None:
             index_gallery(lineage, ds, champion, part_rows)
     return [int(g.id) for g in kept]  # type: ignore[arg-type]
+
+
+def lineage_kind(existing: list[Generation]) -> str | None:
+    """The backbone kind of the newest of ``existing`` generations (None: there is none)."""
+    kinds = [g.architecture.get("kind") for g in existing if g.architecture]
+    return kinds[-1] if kinds else None
 
 
 def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
@@ -240,7 +264,10 @@ def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
     stages = cfg.stages or (known[-1] if known else DEFAULT_STAGES)
     existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
     index = cfg.stage if cfg.stage is not None else len(existing)
-    stage = stage_plan(ds.num_classes, stages, min(index, stages - 1))
+    # a lineage keeps its backbone kind (a warm start cannot cross kinds): one begun with
+    # the MLP on images, before the residual CNN was the default, goes on with the MLP
+    shape = ds.input_shape if lineage_kind(existing) in (None, "resnet") else None
+    stage = stage_plan(ds.num_classes, stages, min(index, stages - 1), shape)
     train_idx = stage_indices(ds.y_train, stage, seed=0)
     return CyclePlan(ds, stage, train_idx, scenario_snapshot(ds, stage, stages, train_idx))
 
@@ -277,7 +304,9 @@ def plan_source(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
     )  # earlier classes keep their rows
     existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
     trained = tuple(sorted(vocab[n] for n in counts))
-    architecture = dict(SOURCE_ARCHITECTURE)
+    architecture = source_architecture(ev.input_format.shape)
+    if lineage_kind(existing) not in (None, architecture["kind"]):
+        architecture = dict(existing[-1].architecture)  # the lineage keeps its backbone
     stage = Stage(len(existing), trained, 1.0, architecture)
     snap = source_snapshot(scan, ev, vocab)
     items = SourceItems(
@@ -419,6 +448,8 @@ def train_step(
         focal_temperature=t.focal_temperature,
         influence_head=t.influence_head,
         warm_start=t.warm_start,
+        augment=t.augment,
+        dataset=state.dataset.spec,
         checkpoint_dir=str(subdir("checkpoints")),
         threads=int(task_resources().get("num_cpus", 1)),
     )
@@ -458,15 +489,28 @@ def gate_step(
     metrics: dict[tuple[int, int, str], float],
     cfg: CycleConfig,
 ) -> bool:
-    """Step 5: the promotion decision and its reasons, stored on the generation."""
+    """Step 5: the promotion decision and its reasons, stored on the generation.
+
+    The gate decides on the paired evidence the evaluation stored (counts per ancestor)
+    and records the intervals it used, at its own confidence, as metric rows.
+    """
     g = state.generation.id
     champion = lineage.generation(state.champion) if state.champion is not None else None
     own = {(a, b): v for (a, b, m), v in lineage_pairs(lineage, "compat_top1").items()}
     compat = {k: (metrics[(g, k, "compat_top1")], own[(k, k)]) for k in state.active}
     nfr = {k: metrics[(g, k, "nfr")] for k in state.active}
+    ecc_counts, flip_counts = counts_from_metrics(metrics, g)  # the paired per-case evidence
     passed, reasons = decide(
-        metrics[(g, g, "accuracy")], champion.accuracy if champion else None, compat, nfr, cfg.gate
+        metrics[(g, g, "accuracy")],
+        champion.accuracy if champion else None,
+        compat,
+        nfr,
+        cfg.gate,
+        ecc_counts=ecc_counts,
+        flip_counts=flip_counts,
     )
+    if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
+        lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
     state.reasons = reasons
     state.generation = lineage.update_generation(
         g,
@@ -513,16 +557,27 @@ def index_gallery(
 def backfill_step(
     lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
 ) -> dict[str, Any]:
-    """Step 7: the first generation indexes the gallery; later ones backfill within budget."""
+    """Step 7: backfill the collection within budget.
+
+    The scenario's first generation indexes the evaluation set's gallery half as the
+    collection (keyed by position) and every later one measures M_mix on it. On a user's
+    source the collection is the user's own (``graceful index``): it is backfilled by
+    key from its source when there is one, and a cycle without one backfills nothing.
+    """
     cfg = cfg or state.config
     gallery = Gallery(lineage)
     champion = lineage.champion()
     assert champion is not None
-    out = generation_outputs(champion, state.dataset, subdir("cache"))
-    qy = state.dataset.y_test[out.query_idx]
-    if not gallery.exists():
-        return index_gallery(lineage, state.dataset, champion, cfg.backfill.batch_rows)
     b = cfg.backfill
+    info = gallery.info()
+    if info is None:
+        if state.source is not None:
+            return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
+        return index_gallery(lineage, state.dataset, champion, b.batch_rows)
+    if not info.scenario:
+        job = run_backfill(lineage, gallery, None, champion, b.policy, b.budget, seed=b.seed)
+        return {"job": job.id, "items": job.items_done, "m_mix": None}
+    out = generation_outputs(champion, state.dataset, subdir("cache"))
     job = run_backfill(
         lineage,
         gallery,
@@ -532,7 +587,7 @@ def backfill_step(
         b.budget,
         seed=b.seed,
         query_emb=out.query_emb,
-        query_labels=qy,
+        query_labels=state.dataset.y_test[out.query_idx],
         champion_gallery_emb=out.gallery_emb if b.curve else None,
     )
     lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])

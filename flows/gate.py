@@ -1,8 +1,80 @@
-"""The promotion gate: a pure decision with its reasons."""
+"""The promotion gate: a pure decision on paired evidence, with its reasons.
+
+Generation g and each active ancestor k are measured on the same queries and the same
+evaluation items, so each check is a paired test (``workers/stats.py``) at the
+two-sided level ``cfg.confidence``; a check fails only when its whole interval lies on
+the bad side of its threshold:
+
+- accuracy: ``accuracy >= champion accuracy - accuracy_tolerance`` (unchanged);
+- ECC against k (``require_ecc``): FAIL when the upper bound of the paired bootstrap
+  interval of C[g][k] - C[k][k] is below ``-ecc_margin``;
+- NFR against k: FAIL when the lower Clopper-Pearson bound of NFR(g, k) is above
+  ``max_nfr``.
+
+Without per-case counts for k (a caller that has only the point values) the interval is
+the point itself: ECC fails when C[g][k] - C[k][k] < -ecc_margin, NFR when NFR > max_nfr,
+and the reason says so. Every reason carries its interval; failures start with ``FAIL ``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flows.config import GateConfig
+from workers.stats import PairedCounts, pair_evidence
+
+EPS = 1e-12  # a bound equal to its threshold is not beyond it
+
+
+def _level(cfg: GateConfig) -> str:
+    return f"{100 * cfg.confidence:g}% CI"
+
+
+def _evidence(
+    queries: PairedCounts | None, items: PairedCounts | None, cfg: GateConfig
+) -> dict[str, float]:
+    return pair_evidence(
+        queries, items, confidence=cfg.confidence, resamples=cfg.bootstrap_resamples
+    )
+
+
+def _ecc_check(
+    k: int, c_gk: float, c_kk: float, counts: PairedCounts | None, cfg: GateConfig
+) -> tuple[bool, str]:
+    if counts is None:
+        delta = lo = hi = c_gk - c_kk
+        ci = "no per-query evidence: point values"
+    else:
+        ev = _evidence(counts, None, cfg)
+        delta, lo, hi = ev["ecc_delta"], ev["ecc_delta_lo"], ev["ecc_delta_hi"]
+        ci = f"{_level(cfg)} [{lo:+.4f}, {hi:+.4f}]"
+    bound = 0.0 - cfg.ecc_margin  # +0.0, not -0.0, for a zero margin
+    what = f"C[g][{k}]-C[{k}][{k}] = {delta:+.4f}, {ci}"
+    where = f"(C[g][{k}]={c_gk:.4f}, C[{k}][{k}]={c_kk:.4f}"
+    where += f", {counts.n} queries)" if counts is not None else ")"
+    if hi < bound - EPS:
+        return False, f"FAIL not compatible with {k}: {what} below {bound:+.4f} {where}"
+    return True, f"compatible with {k}: {what} not below {bound:+.4f} {where}"
+
+
+def _nfr_check(
+    k: int, value: float, counts: PairedCounts | None, cfg: GateConfig
+) -> tuple[bool, str]:
+    if counts is None:
+        lo = hi = value
+        ci, where = "no per-item evidence: point value", ""
+    else:
+        ev = _evidence(None, counts, cfg)
+        lo, hi = ev["nfr_lo"], ev["nfr_hi"]
+        ci = f"{_level(cfg)} [{lo:.4f}, {hi:.4f}]"
+        where = (
+            f" ({counts.loss} negative vs {counts.gain} positive flips of {counts.n} items, "
+            f"McNemar p={ev['flip_p']:.3g})"
+        )
+    what = f"NFR against {k} = {value:.4f}, {ci}"
+    if lo > cfg.max_nfr + EPS:
+        return False, f"FAIL {what} above {cfg.max_nfr}{where}"
+    return True, f"{what} not above {cfg.max_nfr}{where}"
 
 
 def decide(
@@ -11,13 +83,21 @@ def decide(
     compat: dict[int, tuple[float, float]],
     nfr: dict[int, float],
     cfg: GateConfig,
+    *,
+    ecc_counts: Mapping[int, PairedCounts] | None = None,
+    flip_counts: Mapping[int, PairedCounts] | None = None,
 ) -> tuple[bool, list[str]]:
-    """Promote only if every threshold holds.
+    """Promote only if no check fails on the evidence (the rule: module docstring).
 
-    ``compat[k] = (C[g][k], C[k][k])`` and ``nfr[k] = NFR(g, k)`` for each active ancestor k.
+    ``compat[k] = (C[g][k], C[k][k])`` and ``nfr[k] = NFR(g, k)`` for each active ancestor
+    k; ``ecc_counts[k]`` the paired top-1 hits of generation-g vs generation-k queries on
+    the k-gallery, ``flip_counts[k]`` the paired classification outcomes (loss = negative
+    flips) — :func:`counts_from_metrics` reads both from the evaluation's metrics.
     """
     if not cfg.enabled:
         return True, ["gate disabled: promoted without checks"]
+    ecc_counts = ecc_counts or {}
+    flip_counts = flip_counts or {}
     reasons: list[str] = []
     ok = True
     if champion_accuracy is None:
@@ -31,20 +111,57 @@ def decide(
             reasons.append(
                 f"FAIL accuracy {accuracy:.4f} < champion {champion_accuracy:.4f} - {tol}"
             )
-    for k, (c_gk, c_kk) in sorted(compat.items()):
-        if not cfg.require_ecc:
-            break
-        if c_gk > c_kk:
-            reasons.append(f"compatible with {k}: C[g][{k}]={c_gk:.4f} > C[{k}][{k}]={c_kk:.4f}")
-        else:
-            ok = False
-            reasons.append(
-                f"FAIL not compatible with {k}: C[g][{k}]={c_gk:.4f} <= C[{k}][{k}]={c_kk:.4f}"
-            )
+    if cfg.require_ecc:
+        for k, (c_gk, c_kk) in sorted(compat.items()):
+            passed, reason = _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg)
+            ok &= passed
+            reasons.append(reason)
     for k, value in sorted(nfr.items()):
-        if value <= cfg.max_nfr:
-            reasons.append(f"NFR against {k} = {value:.4f} <= {cfg.max_nfr}")
-        else:
-            ok = False
-            reasons.append(f"FAIL NFR against {k} = {value:.4f} > {cfg.max_nfr}")
+        passed, reason = _nfr_check(k, value, flip_counts.get(k), cfg)
+        ok &= passed
+        reasons.append(reason)
     return ok, reasons
+
+
+def counts_from_metrics(
+    metrics: Mapping[tuple[int, int, str], float | None], g: int
+) -> tuple[dict[int, PairedCounts], dict[int, PairedCounts]]:
+    """The paired counts ``evaluate_against_ancestors`` stored for (g, k): (queries, items)."""
+
+    def counts(n: str, gain: str, loss: str) -> dict[int, PairedCounts]:
+        out = {}
+        for a, k, m in metrics:
+            if a == g and k != g and m == n:
+                values = [metrics.get((g, k, name)) for name in (n, gain, loss)]
+                if all(v is not None for v in values):
+                    out[k] = PairedCounts(*(int(round(v)) for v in values))  # type: ignore[arg-type]
+        return out
+
+    return (
+        counts("ecc_queries", "ecc_gain", "ecc_loss"),
+        counts("flip_items", "flip_pos", "flip_neg"),
+    )
+
+
+def evidence_rows(
+    g: int,
+    ecc_counts: Mapping[int, PairedCounts],
+    flip_counts: Mapping[int, PairedCounts],
+    cfg: GateConfig,
+) -> list[tuple[int, int, str, float | None]]:
+    """Metric rows of the evidence at the gate's level (the numbers ``decide`` used).
+
+    They replace the evaluation's default-level intervals, with (g, g) rows
+    ``evidence_confidence``, ``gate_ecc_margin`` (None when ECC is not required) and
+    ``gate_max_nfr`` for the report.
+    """
+    rows: list[tuple[int, int, str, float | None]] = []
+    for k in sorted(set(ecc_counts) | set(flip_counts)):
+        ev = _evidence(ecc_counts.get(k), flip_counts.get(k), cfg)
+        rows += [(g, k, name, value) for name, value in ev.items()]
+    rows += [
+        (g, g, "evidence_confidence", cfg.confidence),
+        (g, g, "gate_ecc_margin", cfg.ecc_margin if cfg.require_ecc else None),
+        (g, g, "gate_max_nfr", cfg.max_nfr),
+    ]
+    return rows

@@ -33,3 +33,20 @@ class StepProgress:
             update_progress_artifact(self.artifact_id, progress=pct)
         if _listener is not None:
             _listener(name, pct)
+
+
+def counter(key: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback that moves a Prefect progress artifact named ``key``
+    (for work counted in items: a backfill, an indexing)."""
+    progress = StepProgress(key, total=100)
+
+    def report(done: int, total: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        pct = 100.0 * done / max(1, total)
+        if progress.artifact_id is not None:
+            update_progress_artifact(progress.artifact_id, progress=pct)
+        if _listener is not None:
+            _listener(f"{done:,}/{total:,} items", pct)
+
+    return report

@@ -61,6 +61,7 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         "## Gate",
         *[f"- {r}" for r in gen["gate_reasons"]],
         "",
+        *_gate_table(gen.get("gate")),
         *_snapshot_lines(gen.get("snapshot")),
         "## Constraints",
         *[
@@ -76,6 +77,41 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         "\n".join(lines), key="cycle-summary", description=f"generation {gen_id}"
     )
     return rep
+
+
+def _ci(lo: float | None, hi: float | None, fmt: str = "+.4f") -> str:
+    return "–" if lo is None or hi is None else f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _gate_table(gate: dict | None) -> list[str]:
+    """The gate's paired evidence per ancestor as a markdown table (intervals included)."""
+    if not gate or not gate["ancestors"]:
+        return []
+    level = f"{100 * gate['confidence']:g}% CI" if gate.get("confidence") else "CI"
+    margin, max_nfr = gate.get("ecc_margin"), gate.get("max_nfr")
+    lines = [
+        f"| k | C[g][k] − C[k][k] | {level} | queries | NFR | {level} | "
+        "neg / pos flips | McNemar p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in gate["ancestors"]:
+        flips = (
+            f"{a['negative_flips']} / {a['positive_flips']} of {a['items']}"
+            if a["items"] is not None
+            else "–"
+        )
+        p = "–" if a["p"] is None else f"{a['p']:.3g}"
+        delta = "–" if a["ecc_delta"] is None else f"{a['ecc_delta']:+.4f}"
+        lines.append(
+            f"| {a['k']} | {delta} | {_ci(*a['ci'])} | {a['queries'] or '–'} | "
+            f"{_num(a['nfr'])} | {_ci(*a['nfr_ci'], fmt='.4f')} | {flips} | {p} |"
+        )
+    rule = []
+    if margin is not None:
+        rule.append(f"ECC fails when the interval's upper bound is below {0.0 - margin:+.4f}")
+    if max_nfr is not None:
+        rule.append(f"NFR fails when its lower bound is above {max_nfr}")
+    return lines + ([""] + ["; ".join(rule) + "."] if rule else []) + [""]
 
 
 def _snapshot_lines(snap: dict | None) -> list[str]:

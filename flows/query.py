@@ -1,6 +1,10 @@
-"""Search over the committed gallery (answers during a backfill from committed parts).
+"""Search over the committed collection (answers during a backfill from committed parts).
 
-The query is embedded by the champion in this process (one item needs no Ray task);
+Answers are keys: each hit is the item's ``key``, its ``score`` (cosine similarity), the
+``generation`` that embedded it and its ``label`` (None when unlabelled). A query is an
+item of the collection by key (read from the collection's source, or for the
+scenario's collection any position of the evaluation split) or a file, embedded by the
+champion in this process (one item needs no Ray task);
 the persisted faiss index is brought up to the committed manifest first, so a search
 running next to a backfill sees every part either in its old or in its new committed
 version, never half of one.
@@ -15,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from flows.cycle import resolve_dataset
-from store.gallery import Gallery
+from store.gallery import UNLABELLED, Gallery
 from store.index import GalleryIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError
+from workers.collection import CollectionError, open_reader
 from workers.embed import forward
 from workers.models import load_model
 
@@ -35,16 +40,25 @@ def _champion(lineage: Lineage) -> Generation:
 def search_embedding(
     lineage: Lineage, query: np.ndarray, k: int = 5, generation: int | None = None
 ) -> list[dict[str, Any]]:
-    """The ``k`` nearest committed gallery items to one query embedding."""
+    """The ``k`` nearest committed collection items to one query embedding."""
     gallery = Gallery(lineage)
     gallery.require()
     index = GalleryIndex.open(gallery)
     scores, ids = index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
-    labels = index.label_of(ids[0])
-    return [
-        {"item_id": int(i), "label": int(lab), "score": float(s)}
-        for i, lab, s in zip(ids[0], labels, scores[0], strict=True)
-    ]
+    found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
+    hits = []
+    for row, score in zip(index.rows_of(found), scores[0][: len(found)], strict=True):
+        label = int(row["label"])
+        hits.append(
+            {
+                "key": row["key"],
+                "score": float(score),
+                "generation": int(row["generation"]),
+                "label": None if label == UNLABELLED else label,
+                "item_id": int(row["item_id"]),
+            }
+        )
+    return hits
 
 
 def _embed(champion: Generation, x: np.ndarray) -> np.ndarray:
@@ -58,17 +72,42 @@ def _embed(champion: Generation, x: np.ndarray) -> np.ndarray:
     return forward(model, np.ascontiguousarray(x.reshape(len(x), *shape))).embedding
 
 
-def search_item(lineage: Lineage, item: int, k: int = 5) -> dict[str, Any]:
-    """The ``k`` nearest gallery items to evaluation item ``item``, embedded by the champion."""
+def search_item(lineage: Lineage, key: str | int, k: int = 5) -> dict[str, Any]:
+    """The ``k`` nearest collection items to the collection's item ``key``, read from its
+    source and embedded by the champion."""
     info = Gallery(lineage).require()
     champion = _champion(lineage)
-    ds = resolve_dataset(lineage, info.dataset)
-    if not 0 <= item < len(ds.y_test):
-        raise StoreError(f"item {item} is outside the evaluation split (0..{len(ds.y_test) - 1})")
-    emb = _embed(champion, ds.x_test[item : item + 1])
+    key = str(key)
+    model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
+    shape = tuple(model.config["input_shape"])
+    label = None
+    if info.scenario:  # any position of the evaluation split
+        ds = resolve_dataset(lineage, info.dataset)
+        if not key.isdigit() or int(key) >= len(ds.y_test):
+            raise StoreError(
+                f"unknown key {key!r}: the collection's keys are positions of the evaluation "
+                f"split (0..{len(ds.y_test) - 1})"
+            )
+        x = ds.x_test[int(key) : int(key) + 1]
+        label = int(ds.y_test[int(key)])
+    else:
+        index = GalleryIndex.open(Gallery(lineage))
+        item = index.id_of(key)
+        if item is None:
+            raise StoreError(
+                f"unknown key {key!r}: the collection ({info.dataset}) does not hold it; "
+                "`graceful index SPEC` adds new items"
+            )
+        row = index.rows_of(np.asarray([item]))[0]
+        label = None if int(row["label"]) == UNLABELLED else int(row["label"])
+        try:
+            x = open_reader(info.dataset, shape).take_keys([key])
+        except CollectionError as exc:
+            raise StoreError(f"cannot read item {key!r} from {info.dataset}: {exc}") from None
+    emb = forward(model, np.ascontiguousarray(x.reshape(len(x), *shape), np.float32)).embedding
     return {
-        "item": item,
-        "label": int(ds.y_test[item]),
+        "item": key,
+        "label": label,
         "generation": champion.id,
         "neighbors": search_embedding(lineage, emb[0], k),
     }

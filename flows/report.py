@@ -55,6 +55,78 @@ def _snapshot(record: SnapshotRecord | None) -> dict[str, Any] | None:
     }
 
 
+GATE_PAIR_METRICS = (
+    "ecc_delta",
+    "ecc_delta_lo",
+    "ecc_delta_hi",
+    "ecc_queries",
+    "nfr",
+    "nfr_lo",
+    "nfr_hi",
+    "flip_p",
+    "flip_neg",
+    "flip_pos",
+    "flip_items",
+)
+GATE_OWN_METRICS = ("evidence_confidence", "gate_ecc_margin", "gate_max_nfr")
+
+
+def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]:
+    """Per generation: the gate's verdict, reasons and paired evidence per ancestor.
+
+    ``ancestors``: ``k``, ``ecc_delta`` = C[g][k] - C[k][k] with its bootstrap ``ci``
+    over ``queries`` paired queries, ``nfr`` with its exact ``nfr_ci``, the flip counts and
+    ``p`` (one-sided exact McNemar: more negative than positive flips), at ``confidence``;
+    ``ecc_margin`` / ``max_nfr``: the thresholds the gate compared them with (None before
+    a gate used them).
+    """
+    pair: dict[int, dict[int, dict[str, float | None]]] = {}  # g -> k -> metric -> value
+    for metric in GATE_PAIR_METRICS:
+        for a, b, v in lineage.metric(metric):
+            if a > b:
+                pair.setdefault(a, {}).setdefault(b, {})[metric] = v
+    own: dict[int, dict[str, float | None]] = {}
+    for metric in GATE_OWN_METRICS:
+        for a, b, v in lineage.metric(metric):
+            if a == b:
+                own.setdefault(a, {})[metric] = v
+
+    def count(v: float | None) -> int | None:
+        return None if v is None else int(round(v))
+
+    out: dict[int, dict[str, Any]] = {}
+    for g in gens:
+        gid = int(g.id)  # type: ignore[arg-type]
+        ancestors = []
+        for k, m in sorted(pair.get(gid, {}).items()):
+            if "ecc_delta" not in m and "nfr_lo" not in m:
+                continue  # no evidence recorded (evaluated before graceful recorded it)
+            ancestors.append(
+                {
+                    "k": k,
+                    "ecc_delta": m.get("ecc_delta"),
+                    "ci": [m.get("ecc_delta_lo"), m.get("ecc_delta_hi")],
+                    "queries": count(m.get("ecc_queries")),
+                    "nfr": m.get("nfr"),
+                    "nfr_ci": [m.get("nfr_lo"), m.get("nfr_hi")],
+                    "negative_flips": count(m.get("flip_neg")),
+                    "positive_flips": count(m.get("flip_pos")),
+                    "items": count(m.get("flip_items")),
+                    "p": m.get("flip_p"),
+                }
+            )
+        o = own.get(gid, {})
+        out[gid] = {
+            "passed": g.gate_passed,
+            "reasons": g.gate_reasons,
+            "confidence": o.get("evidence_confidence"),
+            "ecc_margin": o.get("gate_ecc_margin"),
+            "max_nfr": o.get("gate_max_nfr"),
+            "ancestors": ancestors,
+        }
+    return out
+
+
 def build_report(lineage: Lineage) -> dict[str, Any]:
     """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``.
 
@@ -69,6 +141,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
     writer_running = Gallery(lineage).writer_active()
     constraints = lineage.constraints()
     champion = next((g.id for g in gens if g.is_champion), None)
+    gate = _gate(lineage, gens)
     report: dict[str, Any] = {
         "champion": champion,
         "generations": [
@@ -90,6 +163,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
                 "retired_reason": g.retired_reason,
                 "gate_passed": g.gate_passed,
                 "gate_reasons": g.gate_reasons,
+                "gate": gate[int(g.id)],  # type: ignore[arg-type]
                 "error": g.error,
                 "snapshot": _snapshot(snapshots.get(int(g.id))),  # type: ignore[arg-type]
                 "constraints": [
@@ -118,9 +192,13 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
     m_mix = [(a, v) for a, b, v in lineage.metric("m_mix") if a == champion]
     report["m_mix"] = m_mix[-1][1] if m_mix else None
     counts = lineage.gallery_counts()
+    info = lineage.gallery_info()
     report["gallery"] = {
         "items": sum(counts.values()),
         "by_generation": {str(g): n for g, n in counts.items()},
+        # extensions: what the collection indexes (None before anything is indexed)
+        "spec": info.dataset if info is not None else None,
+        "kind": None if info is None else ("scenario" if info.scenario else "collection"),
     }
     report["backfills"] = [
         {

@@ -1,4 +1,12 @@
-"""The gallery: every indexed item with exactly one current embedding, in Parquet.
+"""The collection (gallery): every indexed item with exactly one current embedding, in Parquet.
+
+Each row is one item: ``item_id`` (assigned by the collection, never reused: the faiss
+id), ``key`` (the item's stable identity in its source: a relative path, an ``item_id``
+of a Parquet source, or the position in the scenario's evaluation split), ``label`` (the
+class's head row, ``UNLABELLED`` = -1 when the source has none), the ``generation`` that
+embedded it, its ``margin``, a content ``fingerprint`` (a changed item is re-embedded)
+and the ``embedding``. Parts written before keys existed read back with ``key`` = the
+item id and an empty fingerprint.
 
 Layout: ``GRACEFUL_HOME/gallery/part-NNNNN[.vV].parquet``. Slot ``NNNNN`` holds a fixed,
 sorted range of item ids for the gallery's whole life; ``V`` counts its rewrites (the
@@ -37,14 +45,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, update
 from sqlmodel import Session
 
 from store.files import file_sha256
 from store.lineage import GalleryInfo, GalleryPart, Lineage
 from store.settings import StoreError, graceful_home, subdir
 
-COLUMNS = ("item_id", "label", "generation", "margin", "embedding")
+COLUMNS = ("item_id", "key", "label", "generation", "margin", "fingerprint", "embedding")
+LEGACY_COLUMNS = ("item_id", "label", "generation", "margin", "embedding")  # before keys
+SMALL_COLUMNS = COLUMNS[:-1]  # every column but the embedding
+UNLABELLED = -1  # the label of an item whose source has none
 ROW_GROUP_ROWS = 8192
 _PART_RE = re.compile(r"^part-(\d{5,})(?:\.v(\d+))?\.parquet$")
 
@@ -61,13 +72,36 @@ def gallery_schema(dim: int) -> pa.Schema:
     return pa.schema(
         [
             pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("key", pa.string(), nullable=False),
             pa.field("label", pa.int64(), nullable=False),
             pa.field("generation", pa.int32(), nullable=False),
             # a stored uncertainty: the margin between the two top class probabilities
             pa.field("margin", pa.float32(), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
         ]
     )
+
+
+def legacy_schema(dim: int) -> pa.Schema:
+    """The parts' schema before keys (galleries made before the collection had them)."""
+    schema = gallery_schema(dim)
+    return pa.schema([schema.field(c) for c in LEGACY_COLUMNS])
+
+
+def _adapt(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> pa.Table | pa.RecordBatch:
+    """``columns`` of a legacy part's table: ``key`` is the item id, no fingerprint."""
+    arrays = []
+    for c in columns:
+        if c == "key":
+            arrays.append(table.column("item_id").cast(pa.string()))
+        elif c == "fingerprint":
+            arrays.append(pa.array([""] * table.num_rows, pa.string()))
+        else:
+            arrays.append(table.column(c))
+    if isinstance(table, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays(arrays, names=list(columns))
+    return pa.Table.from_arrays(arrays, names=list(columns))
 
 
 def part_name(slot: int, version: int = 0) -> str:
@@ -92,13 +126,21 @@ def slot_of(name: str) -> int:
 
 @dataclass
 class GalleryRows:
-    """Column arrays of gallery rows (numpy)."""
+    """Column arrays of collection rows (numpy; keys and fingerprints as object arrays)."""
 
     item_id: np.ndarray
     label: np.ndarray
     generation: np.ndarray
     margin: np.ndarray
     embedding: np.ndarray  # float32 (n, dim)
+    key: np.ndarray | None = None  # str; None: the item ids (the scenario's keys)
+    fingerprint: np.ndarray | None = None  # str; None: no fingerprint ("")
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = np.asarray([str(int(i)) for i in self.item_id], dtype=object)
+        if self.fingerprint is None:
+            self.fingerprint = np.full(len(self.item_id), "", dtype=object)
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -110,7 +152,7 @@ class GalleryRows:
                 f"embedding dim mismatch: the gallery stores dim {dim}, got shape {emb.shape}"
             )
         n = len(self.item_id)
-        for col in ("label", "generation", "margin"):
+        for col in ("key", "label", "generation", "margin", "fingerprint"):
             if len(getattr(self, col)) != n or len(emb) != n:
                 raise GalleryError(f"column lengths differ: {n} item ids but {col} differs")
         if not np.isfinite(emb).all():
@@ -119,9 +161,11 @@ class GalleryRows:
         return pa.Table.from_arrays(
             [
                 pa.array(self.item_id, pa.int64()),
+                pa.array(list(self.key), pa.string()),  # type: ignore[arg-type]
                 pa.array(self.label, pa.int64()),
                 pa.array(self.generation, pa.int32()),
                 pa.array(self.margin, pa.float32()),
+                pa.array(list(self.fingerprint), pa.string()),  # type: ignore[arg-type]
                 pa.FixedSizeListArray.from_arrays(flat, dim),
             ],
             schema=gallery_schema(dim),
@@ -129,6 +173,8 @@ class GalleryRows:
 
     @classmethod
     def from_table(cls, table: pa.Table | pa.RecordBatch) -> GalleryRows:
+        if "key" not in table.schema.names:
+            table = _adapt(table, COLUMNS)
         emb = table.column("embedding")
         if isinstance(emb, pa.ChunkedArray):
             emb = emb.combine_chunks()
@@ -141,16 +187,18 @@ class GalleryRows:
             generation=np.array(table.column("generation").to_numpy(), dtype=np.int32),
             margin=np.array(table.column("margin").to_numpy(), dtype=np.float32),
             embedding=np.array(values, dtype=np.float32).reshape(-1, dim),
+            key=np.asarray(table.column("key").to_pylist(), dtype=object),
+            fingerprint=np.asarray(table.column("fingerprint").to_pylist(), dtype=object),
         )
 
     @classmethod
     def concat(cls, parts: list[GalleryRows]) -> GalleryRows:
         return cls(
-            *(np.concatenate([getattr(p, c) for p in parts]) for c in COLUMNS)  # type: ignore[arg-type]
+            **{c: np.concatenate([getattr(p, c) for p in parts]) for c in COLUMNS}  # type: ignore[arg-type]
         )
 
     def take(self, idx: np.ndarray) -> GalleryRows:
-        return GalleryRows(*(getattr(self, c)[idx] for c in COLUMNS))
+        return GalleryRows(**{c: getattr(self, c)[idx] for c in COLUMNS})
 
 
 class Gallery:
@@ -256,7 +304,7 @@ class Gallery:
             raise GalleryError(f"corrupt Parquet file {path}: {exc}") from exc
         expected = gallery_schema(info.embed_dim)
         schema = f.schema_arrow.remove_metadata()
-        if not schema.equals(expected):
+        if not schema.equals(expected) and not schema.equals(legacy_schema(info.embed_dim)):
             f.close()
             if _dims_only_differ(schema, expected):
                 raise GalleryError(
@@ -276,7 +324,11 @@ class Gallery:
         info = info or self.require()
         f = self._open(name, info)
         try:
-            return f.read(columns=list(columns) if columns is not None else None)
+            if "key" in f.schema_arrow.names:
+                return f.read(columns=list(columns) if columns is not None else None)
+            want = list(columns) if columns is not None else list(COLUMNS)
+            have = [c for c in want if c in LEGACY_COLUMNS] or ["item_id"]
+            return _adapt(f.read(columns=sorted(set(have) | {"item_id"})), want)
         except (pa.ArrowInvalid, OSError) as exc:
             raise GalleryError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
         finally:
@@ -299,8 +351,13 @@ class Gallery:
         for name in names if names is not None else self.part_names():
             f = self._open(name, info)
             try:
-                for batch in f.iter_batches(batch_size=batch_rows, columns=list(columns)):
-                    yield name, batch
+                if "key" in f.schema_arrow.names:
+                    for batch in f.iter_batches(batch_size=batch_rows, columns=list(columns)):
+                        yield name, batch
+                    continue
+                have = sorted({c for c in columns if c in LEGACY_COLUMNS} | {"item_id"})
+                for batch in f.iter_batches(batch_size=batch_rows, columns=have):
+                    yield name, _adapt(batch, columns)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise GalleryError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
             finally:
@@ -398,8 +455,8 @@ class Gallery:
             row_group_size=ROW_GROUP_ROWS,
             use_dictionary=["label", "generation"],
             # floats of an embedding do not compress; statistics of them serve no reader
-            compression={c: "snappy" for c in COLUMNS[:-1]} | {"embedding.list.element": "none"},
-            write_statistics=list(COLUMNS[:-1]),
+            compression={c: "snappy" for c in SMALL_COLUMNS} | {"embedding.list.element": "none"},
+            write_statistics=["item_id", "label", "generation", "margin"],
         )
         data = sink.getvalue()
         sha = hashlib.sha256(memoryview(data)).hexdigest()
@@ -446,10 +503,13 @@ class Gallery:
         slot, version = parse_part_name(name) or (None, None)
         if slot is None:
             raise GalleryError(f"{name!r} is not a gallery part name")
+        before = next((int(p.rows) for p in self.manifest() if p.name == name), None)
         staged = self._stage(part_name(slot, version + 1), rows, info.embed_dim)
         try:
             with self.lineage.session() as s:
                 self._record(s, staged, replaces=name)
+                if before is not None and before != len(rows):  # a prune took rows out
+                    _add_items(s, len(rows) - before)
                 if also is not None:
                     also(s)
         except BaseException:
@@ -558,7 +618,15 @@ class Gallery:
             if not staged:
                 raise GalleryError("no items: the new gallery would be empty")
             with self.lineage.session() as s:
-                s.add(GalleryInfo(dataset=dataset, embed_dim=dim, items=total))
+                s.add(
+                    GalleryInfo(
+                        dataset=dataset,
+                        embed_dim=dim,
+                        items=total,
+                        next_id=last + 1,
+                        scenario=True,  # built whole: an evaluation split by position
+                    )
+                )
                 for st in staged:
                     self._record(s, st, replaces=None)
         except BaseException:
@@ -571,6 +639,116 @@ class Gallery:
                     st.path.unlink(missing_ok=True)
             raise
         return total
+
+    # -- a growing collection ---------------------------------------------------------
+    def next_item_id(self) -> int:
+        """The id the next new item gets: above every id the collection ever assigned."""
+        info = self.info()
+        if info is None:
+            return 0
+        if info.next_id is not None:
+            return int(info.next_id)
+        top = -1  # a gallery made before next_id: its parts hold every id it assigned
+        for _, batch in self.iter_batches(["item_id"]):
+            if batch.num_rows:
+                top = max(top, int(np.max(batch.column(0).to_numpy())))
+        return top + 1
+
+    def append(
+        self,
+        dataset: str,
+        rows: GalleryRows,
+        also: Callable[[Session], None] | None = None,
+    ) -> str:
+        """Add ``rows`` (new items, ids from :meth:`next_item_id` up) as a new part.
+
+        One transaction records the part, the collection's size and id high-water mark
+        (creating the collection if there is none) and applies ``also``: an indexing
+        killed between two appends resumes with every committed item present once.
+        """
+        if len(rows) == 0:
+            raise GalleryError("no items to append")
+        ids = np.asarray(rows.item_id, dtype=np.int64)
+        if np.any(np.diff(ids) <= 0):
+            raise GalleryError("appended items must come in strictly increasing id order")
+        with self.writing():
+            info = self.info()
+            dim = int(np.asarray(rows.embedding).shape[1])
+            if info is not None and dim != int(info.embed_dim):
+                raise GalleryError(
+                    f"embedding dim mismatch: the collection stores dim {info.embed_dim}, got {dim}"
+                )
+            start = self.next_item_id()
+            if ids[0] < start:
+                raise GalleryError(f"item id {int(ids[0])} was assigned before (next: {start})")
+            if info is None:
+                self._clear_leftovers()
+            slots = [slot_of(p.name) for p in self.manifest()]
+            staged = self._stage(part_name(max(slots) + 1 if slots else 0), rows, dim)
+            try:
+                with self.lineage.session() as s:
+                    if info is None:
+                        s.add(
+                            GalleryInfo(
+                                dataset=dataset,
+                                embed_dim=dim,
+                                items=0,
+                                next_id=int(ids[-1]) + 1,
+                                scenario=False,  # a collection's source, read by key
+                            )
+                        )
+                        s.flush()
+                    else:
+                        s.execute(
+                            update(GalleryInfo.__table__)
+                            .where(GalleryInfo.__table__.c.id == 1)
+                            .values(next_id=int(ids[-1]) + 1)
+                        )
+                    self._record(s, staged, replaces=None)
+                    _add_items(s, len(rows))
+                    if also is not None:
+                        also(s)
+            except BaseException:
+                self._unlink_if_unreferenced(staged.name)
+                raise
+            return staged.name
+
+    def drop_part(self, name: str, also: Callable[[Session], None] | None = None) -> None:
+        """Remove committed part ``name`` and its items (every one of them was pruned)."""
+        with self.writing():
+            rows = next((int(p.rows) for p in self.manifest() if p.name == name), None)
+            if rows is None:
+                raise GalleryError(f"gallery part {name} is not in the manifest")
+            with self.lineage.session() as s:
+                table = GalleryPart.__table__
+                s.execute(delete(table).where(table.c.name == name))
+                _add_items(s, -rows)
+                if also is not None:
+                    also(s)
+            self._path(name).unlink(missing_ok=True)
+
+    def set_dataset(self, dataset: str) -> None:
+        """Record that the collection's items now come from ``dataset`` (same kind, moved)."""
+        with self.lineage.session() as s:
+            s.execute(
+                update(GalleryInfo.__table__)
+                .where(GalleryInfo.__table__.c.id == 1)
+                .values(dataset=dataset)
+            )
+
+    def keys(self, columns: Sequence[str] = ("key", "item_id", "fingerprint")) -> pa.Table:
+        """``columns`` of every committed item (no embeddings), streamed part by part."""
+        if not self.exists():
+            return pa.table({c: pa.array([], gallery_schema(1).field(c).type) for c in columns})
+        batches = [pa.Table.from_batches([b]) for _, b in self.iter_batches(list(columns))]
+        if not batches:
+            return pa.table({c: pa.array([], gallery_schema(1).field(c).type) for c in columns})
+        return pa.concat_tables(batches).combine_chunks()
+
+
+def _add_items(session: Session, delta: int) -> None:
+    table = GalleryInfo.__table__
+    session.execute(update(table).where(table.c.id == 1).values(items=table.c["items"] + delta))
 
 
 @dataclass
@@ -609,12 +787,12 @@ def _short(schema: pa.Schema) -> str:
 
 
 def _dims_only_differ(schema: pa.Schema, expected: pa.Schema) -> bool:
-    if schema.names != expected.names:
+    if schema.names not in (expected.names, list(LEGACY_COLUMNS)):
         return False
     emb, exp = schema.field("embedding").type, expected.field("embedding").type
     return (
         pa.types.is_fixed_size_list(emb)
         and emb.value_type == exp.value_type
         and emb.list_size != exp.list_size
-        and all(schema.field(n).type == expected.field(n).type for n in COLUMNS[:-1])
+        and all(schema.field(n).type == expected.field(n).type for n in schema.names[:-1])
     )

@@ -10,10 +10,11 @@ A job runs in four steps, each with memory bounded by a few parts, not by the ga
    old embeddings twice: a seeded sample trains its strata, a second pass assigns them).
    The chosen items (policy order, within the budget) are fixed and saved next to the
    job, so a killed job resumes with the same selection.
-3. **re-embed**: part by part, the chosen items' source inputs are read from the data
-   set the gallery was built from (``GalleryInfo.dataset``; a ``parquet:`` feature data
-   set is streamed in row batches), embedded by a Ray actor holding the champion (GPU
-   where the cluster has one), and the part is rewritten. Up to ``pipeline_depth`` parts
+3. **re-embed**: part by part, the chosen items are read by key from the collection's
+   source (``GalleryInfo.dataset``: a folder of images, Parquet files located by
+   ``item_id``, or the scenario's evaluation split by position; a ``parquet:`` feature
+   data set is streamed in row batches), embedded by a Ray actor holding the champion
+   (GPU where the cluster has one), and the part is rewritten. Up to ``pipeline_depth`` parts
    are in flight, so the actor embeds the next part while this one is written.
 4. **commit**: each rewritten part is committed atomically together with the job's
    progress (one SQL transaction; see :mod:`store.gallery`). A job killed at any point
@@ -52,6 +53,7 @@ from store.lineage import (
 )
 from store.settings import StoreError, subdir
 from workers import metrics as M
+from workers.collection import parse_collection_spec
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.embed import forward
 from workers.failpoints import failpoint
@@ -118,8 +120,8 @@ def peak_rss_bytes() -> int:
 
 class EmbedActor:
     """Holds one generation's model for a whole job (loaded and hash-checked once) and
-    reads the items' source inputs itself, from the gallery's data-set spec: the driver
-    sends item ids, not images."""
+    reads the items' inputs itself, by key, from the collection's spec: the driver sends
+    keys, not images."""
 
     def __init__(
         self,
@@ -128,13 +130,20 @@ class EmbedActor:
         threads: int | None = None,
         spec: str | None = None,
         source: str = "auto",
+        scenario: bool = True,
     ) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
         self.model = load_model(checkpoint, sha)
-        self.source = open_source(spec, mode=source) if spec is not None else None
+        self.source = None
+        if spec is not None and scenario:
+            self.source = open_source(spec, mode=source)
+        elif spec is not None:
+            from workers.collection import open_reader
+
+            self.source = open_reader(spec, tuple(self.model.config["input_shape"]))
         self.seconds = 0.0
         self.read_seconds = 0.0
 
@@ -147,12 +156,19 @@ class EmbedActor:
         self.seconds += time.perf_counter() - t
         return out.embedding, out.margin
 
-    def embed_items(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and margins of source items ``ids`` (increasing ids stream forward)."""
+    def embed_items(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and margins of the collection's items ``keys`` (in the order of the
+        collection's parts, which a streamed source reads forward)."""
         if self.source is None:
             raise StoreError("this embedding actor has no data set to read items from")
         t = time.perf_counter()
-        x = self.source.take(ids)
+        try:
+            x = self.source.take_keys(list(keys))
+        except Exception as exc:  # noqa: BLE001 - the message names the item and the fix
+            raise StoreError(
+                f"{exc}; an item is gone from the collection's source: run "
+                "`graceful index SPEC --prune`, then the backfill again"
+            ) from None
         self.read_seconds += time.perf_counter() - t
         return self.embed(x)
 
@@ -167,7 +183,9 @@ class EmbedActor:
         }
 
 
-def start_actor(champion: Generation, spec: str | None = None, source: str = "auto"):
+def start_actor(
+    champion: Generation, spec: str | None = None, source: str = "auto", scenario: bool = True
+):
     """A Ray actor embedding with ``champion`` (the cluster's GPU if it has one), reading
     items of data set ``spec``. Its OpenMP threads sleep instead of spinning while they
     wait, so the driver's Parquet work next to it costs it little."""
@@ -184,6 +202,7 @@ def start_actor(champion: Generation, spec: str | None = None, source: str = "au
         int(res.get("num_cpus", 1)),
         spec,
         source,
+        scenario,
     )
     ray.get(actor.ready.remote())  # fail here on a bad checkpoint or data set, before writes
     return actor
@@ -256,6 +275,10 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.x)
 
+    def take_keys(self, keys: list[str]) -> np.ndarray:
+        """Items by key: their positions in the evaluation split."""
+        return self.take(np.asarray([int(k) for k in keys], dtype=np.int64))
+
     def take(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.x)):
@@ -304,6 +327,10 @@ class ParquetSource:
                     col = col.filter(test)
                 values = col.flatten().to_numpy(zero_copy_only=False)
                 yield values.astype(np.float32, copy=False).reshape(len(col), -1)
+
+    def take_keys(self, keys: list[str]) -> np.ndarray:
+        """Items by key: their positions in the evaluation split."""
+        return self.take(np.asarray([int(k) for k in keys], dtype=np.int64))
 
     def _reset(self) -> None:
         self._it = self._batches()
@@ -596,7 +623,7 @@ def run_backfill(
     target = _check_champion(champion, info)
     if ds is not None and ds.spec != info.dataset:
         raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
-    parse_spec(info.dataset)  # a clear error for a data set that went away
+    parse_collection_spec(info.dataset)  # a clear error for a source that went away
     gallery.verify()  # raises, naming the file, before anything changes
     gallery.reconcile()
     st["verify_seconds"] = time.perf_counter() - t0
@@ -715,7 +742,7 @@ def _pipeline(
     import ray
 
     t = time.perf_counter()
-    actor = start_actor(champion, info.dataset, source)
+    actor = start_actor(champion, info.dataset, source, scenario=bool(info.scenario))
     st["actor_start_seconds"] = time.perf_counter() - t
     t_stream = time.perf_counter()
     inflight: deque = deque()
@@ -731,8 +758,9 @@ def _pipeline(
         t1 = time.perf_counter()
         timers["wait"] += t1 - t
         if full is None:  # every item of the part is re-embedded
-            ids, labels = keys
-            rows = GalleryRows(ids, labels, np.full(len(ids), target, np.int32), margin, emb)
+            ids, labels, item_keys, prints = keys
+            gens = np.full(len(ids), target, np.int32)
+            rows = GalleryRows(ids, labels, gens, margin, emb, item_keys, prints)
         else:
             rows = full
             rows.embedding[mask] = emb
@@ -760,7 +788,9 @@ def _pipeline(
     try:
         for name in todo:
             t = time.perf_counter()
-            head = gallery.read_part(name, info, columns=["item_id", "generation", "label"])
+            head = gallery.read_part(
+                name, info, columns=["item_id", "generation", "label", "key", "fingerprint"]
+            )
             ids = np.asarray(head.column(0).to_numpy(), dtype=np.int64)
             gens = np.asarray(head.column(1).to_numpy())
             mask = _in_sorted(ids, chosen) & (gens != target)
@@ -769,10 +799,12 @@ def _pipeline(
             full = None if mask.all() else gallery.read_rows(name, info)
             labels = np.asarray(head.column(2).to_numpy(), dtype=np.int64)
             t1 = time.perf_counter()
-            ref = actor.embed_items.remote(ids[mask])
+            item_keys = np.asarray(head.column(3).to_pylist(), dtype=object)
+            prints = np.asarray(head.column(4).to_pylist(), dtype=object)
+            ref = actor.embed_items.remote(item_keys[mask].tolist())
             timers["read"] += t1 - t
             timers["submit"] += time.perf_counter() - t1
-            inflight.append((name, (ids, labels), full, mask, ref))
+            inflight.append((name, (ids, labels, item_keys, prints), full, mask, ref))
             if len(inflight) >= depth:
                 finish()
         while inflight:

@@ -15,6 +15,7 @@ import numpy as np
 
 from store.lineage import Generation
 from workers import metrics as M
+from workers import stats as S
 from workers.datasets import Dataset
 from workers.embed import Outputs, forward
 from workers.models import load_model
@@ -67,7 +68,13 @@ def evaluate_against_ancestors(
     ds: Dataset,
     cache_dir: Path,
 ) -> list[tuple[int, int, str, float]]:
-    """Every metric of ``gen`` against every earlier generation: rows (a, b, metric, value)."""
+    """Every metric of ``gen`` against every earlier generation: rows (a, b, metric, value).
+
+    Besides the contract's metrics, each pair (g, k) gets the gate's paired evidence
+    (:func:`gate_evidence`: discordant counts, C[g][k] - C[k][k] with its bootstrap
+    interval, NFR's exact interval, McNemar's p) and (g, g, ``evidence_confidence``) the
+    level of those intervals.
+    """
     y = ds.y_test
     new = generation_outputs(gen, ds, cache_dir)
     g = int(gen.id)  # type: ignore[arg-type]
@@ -95,5 +102,24 @@ def evaluate_against_ancestors(
             (g, k, "ecc", float(M.ecc(c_gk["top1"], c_kk))),
             (g, k, "update_gain", M.update_gain(c_gk["top1"], c_kk, own["top1"])),
         ]
+        rows += [(g, k, name, value) for name, value in gate_evidence(new, old, y).items()]
     rows.append((g, g, "nfr_any", M.nfr_any(new.prediction, olds_active, y)))
+    rows.append((g, g, "evidence_confidence", S.DEFAULT_CONFIDENCE))
     return rows
+
+
+def gate_evidence(new: EvalOutputs, old: EvalOutputs, y: np.ndarray) -> dict[str, float]:
+    """The gate's paired evidence for (new, old) on the same cases (``stats.pair_evidence``).
+
+    Retrieval: per query, the top-1 hit of the new generation's query and of the old one's,
+    both against the old generation's gallery (their means are C[g][k] and C[k][k]).
+    Classification: per evaluation item, whether each generation predicts its label.
+    Intervals at the default confidence; the gate records its own level's over them.
+    """
+    qy, gy = y[new.query_idx], y[new.gallery_idx]
+    queries = S.paired_counts(
+        M.retrieval_hits(new.query_emb, qy, old.gallery_emb, gy),
+        M.retrieval_hits(old.query_emb, qy, old.gallery_emb, gy),
+    )
+    items = S.paired_counts(new.prediction == y, old.prediction == y)
+    return S.pair_evidence(queries, items)

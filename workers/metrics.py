@@ -34,6 +34,7 @@ __all__ = [
     "nfr_any",
     "no_regret",
     "pfr",
+    "retrieval_hits",
     "retrieval_map_at_k",
     "retrieval_top1",
     "update_gain",
@@ -223,6 +224,18 @@ def retrieval_top1(
     q, ql, g, gl = _retrieval_inputs(query_emb, query_labels, gallery_emb, gallery_labels)
     _, idx = _search(q, g, 1)
     return float(np.mean(gl[idx[:, 0]] == ql))
+
+
+def retrieval_hits(
+    query_emb: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_emb: np.ndarray,
+    gallery_labels: np.ndarray,
+) -> np.ndarray:
+    """Per query: whether its nearest gallery item carries its label (mean = top-1)."""
+    q, ql, g, gl = _retrieval_inputs(query_emb, query_labels, gallery_emb, gallery_labels)
+    _, idx = _search(q, g, 1)
+    return gl[idx[:, 0]] == ql
 
 
 def retrieval_map_at_k(

@@ -3,6 +3,19 @@
 The architecture (``kind``, ``width``, ``depth``) may change between generations; the
 embedding dimension stays fixed so that embeddings of all generations are comparable.
 Checkpoints hold only tensors and plain values, loaded with ``weights_only=True``.
+
+Backbones: ``mlp`` (features, or images seen as flat vectors), ``cnn`` (plain conv
+layers) and ``resnet``, the default for images: a stem conv, then up to three stages of
+basic residual blocks (two 3x3 convs with BatchNorm; the first block of a later stage
+halves the resolution with stride 2 and a 1x1 projection shortcut), channels ``width``,
+``2 width``, ``4 width``, then global average pooling. ``depth`` is the number of
+residual blocks, spread over ``min(3, depth)`` stages, extra blocks in the later stages
+(3: 1-1-1, 4: 1-1-2, 5: 1-2-2, 6: 2-2-2).
+
+A generation can start as a function-preserving expansion of its ancestor
+(:func:`inherit_weights`): an MLP as wide and deep or more, or a residual net as wide
+and deep or more with the same number of stages (channels widened as in Net2Net, new
+blocks appended whose last BatchNorm scale is zero: the identity).
 """
 
 from __future__ import annotations
@@ -61,17 +74,85 @@ def cosine_logits(
     return scale * F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
 
 
-def _backbone(input_shape: tuple[int, ...], kind: str, width: int, depth: int) -> nn.Module:
+KINDS = ("mlp", "cnn", "resnet")
+
+
+def resnet_blocks(depth: int) -> list[int]:
+    """Residual blocks per stage: ``depth`` blocks over ``min(3, depth)`` stages, the
+    extra ones in the later stages (3: [1, 1, 1], 4: [1, 1, 2], 5: [1, 2, 2])."""
+    if depth < 1:
+        raise ValueError(f"a resnet needs depth >= 1 (residual blocks), got {depth}")
+    stages = min(3, depth)
+    base, extra = divmod(depth, stages)
+    return [base + (s >= stages - extra) for s in range(stages)]
+
+
+def resnet_channels(width: int, depth: int) -> list[int]:
+    """Channels per stage: ``width``, doubled at each later stage."""
+    return [width * 2**s for s in range(len(resnet_blocks(depth)))]
+
+
+class BasicBlock(nn.Module):
+    """x -> relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); the shortcut is the
+    identity, or a 1x1 conv + BatchNorm where the block changes stride or channels."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNetBackbone(nn.Module):
+    """stem (3x3 conv, BN, ReLU) -> stages of :class:`BasicBlock` -> global average pool."""
+
+    def __init__(self, in_channels: int, width: int, depth: int) -> None:
+        super().__init__()
+        channels = resnet_channels(width, depth)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        stages, c_in = [], width
+        for s, (n, c) in enumerate(zip(resnet_blocks(depth), channels, strict=True)):
+            blocks = [
+                BasicBlock(c_in if b == 0 else c, c, 2 if s > 0 and b == 0 else 1) for b in range(n)
+            ]
+            stages.append(nn.Sequential(*blocks))
+            c_in = c
+        self.stages = nn.Sequential(*stages)
+        self.out_features = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+
+def _backbone(
+    input_shape: tuple[int, ...], kind: str, width: int, depth: int
+) -> tuple[nn.Module, int]:
+    """The backbone and the size of its output."""
+    if kind in ("cnn", "resnet") and len(input_shape) != 3:
+        raise ValueError(f"a {kind} needs (C, H, W) inputs, got shape {input_shape}")
     if kind == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = math.prod(input_shape)
         for _ in range(depth):
             layers += [nn.Linear(fan_in, width), nn.BatchNorm1d(width), nn.ReLU()]
             fan_in = width
-        return nn.Sequential(*layers)
+        return nn.Sequential(*layers), width
     if kind == "cnn":
-        if len(input_shape) != 3:
-            raise ValueError(f"a cnn needs (C, H, W) inputs, got shape {input_shape}")
         layers = []
         channels, side = input_shape[0], min(input_shape[1:])
         for _ in range(depth):
@@ -81,8 +162,16 @@ def _backbone(input_shape: tuple[int, ...], kind: str, width: int, depth: int) -
                 side //= 2
             channels = width
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        return nn.Sequential(*layers)
-    raise ValueError(f"unknown architecture kind {kind!r}; use 'mlp' or 'cnn'")
+        return nn.Sequential(*layers), width
+    if kind == "resnet":
+        net = ResNetBackbone(input_shape[0], width, depth)
+        return net, net.out_features
+    raise ValueError(f"unknown architecture kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def is_convolutional(architecture: dict[str, Any]) -> bool:
+    """Whether the architecture sees images as images (a cnn or resnet), not as vectors."""
+    return architecture.get("kind", "mlp") in ("cnn", "resnet")
 
 
 class EmbeddingNet(nn.Module):
@@ -107,8 +196,8 @@ class EmbeddingNet(nn.Module):
             "embed_dim": int(embed_dim),
             "architecture": {"kind": kind, "width": width, "depth": depth, "head": head},
         }
-        self.backbone = _backbone(tuple(input_shape), kind, width, depth)
-        self.project = nn.Linear(width, embed_dim)
+        self.backbone, features = _backbone(tuple(input_shape), kind, width, depth)
+        self.project = nn.Linear(features, embed_dim)
         self.head = CosineHead(embed_dim, num_classes, fixed=head == "fixed")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,17 +237,20 @@ def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
 def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None = None) -> bool:
     """Start ``new`` as a function-preserving expansion of ``old`` (after Net2Net).
 
-    Works for MLPs that are as wide and as deep or more: the old units keep their weights,
-    new units keep their fresh incoming weights and get zero weights into old units (they
-    change nothing until trained), and extra layers start as identities on the old
-    layers' output (BatchNorm set from its statistics on ``x``). Returns False, leaving
-    ``new`` untouched, when the architectures do not allow it (another kind, narrower,
-    shallower, other dimensions).
+    Both must be of one kind, as wide and as deep or more, with the same embedding
+    dimension, classes and input shape; returns False, leaving ``new`` untouched, when
+    they are not. In eval mode ``new`` then computes what ``old`` did:
+
+    - ``mlp``: the old units keep their weights, new units keep their fresh incoming
+      weights and get zero weights into old units (they change nothing until trained),
+      and extra layers start as identities on the old layers' output (BatchNorm set from
+      its statistics on ``x``);
+    - ``resnet`` (same number of stages): :func:`_inherit_resnet`.
     """
     a_new, a_old = new.config["architecture"], old.config["architecture"]
     if (
-        a_new["kind"] != "mlp"
-        or a_old["kind"] != "mlp"
+        a_new["kind"] != a_old["kind"]
+        or a_new["kind"] not in ("mlp", "resnet")
         or a_new["width"] < a_old["width"]
         or a_new["depth"] < a_old["depth"]
         or new.config["embed_dim"] != old.config["embed_dim"]
@@ -166,6 +258,12 @@ def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None
         or new.config["input_shape"] != old.config["input_shape"]
     ):
         return False
+    if a_new["kind"] == "resnet":
+        if len(resnet_blocks(a_new["depth"])) != len(resnet_blocks(a_old["depth"])):
+            return False  # a new stage would change resolution and channels
+        _inherit_resnet(new, old)
+        new.head.weight.copy_(old.head.weight)
+        return True
     w_old, d_old = a_old["width"], a_old["depth"]
     new_lin = [m for m in new.backbone if isinstance(m, nn.Linear)]
     new_bn = [m for m in new.backbone if isinstance(m, nn.BatchNorm1d)]
@@ -209,3 +307,85 @@ def _copy_bn(new: nn.BatchNorm1d, old: nn.BatchNorm1d, n: int) -> None:
     new.running_mean[:n] = old.running_mean
     new.running_var[:n] = old.running_var
     new.num_batches_tracked.copy_(old.num_batches_tracked)
+
+
+class _Widen:
+    """A Net2Net channel mapping from ``c_old`` to ``c_new >= c_old`` channels.
+
+    New channel j copies old channel ``g[j]`` (``g[j] = j`` for the old ones, a random
+    old channel for the added ones). A layer reading the widened channels weighs replica
+    j of old channel i by ``share[j]``; the shares of i's replicas are random, positive
+    and sum to 1, so the sum is what the old layer computed, and replicas, which start
+    with equal incoming weights, get different gradients and drift apart.
+    """
+
+    def __init__(self, c_old: int, c_new: int, gen: torch.Generator) -> None:
+        extra = torch.randint(0, c_old, (c_new - c_old,), generator=gen)
+        self.g = torch.cat([torch.arange(c_old), extra])
+        u = torch.rand(c_new, generator=gen, dtype=torch.float64) + 0.5
+        total = torch.zeros(c_old, dtype=torch.float64).index_add_(0, self.g, u)
+        self.share = (u / total[self.g]).float()
+
+    @classmethod
+    def same(cls, c: int) -> _Widen:
+        w = cls.__new__(cls)
+        w.g, w.share = torch.arange(c), torch.ones(c)
+        return w
+
+
+def _widen_conv(new: nn.Conv2d, old: nn.Conv2d, w_in: _Widen, w_out: _Widen) -> None:
+    """Outgoing filters replicate the old ones; inputs are weighed by their shares."""
+    w = old.weight[w_out.g.to(old.weight.device)][:, w_in.g.to(old.weight.device)]
+    new.weight.copy_(w * w_in.share.to(w)[None, :, None, None])
+
+
+def _widen_bn(new: nn.BatchNorm2d, old: nn.BatchNorm2d, w_out: _Widen) -> None:
+    g = w_out.g.to(old.weight.device)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(new, name).copy_(getattr(old, name)[g])
+    new.num_batches_tracked.copy_(old.num_batches_tracked)
+
+
+def _inherit_resnet(new: EmbeddingNet, old: EmbeddingNet) -> None:
+    """Net2Net for a residual net with the same stages, as wide and as deep or more.
+
+    Every stage's residual stream has one channel mapping (the skip connections add
+    stream channels to stream channels); each block's inner channels have their own.
+    Blocks the old net lacks are appended at the end of their stage with the last
+    BatchNorm's scale and shift at zero: the residual branch outputs 0 and the block
+    is relu(0 + x) = x, since x, a ReLU's output, is >= 0. Its scale gets a gradient at
+    once, so the block starts learning with the first step.
+    """
+    a_new, a_old = new.config["architecture"], old.config["architecture"]
+    gen = torch.Generator().manual_seed(0)  # the expansion is reproducible
+    c_old = resnet_channels(a_old["width"], a_old["depth"])
+    c_new = resnet_channels(a_new["width"], a_new["depth"])
+    streams = [_Widen(o, n, gen) for o, n in zip(c_old, c_new, strict=True)]
+    nb, ob = new.backbone, old.backbone
+    assert isinstance(nb, ResNetBackbone) and isinstance(ob, ResNetBackbone)
+    image = _Widen.same(nb.stem[0].in_channels)
+    _widen_conv(nb.stem[0], ob.stem[0], image, streams[0])
+    _widen_bn(nb.stem[1], ob.stem[1], streams[0])
+    below = streams[0]
+    for s, (new_stage, old_stage) in enumerate(zip(nb.stages, ob.stages, strict=True)):
+        stream = streams[s]
+        for b, block in enumerate(new_stage):
+            if b >= len(old_stage):  # an appended block: the identity
+                block.bn2.weight.zero_()
+                block.bn2.bias.zero_()
+                continue
+            o = old_stage[b]
+            inner = _Widen(o.conv1.out_channels, block.conv1.out_channels, gen)
+            into = below if b == 0 else stream
+            _widen_conv(block.conv1, o.conv1, into, inner)
+            _widen_bn(block.bn1, o.bn1, inner)
+            _widen_conv(block.conv2, o.conv2, inner, stream)
+            _widen_bn(block.bn2, o.bn2, stream)
+            if block.shortcut is not None:
+                _widen_conv(block.shortcut[0], o.shortcut[0], into, stream)
+                _widen_bn(block.shortcut[1], o.shortcut[1], stream)
+        below = stream
+    last = streams[-1]
+    g = last.g.to(old.project.weight.device)
+    new.project.weight.copy_(old.project.weight[:, g] * last.share.to(old.project.weight)[None])
+    new.project.bias.copy_(old.project.bias)

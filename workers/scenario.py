@@ -3,6 +3,12 @@
 Stage s of n sees the first ``classes(s)`` classes and a ``fraction(s)`` of each class's
 training items; both grow linearly to all classes and all data at the last stage. The
 subsets are nested (a fixed permutation per class), so every stage extends the last.
+
+The model grows with the stages (:func:`default_architecture`): images, ``(C, H, W)``
+inputs, get a small residual CNN that widens with every stage (width 12 to 16) and
+gains a residual block in the second half (3 to 4 blocks); feature vectors an MLP
+(width 128 to 256, 2 to 3 layers). Each growth is one a generation can inherit its
+ancestor's function across (workers.models.inherit_weights).
 """
 
 from __future__ import annotations
@@ -31,8 +37,37 @@ def _ramp(first: float, stage: int, n_stages: int) -> float:
     return first + (1.0 - first) * min(stage, n_stages - 1) / (n_stages - 1)
 
 
-def stage_plan(num_classes: int, n_stages: int, stage: int) -> Stage:
-    """Classes, data share and architecture of stage ``stage`` (0-based) of ``n_stages``."""
+def default_architecture(input_shape: tuple[int, ...] | None, grow: float = 1.0) -> dict:
+    """The backbone of a model ``grow`` (0 to 1) of the way to the scenario's last stage.
+
+    Images (``input_shape`` of 3 dims): a residual CNN, width ``12 + 4 grow``, 3 blocks,
+    4 from half way (the last stage: 16 channels, blocks 1-1-2, ~0.16M weights; 92.65% on
+    Fashion-MNIST in 8 epochs, bench/results/models.md). Features, or no shape given:
+    the MLP, width ``128 + 128 grow``, 2 layers, 3 from half way.
+    """
+    if input_shape is not None and len(input_shape) == 3:
+        return {
+            "kind": "resnet",
+            "width": int(12 + 4 * grow),
+            "depth": 3 + int(grow >= 0.5),
+            "head": HEAD,
+        }
+    return {
+        "kind": "mlp",
+        "width": int(128 + 128 * grow),
+        "depth": 2 + int(grow >= 0.5),
+        "head": HEAD,
+    }
+
+
+def stage_plan(
+    num_classes: int, n_stages: int, stage: int, input_shape: tuple[int, ...] | None = None
+) -> Stage:
+    """Classes, data share and architecture of stage ``stage`` (0-based) of ``n_stages``.
+
+    ``input_shape`` (one item's) picks the backbone (:func:`default_architecture`); without
+    it, the MLP.
+    """
     if n_stages < 1 or stage < 0:
         raise ValueError(f"bad stage {stage} of {n_stages}")
     n_cls = max(2, math.ceil(num_classes * _ramp(FIRST_CLASS_SHARE, stage, n_stages)))
@@ -40,12 +75,7 @@ def stage_plan(num_classes: int, n_stages: int, stage: int) -> Stage:
     frac = _ramp(FIRST_DATA_SHARE, stage, n_stages)
     # the model grows too: wider with every stage, one layer deeper in the second half
     grow = min(stage, n_stages - 1) / max(1, n_stages - 1)
-    arch = {
-        "kind": "mlp",
-        "width": int(128 + 128 * grow),
-        "depth": 2 + int(grow >= 0.5),
-        "head": HEAD,
-    }
+    arch = default_architecture(input_shape, grow)
     return Stage(stage, tuple(range(n_cls)), frac, arch)
 
 

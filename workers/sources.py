@@ -192,6 +192,16 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
+def readable_sha(root: Path, key: str, skipped: list[dict[str, str]]) -> str | None:
+    """The sha256 of image ``root/key``, or None (and a record in ``skipped``) when it does
+    not decode."""
+    why = _check_image(root / key)
+    if why is not None:
+        skipped.append({"key": key, "reason": why})
+        return None
+    return _file_sha(root / key)
+
+
 def _file_sha(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -226,11 +236,9 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
         if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
             sha = seen[2]  # unchanged since the last snapshot: neither re-read nor re-hashed
         else:
-            why = _check_image(root / key)
-            if why is not None:
-                skipped.append({"key": key, "reason": why})
+            sha = readable_sha(root, key, skipped)
+            if sha is None:
                 continue
-            sha = _file_sha(root / key)
         for col, v in zip(rows, (key, label, st.st_size, st.st_mtime_ns, sha), strict=True):
             rows[col].append(v)
     if not rows["key"]:
@@ -378,13 +386,46 @@ def label_indices(names: Any, vocabulary: dict[str, int]) -> np.ndarray:
     return rows[np.asarray(at.to_numpy(zero_copy_only=False), dtype=np.int64)]
 
 
+def keyed_rows(
+    ds: Any, frag: Any, cols: list[str], batch_rows: int, path: str, noun: str = "source"
+) -> Iterator[pa.RecordBatch]:
+    """The non-test rows of one Parquet fragment in batches; every row must have a key."""
+    import pyarrow.dataset as pads
+
+    scanner = pads.Scanner.from_fragment(
+        frag, schema=ds.schema, columns=cols, batch_size=batch_rows, use_threads=False
+    )
+    for batch in scanner.to_batches():
+        keep = ~_is_test(batch)
+        if not keep.any():
+            continue
+        batch = batch.filter(pa.array(keep))
+        if batch.column("item_id").null_count:
+            raise SourceError(
+                f"Parquet {noun} {redact(path)}: column 'item_id' has null rows in "
+                f"{redact(frag.path)}; every row needs its own key"
+            )
+        yield batch
+
+
+def repeated_keys(keys: Any) -> tuple[int, str]:
+    """(how many keys repeat, the first few of them quoted); (0, "") when none does."""
+    import pyarrow.compute as pc
+
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return 0, ""
+    counts = pc.value_counts(keys)  # then find them, for the message
+    dup = counts.filter(pc.greater(pc.struct_field(counts, "counts"), 1))
+    shown = ", ".join(repr(v) for v in pc.struct_field(dup, "values").to_pylist()[:5])
+    return len(dup), shown
+
+
 def _scan_columns(ds: Any, name_col: str | None) -> list[str]:
     return ["item_id", "label"] + [c for c in ("split", name_col) if c and c in ds.schema.names]
 
 
 def _scan_parquet(spec: str, path: str) -> Scan:
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     ds = _parquet_dataset(path)
     _, name_col = _parquet_columns(ds, path)
@@ -398,21 +439,8 @@ def _scan_parquet(spec: str, path: str) -> Scan:
             digest.update(
                 f"{frag.path}\0{rg.id}\0{rg.num_rows}\0{sorted(stats.items())}\n".encode()
             )
-            scanner = pads.Scanner.from_fragment(
-                frag, schema=ds.schema, columns=cols, batch_size=SCAN_BATCH, use_threads=False
-            )
-            for batch in scanner.to_batches():
-                train = ~_is_test(batch)
-                if not train.any():
-                    continue
-                batch = batch.filter(pa.array(train))
-                ids = batch.column("item_id")
-                if ids.null_count:
-                    raise SourceError(
-                        f"Parquet source {redact(path)}: column 'item_id' has null rows in "
-                        f"{redact(frag.path)}; every row needs its own key"
-                    )
-                ids = pc.cast(ids, pa.string())
+            for batch in keyed_rows(ds, frag, cols, SCAN_BATCH, path):
+                ids = pc.cast(batch.column("item_id"), pa.string())
                 names = _class_names(batch, name_col, path)
                 for arr in (ids, names):  # the values and their offsets: exact, no copies
                     for buf in arr.buffers():
@@ -428,12 +456,10 @@ def _scan_parquet(spec: str, path: str) -> Scan:
         raise SourceError(f"Parquet source {redact(path)}: no training rows (split != 'test')")
     key_col = pa.chunked_array(keys).combine_chunks()
     keys.clear()
-    if pc.count_distinct(key_col).as_py() < len(key_col):  # then find them, for the message
-        counts = pc.value_counts(key_col)
-        dup = counts.filter(pc.greater(pc.struct_field(counts, "counts"), 1))
-        shown = ", ".join(repr(v) for v in pc.struct_field(dup, "values").to_pylist()[:5])
+    n_repeat, shown = repeated_keys(key_col)
+    if n_repeat:
         raise SourceError(
-            f"Parquet source {redact(path)}: {len(dup)} item_id value(s) repeat ({shown}); "
+            f"Parquet source {redact(path)}: {n_repeat} item_id value(s) repeat ({shown}); "
             "keys must be unique"
         )
     unit = np.concatenate(units)

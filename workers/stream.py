@@ -92,7 +92,10 @@ def precompute_teachers(
             yt = torch.as_tensor(y, device=device)
             rows = torch.empty(len(y), len(models), store.d, device=device)
             for at in range(0, len(y), batch):
-                xb = torch.as_tensor(x[at : at + batch], device=device)
+                xb = torch.as_tensor(x[at : at + batch])
+                if device.type == "cuda":  # a pinned copy goes over without blocking
+                    xb = xb.pin_memory()
+                xb = xb.to(device, non_blocking=True)
                 for j, m in enumerate(models):
                     rows[at : at + batch, j] = m.embed(xb)
             for j in range(len(models)):

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from sources.data import champion
 
 from store.gallery import Gallery, GalleryError, GalleryRows
 from store.index import INDEX_FILE, GalleryIndex
@@ -26,33 +26,17 @@ from store.settings import StoreError, subdir
 from workers.backfill import ParquetSource, open_source, policy_order, run_backfill
 from workers.datasets import load_dataset
 from workers.embed import forward
-from workers.models import EmbeddingNet, load_model, save_model
+from workers.models import load_model
 from workers.policies import backfill_order
 from workers.scenario import eval_split
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 8
 PART_ROWS = 32  # 270 digits gallery items -> 9 parts
-ARCH = {"kind": "mlp", "width": 16, "depth": 1}
 
 
 def tiny_generation(lin: Lineage, seed: int, embed_dim: int = DIM) -> Generation:
-    torch.manual_seed(seed)
-    model = EmbeddingNet((1, 8, 8), 10, embed_dim, ARCH).eval()
-    path = subdir("checkpoints") / f"tiny-{seed}.pt"
-    sha = save_model(model, path)
-    gen = lin.add_generation(
-        dataset="digits",
-        stage=0,
-        architecture=ARCH,
-        embed_dim=embed_dim,
-        classes=list(range(10)),
-        status="trained",
-        checkpoint_path=str(path),
-        checkpoint_sha256=sha,
-    )
-    lin.promote(gen.id)
-    return lin.generation(gen.id)
+    return champion(lin, seed, embed_dim=embed_dim)
 
 
 def embed(gen: Generation, ids: np.ndarray):

@@ -111,13 +111,22 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
     assert all(c["status"] == "retired" for g in rep["generations"] for c in g["constraints"])
 
     hits = graceful(home, "search", "--item", "1", "--k", "3")
-    assert "nearest gallery items" in hits.stdout
-    import numpy as np
-
+    assert "nearest collection items" in hits.stdout
+    # the contract's JSON: keys (the scenario's: positions of the test split), scores,
+    # generations; the collection is the evaluation set's gallery half, all by generation 3
+    found = json.loads(graceful(home, "search", "--item", "1", "--k", "3", "--json").stdout)
+    assert len(found) == 3 and all(h["generation"] == 3 for h in found)
+    assert [h["score"] for h in found] == sorted((h["score"] for h in found), reverse=True)
     from workers.datasets import load_dataset
+    from workers.scenario import eval_split
+
+    gallery_half = {str(int(i)) for i in eval_split(len(load_dataset("digits").y_test))[0]}
+    assert {h["key"] for h in found} <= gallery_half
+    import numpy as np
 
     np.save(tmp_path / "q.npy", load_dataset("digits").x_test[1])
     hits = graceful(home, "search", "--file", str(tmp_path / "q.npy"), "--k", "3")
+    assert "nearest collection items" in hits.stdout
     assert "q.npy" in hits.stdout and hits.stdout.count("│ 1 ") >= 1
     both = graceful(home, "search", check=False)
     assert both.returncode == 2 and "--item or --file" in both.stderr

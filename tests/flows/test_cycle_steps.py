@@ -9,6 +9,7 @@ import pytest
 from flows.config import CycleConfig, GateConfig, TrainConfig
 from flows.cycle import backfill_step, evaluate_step, gate_step, start_cycle, train_step
 from store.lineage import Lineage
+from workers.datasets import load_dataset
 
 
 def _cycle(lineage: Lineage, cfg: CycleConfig) -> tuple[int, bool]:
@@ -38,6 +39,19 @@ def test_gate_rejects_a_generation_that_flips_too_much(home) -> None:
     assert any(r.startswith(f"FAIL NFR against {g1}") for r in gen2.gate_reasons)
     assert lin.champion().id == g1
     assert lin.gallery_counts() == {g1: 270}  # nothing was backfilled with the rejected one
+
+    # the report carries the evidence the gate decided on, consistent with the metrics
+    from flows.report import build_report
+
+    gate = next(g for g in build_report(lin)["generations"] if g["id"] == g2)["gate"]
+    assert gate["passed"] is False and gate["max_nfr"] == 0.0
+    (anc,) = gate["ancestors"]
+    n_items = len(load_dataset("digits").y_test)  # every evaluation item is a flip case
+    assert anc["k"] == g1 and anc["items"] == n_items
+    assert anc["negative_flips"] == round(nfr * n_items) and anc["nfr"] == pytest.approx(nfr)
+    assert anc["nfr_ci"][0] <= nfr <= anc["nfr_ci"][1]
+    assert anc["ci"][0] <= anc["ecc_delta"] <= anc["ci"][1]
+    assert anc["queries"] == n_items // 2  # the query half of the evaluation split
 
 
 @pytest.mark.slow
@@ -173,3 +187,25 @@ def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
         s.add(row)
     with pytest.raises(StoreError, match="evaluation set of 'digits' changed since generation 1"):
         plan_cycle(lin, CycleConfig(train=train))
+
+
+def test_a_lineage_keeps_its_backbone_kind(home) -> None:
+    """A new scenario lineage on images gets the residual CNN; one whose generations are
+    MLPs (made before the CNN was the default) goes on with the MLP, which it can warm
+    start from."""
+    from flows.cycle import plan_cycle
+
+    lin = Lineage()
+    cfg = CycleConfig(dataset="digits", stages=3)
+    assert plan_cycle(lin, cfg).stage.architecture["kind"] == "resnet"
+    gen = lin.add_generation(
+        dataset="digits",
+        stage=0,
+        architecture={"kind": "mlp", "width": 128, "depth": 2, "head": "fixed"},
+        embed_dim=64,
+        classes=list(range(5)),
+        status="promoted",
+    )
+    arch = plan_cycle(lin, cfg).stage.architecture
+    assert arch["kind"] == "mlp" and arch["width"] > 128  # it still grows, as an MLP
+    assert gen.id == 1

@@ -74,9 +74,18 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, s
         def deployments():
             r = httpx.post(f"{api}/deployments/filter", json={"limit": 10})
             names = {d["name"]: d for d in r.json()} if r.status_code == 200 else {}
-            return names if {"scheduled-update", "on-demand-backfill"} <= set(names) else None
+            wanted = {"scheduled-update", "on-demand-backfill", "on-demand-index"}
+            return names if wanted <= set(names) else None
 
         deps = _wait(deployments, 120, "the deployments")
+        # the indexing deployment's form: the collection's spec and what to do with it
+        index_dep = httpx.get(f"{api}/deployments/{deps['on-demand-index']['id']}").json()
+        assert index_dep["parameters"]["config"] == {
+            "spec": None,
+            "prune": False,
+            "strict": False,
+            "part_rows": 4096,
+        }
         sched = httpx.get(f"{api}/deployments/{deps['scheduled-update']['id']}/schedules").json()
         assert sched and sched[0]["schedule"]["interval"] == 3600.0
         # one update cycle at a time from the deployment (the lineage lock does the rest)

@@ -27,38 +27,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch):
-    """An S3-compatible server (moto) on 127.0.0.1 with a bucket; yields its filesystem."""
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "graceful-test-key",
-        "AWS_SECRET_ACCESS_KEY": "graceful-test-secret-do-not-print",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"127.0.0.1:{port}",
-        scheme="http",
-        access_key=env["AWS_ACCESS_KEY_ID"],
-        secret_key=env["AWS_SECRET_ACCESS_KEY"],
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir("photos")
-    try:
-        yield fs, env
-    finally:
-        server.stop()
-
-
 def _graceful(cli, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = cli.start(*args) if env is None else None
     if proc is None:

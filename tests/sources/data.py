@@ -11,6 +11,8 @@ from PIL import Image
 
 from workers.datasets import load_dataset
 
+ARCH = {"kind": "mlp", "width": 16, "depth": 1}
+
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, test images, test labels) as uint8 8x8 arrays."""
@@ -48,3 +50,36 @@ def parquet_rows(images, labels, split: str, start: int, stop: int, classes) -> 
 
 def write_parquet(table: pa.Table, where, filesystem=None) -> None:
     pq.write_table(table, str(where), filesystem=filesystem, row_group_size=64)
+
+
+def champion(lin, seed: int, input_shape=(1, 8, 8), embed_dim: int = 8):
+    """A small real model, recorded in ``lin`` and promoted: what a cycle would leave."""
+    import torch
+
+    from store.settings import subdir
+    from workers.models import EmbeddingNet, save_model
+
+    torch.manual_seed(seed)
+    model = EmbeddingNet(input_shape, 10, embed_dim, ARCH).eval()
+    path = subdir("checkpoints") / f"gen-{seed}-d{embed_dim}.pt"
+    sha = save_model(model, path)
+    gen = lin.add_generation(
+        dataset="digits",
+        stage=0,
+        architecture=ARCH,
+        embed_dim=embed_dim,
+        classes=list(range(10)),
+        status="trained",
+        checkpoint_path=str(path),
+        checkpoint_sha256=sha,
+    )
+    lin.promote(gen.id)
+    return lin.generation(gen.id)
+
+
+def write_pngs(root: Path, start: int, stop: int, folder=lambda i: f"shelf-{i % 3}") -> None:
+    images = digits()[0]
+    for i in range(start, stop):
+        d = root / folder(i)
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(d / f"{i:04d}.png")

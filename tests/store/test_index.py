@@ -105,7 +105,7 @@ def test_a_torn_index_file_is_rebuilt(gallery: Gallery) -> None:
 
 
 def test_index_of_another_dimension_is_refused(gallery: Gallery) -> None:
-    with pytest.raises(GalleryError, match="the index has dim 3, the gallery stores dim 8"):
+    with pytest.raises(GalleryError, match="the index has dim 3, the collection stores dim 8"):
         GalleryIndex(3).sync(gallery)
 
 
@@ -144,3 +144,52 @@ def test_readers_see_whole_committed_parts_during_rewrites(gallery: Gallery) -> 
     final = GalleryIndex.open(gallery)
     assert {generation_in_index(final, i) for i in IDS} == {(1 + rounds) % DIM}
     assert looks > 1 and len(seen_versions) > N_PARTS  # it did read while parts changed
+
+
+def test_an_ivf_index_past_the_threshold_is_exact_at_full_probe_and_retrains(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past IVF_MIN_ITEMS the collection gets an IVF index: searching every cell is exact,
+    a pruned part's ids leave it, and a recall below RETRAIN_RECALL after an update
+    retrains it (the threshold is lowered/raised here to force each case)."""
+    import store.index as I
+
+    monkeypatch.setattr(I, "IVF_MIN_ITEMS", 64)
+    rng = np.random.default_rng(0)
+    g = Gallery(Lineage())
+    emb = rng.normal(size=(len(IDS), DIM)).astype(np.float32)
+    rows = one_hot_rows(IDS, 1)
+    rows.embedding = emb
+    g.create("digits", rows, part_rows=PART)
+    idx = GalleryIndex.open(g)
+    assert idx.kind is I.IndexKind.IVF and idx.nlist == I.ivf_cells(len(IDS)) == 16
+    assert idx.trainings == 1 and idx.nprobe == 1
+    flat = GalleryIndex(DIM)
+    flat.upsert(IDS, emb, np.zeros(len(IDS)))
+    q = rng.normal(size=(20, DIM)).astype(np.float32)
+    np.testing.assert_array_equal(idx.search(q, 5, nprobe=idx.nlist)[1], flat.search(q, 5)[1])
+    assert idx.measure_recall(q, k=5) == pytest.approx(
+        np.mean(
+            [
+                len(set(a) & set(b)) / 5
+                for a, b in zip(
+                    idx.search(q, 5)[1].tolist(), flat.search(q, 5)[1].tolist(), strict=True
+                )
+            ]
+        )
+    )
+    # each item finds itself when every cell is probed
+    assert (idx.search(emb, 1, nprobe=idx.nlist)[1][:, 0] == IDS).all()
+    # an update with recall below the bar retrains it; the count is kept in the file
+    monkeypatch.setattr(I, "RETRAIN_RECALL", 1.01)
+    name = g.part_names()[0]
+    part = g.read_rows(name)
+    part.embedding = -part.embedding
+    g.rewrite_part(name, part)
+    again = GalleryIndex.open(g)
+    assert again.trainings == 2 and again.recall is not None
+    assert I.GalleryIndex.load(g.root / INDEX_FILE, DIM).trainings == 2
+    # at or above the bar: kept as it is
+    monkeypatch.setattr(I, "RETRAIN_RECALL", 0.0)
+    g.rewrite_part(g.part_names()[1], g.read_rows(g.part_names()[1]))
+    assert GalleryIndex.open(g).trainings == 2

@@ -1,7 +1,16 @@
-"""The promotion gate on hand-made numbers."""
+"""The promotion gate on hand-made numbers: paired evidence, not point comparisons."""
+
+import math
+
+import pytest
 
 from flows.config import GateConfig
-from flows.gate import decide
+from flows.gate import counts_from_metrics, decide, evidence_rows
+from workers.stats import PairedCounts, clopper_pearson, pair_evidence
+
+
+def _fails(reasons: list[str]) -> list[str]:
+    return [r for r in reasons if r.startswith("FAIL ")]
 
 
 def test_first_generation_passes() -> None:
@@ -12,13 +21,15 @@ def test_first_generation_passes() -> None:
 def test_passes_when_every_threshold_holds() -> None:
     ok, reasons = decide(0.90, 0.91, {1: (0.80, 0.79)}, {1: 0.02}, GateConfig())
     assert ok, reasons
-    assert not any(r.startswith("FAIL") for r in reasons)
+    assert not _fails(reasons)
 
 
-def test_rejects_too_many_flips() -> None:
+def test_rejects_too_many_flips_without_counts() -> None:
+    # point values only: the interval is the point, NFR 0.11 > 0.10
     ok, reasons = decide(0.95, 0.90, {1: (0.9, 0.8)}, {1: 0.11}, GateConfig(max_nfr=0.10))
     assert not ok
     assert any(r.startswith("FAIL NFR against 1") for r in reasons)
+    assert "point value" in _fails(reasons)[0]
 
 
 def test_rejects_accuracy_drop_beyond_tolerance() -> None:
@@ -28,16 +39,121 @@ def test_rejects_accuracy_drop_beyond_tolerance() -> None:
     assert ok
 
 
-def test_ecc_is_strict_and_checked_per_ancestor() -> None:
-    ok, reasons = decide(0.9, 0.9, {1: (0.8, 0.7), 2: (0.75, 0.75)}, {}, GateConfig())
+def test_point_ecc_fails_only_below_the_margin_and_per_ancestor() -> None:
+    compat = {1: (0.8, 0.7), 2: (0.74, 0.75), 3: (0.75, 0.75)}
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig())
+    assert not ok  # a tie is no evidence of a loss; 2 is below by 0.01 > margin 0
+    assert [r.split(":")[0] for r in _fails(reasons)] == ["FAIL not compatible with 2"]
+    ok, _ = decide(0.9, 0.9, compat, {}, GateConfig(ecc_margin=0.01))  # -0.01 not below -0.01
+    assert ok
+    ok, _ = decide(0.9, 0.9, {2: (0.5, 0.75)}, {}, GateConfig(require_ecc=False))
+    assert ok
+
+
+def test_a_two_query_difference_is_noise_and_promotes() -> None:
+    # The run that the strict rule rejected: C[2][1] = 0.275 vs C[1][1] = 0.277 on 1000
+    # queries, i.e. 275 vs 277 hits: 40 queries only generation 2's hit, 42 only 1's.
+    counts = {1: PairedCounts(1000, 40, 42)}
+    compat = {1: (0.275, 0.277)}
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig())  # point rule: rejected
     assert not ok
-    assert [r for r in reasons if r.startswith("FAIL")] == [
-        "FAIL not compatible with 2: C[g][2]=0.7500 <= C[2][2]=0.7500"
-    ]
-    ok, _ = decide(0.9, 0.9, {2: (0.75, 0.75)}, {}, GateConfig(require_ecc=False))
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    assert ok, reasons
+    # delta = -2/1000; sd of a difference = sqrt(82/1000 - 0.002^2) = 0.2864,
+    # 95% half width 1.96 * 0.2864 / sqrt(1000) = 0.0178 -> about [-0.0198, +0.0158]
+    reason = reasons[1]
+    assert reason.startswith("compatible with 1: C[g][1]-C[1][1] = -0.0020, 95% CI [")
+    lo, hi = (float(v) for v in reason.split("CI [")[1].split("]")[0].split(","))
+    half = 1.96 * math.sqrt(82 / 1000 - 0.002**2) / math.sqrt(1000)
+    assert lo == pytest.approx(-0.002 - half, abs=0.003)
+    assert hi == pytest.approx(-0.002 + half, abs=0.003)
+    assert "not below +0.0000" in reason and "1000 queries" in reason
+
+
+def test_a_clear_ecc_regression_is_still_rejected() -> None:
+    # 400 queries: 10 only g hits, 50 only k hits: delta = -0.1, sd of a difference
+    # sqrt(60/400 - 0.01) = 0.374, upper bound about -0.1 + 1.96 * 0.374/20 = -0.063
+    counts = {1: PairedCounts(400, 10, 50)}
+    cfg = GateConfig(ecc_margin=0.01)
+    ok, reasons = decide(0.9, 0.9, {1: (0.30, 0.40)}, {}, cfg, ecc_counts=counts)
+    assert not ok
+    (fail,) = _fails(reasons)
+    assert fail.startswith("FAIL not compatible with 1: C[g][1]-C[1][1] = -0.1000, 95% CI [")
+    assert "below -0.0100" in fail
+
+
+def test_confidence_decides_how_much_evidence_is_enough() -> None:
+    # 1000 queries, 50 gains, 75 losses: delta -0.025, standard error
+    # sqrt(0.125 - 0.025^2)/sqrt(1000) = 0.01115: the 80% upper bound
+    # -0.025 + 1.2816 * 0.01115 = -0.0107 is below 0; the 99% one, +0.0037, is not
+    counts = {1: PairedCounts(1000, 50, 75)}
+    compat = {1: (0.5, 0.525)}
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(confidence=0.8), ecc_counts=counts)
+    assert not ok and "80% CI" in _fails(reasons)[0]
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(confidence=0.99), ecc_counts=counts)
+    assert ok and "99% CI" in reasons[1]
+
+
+def test_nfr_just_above_the_bound_is_noise() -> None:
+    # 60 negative flips of 540 items: NFR 0.111 > 0.10, but the lower bound is about
+    # 0.111 - 1.96 * sqrt(0.111 * 0.889 / 540) = 0.085
+    flips = {1: PairedCounts(540, 30, 60)}
+    ok, reasons = decide(0.9, 0.9, {}, {1: 60 / 540}, GateConfig(), flip_counts=flips)
+    assert ok, reasons
+    assert reasons[1].startswith("NFR against 1 = 0.1111, 95% CI [0.08")
+    assert "not above 0.1" in reasons[1] and "60 negative vs 30 positive flips" in reasons[1]
+
+
+def test_nfr_clearly_above_the_bound_is_rejected() -> None:
+    # 100 of 540: NFR 0.185, lower bound about 0.185 - 1.96 * 0.0167 = 0.152 > 0.10
+    flips = {1: PairedCounts(540, 10, 100)}
+    ok, reasons = decide(0.9, 0.9, {}, {1: 100 / 540}, GateConfig(), flip_counts=flips)
+    assert not ok
+    (fail,) = _fails(reasons)
+    assert fail.startswith("FAIL NFR against 1 = 0.1852, 95% CI [0.15")
+    assert "above 0.1" in fail
+
+
+def test_any_negative_flip_fails_a_zero_bound() -> None:
+    # one flip of 540: the lower bound 1 - 0.975^(1/540) = 4.7e-5 > 0
+    flips = {1: PairedCounts(540, 0, 1)}
+    assert clopper_pearson(1, 540)[0] == pytest.approx(1 - 0.975 ** (1 / 540))
+    ok, reasons = decide(0.9, 0.9, {}, {1: 1 / 540}, GateConfig(max_nfr=0.0), flip_counts=flips)
+    assert not ok and _fails(reasons)[0].startswith("FAIL NFR against 1")
+    flips = {1: PairedCounts(540, 3, 0)}  # no negative flip at all: lower bound 0
+    ok, _ = decide(0.9, 0.9, {}, {1: 0.0}, GateConfig(max_nfr=0.0), flip_counts=flips)
     assert ok
 
 
 def test_disabled_gate_promotes() -> None:
     ok, reasons = decide(0.1, 0.9, {1: (0.0, 1.0)}, {1: 1.0}, GateConfig(enabled=False))
     assert ok and "disabled" in reasons[0]
+
+
+def test_counts_round_trip_through_metric_rows_and_evidence_matches_reasons() -> None:
+    g = 3
+    queries = {1: PairedCounts(400, 10, 50), 2: PairedCounts(400, 30, 31)}
+    items = {1: PairedCounts(540, 10, 100), 2: PairedCounts(540, 20, 25)}
+    metrics = {(g, g, "accuracy"): 0.9}
+    for k in (1, 2):
+        for name, value in pair_evidence(queries[k], items[k]).items():
+            metrics[(g, k, name)] = value
+    assert counts_from_metrics(metrics, g) == (queries, items)
+
+    cfg = GateConfig(confidence=0.9, ecc_margin=0.02)
+    rows = {(a, b, m): v for a, b, m, v in evidence_rows(g, queries, items, cfg)}
+    assert rows[(g, g, "evidence_confidence")] == 0.9
+    assert rows[(g, g, "gate_ecc_margin")] == 0.02 and rows[(g, g, "gate_max_nfr")] == 0.1
+    assert rows[(g, 1, "flip_neg")] == 100 and rows[(g, 2, "ecc_gain")] == 30
+    _, reasons = decide(
+        0.9, 0.9, {2: (0.5, 0.5)}, {2: 25 / 540}, cfg, ecc_counts=queries, flip_counts=items
+    )
+    lo, hi = rows[(g, 2, "ecc_delta_lo")], rows[(g, 2, "ecc_delta_hi")]
+    assert f"90% CI [{lo:+.4f}, {hi:+.4f}]" in reasons[1]
+    assert f"[{rows[(g, 2, 'nfr_lo')]:.4f}, {rows[(g, 2, 'nfr_hi')]:.4f}]" in reasons[2]
+    assert evidence_rows(g, {}, {}, GateConfig(require_ecc=False))[1] == (
+        g,
+        g,
+        "gate_ecc_margin",
+        None,
+    )

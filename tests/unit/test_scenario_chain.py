@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
 from flows.chain import plan_constraints
 from workers.constraints import DEFAULT_WEIGHTS, METHOD_KINDS, REGISTRY, ConstraintKind
-from workers.scenario import eval_split, stage_indices, stage_plan
+from workers.models import EmbeddingNet, inherit_weights
+from workers.scenario import default_architecture, eval_split, stage_indices, stage_plan
 
 
 def test_stages_grow_in_classes_data_and_width() -> None:
@@ -15,6 +17,50 @@ def test_stages_grow_in_classes_data_and_width() -> None:
     widths = [s.architecture["width"] for s in stages]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     assert stage_plan(10, 1, 0).classes == tuple(range(10))
+
+
+def test_images_get_a_growing_resnet_features_the_mlp() -> None:
+    image = [stage_plan(10, 3, s, (1, 28, 28)).architecture for s in range(3)]
+    assert [(a["kind"], a["width"], a["depth"]) for a in image] == [
+        ("resnet", 12, 3),
+        ("resnet", 14, 4),
+        ("resnet", 16, 4),
+    ]
+    for shape in ((49,), None):  # feature vectors, or no shape given: the MLP as before
+        feats = [stage_plan(10, 3, s, shape).architecture for s in range(3)]
+        assert [(a["kind"], a["width"], a["depth"]) for a in feats] == [
+            ("mlp", 128, 2),
+            ("mlp", 192, 3),
+            ("mlp", 256, 3),
+        ]
+    assert all(a["head"] == "fixed" for a in image)
+    assert default_architecture((3, 32, 32)) == image[-1]  # a source's: the last stage's
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (16,)])
+def test_every_stage_can_inherit_the_last_ones_function(shape) -> None:
+    """The scenario only grows the model in ways the warm start preserves."""
+    torch.manual_seed(0)
+    x = torch.rand(32, *shape)
+    archs = [stage_plan(10, 5, s, shape).architecture for s in range(5)]
+    for old_arch, new_arch in zip(archs[:-1], archs[1:], strict=True):
+        old = EmbeddingNet(shape, 10, 16, old_arch)
+        old.train()
+        with torch.no_grad():
+            old(x)
+        old.eval()
+        new = EmbeddingNet(shape, 10, 16, new_arch)
+        assert inherit_weights(new, old, x), (old_arch, new_arch)
+        with torch.no_grad():
+            assert torch.allclose(old(x)[1], new.eval()(x)[1], atol=1e-4)
+
+
+def test_source_architecture_picks_the_backbone_by_input_shape() -> None:
+    from flows.cycle import source_architecture
+
+    assert source_architecture((1, 28, 28))["kind"] == "resnet"
+    assert source_architecture([3, 64, 64]) == stage_plan(10, 3, 2, (3, 64, 64)).architecture
+    assert source_architecture((49,)) == {"kind": "mlp", "width": 256, "depth": 3, "head": "fixed"}
 
 
 def test_stage_subsets_are_nested_and_per_class() -> None:
@@ -77,3 +123,12 @@ def test_train_config_weights_travel_whole() -> None:
         TrainConfig(weights={"embeding": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(weights={"focal": -1.0})
+
+
+def test_train_config_augment_knob() -> None:
+    from flows.config import TrainConfig
+
+    assert TrainConfig().augment == "auto"
+    assert TrainConfig(augment="crop+flip").augment == "crop+flip"
+    with pytest.raises(ValueError):
+        TrainConfig(augment="rotate")

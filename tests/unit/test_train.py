@@ -380,6 +380,95 @@ def test_warm_start_inherits_the_newest_constrained_ancestor(tmp_path: Path) -> 
     assert train_generation(fresh)["warm_start_from"] is None
 
 
+RESNET = {"kind": "resnet", "width": 4, "depth": 3}
+
+
+def test_resnet_resume_with_augmentation_equals_uninterrupted_run(tmp_path: Path) -> None:
+    """The crop and flip draws depend on (seed, epoch) only: a resumed epoch redraws them."""
+    kw = dict(architecture=dict(RESNET), augment="crop+flip", epochs=3)
+    full = train_generation(spec(tmp_path / "full", **kw))
+    assert full["augment"] == "crop+flip" and full["device"] == "cpu" and full["amp"] is None
+    with pytest.raises(TrainingInterrupted):
+        train_generation(spec(tmp_path / "killed", stop_after_epochs=1, **kw))
+    resumed = train_generation(spec(tmp_path / "killed", **kw))
+    assert resumed["resumed_from_epoch"] == 1
+    assert_same_weights(state_of(full), state_of(resumed))
+    # the augmentation is part of the training: another mode trains other weights, and a
+    # resume file of one is refused by the other
+    plain = train_generation(spec(tmp_path / "plain", **(kw | {"augment": "none"})))
+    assert plain["augment"] == "none"
+    assert not torch.equal(state_of(full)["project.weight"], state_of(plain)["project.weight"])
+    with pytest.raises(TrainingInterrupted):
+        train_generation(spec(tmp_path / "other", stop_after_epochs=1, **kw))
+    with pytest.raises(RuntimeError, match="belongs to a different training"):
+        train_generation(spec(tmp_path / "other", **(kw | {"augment": "crop"})))
+
+
+def test_augmentation_follows_the_data_set_rule(tmp_path: Path) -> None:
+    """auto: a resnet on digits is cropped, not flipped; on Fashion-MNIST also flipped; an
+    MLP on the same images and feature vectors are not augmented; nor is a resnet
+    distilled from an ancestor's per-item outputs, while influence alone allows it."""
+    kw = dict(architecture=dict(RESNET), epochs=1)
+    g1 = train_generation(spec(tmp_path / "a", dataset="digits", **kw))
+    assert g1["augment"] == "crop"
+    fashion = spec(tmp_path / "b", dataset="fashion-mnist", **kw)
+    assert train_generation(fashion)["augment"] == "crop+flip"
+    assert train_generation(spec(tmp_path / "c", dataset="fashion-mnist"))["augment"] == "none"
+    for kind, expected in (("influence", "crop"), ("embedding", "none"), ("focal", "none")):
+        cons = [ConstraintSpec(1, kind, 1.0, g1["checkpoint"], g1["sha256"], [0, 1, 2, 3])]
+        run = spec(tmp_path / kind, generation=2, dataset="digits", constraints=cons, **kw)
+        assert train_generation(run)["augment"] == expected, kind
+    flat = spec(tmp_path / "d", x=X.reshape(len(X), 16), augment="crop+flip")
+    assert train_generation(flat)["augment"] == "none"
+    with pytest.raises(ValueError, match="unknown augment 'rotate'"):
+        train_generation(spec(tmp_path / "e", augment="rotate"))
+
+
+def test_warm_start_across_resnet_growth(tmp_path: Path) -> None:
+    """resnet w4 d3 -> w6 d4 (wider, a block more): the new generation starts as its
+    ancestor's function (a negligible learning rate keeps it there)."""
+    # enough steps for the BatchNorm running statistics to settle, on the items as they are
+    g1 = train_generation(
+        spec(tmp_path / "a", architecture=dict(RESNET), augment="none", epochs=12)
+    )
+    cons = [ConstraintSpec(1, "influence", 1.0, g1["checkpoint"], g1["sha256"], [0, 1, 2, 3])]
+    grown = {"kind": "resnet", "width": 6, "depth": 4}
+    g2 = train_generation(
+        spec(
+            tmp_path / "b",
+            generation=2,
+            architecture=grown,
+            constraints=cons,
+            augment="none",
+            lr=1e-12,
+            epochs=1,
+        )
+    )
+    assert g2["warm_start_from"] == 1
+    x = torch.tensor(X)
+    with torch.no_grad():
+        e1 = load_model(g1["checkpoint"]).embed(x)
+        e2 = load_model(g2["checkpoint"]).embed(x)
+    # equal but for the BatchNorm running statistics, which one epoch moved a little
+    assert torch.nn.functional.cosine_similarity(e1, e2).min() > 0.98
+    # a fresh start is far from it
+    cold = train_generation(
+        spec(
+            tmp_path / "c",
+            generation=2,
+            architecture=grown,
+            constraints=cons,
+            lr=1e-12,
+            epochs=1,
+            warm_start=False,
+        )
+    )
+    assert cold["warm_start_from"] is None
+    with torch.no_grad():
+        e3 = load_model(cold["checkpoint"]).embed(x)
+    assert torch.nn.functional.cosine_similarity(e1, e3).mean() < 0.9
+
+
 def test_fixed_head_does_not_move_in_training(tmp_path: Path) -> None:
     arch = dict(MLP, head="fixed")
     r = train_generation(spec(tmp_path, architecture=arch))

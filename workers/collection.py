@@ -1,0 +1,501 @@
+"""A collection's items: listed by key with a content fingerprint, and read back by key.
+
+A collection is what users search. Its spec is one of:
+
+- ``images:DIR``: every PNG/JPEG under DIR, recursively, unlabelled; key = the path
+  relative to DIR;
+- ``imagefolder:DIR``: a source's training images (``DIR/train/<class>/*``), labelled by
+  their folder; key = the path relative to DIR;
+- ``parquet:PATH``: the non-test rows of Parquet files (a file, a directory, hive
+  partitions, ``s3://...``); key = ``item_id`` (required, unique), ``label`` optional
+  (a class name or an integer with an optional ``class_name``), a feature column or
+  ``image`` bytes;
+- the scenario's data set (``digits``, ``fashion-mnist``, ...): the gallery half of its
+  evaluation split; key = the item's position in that split (``graceful run`` builds it).
+
+:func:`list_items` lists the items (key, class name or None, fingerprint) without
+decoding pixels; a file whose size and modification time match what the collection
+recorded keeps its fingerprint without being read again. :func:`open_reader` returns a
+reader whose ``take(keys)`` gives the items' model inputs, in the order asked; the
+embedding actors and the Ray Data workers use it, so a backfill reads the items it
+re-embeds from the collection's source by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from workers.datasets import IMAGE_SUFFIXES, DatasetError, load_dataset, parse_spec
+from workers.scenario import eval_split
+from workers.sources import (
+    InputFormat,
+    SourceError,
+    _class_names,
+    _clean,
+    _decode,
+    _is_list,
+    _parquet_dataset,
+    _parquet_inputs,
+    _units,
+    keyed_rows,
+    readable_sha,
+    redact,
+    repeated_keys,
+)
+
+COLLECTION_KINDS = ("images", "imagefolder", "parquet")
+LIST_BATCH = 65_536  # Parquet rows per listed batch
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("label", pa.string()),  # class name; null when the source has none
+        pa.field("fingerprint", pa.string()),
+    ]
+)
+
+
+class CollectionError(SourceError):
+    """A collection spec, item or key that cannot be used; the message names the fix."""
+
+
+def parse_collection_spec(spec: str) -> tuple[str, str | None]:
+    """(kind, path) of a collection spec; ``images:DIR`` besides the data-set kinds."""
+    head, sep, tail = (spec or "").strip().partition(":")
+    if head.strip().lower() == "images":
+        raw = tail.strip()
+        if not sep or not raw:
+            raise CollectionError(f"spec {spec!r}: 'images' needs a directory, images:DIR")
+        path = os.path.abspath(os.path.expanduser(raw))
+        if not os.path.isdir(path):
+            raise CollectionError(f"spec {spec!r}: image directory {path} does not exist")
+        return "images", path
+    kind, path = parse_spec(spec)
+    if kind == "parquet" and "://" in spec:
+        return kind, spec.split(":", 1)[1].strip()
+    return kind, path
+
+
+def is_scenario(spec: str) -> bool:
+    """True for a scenario data set (its evaluation split's gallery half is the collection)."""
+    return parse_collection_spec(spec)[0] not in COLLECTION_KINDS
+
+
+def same_kind(a: str, b: str) -> bool:
+    return parse_collection_spec(a)[0] == parse_collection_spec(b)[0]
+
+
+@dataclass
+class Listing:
+    """A collection spec's items now: ``table`` (key, label, fingerprint) and what was
+    left out because it could not be read."""
+
+    spec: str
+    table: pa.Table
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> bool:
+        return self.table.column("label").null_count < self.table.num_rows
+
+
+# -- listing ---------------------------------------------------------------------------
+def _walk_images(root: Path, below: str | None = None) -> list[tuple[str, str | None, Any]]:
+    """(key, class name or None, stat) of every image under ``root`` (or ``root/below``,
+    whose first level of folders names the classes), in key order."""
+    base = root / below if below else root
+    out = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES or name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            label = None
+            if below:
+                parts = path.relative_to(base).parts
+                if len(parts) < 2:
+                    continue  # a file directly in train/ has no class folder
+                label = parts[0]
+            out.append((rel, label, path.stat()))
+    return sorted(out, key=lambda r: r[0])
+
+
+def file_fingerprint(size: int, mtime_ns: int, sha256: str) -> str:
+    """A file's fingerprint: size and mtime (to skip re-hashing) and the content hash."""
+    return f"{size}:{mtime_ns}:{sha256}"
+
+
+def _list_files(spec: str, root: Path, below: str | None, known: dict[str, str] | None) -> Listing:
+    known = known or {}
+    keys, labels, prints, skipped = [], [], [], []
+    for key, label, st in _walk_images(root, below):
+        head = f"{st.st_size}:{st.st_mtime_ns}:"
+        seen = known.get(key)
+        if seen is not None and seen.startswith(head):
+            fp = seen  # unchanged since it was indexed: neither decoded nor hashed again
+        else:
+            sha = readable_sha(root, key, skipped)
+            if sha is None:
+                continue
+            old = (seen or "").rsplit(":", 1)
+            # same content, touched: keep the recorded fingerprint (nothing to re-embed)
+            fp = (
+                seen
+                if seen and old[-1] == sha
+                else file_fingerprint(st.st_size, st.st_mtime_ns, sha)
+            )
+        keys.append(key)
+        labels.append(label)
+        prints.append(fp)
+    table = pa.table({"key": keys, "label": labels, "fingerprint": prints}, schema=ITEMS_SCHEMA)
+    return Listing(spec, table, skipped)
+
+
+def _row_hashes(col: Any, name: str) -> pa.Array:
+    """A content hash of each row of an input column (features or image bytes)."""
+    if name == "image":
+        values = col.to_pylist()
+        return pa.array(
+            [None if v is None else hashlib.blake2b(v, digest_size=16).hexdigest() for v in values],
+            pa.string(),
+        )
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    x = np.ascontiguousarray(flat.reshape(len(col), -1))
+    # a seeded 64-bit polynomial hash of the float bits, vectorised (a change detector)
+    bits = x.view(np.uint32).astype(np.uint64)
+    weights = np.random.default_rng(0x5EED).integers(1, 2**63, size=x.shape[1], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (bits * weights).sum(axis=1, dtype=np.uint64) ^ np.uint64(x.shape[1])
+    return pa.array([f"{v:016x}" for v in h.tolist()], pa.string())
+
+
+def _input_column(ds: Any, path: str) -> str:
+    names = ds.schema.names
+    if "item_id" not in names:
+        raise CollectionError(
+            f"Parquet collection {redact(path)}: missing column 'item_id' (columns: {names}); "
+            "every item needs a unique key"
+        )
+    lists = [f.name for f in ds.schema if _is_list(f.type)]
+    if "features" in lists:
+        return "features"
+    if "image" in names:
+        return "image"
+    if lists:
+        return lists[0]
+    raise CollectionError(
+        f"Parquet collection {redact(path)}: no feature column (list of numbers) and no "
+        f"'image' column; columns: {names}"
+    )
+
+
+def _list_parquet(spec: str, path: str) -> Listing:
+    import pyarrow.compute as pc
+
+    ds = _parquet_dataset(path)
+    column = _input_column(ds, path)
+    has_label = "label" in ds.schema.names
+    name_col = "class_name" if "class_name" in ds.schema.names else None
+    cols = ["item_id", column] + [
+        c for c in ("label", "split", name_col) if c and c in ds.schema.names
+    ]
+    tables = []
+    try:
+        for frag in sorted(ds.get_fragments(), key=lambda f: f.path):
+            for batch in keyed_rows(ds, frag, cols, LIST_BATCH, path, noun="collection"):
+                ids = batch.column("item_id")
+                labels = (
+                    _class_names(batch, name_col, path)
+                    if has_label and batch.column("label").null_count == 0
+                    else pa.nulls(batch.num_rows, pa.string())
+                )
+                tables.append(
+                    pa.table(
+                        {
+                            "key": pc.cast(ids, pa.string()),
+                            "label": labels,
+                            "fingerprint": _row_hashes(batch.column(column), column),
+                        },
+                        schema=ITEMS_SCHEMA,
+                    )
+                )
+    except (pa.ArrowException, OSError) as exc:
+        raise CollectionError(f"cannot read Parquet {redact(path)}: {_clean(exc)}") from None
+    table = pa.concat_tables(tables).combine_chunks() if tables else ITEMS_SCHEMA.empty_table()
+    return Listing(spec, table)
+
+
+def _list_scenario(spec: str) -> Listing:
+    ds = load_dataset(spec)
+    g_idx, _ = eval_split(len(ds.y_test))
+    g_idx = np.sort(g_idx)
+    names = [ds.class_names[int(y)] for y in ds.y_test[g_idx]]
+    x = ds.x_test[g_idx].reshape(len(g_idx), -1)
+    prints = [
+        hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=16).hexdigest() for r in x
+    ]
+    table = pa.table(
+        {"key": [str(int(i)) for i in g_idx], "label": names, "fingerprint": prints},
+        schema=ITEMS_SCHEMA,
+    )
+    return Listing(spec, table)
+
+
+def check_unique(listing: Listing) -> None:
+    """A key that repeats is an error naming it (a collection holds each key once)."""
+    n_repeat, shown = repeated_keys(listing.table.column("key"))
+    if n_repeat:
+        raise CollectionError(
+            f"collection {redact(listing.spec)}: {n_repeat} key(s) repeat ({shown}); each item "
+            "needs a unique key"
+        )
+
+
+def list_items(spec: str, known: dict[str, str] | None = None) -> Listing:
+    """The items of collection ``spec`` now, in key order for files, source order for
+    Parquet. ``known`` (key -> fingerprint the collection holds) spares re-reading
+    unchanged files. Unreadable images are left out and listed in ``skipped``."""
+    kind, path = parse_collection_spec(spec)
+    if kind == "images":
+        listing = _list_files(spec, Path(path), None, known)  # type: ignore[arg-type]
+    elif kind == "imagefolder":
+        root = Path(path)  # type: ignore[arg-type]
+        if not (root / "train").is_dir():
+            raise CollectionError(
+                f"imagefolder {root}: no train/ directory; index images:DIR for a folder of "
+                "unlabelled images"
+            )
+        listing = _list_files(spec, root, "train", known)
+    elif kind == "parquet":
+        listing = _list_parquet(spec, path)  # type: ignore[arg-type]
+    else:
+        listing = _list_scenario(spec)
+    check_unique(listing)
+    return listing
+
+
+# -- reading by key --------------------------------------------------------------------
+class UnreadableItem(CollectionError):
+    """An item that is gone or cannot be decoded (the reader names its key)."""
+
+
+class FileReader:
+    """Images under a root, by relative path."""
+
+    def __init__(self, root: str, fmt: InputFormat) -> None:
+        self.root, self.fmt = Path(root), fmt
+
+    def take(self, keys: list[str]) -> np.ndarray:
+        try:
+            return _decode([(k, self.root / k) for k in keys], self.fmt)
+        except (DatasetError, OSError) as exc:
+            raise UnreadableItem(f"{exc}") from None
+
+    def take_keys(self, keys: list[str]) -> np.ndarray:
+        return self.take(keys)
+
+    def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The readable items' inputs, and the keys that could not be read (skipped)."""
+        try:
+            return self.take(keys), []  # the usual case: all of them, in one pass
+        except UnreadableItem:
+            pass
+        good, bad, arrays = [], [], []
+        for k in keys:
+            try:
+                arrays.append(self.take([k]))
+                good.append(k)
+            except UnreadableItem:
+                bad.append(k)
+        x = np.concatenate(arrays) if arrays else np.zeros((0, *self.fmt.shape), np.float32)
+        return x, bad
+
+
+class ParquetKeyReader:
+    """Rows of a Parquet collection by ``item_id``: the keys are located once (file and
+    row group of each), then each request reads only the row groups holding its keys,
+    the last two kept (parts of the collection follow the source's order)."""
+
+    def __init__(self, path: str, input_shape: tuple[int, ...]) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        self.path, self.shape = path, tuple(input_shape)
+        self.ds = _parquet_dataset(path)
+        self.column = _input_column(self.ds, path)
+        self.units = _units(self.ds)
+        keys, unit_of = [], []
+        for u, frag in enumerate(self.units):
+            t = pads.Scanner.from_fragment(
+                frag, schema=self.ds.schema, columns=["item_id"], use_threads=False
+            ).to_table()
+            keys.append(pc.cast(t.column("item_id"), pa.string()).combine_chunks())
+            unit_of.append(np.full(t.num_rows, u, np.int32))
+        flat = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+        del keys
+        # one sorted copy of the keys (fixed-width UTF-8 bytes, searchable) and where each
+        # row lives: about (longest key + 12) bytes an item, no Python object per key
+        every = fixed_bytes(flat)
+        del flat
+        self._width = every.dtype.itemsize
+        self._order = np.argsort(every, kind="stable")
+        self._sorted = every[self._order]
+        del every
+        self._unit = np.concatenate(unit_of) if unit_of else np.zeros(0, np.int32)
+        # row group u holds the listing's rows start[u] .. start[u + 1] - 1, in order
+        sizes = np.asarray([len(a) for a in unit_of], dtype=np.int64)
+        self._start = np.concatenate([[0], np.cumsum(sizes)])
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _found(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(position of each key in the sorted keys, whether it is there)."""
+        enc = [k.encode() for k in keys]
+        fits = np.asarray([len(e) <= self._width for e in enc], dtype=bool)
+        want = np.asarray(enc, dtype=f"S{self._width}")  # a longer key is not there
+        pos = np.searchsorted(self._sorted, want)
+        at = np.minimum(pos, max(0, len(self._sorted) - 1))
+        ok = fits & (pos < len(self._sorted))
+        if len(self._sorted):
+            ok &= self._sorted[at] == want
+        return at, ok
+
+    def _locate(self, keys: list[str]) -> np.ndarray:
+        pos, ok = self._found(keys)
+        if not ok.all():
+            missing = [k for k, f in zip(keys, ok, strict=True) if not f][:5]
+            raise UnreadableItem(
+                f"Parquet collection {redact(self.path)}: item_id {missing} no longer in it"
+            )
+        return self._order[pos]
+
+    def _group(self, u: int) -> np.ndarray:
+        """The inputs of row group ``u`` (in its row order), the last two kept."""
+        import pyarrow.dataset as pads
+
+        if u in self._cache:
+            self._cache.move_to_end(u)
+            return self._cache[u]
+        t = pads.Scanner.from_fragment(
+            self.units[u],
+            schema=self.ds.schema,
+            columns=["item_id", self.column],
+            use_threads=False,
+        ).to_table()
+        fmt = input_format(self.shape) if self.column == "image" else None
+        x, _ = _parquet_inputs(t.column(1).combine_chunks(), self.column, fmt, self.path)
+        if x.size != len(x) * int(np.prod(self.shape)):
+            raise CollectionError(
+                f"Parquet collection {redact(self.path)}: rows of {self.column!r} have "
+                f"{x.size // max(1, len(x))} values; the champion takes inputs of shape "
+                f"{self.shape}"
+            )
+        x = x.reshape(len(x), *self.shape)
+        if len(x) != self._start[u + 1] - self._start[u]:
+            raise UnreadableItem(
+                f"Parquet collection {redact(self.path)}: {redact(self.units[u].path)} changed "
+                "while it was read; index again"
+            )
+        self._cache[u] = x
+        while len(self._cache) > 2:
+            self._cache.popitem(last=False)
+        return x
+
+    def take(self, keys: list[str]) -> np.ndarray:
+        rows = self._locate(keys)
+        units = self._unit[rows]
+        out: np.ndarray | None = None
+        for u in np.unique(units):
+            x = self._group(int(u))
+            mine = np.flatnonzero(units == u)
+            if out is None:
+                out = np.empty((len(keys), *x.shape[1:]), np.float32)
+            out[mine] = x[rows[mine] - self._start[u]]
+        if out is None:
+            return np.zeros((0, *self.shape), np.float32)
+        return out
+
+    def take_keys(self, keys: list[str]) -> np.ndarray:
+        return self.take(keys)
+
+    def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+        _, found = self._found(keys)
+        good = [k for k, f in zip(keys, found, strict=True) if f]
+        return self.take(good), [k for k, f in zip(keys, found, strict=True) if not f]
+
+
+def fixed_bytes(strings: pa.Array, chunk: int = 65_536) -> np.ndarray:
+    """UTF-8 strings as one fixed-width bytes array (sortable and searchable with numpy),
+    built from Arrow's buffers a chunk at a time, without a Python object per string."""
+    arr = strings.cast(pa.large_string())  # 64-bit offsets
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype="S1")
+    _, off_buf, data_buf = arr.buffers()
+    offs = np.frombuffer(off_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(1, "u1")
+    lens = np.diff(offs)
+    width = max(1, int(lens.max()))
+    out = np.zeros((n, width), dtype=np.uint8)
+    cols = np.arange(width)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        mask = cols[None, :] < lens[a:b, None]
+        out[a:b][mask] = data[(offs[a:b, None] + cols[None, :])[mask]]
+    return out.view(f"S{width}").ravel()
+
+
+class ScenarioReader:
+    """The scenario data set's evaluation split, by position (its key)."""
+
+    def __init__(self, spec: str) -> None:
+        self.x = load_dataset(spec).x_test
+
+    def take(self, keys: list[str]) -> np.ndarray:
+        try:
+            idx = np.asarray([int(k) for k in keys], dtype=np.int64)
+        except ValueError as exc:
+            raise UnreadableItem(f"not an evaluation-split position: {exc}") from None
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.x)):
+            raise UnreadableItem(
+                f"keys {idx.min()}..{idx.max()} outside the evaluation split (0..{len(self.x) - 1})"
+            )
+        return np.ascontiguousarray(self.x[idx], dtype=np.float32)
+
+    def take_keys(self, keys: list[str]) -> np.ndarray:
+        return self.take(keys)
+
+    def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+        return self.take(keys), []
+
+
+def input_format(input_shape: tuple[int, ...]) -> InputFormat:
+    """What a model with ``input_shape`` takes: images as (C, H, W), features as (D,)."""
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 3:
+        return InputFormat(shape, "L" if shape[0] == 1 else "RGB")
+    return InputFormat(shape)
+
+
+def open_reader(spec: str, input_shape: tuple[int, ...]):
+    """A reader of collection ``spec``'s items by key, as inputs of ``input_shape``."""
+    kind, path = parse_collection_spec(spec)
+    fmt = input_format(input_shape)
+    if kind in ("images", "imagefolder"):
+        if len(fmt.shape) != 3:
+            raise CollectionError(
+                f"collection {spec!r} holds images, but the champion takes feature vectors of "
+                f"shape {fmt.shape}"
+            )
+        return FileReader(path, fmt)  # type: ignore[arg-type]
+    if kind == "parquet":
+        return ParquetKeyReader(path, fmt.shape)  # type: ignore[arg-type]
+    return ScenarioReader(spec)
