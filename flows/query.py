@@ -38,12 +38,12 @@ def _champion(lineage: Lineage) -> Generation:
 
 
 def search_embedding(
-    lineage: Lineage, query: np.ndarray, k: int = 5, generation: int | None = None
+    lineage: Lineage, query: np.ndarray, k: int = 5, index: GalleryIndex | None = None
 ) -> list[dict[str, Any]]:
-    """The ``k`` nearest committed collection items to one query embedding."""
-    gallery = Gallery(lineage)
-    gallery.require()
-    index = GalleryIndex.open(gallery)
+    """The ``k`` nearest committed collection items to one query embedding (``index``:
+    the collection's index, already opened)."""
+    if index is None:
+        index = GalleryIndex.open(Gallery(lineage))
     scores, ids = index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
     found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
     hits = []
@@ -80,7 +80,7 @@ def search_item(lineage: Lineage, key: str | int, k: int = 5) -> dict[str, Any]:
     key = str(key)
     model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
     shape = tuple(model.config["input_shape"])
-    label = None
+    label, index = None, None
     if info.scenario:  # any position of the evaluation split
         ds = resolve_dataset(lineage, info.dataset)
         if not key.isdigit() or int(key) >= len(ds.y_test):
@@ -109,7 +109,7 @@ def search_item(lineage: Lineage, key: str | int, k: int = 5) -> dict[str, Any]:
         "item": key,
         "label": label,
         "generation": champion.id,
-        "neighbors": search_embedding(lineage, emb[0], k),
+        "neighbors": search_embedding(lineage, emb[0], k, index),
     }
 
 

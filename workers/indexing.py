@@ -185,8 +185,7 @@ def _labels(names: pa.Array | pa.ChunkedArray, vocabulary: dict[str, int]) -> np
     """Class names -> head rows; a missing or unknown name is ``UNLABELLED``."""
     known = pa.array(list(vocabulary), pa.string())
     rows = np.asarray(list(vocabulary.values()) or [0], dtype=np.int64)
-    at = pc.index_in(names, value_set=known).to_numpy(zero_copy_only=False)
-    at = np.where(np.isnan(at.astype(float)), -1, at).astype(np.int64)
+    at = pc.fill_null(pc.index_in(names, value_set=known), -1).to_numpy().astype(np.int64)
     return np.where(at < 0, UNLABELLED, rows[np.maximum(at, 0)])
 
 
