@@ -6,7 +6,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
-.PHONY: install demo test lint format bench-compat bench-backfill bench-stream bench-models bench-collection clean
+.PHONY: install demo test lint format bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ bench-stream: install
 
 bench-collection: install
 	$(BIN)/python -m bench.collection
+
+LIFELONG_METHODS ?= none,textbook,default,bct+pct+emb/each,bct+hoc/share,bct+pct+emb+hoc/share
+bench-lifelong: install
+	$(BIN)/python -m bench.lifelong --datasets fashion-mnist --epochs 8 --methods $(LIFELONG_METHODS)
+	$(BIN)/python -m bench.lifelong --datasets digits --epochs 15 --methods $(LIFELONG_METHODS) --merge
 
 bench-models: install
 	$(BIN)/python -m bench.models

@@ -52,6 +52,7 @@ def backfill_once(
         seed=cfg.seed,
         progress=progress,
         crash_after_parts=crash_after_parts,
+        retire_share=cfg.retire_share,
         **measure,
     )
     if job.m_mix_after is not None:

@@ -21,13 +21,21 @@ def active_generations(lineage: Lineage) -> list[int]:
 
 
 def plan_constraints(
-    active: list[int], method: str, against: str, weights: Mapping[str, float] | None = None
+    active: list[int],
+    method: str,
+    against: str,
+    weights: Mapping[str, float] | None = None,
+    ancestor_weights: str = "each",
 ) -> list[tuple[int, str, float]]:
     """(target, kind, weight) for each constraint of the next generation.
 
     ``weights`` maps kinds to weights (workers.constraints); kinds left out keep their
-    default, so every kind the method uses gets a weight.
+    default, so every kind the method uses gets a weight. ``ancestor_weights``: "each"
+    ancestor gets the kind's weight, or they "share" it equally (the constraints' sum
+    then stays the same however many ancestors there are).
     """
+    if ancestor_weights not in ("each", "share"):
+        raise ValueError(f"unknown ancestor_weights {ancestor_weights!r}; choose each or share")
     kinds = METHOD_KINDS[parse_method(str(method))]
     full = full_weights(weights)
     targets = sorted(active)
@@ -35,7 +43,8 @@ def plan_constraints(
         targets = targets[-1:]
     elif against != "all":
         raise ValueError(f"unknown --against {against!r}; choose all or last")
-    return [(k, kind.value, full[kind]) for k in targets for kind in kinds]
+    scale = 1.0 / len(targets) if ancestor_weights == "share" and targets else 1.0
+    return [(k, kind.value, full[kind] * scale) for k in targets for kind in kinds]
 
 
 def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:

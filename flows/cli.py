@@ -103,7 +103,19 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, RuntimeError)
 
 
-MethodOpt = Annotated[str, typer.Option(help="none | bct | pct | bct+pct | bct+pct+emb")]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        help="none | bct | pct | bct+pct | bct+pct+emb | hoc | bct+hoc | bct+pct+hoc | "
+        "bct+pct+emb+hoc"
+    ),
+]
+AncestorWeightsOpt = Annotated[
+    str,
+    typer.Option(
+        help="each: every ancestor gets each kind's weight; share: the ancestors share it"
+    ),
+]
 AgainstOpt = Annotated[
     str, typer.Option(help="all | last: constrain against every active ancestor or the last")
 ]
@@ -114,6 +126,15 @@ PolicyOpt = Annotated[
 
 EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs per generation")]
 BudgetOpt = Annotated[float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")]
+RetireOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="backfill first the generations holding at most this share of the gallery, "
+        "so they retire",
+    ),
+]
 NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="promote every generation")]
 MaxNfrOpt = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="gate: reject NFR above this beyond doubt")
@@ -170,6 +191,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
             train=TrainConfig(
                 method=opts["method"],
                 against=opts["against"],
+                ancestor_weights=opts["ancestor_weights"],
                 epochs=opts["epochs"],
                 seed=opts["seed"],
                 weights=weights,
@@ -188,6 +210,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
                 budget=opts["backfill_budget"],
                 policy=opts["backfill_policy"],
                 batch_rows=opts["backfill_batch_rows"],
+                retire_share=opts["backfill_retire_share"],
             ),
             wait_for_lock=not opts["no_wait"],
             force=opts.get("force", False),
@@ -206,10 +229,12 @@ def run(
     generations: Annotated[int, typer.Option(min=1, help="cycles to run (>= 1)")] = 3,
     method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
+    ancestor_weights: AncestorWeightsOpt = "share",
     epochs: EpochsOpt = 15,
     seed: int = 0,
     backfill_budget: BudgetOpt = 0.3,
     backfill_policy: PolicyOpt = "representative",
+    backfill_retire_share: RetireOpt = 0.1,
     no_gate: NoGateOpt = False,
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
@@ -238,10 +263,12 @@ def cycle(
     ] = None,
     method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
+    ancestor_weights: AncestorWeightsOpt = "share",
     epochs: EpochsOpt = 15,
     seed: int = 0,
     backfill_budget: BudgetOpt = 0.3,
     backfill_policy: PolicyOpt = "representative",
+    backfill_retire_share: RetireOpt = 0.1,
     no_gate: NoGateOpt = False,
     max_nfr: MaxNfrOpt = 0.10,
     accuracy_tolerance: TolOpt = 0.02,
@@ -386,6 +413,7 @@ def backfill(
         float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")
     ] = 0.3,
     policy: PolicyOpt = "representative",
+    retire_share: RetireOpt = 0.1,
     batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
     seed: int = 0,
 ) -> None:
@@ -397,7 +425,13 @@ def backfill(
 
     _quiet_known_failures()
     try:
-        cfg = BackfillConfig(budget=budget, policy=policy, batch_rows=batch_rows, seed=seed)
+        cfg = BackfillConfig(
+            budget=budget,
+            policy=policy,
+            batch_rows=batch_rows,
+            seed=seed,
+            retire_share=retire_share,
+        )
         result = backfill_flow(cfg)
     except _known_errors() as exc:
         _fail(str(exc), code=1)

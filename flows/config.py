@@ -50,6 +50,11 @@ class TrainConfig(BaseModel):
 
     method: TrainMethod = TrainMethod.BCT_PCT_EMB  # best measured: bench/results/compat.md
     against: Against = "all"
+    ancestor_weights: Literal["each", "share"] = Field(
+        "share",
+        description="each ancestor gets every kind's weight, or the ancestors share it "
+        "equally (the constraints' total stays the same as the chain grows)",
+    )
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
@@ -63,6 +68,9 @@ class TrainConfig(BaseModel):
     focal_alpha: float = Field(1.0, ge=0)
     focal_beta: float = Field(5.0, ge=0)
     focal_temperature: float = Field(2.0, gt=0)
+    contrastive_temperature: float = Field(
+        0.1, gt=0, description="temperature of the contrastive (d-Simplex-HOC) constraint"
+    )
     influence_head: Literal["centroids", "head"] = Field(
         "centroids",
         description="BCT's frozen head: the ancestor's class centroids, or its own head rows",
@@ -100,6 +108,14 @@ class BackfillConfig(BaseModel):
 
     budget: float = Field(0.3, ge=0, description="a fraction (<= 1) or a count of items (> 1)")
     policy: Policy = DEFAULT_POLICY
+    retire_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="generations holding at most this share of the gallery are backfilled "
+        "first (within the budget), so they retire and later generations are not "
+        "constrained against them: the constraints stay bounded as the chain grows",
+    )
     batch_rows: int = Field(4096, ge=1, description="items re-embedded per committed batch")
     seed: int = 0
     curve: bool = Field(

@@ -339,7 +339,7 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     active = chain.active_generations(lineage)
     verify_inputs(lineage, active)  # a swapped file fails here, before anything is recorded
     t = cfg.train
-    planned = chain.plan_constraints(active, t.method, t.against, t.weights)
+    planned = chain.plan_constraints(active, t.method, t.against, t.weights, t.ancestor_weights)
     keys_path = save_keys(snap)
     if snap.eval_items is not None:
         _write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
@@ -446,6 +446,7 @@ def train_step(
         focal_alpha=t.focal_alpha,
         focal_beta=t.focal_beta,
         focal_temperature=t.focal_temperature,
+        contrastive_temperature=t.contrastive_temperature,
         influence_head=t.influence_head,
         warm_start=t.warm_start,
         augment=t.augment,
@@ -575,7 +576,16 @@ def backfill_step(
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
         return index_gallery(lineage, state.dataset, champion, b.batch_rows)
     if not info.scenario:
-        job = run_backfill(lineage, gallery, None, champion, b.policy, b.budget, seed=b.seed)
+        job = run_backfill(
+            lineage,
+            gallery,
+            None,
+            champion,
+            b.policy,
+            b.budget,
+            seed=b.seed,
+            retire_share=b.retire_share,
+        )
         return {"job": job.id, "items": job.items_done, "m_mix": None}
     out = generation_outputs(champion, state.dataset, subdir("cache"))
     job = run_backfill(
@@ -589,6 +599,7 @@ def backfill_step(
         query_emb=out.query_emb,
         query_labels=state.dataset.y_test[out.query_idx],
         champion_gallery_emb=out.gallery_emb if b.curve else None,
+        retire_share=b.retire_share,
     )
     lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
     return {"job": job.id, "items": job.items_done, "m_mix": job.m_mix_after}

@@ -435,6 +435,7 @@ def policy_order(
     seed: int = 0,
     num_classes: int | None = None,
     batch_rows: int = SCAN_ROWS,
+    retire_share: float = 0.0,
 ) -> tuple[np.ndarray, int]:
     """(item ids not yet embedded by ``target`` in ``policy`` order, gallery size).
 
@@ -483,7 +484,10 @@ def policy_order(
             for _, batch in gallery.iter_batches(["embedding"], names=names, batch_rows=batch_rows):
                 strata[at : at + batch.num_rows] = assign_strata(centroids, _emb(batch, 0))
                 at += batch.num_rows
-    order = backfill_order(item_id, generation, margin, target, policy, seed, strata=strata)
+    retire_below = int(retire_share * n)  # items: a generation holding so few retires now
+    order = backfill_order(
+        item_id, generation, margin, target, policy, seed, strata=strata, retire_below=retire_below
+    )
     return order, n
 
 
@@ -604,6 +608,7 @@ def run_backfill(
     pipeline_depth: int = 3,
     update_index: bool = True,
     stats: dict[str, Any] | None = None,
+    retire_share: float = 0.0,
 ) -> BackfillJob:
     """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
 
@@ -636,7 +641,9 @@ def run_backfill(
     before = None
     if selection is None:
         num_classes = len(champion.classes) if champion.classes else None
-        order, n_items = policy_order(gallery, target, policy, seed, num_classes)
+        order, n_items = policy_order(
+            gallery, target, policy, seed, num_classes, retire_share=retire_share
+        )
         selection = order[: budget_items(budget, n_items)].copy()
         curve: list[tuple[float, float]] = []
         if measure and champion_gallery_emb is not None:

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.nn.functional as F
 
-from workers.losses import embedding_distillation_loss, focal_distillation_loss, influence_loss
+from workers.losses import (
+    contrastive_compatibility_loss,
+    embedding_distillation_loss,
+    focal_distillation_loss,
+    influence_loss,
+)
 from workers.models import LOGIT_SCALE
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -40,6 +45,7 @@ class ConstraintKind(StrEnum):
     INFLUENCE = "influence"  # BCT: the ancestor's (centroid) head judges the new embedding
     FOCAL = "focal"  # PCT: focal distillation toward the ancestor's logits
     EMBEDDING = "embedding"  # 1 - cos(new embedding, ancestor's embedding)
+    CONTRASTIVE = "contrastive"  # d-Simplex-HOC: InfoNCE to the ancestor's embeddings
 
 
 class TrainMethod(StrEnum):
@@ -50,6 +56,10 @@ class TrainMethod(StrEnum):
     PCT = "pct"
     BCT_PCT = "bct+pct"
     BCT_PCT_EMB = "bct+pct+emb"
+    HOC = "hoc"
+    BCT_HOC = "bct+hoc"
+    BCT_PCT_HOC = "bct+pct+hoc"
+    BCT_PCT_EMB_HOC = "bct+pct+emb+hoc"
 
 
 METHOD_KINDS: dict[TrainMethod, tuple[ConstraintKind, ...]] = {
@@ -61,6 +71,19 @@ METHOD_KINDS: dict[TrainMethod, tuple[ConstraintKind, ...]] = {
         ConstraintKind.INFLUENCE,
         ConstraintKind.FOCAL,
         ConstraintKind.EMBEDDING,
+    ),
+    TrainMethod.HOC: (ConstraintKind.CONTRASTIVE,),
+    TrainMethod.BCT_HOC: (ConstraintKind.INFLUENCE, ConstraintKind.CONTRASTIVE),
+    TrainMethod.BCT_PCT_HOC: (
+        ConstraintKind.INFLUENCE,
+        ConstraintKind.FOCAL,
+        ConstraintKind.CONTRASTIVE,
+    ),
+    TrainMethod.BCT_PCT_EMB_HOC: (
+        ConstraintKind.INFLUENCE,
+        ConstraintKind.FOCAL,
+        ConstraintKind.EMBEDDING,
+        ConstraintKind.CONTRASTIVE,
     ),
 }
 
@@ -137,6 +160,19 @@ def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
     )
 
 
+# -- contrastive compatibility (d-Simplex-HOC) ------------------------------------------
+def _stack_contrastive(
+    teachers: list[Teacher], spec: TrainSpec
+) -> tuple[Tensors, torch.Tensor | None]:
+    return _stack_embedding(teachers, spec)  # the same items as the embedding term
+
+
+def _loss_contrastive(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
+    return contrastive_compatibility_loss(
+        b.emb, _old_emb(s, b), b.labels, spec.contrastive_temperature, _item_mask(s, b)
+    )
+
+
 # -- embedding distillation ------------------------------------------------------------
 def _stack_embedding(
     teachers: list[Teacher], spec: TrainSpec
@@ -174,6 +210,7 @@ REGISTRY: dict[ConstraintKind, KindSpec] = {
         KindSpec(ConstraintKind.INFLUENCE, 1.0, _stack_influence, _loss_influence),
         KindSpec(ConstraintKind.FOCAL, 0.3, _stack_focal, _loss_focal),
         KindSpec(ConstraintKind.EMBEDDING, 2.0, _stack_embedding, _loss_embedding),
+        KindSpec(ConstraintKind.CONTRASTIVE, 1.0, _stack_contrastive, _loss_contrastive),
     )
 }
 

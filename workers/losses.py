@@ -7,6 +7,11 @@
 - ``embedding_distillation_loss``: ``1 - cos(new embedding, old embedding)`` per item, a
   direct pull of the new embedding space onto the old one (it also constrains the parts
   of the space that no head row describes, e.g. classes neither generation trained on).
+- ``contrastive_compatibility_loss`` (d-Simplex-HOC, Biondi et al. 2024, Eq. 4): InfoNCE
+  between each new embedding and the batch's old embeddings, its own as the positive and
+  those of other classes as negatives (same-class pairs are masked: they may stay close).
+  Beyond the pull of the embedding term it pushes a new embedding away from where the
+  ancestor put other classes, which is what a new query meets in an old gallery.
 
 Every loss takes one ancestor's tensors, or the tensors of ``K`` ancestors stacked along
 a new leading dimension: then it returns one loss per ancestor, shape ``(K,)``, computed
@@ -88,3 +93,32 @@ def embedding_distillation_loss(
     """
     cos = (F.normalize(new_emb, dim=-1) * F.normalize(old_emb, dim=-1)).sum(dim=-1)
     return _mean(1.0 - cos, mask)
+
+
+def contrastive_compatibility_loss(
+    new_emb: torch.Tensor,
+    old_emb: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mean_i mask_i * (log sum_{j in P(i)} exp(s_ij) - s_ii), s_ij = cos(new_i, old_j) / T.
+
+    P(i) is item i itself and every item of another class: a new embedding (the query
+    of a new generation) must find its own old embedding (the old gallery's copy) before
+    any old embedding of another class. ``new_emb`` (n, d); ``old_emb`` (n, d) -> a
+    scalar, or (K, n, d) -> (K,); ``labels`` (n,); ``mask`` (n,) or (K, n).
+    """
+    single = old_emb.dim() == 2
+    old = F.normalize(old_emb[None] if single else old_emb, dim=-1)
+    new = F.normalize(new_emb, dim=-1)
+    sim = torch.einsum("nd,kmd->knm", new, old) / temperature  # (K, n, n)
+    n = new.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=new.device)
+    same_class_other = (labels[:, None] == labels[None, :]) & ~eye
+    sim = sim.masked_fill(same_class_other, float("-inf"))
+    per_item = torch.logsumexp(sim, dim=-1) - sim.diagonal(dim1=1, dim2=2)  # (K, n)
+    if mask is not None and single:
+        mask = mask[None]
+    out = _mean(per_item, mask)
+    return out[0] if single else out

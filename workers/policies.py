@@ -21,6 +21,13 @@ gallery; none needs a forward pass of the new model.
   dips below its start), and a confidence order without strata starves the modes the
   old generation was unsure of (e.g. classes it never saw). Strata give every mode its
   share; confidence makes that share the mode's core.
+
+Whatever the policy, ``retire_below`` moves the items of generations that hold only a
+few stale items to the front (:func:`tails_first`): those generations then leave the
+gallery within the budget and retire, so the number of ancestors a new generation is
+constrained against stays bounded as the chain grows (bench/results/lifelong.md: without
+it, the representative policy leaves each generation's least certain items behind for
+many cycles, and the constraints of a ten-generation chain grew to 24).
 """
 
 from __future__ import annotations
@@ -141,11 +148,13 @@ def backfill_order(
     policy: str,
     seed: int = 0,
     strata: np.ndarray | None = None,
+    retire_below: int = 0,
 ) -> np.ndarray:
     """Item ids not yet embedded by ``target``, first to backfill first.
 
     ``strata`` (aligned with the rows; see :func:`strata_of`) is needed by
-    ``representative``.
+    ``representative``. Generations with at most ``retire_below`` stale items come first
+    (:func:`tails_first`).
     """
     check_policy(policy)
     item_id, generation, margin = (np.asarray(a) for a in (item_id, generation, margin))
@@ -168,4 +177,16 @@ def backfill_order(
         if strata is None:
             raise ValueError("the representative policy needs the strata of the old embeddings")
         order = _representative(ids, margins, np.asarray(strata)[stale], tie)
+    if retire_below > 0:
+        order = order[tails_first(gens[order], retire_below)]
     return np.asarray(ids[order], dtype=np.int64)
+
+
+def tails_first(gens: np.ndarray, retire_below: int) -> np.ndarray:
+    """A stable reordering of positions: rows of generations with at most
+    ``retire_below`` rows come first (each part keeps its order)."""
+    gens = np.asarray(gens)
+    values, counts = np.unique(gens, return_counts=True)
+    small = values[counts <= retire_below]
+    front = np.isin(gens, small)
+    return np.concatenate([np.flatnonzero(front), np.flatnonzero(~front)])

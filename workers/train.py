@@ -75,7 +75,7 @@ AUGMENTS = ("auto", "none", "crop", "crop+flip")
 MIRROR_SAFE = ("fashion-mnist", "cifar10", "cifar100")
 # constraint kinds whose targets are an ancestor's outputs for each item (precomputed once,
 # on the item as it is); influence compares with a head of class centroids, per class
-PER_ITEM_KINDS = (ConstraintKind.FOCAL, ConstraintKind.EMBEDDING)
+PER_ITEM_KINDS = (ConstraintKind.FOCAL, ConstraintKind.EMBEDDING, ConstraintKind.CONTRASTIVE)
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,6 +145,8 @@ class TrainSpec:
     # which items the embedding constraint pulls: "all", "known" (classes the ancestor
     # saw) or "unknown" (classes it never saw: where no head row says anything)
     embedding_scope: str = "all"
+    # temperature of the contrastive (d-Simplex-HOC) term: 0.1 as in the paper (mu = 10)
+    contrastive_temperature: float = 0.1
     # start from the newest constrained ancestor's weights, expanded to this architecture
     # without changing its function (workers.models.inherit_weights), when it allows that
     # (an mlp, or a resnet with as many stages, as wide and deep or more); otherwise, and
@@ -281,17 +283,21 @@ def augment_batch(
         return x
     if mode not in AUGMENTS[2:]:
         raise ValueError(f"unknown augment {mode!r}; use one of {', '.join(AUGMENTS[1:])}")
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     p = crop_padding(h, w) if pad is None else int(pad)
     dev = x.device
     if p > 0:
-        padded = F.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (N, H + 2p, W + 2p, C)
-        dy = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator, device=dev)
-        dx = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator, device=dev)
-        rows = dy + torch.arange(h, device=dev)[None, :, None]
-        cols = dx + torch.arange(w, device=dev)[None, None, :]
-        batch = torch.arange(n, device=dev)[:, None, None]
-        x = padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        padded = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
+        dy = torch.randint(0, 2 * p + 1, (n, 1, 1, 1), generator=generator, device=dev)
+        dx = torch.randint(0, 2 * p + 1, (n, 1, 1, 1), generator=generator, device=dev)
+        rows = dy + torch.arange(h, device=dev)[None, None, :, None]
+        cols = dx + torch.arange(w, device=dev)[None, None, None, :]
+        batch = torch.arange(n, device=dev)[:, None, None, None]
+        chan = torch.arange(c, device=dev)[None, :, None, None]
+        # indexed in (N, C, H, W) order, the result has the standard strides: a permuted
+        # one-channel batch passes as contiguous with a channel stride of 1, and oneDNN's
+        # multithreaded convolution backward corrupted memory on it (torch 2.13, CPU)
+        x = padded[batch, chan, rows, cols]
     if mode == "crop+flip":
         mirror = torch.rand(n, generator=generator, device=dev) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
@@ -576,7 +582,7 @@ def _fingerprint(spec: TrainSpec, n_items: int, augment: str = "none") -> str:
             targets,
             (spec.focal_alpha, spec.focal_beta, spec.focal_temperature),
             (spec.influence_scale, spec.bct_prototypes, spec.influence_head),
-            (spec.embedding_scope, spec.warm_start),
+            (spec.embedding_scope, spec.warm_start, spec.contrastive_temperature),
             augment,
         )
     )

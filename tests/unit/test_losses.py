@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from workers.losses import (
+    contrastive_compatibility_loss,
     embedding_distillation_loss,
     focal_distillation_loss,
     influence_loss,
@@ -151,3 +152,32 @@ def test_stacked_losses_match_one_by_one() -> None:
         assert focal[k].item() == pytest.approx(one.item(), rel=1e-5)
         one = embedding_distillation_loss(emb, old_emb[k], known[k])
         assert embd[k].item() == pytest.approx(one.item(), rel=1e-5)
+
+
+def test_contrastive_compatibility_by_hand() -> None:
+    # three items, labels 0 0 1, temperature 1; s_ij = cos(new_i, old_j)
+    new = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    old = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])  # norms do not matter
+    y = torch.tensor([0, 0, 1])
+    e = math.e
+    # item 0: its own 1, item 1 is of its class (masked), item 2 gives 0: log(e + 1) - 1
+    # item 1: its own 0, item 0 masked, item 2 gives 1: log(1 + e) - 0
+    # item 2: its own 0, items 0 and 1 (another class) give 1 each: log(1 + 2e) - 0
+    per_item = [math.log(e + 1) - 1, math.log(1 + e), math.log(1 + 2 * e)]
+    got = contrastive_compatibility_loss(new, old, y, temperature=1.0)
+    assert got.item() == pytest.approx(sum(per_item) / 3, rel=1e-6)
+    # a mask zeroes item 1; the mean is still over all three
+    masked = contrastive_compatibility_loss(
+        new, old, y, temperature=1.0, mask=torch.tensor([True, False, True])
+    )
+    assert masked.item() == pytest.approx((per_item[0] + per_item[2]) / 3, rel=1e-6)
+    # temperature 0.5 doubles every similarity: items 1 and 2 alone, each meets the
+    # other (another class) at 2 and its own at 0: log(1 + e^2) each
+    pair = contrastive_compatibility_loss(new[1:], old[1:], y[1:], temperature=0.5)
+    assert pair.item() == pytest.approx((math.log(1 + e**2) + math.log(1 + e**2)) / 2, rel=1e-6)
+    # stacked ancestors: one loss each, equal to the single ones
+    stacked = contrastive_compatibility_loss(new, torch.stack([old, -old]), y, temperature=1.0)
+    assert stacked.shape == (2,)
+    assert stacked[0].item() == pytest.approx(got.item(), rel=1e-6)
+    alone = contrastive_compatibility_loss(new, -old, y, temperature=1.0)
+    assert stacked[1].item() == pytest.approx(alone.item(), rel=1e-6)

@@ -323,6 +323,40 @@ def test_augmentation_keeps_shapes_and_leaves_features_alone() -> None:
     assert not torch.equal(a, x)
 
 
+CROP_TRAINING = """
+import torch, torch.nn.functional as F
+from workers.models import EmbeddingNet
+from workers.train import augment_batch
+torch.set_num_threads(2)
+torch.manual_seed(0)
+m = EmbeddingNet((1, 28, 28), 20, 64, {"kind": "resnet", "width": 12, "depth": 3})
+opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+for n in [128] * 18 + [27]:
+    e, logits = m(augment_batch(torch.rand(n, 1, 28, 28), "crop"))
+    loss = F.cross_entropy(logits, torch.randint(0, 7, (n,)))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+print("trained")
+"""
+
+
+def test_cropped_one_channel_batches_have_standard_strides_and_train() -> None:
+    """A one-channel crop once came back permuted, with a channel stride of 1: oneDNN's
+    two-thread convolution backward then aborted with "double free or corruption"."""
+    import subprocess
+    import sys
+
+    for c in (1, 3):
+        out = augment_batch(torch.rand(5, c, 28, 28), "crop+flip", _gen())
+        assert out.stride() == (c * 28 * 28, 28 * 28, 28, 1)
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "-c", CROP_TRAINING], cwd=root, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "trained" in run.stdout, run.stderr[-2000:]
+
+
 def test_crop_with_padding_zero_is_the_identity() -> None:
     x = torch.rand(32, 1, 8, 8)
     assert torch.equal(augment_batch(x, "crop", _gen(), pad=0), x)

@@ -11,6 +11,7 @@ from workers.policies import (
     budget_items,
     item_hash,
     strata_of,
+    tails_first,
 )
 
 # item:        10   11   12   13   14   15   16   17
@@ -104,3 +105,25 @@ def test_budget_is_a_fraction_up_to_one_then_a_count(budget, n, expected) -> Non
 def test_negative_budget_is_refused() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         budget_items(-0.1, 10)
+
+
+def test_tails_first_moves_small_generations_to_the_front_stably() -> None:
+    gens = np.array([5, 7, 5, 9, 7, 5, 7])  # 5: 3 rows, 7: 3 rows, 9: 1 row
+    assert tails_first(gens, 1).tolist() == [3, 0, 1, 2, 4, 5, 6]
+    assert tails_first(gens, 3).tolist() == list(range(7))  # every generation is small
+    assert tails_first(gens, 0).tolist() == list(range(7))
+
+
+def test_retire_below_backfills_a_generations_last_items_first() -> None:
+    # stale: generation 1 holds 10, 13, 15; generation 2 holds 11, 14, 17 (3 each)
+    base = order("uncertainty")  # [17, 11, 13, 15, 10, 14]
+    assert backfill_order(IDS, GEN, MARGIN, TARGET, "uncertainty", retire_below=2).tolist() == (
+        base
+    )
+    gen = GEN.copy()
+    gen[[1, 4]] = 1  # generation 2 keeps only item 17 -> it goes first
+    got = backfill_order(IDS, gen, MARGIN, TARGET, "uncertainty", retire_below=2).tolist()
+    assert got[0] == 17
+    assert got[1:] == [
+        i for i in backfill_order(IDS, gen, MARGIN, TARGET, "uncertainty").tolist() if i != 17
+    ]

@@ -87,6 +87,18 @@ def test_plan_constraints_by_method_and_against() -> None:
         (3, "influence", 1.0),
         (3, "focal", 0.5),
     ]
+    # the ancestors share each kind's weight: the sum stays that of one ancestor
+    assert plan_constraints([1, 2, 4, 8], "bct", "all", {"influence": 2.0}, "share") == [
+        (1, "influence", 0.5),
+        (2, "influence", 0.5),
+        (4, "influence", 0.5),
+        (8, "influence", 0.5),
+    ]
+    assert plan_constraints([1, 2], "bct", "last", {"influence": 2.0}, "share") == [
+        (2, "influence", 2.0)
+    ]
+    with pytest.raises(ValueError, match="ancestor_weights"):
+        plan_constraints([1], "bct", "all", None, "most")
     with pytest.raises(ValueError, match="unknown method"):
         plan_constraints([1], "magic", "all")
     with pytest.raises(ValueError, match="unknown constraint kind 'magic'"):
@@ -95,7 +107,7 @@ def test_plan_constraints_by_method_and_against() -> None:
 
 def test_every_kind_of_every_method_gets_its_configured_weight() -> None:
     """The default recipe's embedding constraint once got weight 0.0 (issue 7)."""
-    weights = {"influence": 0.7, "focal": 0.2, "embedding": 1.5}
+    weights = {"influence": 0.7, "focal": 0.2, "embedding": 1.5, "contrastive": 0.4}
     for method, kinds in METHOD_KINDS.items():
         plan = plan_constraints([1, 4], method.value, "all", weights)
         assert plan == [(k, kind.value, weights[kind.value]) for k in (1, 4) for kind in kinds]

@@ -1,0 +1,471 @@
+"""Lifelong benchmark: ten generations of the product's update cycle, per method and data set.
+
+    python -m bench.lifelong [--datasets fashion-mnist,digits] [--generations 10]
+                             [--epochs 8] [--methods none,textbook,default]
+                             [--train-per-class 600] [--out DIR] [--render]
+
+Each (data set, method) chain runs in its own ``GRACEFUL_HOME`` through the plain
+functions that the Prefect flow ``flows.cycle.update_cycle`` calls (``bench.compat.run_chain``:
+``start_cycle -> train_step (Ray) -> evaluate_step -> gate_step -> promote_step ->
+backfill_step -> retire_unused``), with the product's own gate and backfill at their
+defaults and **no pinning**: a generation stays a constraint target while the gallery
+holds items it embedded or it is champion, and retires once backfilled away. That is the
+deployment the issue asks about: constraints stay bounded as the chain grows.
+
+Generation i is stage i - 1 of the growing scenario (workers/scenario.py): classes grow
+from 60% to all, data from half to all, the model widens and deepens. Every figure is
+read from ``flows.report.build_report`` and the lineage; AC and AM "so far" are the
+product's ``workers.metrics.ac``/``am`` on the pairs among the first g generations.
+
+Fashion-MNIST is used as images (the default residual CNN), on a stratified subset of
+its training split (``--train-per-class``, default 600 a class: 2 CPU cores train it in
+minutes) and its whole test split (10,000 evaluation items); digits whole.
+
+Writes ``bench/results/lifelong.md`` (tables, ``lifelong_*.png``) and ``lifelong.json``:
+``results[<data set>][<method>]`` with ``final_acc``, ``ac``, ``am``, ``worst_nfr_ratio``,
+``mean_nfr_ratio`` (to ``none``'s, over all pairs), ``acc_cost_pt``, ``promoted``,
+``generations`` (per generation: accuracy, AC and AM so far, worst and mean NFR ratio so
+far, NFR_any, active constraints, training seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.compat import METHODS as COMPAT_METHODS
+from bench.compat import _stop_ray, run_chain
+from flows.config import BackfillConfig, GateConfig, TrainConfig
+from flows.report import build_report
+from store.lineage import Lineage
+from workers.datasets import DEFAULT_FASHION_MNIST_DIR, load_dataset
+from workers.metrics import ac as ac_metric
+from workers.metrics import am as am_metric
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "lifelong"
+DEFAULT_EPOCHS = 8
+TRAIN_PER_CLASS = 600
+
+# The three methods the issue names; RECIPES adds the candidates of the recipe study.
+METHODS: dict[str, TrainConfig] = {
+    "none": TrainConfig(method="none"),
+    "textbook": COMPAT_METHODS["bct+pct-textbook"],  # BCT+PCT as the papers state it
+    "default": TrainConfig(),  # whatever the product trains with by default
+}
+RECIPES: dict[str, TrainConfig] = {
+    "bct+pct+emb/each": TrainConfig(method="bct+pct+emb", ancestor_weights="each"),
+    "bct+pct+emb/share": TrainConfig(method="bct+pct+emb", ancestor_weights="share"),
+    "bct+pct+hoc/each": TrainConfig(method="bct+pct+hoc", ancestor_weights="each"),
+    "bct+pct+hoc/share": TrainConfig(method="bct+pct+hoc", ancestor_weights="share"),
+    "bct+hoc/share": TrainConfig(method="bct+hoc", ancestor_weights="share"),
+    "hoc/share": TrainConfig(method="hoc", ancestor_weights="share"),
+    "bct+pct+emb+hoc/share": TrainConfig(method="bct+pct+emb+hoc", ancestor_weights="share"),
+}
+
+
+# -- data -----------------------------------------------------------------------------------
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file (uint8), gzipped, as Fashion-MNIST ships them."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def fashion_subset(workdir: Path, per_class: int, seed: int = 0) -> str:
+    """A ``fashion-mnist:DIR`` spec of ``per_class`` training items a class (stratified,
+    seeded) and the whole test split, in the IDX files the product reads."""
+    src = Path(DEFAULT_FASHION_MNIST_DIR)
+    out = workdir / f"fashion-mnist-{per_class}"
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset("fashion-mnist")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(ds.y_train == c))[:per_class] for c in range(10)]
+        )
+    )
+    # the loader scales pixels to [0, 1]; the files hold the original bytes
+    x = np.rint(ds.x_train[idx].reshape(len(idx), 28, 28) * 255).astype(np.uint8)
+    _write_idx(out / "train-images-idx3-ubyte.gz", x)
+    _write_idx(out / "train-labels-idx1-ubyte.gz", ds.y_train[idx].astype(np.uint8))
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (out / name).write_bytes((src / name).read_bytes())
+    return f"fashion-mnist:{out}"
+
+
+# -- figures --------------------------------------------------------------------------------
+def _pairs(rows: list[list[Any]]) -> dict[tuple[int, int], float]:
+    return {(int(a), int(b)): float(v) for a, b, v in rows}
+
+
+def nfr_ratio(value: float, reference: float) -> float:
+    """NFR over ``none``'s on one pair: 0 when neither flips, inf when only this one does."""
+    if reference > 0:
+        return value / reference
+    return 0.0 if value == 0 else math.inf
+
+
+def chain_figures(
+    lin: Lineage, runs: dict[int, dict[str, Any]], none_nfr: dict[tuple[int, int], float] | None
+) -> dict[str, Any]:
+    """The chain's figures, read from the product's report, per generation and in all."""
+    rep = build_report(lin)
+    ids = [int(g["id"]) for g in rep["generations"]]
+    acc = {int(g["id"]): g["accuracy"] for g in rep["generations"]}
+    top1 = _pairs(rep["compat_top1"])
+    nfr = _pairs(rep["nfr"])
+    nfr_any = {int(a): float(v) for a, v in rep["nfr_any"]}
+    rows = []
+    for n, g in enumerate(ids, start=1):
+        so_far = set(ids[:n])
+        sub = {p: v for p, v in top1.items() if p[0] in so_far and p[1] in so_far}
+        ratios = [
+            nfr_ratio(v, none_nfr[p])
+            for p, v in nfr.items()
+            if none_nfr is not None and p[0] in so_far and p in none_nfr
+        ]
+        run = runs.get(g, {})
+        rows.append(
+            {
+                "generation": g,
+                "accuracy": acc[g],
+                "ac": ac_metric(sub) if n > 1 else None,
+                "am": am_metric(sub),
+                "worst_nfr_ratio": max(ratios) if ratios else None,
+                "mean_nfr_ratio": float(np.mean(ratios)) if ratios else None,
+                "nfr_any": nfr_any.get(g),
+                "active_constraints": len(lin.constraints(g)),
+                "active_ancestors": run.get("active_ancestors", []),
+                "train_seconds": run.get("train_seconds_task"),
+                "epoch_seconds": run.get("epoch_seconds"),
+                "teacher_seconds": run.get("teacher_seconds"),
+                "promoted": run.get("promoted"),
+                "retired_after_cycle": [r[0] for r in run.get("retired_after_cycle", [])],
+            }
+        )
+    ratios_all = [nfr_ratio(v, none_nfr[p]) for p, v in nfr.items() if none_nfr and p in none_nfr]
+    worst_pair = min(((top1[(a, b)] - top1[(b, b)], a, b) for a, b in top1 if a > b))
+    return {
+        "final_acc": acc[ids[-1]],
+        "ac": rep["ac"],
+        "am": rep["am"],
+        "worst_nfr_ratio": max(ratios_all) if ratios_all else None,
+        "mean_nfr_ratio": float(np.mean(ratios_all)) if ratios_all else None,
+        "pairs_nfr_at_most_half": sum(r <= 0.5 for r in ratios_all) if ratios_all else None,
+        "pairs": len(nfr),
+        "promoted": sum(bool(r["promoted"]) for r in rows),
+        "rejected": [r["generation"] for r in rows if not r["promoted"]],
+        "gate_reasons": {
+            int(g["id"]): g.get("reasons") for g in rep["generations"] if g.get("reasons")
+        },
+        "worst_ecc_gap": {"gap": worst_pair[0], "pair": [worst_pair[1], worst_pair[2]]},
+        "ecc_failures": [
+            [a, b, round(top1[(a, b)] - top1[(b, b)], 4)]
+            for a, b in top1
+            if a > b and not top1[(a, b)] > top1[(b, b)]
+        ],
+        "max_active_constraints": max(r["active_constraints"] for r in rows),
+        "nfr": rep["nfr"],
+        "compat_top1": rep["compat_top1"],
+        "generations": rows,
+    }
+
+
+def run_dataset(
+    spec: str,
+    methods: list[str],
+    generations: int,
+    epochs: int,
+    home: Path,
+    log=print,
+    known: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every method's chain on one data set; ``none`` first (the others' reference).
+
+    ``known``: chains measured by an earlier run (``--merge``) that are kept, not rerun;
+    its ``none`` is the reference unless ``none`` is among ``methods``.
+    """
+    out: dict[str, dict[str, Any]] = dict(known or {})
+    none_nfr = _pairs(out["none"]["nfr"]) if "none" in out and "none" not in methods else None
+    order = [m for m in methods if m == "none"] + [m for m in methods if m != "none"]
+    if none_nfr is None and "none" not in order:
+        order.insert(0, "none")
+    for name in order:
+        cfg = {**METHODS, **RECIPES}[name]
+        train = TrainConfig.model_validate(cfg.model_dump() | {"epochs": epochs, "seed": 0})
+        t0 = time.perf_counter()
+        log(f"[{spec}] {name}: {train.method.value}", flush=True)
+        lin, runs = run_chain(
+            spec,
+            name,
+            train,
+            generations,
+            home / name,
+            log=log,
+            pin=False,
+            gate=GateConfig(),
+            backfill=BackfillConfig(curve=False),
+        )
+        fig = chain_figures(lin, runs, none_nfr)
+        if name == "none":
+            none_nfr = _pairs(fig["nfr"])
+            fig = chain_figures(lin, runs, none_nfr)
+        fig["train_config"] = train.model_dump(mode="json")
+        fig["wall_seconds"] = time.perf_counter() - t0
+        out[name] = fig
+        log(
+            f"[{spec}] {name}: acc {fig['final_acc']:.4f} AC {fig['ac']:.3f} AM {fig['am']:.4f} "
+            f"NFR/none worst {fig['worst_nfr_ratio']} mean {fig['mean_nfr_ratio']} "
+            f"promoted {fig['promoted']}/{generations} max constraints "
+            f"{fig['max_active_constraints']} ({fig['wall_seconds']:.0f}s)",
+            flush=True,
+        )
+    for fig in out.values():
+        fig["acc_cost_pt"] = 100 * (out["none"]["final_acc"] - fig["final_acc"])
+    return dict(sorted(out.items(), key=lambda kv: _method_order(kv[0])))
+
+
+def _method_order(name: str) -> tuple[int, str]:
+    """none, textbook, default first; then the recipes of the study."""
+    fixed = list(METHODS)
+    return (fixed.index(name), "") if name in fixed else (len(fixed), name)
+
+
+# -- targets and report ---------------------------------------------------------------------
+def targets(fig: dict[str, Any], generations: int) -> dict[str, Any]:
+    """The issue's targets for one chain, each with whether it holds and by how much."""
+    secs = [r["train_seconds"] for r in fig["generations"] if r["train_seconds"]]
+    half = max(1, len(secs) // 2)
+    # per-item training time, first half of the chain against the second (data grows)
+    items = [r for r in fig["generations"] if r["train_seconds"]]
+    return {
+        "ac_at_least_0.95": {"holds": fig["ac"] >= 0.95, "value": fig["ac"]},
+        "nfr_at_most_half_every_pair": {
+            "holds": fig["worst_nfr_ratio"] is not None and fig["worst_nfr_ratio"] <= 0.5,
+            "value": fig["worst_nfr_ratio"],
+            "pairs_holding": fig["pairs_nfr_at_most_half"],
+            "pairs": fig["pairs"],
+        },
+        "acc_within_1pt": {"holds": fig["acc_cost_pt"] <= 1.0, "value": fig["acc_cost_pt"]},
+        "all_promoted": {"holds": fig["promoted"] == generations, "value": fig["promoted"]},
+        "constraints_bounded": {
+            "holds": fig["max_active_constraints"] <= 3 * 4,
+            "value": fig["max_active_constraints"],
+        },
+        "train_seconds_first_vs_second_half": {
+            "value": [
+                statistics.mean(secs[:half]) if secs else None,
+                statistics.mean(secs[half:]) if secs[half:] else None,
+            ],
+            "generations": len(items),
+        },
+    }
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for key, label in (
+        ("ac", "AC so far"),
+        ("worst_nfr_ratio", "worst NFR / none's so far"),
+        ("mean_nfr_ratio", "mean NFR / none's so far"),
+        ("acc_cost", "accuracy cost vs none (points)"),
+        ("active_constraints", "active constraints"),
+        ("train_seconds", "training seconds"),
+    ):
+        fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+        for ax, (ds, per) in zip(axes[0], results.items(), strict=True):
+            none = {r["generation"]: r["accuracy"] for r in per["none"]["generations"]}
+            for method, f in per.items():
+                if key in ("worst_nfr_ratio", "mean_nfr_ratio") and method == "none":
+                    continue
+                xs, ys = [], []
+                for i, r in enumerate(f["generations"], start=1):
+                    v = (
+                        100 * (none[r["generation"]] - r["accuracy"])
+                        if key == "acc_cost"
+                        else r[key]
+                    )
+                    if v is not None and math.isfinite(v):
+                        xs.append(i)
+                        ys.append(v)
+                ax.plot(xs, ys, marker="o", label=method)
+            ax.set_title(f"{ds.split(':')[0]}: {label}")
+            ax.set_xlabel("generations in the chain")
+            if key == "worst_nfr_ratio" or key == "mean_nfr_ratio":
+                ax.axhline(0.5, color="grey", ls="--", lw=1)
+            if key == "ac":
+                ax.axhline(0.95, color="grey", ls="--", lw=1)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"{NAME}_{key}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, fmt)
+
+
+def render(report: dict[str, Any], out: Path) -> None:
+    """``lifelong.md`` from ``lifelong.json`` (and the plots)."""
+    s = report["settings"]
+    plots = plot(report["results"], out)
+    lines = [
+        "# Lifelong benchmark",
+        "",
+        f"Produced by `python -m bench.lifelong` in {report['wall_seconds'] / 60:.1f} min: "
+        f"{s['generations']}-generation chains of the growing scenario, epochs per generation "
+        f"{s['epochs_per_dataset']}, seed 0; methods {', '.join(s['methods'])}. Code path: "
+        "the product's update cycle (`bench.compat.run_chain`: `start_cycle → train_step "
+        "(Ray) → evaluate_step → gate_step → promote_step → backfill_step → retire_unused`), "
+        "with the product's default gate (paired evidence at 95%) and backfill (budget 0.3 "
+        "of the gallery a cycle, policy representative), and nothing pinned: a generation "
+        "is a constraint target while the gallery holds its items or it is champion. "
+        "Every figure is read from `flows.report.build_report`.",
+        "",
+        f"Data: {'; '.join(s['datasets_note'])}.",
+        "",
+    ]
+    for ds, per in report["results"].items():
+        lines += [
+            f"## {ds}",
+            "",
+            "| method | final acc | acc cost (pt) | AC | AM | worst NFR / none | mean NFR / none "
+            "| pairs NFR ≤ ½ none | promoted | max active constraints | train s (1st / 2nd half) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m, f in per.items():
+            t = report["targets"][ds][m]
+            half = t["train_seconds_first_vs_second_half"]["value"]
+            pairs = "—" if m == "none" else f"{f['pairs_nfr_at_most_half']}/{f['pairs']}"
+            lines.append(
+                f"| {m} | {f['final_acc']:.4f} | {f['acc_cost_pt']:+.2f} | {f['ac']:.3f} | "
+                f"{f['am']:.4f} | {_f(f['worst_nfr_ratio'], '.2f') if m != 'none' else '—'} | "
+                f"{_f(f['mean_nfr_ratio'], '.2f') if m != 'none' else '—'} | {pairs} | "
+                f"{f['promoted']}/{s['generations']} | {f['max_active_constraints']} | "
+                f"{_f(half[0], '.0f')} / {_f(half[1], '.0f')} |"
+            )
+        lines += [
+            "",
+            "Per generation (accuracy · AC so far · worst NFR ratio so far · "
+            "active constraints · training s):",
+            "",
+        ]
+        lines += ["| g | " + " | ".join(per) + " |", "|---|" + "---|" * len(per)]
+        n = len(per["none"]["generations"])
+        for i in range(n):
+            cells = []
+            for f in per.values():
+                r = f["generations"][i]
+                mark = "" if r["promoted"] else " ✗"
+                cells.append(
+                    f"{r['accuracy']:.4f} · {_f(r['ac'], '.2f')} · "
+                    f"{_f(r['worst_nfr_ratio'], '.2f')} · {r['active_constraints']} · "
+                    f"{_f(r['train_seconds'], '.0f')}{mark}"
+                )
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines += ["", "ECC failures (a, b, C[a][b] − C[b][b]):", ""]
+        for m, f in per.items():
+            if m != "none":
+                lines.append(f"- {m}: {f['ecc_failures'] or 'none'}")
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    if report.get("findings"):
+        lines += ["## Findings", ""] + list(report["findings"]) + [""]
+    (out / f"{NAME}.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="fashion-mnist,digits")
+    ap.add_argument("--generations", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    ap.add_argument("--methods", default="none,textbook,default")
+    ap.add_argument("--train-per-class", type=int, default=TRAIN_PER_CLASS)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the chains of the .json that are not rerun"
+    )
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        report = json.loads((args.out / f"{NAME}.json").read_text())
+        render(report, args.out)
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in {**METHODS, **RECIPES}]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; choose from {[*METHODS, *RECIPES]}")
+        return 2
+    t0 = time.perf_counter()
+    previous = json.loads((args.out / f"{NAME}.json").read_text()) if args.merge else None
+    results: dict[str, dict[str, Any]] = dict(previous["results"]) if previous else {}
+    notes = list(previous["settings"]["datasets_note"]) if previous else []
+    epochs = dict(previous["settings"].get("epochs_per_dataset", {})) if previous else {}
+    with tempfile.TemporaryDirectory(prefix="graceful-lifelong-") as tmp:
+        work = Path(tmp)
+        for ds in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+            epochs[ds] = args.epochs
+            if ds == "fashion-mnist":
+                spec = fashion_subset(work, args.train_per_class)
+                notes = [n for n in notes if not n.startswith(ds)]
+                notes.append(
+                    f"fashion-mnist: {args.train_per_class} training images a class "
+                    "(stratified, seed 0), the whole 10,000-image test split; 28x28 images, "
+                    "the default residual CNN"
+                )
+            else:
+                spec = ds
+                notes = [n for n in notes if not n.startswith(ds)]
+                notes.append(f"{ds}: the whole data set")
+            results[ds] = run_dataset(
+                spec, methods, args.generations, args.epochs, work / ds, known=results.get(ds)
+            )
+        _stop_ray()
+    report = {
+        "settings": {
+            "generations": args.generations,
+            "epochs_per_dataset": epochs,
+            "methods": sorted({m for per in results.values() for m in per}, key=_method_order),
+            "train_per_class": args.train_per_class,
+            "datasets_note": notes,
+            "gate": GateConfig().model_dump(mode="json"),
+            "backfill": BackfillConfig(curve=False).model_dump(mode="json"),
+        },
+        "results": results,
+        "targets": {
+            ds: {m: targets(f, args.generations) for m, f in per.items()}
+            for ds, per in results.items()
+        },
+        "wall_seconds": time.perf_counter() - t0 + (previous["wall_seconds"] if previous else 0),
+    }
+    (args.out / f"{NAME}.json").write_text(json.dumps(report, indent=1, default=str))
+    render(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

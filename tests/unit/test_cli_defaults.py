@@ -1,0 +1,35 @@
+"""The CLI's literal defaults are the typed configs' (what the benchmarks measured)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from flows import cli
+from flows.config import BackfillConfig, GateConfig, TrainConfig
+
+
+@pytest.mark.parametrize("command", [cli.run, cli.cycle])
+def test_cycle_commands_default_to_the_configs(command) -> None:
+    defaults = {name: p.default for name, p in inspect.signature(command).parameters.items()}
+    train, gate, backfill = TrainConfig(), GateConfig(), BackfillConfig()
+    assert defaults["method"] == train.method.value
+    assert defaults["against"] == train.against
+    assert defaults["ancestor_weights"] == train.ancestor_weights
+    assert defaults["epochs"] == train.epochs
+    assert defaults["backfill_budget"] == backfill.budget
+    assert defaults["backfill_policy"] == backfill.policy
+    assert defaults["backfill_retire_share"] == backfill.retire_share
+    assert defaults["max_nfr"] == gate.max_nfr
+    assert defaults["ecc_margin"] == gate.ecc_margin
+
+
+def test_backfill_command_defaults_to_the_config() -> None:
+    defaults = {n: p.default for n, p in inspect.signature(cli.backfill).parameters.items()}
+    b = BackfillConfig()
+    assert (defaults["budget"], defaults["policy"], defaults["retire_share"]) == (
+        b.budget,
+        b.policy,
+        b.retire_share,
+    )
