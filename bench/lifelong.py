@@ -118,21 +118,23 @@ def nfr_ratio(value: float, reference: float) -> float:
 def chain_figures(
     lin: Lineage, runs: dict[int, dict[str, Any]], none_nfr: dict[tuple[int, int], float] | None
 ) -> dict[str, Any]:
-    """The chain's figures, read from the product's report, per generation and in all."""
+    """The chain's figures, read from the product's report, per generation and in all.
+
+    ``none_nfr``: the reference NFR per pair; None: the chain is the reference itself.
+    """
     rep = build_report(lin)
     ids = [int(g["id"]) for g in rep["generations"]]
     acc = {int(g["id"]): g["accuracy"] for g in rep["generations"]}
     top1 = _pairs(rep["compat_top1"])
     nfr = _pairs(rep["nfr"])
+    none_nfr = nfr if none_nfr is None else none_nfr
     nfr_any = {int(a): float(v) for a, v in rep["nfr_any"]}
     rows = []
     for n, g in enumerate(ids, start=1):
         so_far = set(ids[:n])
         sub = {p: v for p, v in top1.items() if p[0] in so_far and p[1] in so_far}
         ratios = [
-            nfr_ratio(v, none_nfr[p])
-            for p, v in nfr.items()
-            if none_nfr is not None and p[0] in so_far and p in none_nfr
+            nfr_ratio(v, none_nfr[p]) for p, v in nfr.items() if p[0] in so_far and p in none_nfr
         ]
         run = runs.get(g, {})
         rows.append(
@@ -153,7 +155,7 @@ def chain_figures(
                 "retired_after_cycle": [r[0] for r in run.get("retired_after_cycle", [])],
             }
         )
-    ratios_all = [nfr_ratio(v, none_nfr[p]) for p, v in nfr.items() if none_nfr and p in none_nfr]
+    ratios_all = [nfr_ratio(v, none_nfr[p]) for p, v in nfr.items() if p in none_nfr]
     worst_pair = min(((top1[(a, b)] - top1[(b, b)], a, b) for a, b in top1 if a > b))
     return {
         "final_acc": acc[ids[-1]],
@@ -219,7 +221,6 @@ def run_dataset(
         fig = chain_figures(lin, runs, none_nfr)
         if name == "none":
             none_nfr = _pairs(fig["nfr"])
-            fig = chain_figures(lin, runs, none_nfr)
         fig["train_config"] = train.model_dump(mode="json")
         fig["wall_seconds"] = time.perf_counter() - t0
         out[name] = fig
@@ -246,8 +247,6 @@ def targets(fig: dict[str, Any], generations: int) -> dict[str, Any]:
     """The issue's targets for one chain, each with whether it holds and by how much."""
     secs = [r["train_seconds"] for r in fig["generations"] if r["train_seconds"]]
     half = max(1, len(secs) // 2)
-    # per-item training time, first half of the chain against the second (data grows)
-    items = [r for r in fig["generations"] if r["train_seconds"]]
     return {
         "ac_at_least_0.95": {"holds": fig["ac"] >= 0.95, "value": fig["ac"]},
         "nfr_at_most_half_every_pair": {
@@ -267,7 +266,7 @@ def targets(fig: dict[str, Any], generations: int) -> dict[str, Any]:
                 statistics.mean(secs[:half]) if secs else None,
                 statistics.mean(secs[half:]) if secs[half:] else None,
             ],
-            "generations": len(items),
+            "generations": len(secs),
         },
     }
 
