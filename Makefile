@@ -43,7 +43,7 @@ bench-stream: install
 bench-collection: install
 	$(BIN)/python -m bench.collection
 
-LIFELONG_METHODS ?= none,textbook,default,bct+pct+emb/each,bct+hoc/share,bct+pct+emb+hoc/share
+LIFELONG_METHODS ?= none,textbook,default,bct+pct+emb/each,bct+hoc/share,bct+pct+emb+hoc/share,bct+pct+emb/emb8,default/backfill-incompatible,none/backfill-incompatible
 bench-lifelong: install
 	$(BIN)/python -m bench.lifelong --datasets fashion-mnist --epochs 8 --methods $(LIFELONG_METHODS)
 	$(BIN)/python -m bench.lifelong --datasets digits --epochs 15 --methods $(LIFELONG_METHODS) --merge

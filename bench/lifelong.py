@@ -25,7 +25,11 @@ Writes ``bench/results/lifelong.md`` (tables, ``lifelong_*.png``) and ``lifelong
 ``results[<data set>][<method>]`` with ``final_acc``, ``ac``, ``am``, ``worst_nfr_ratio``,
 ``mean_nfr_ratio`` (to ``none``'s, over all pairs), ``acc_cost_pt``, ``promoted``,
 ``generations`` (per generation: accuracy, AC and AM so far, worst and mean NFR ratio so
-far, NFR_any, active constraints, training seconds).
+far, NFR_any, active constraints, training seconds), and beyond the issue's keys
+``champion``/``champion_acc``, ``m_mix``, ``items_backfilled`` and ``ecc_gap_by_class_group``
+(per pair: C[a][b] - C[b][b] on the classes b trained on and on the others, as the
+product's evaluation stores it for the gate) with its summary ``ecc_gap_groups``. A chain
+named ``*/backfill-incompatible`` runs under ``GateConfig(on_incompatible="backfill")``.
 """
 
 from __future__ import annotations
@@ -70,7 +74,22 @@ RECIPES: dict[str, TrainConfig] = {
     "bct+hoc/share": TrainConfig(method="bct+hoc", ancestor_weights="share"),
     "hoc/share": TrainConfig(method="hoc", ancestor_weights="share"),
     "bct+pct+emb+hoc/share": TrainConfig(method="bct+pct+emb+hoc", ancestor_weights="share"),
+    # the embedding term four times as heavy: the pull that keeps classes an ancestor
+    # never saw where its gallery holds them
+    "bct+pct+emb/emb8": TrainConfig(method="bct+pct+emb", weights={"embedding": 8.0}),
+    # the default recipe under a gate that backfills instead of rejecting on ECC (GATES)
+    "default/backfill-incompatible": TrainConfig(),
+    # unconstrained training, every update a full backfill: what compatibility saves
+    "none/backfill-incompatible": TrainConfig(method="none"),
 }
+# the gate a chain runs under, where it is not the product's default
+GATES: dict[str, GateConfig] = {
+    "default/backfill-incompatible": GateConfig(on_incompatible="backfill"),
+    "none/backfill-incompatible": GateConfig(on_incompatible="backfill"),
+}
+# where a chain's C[a][b] - C[b][b] by class group is kept, and the chains its plot shows
+GROUP_KEY = "ecc_gap_by_class_group"
+GROUP_PLOT_METHODS = ("none", "textbook", "default", "bct+pct+emb/emb8")
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -115,8 +134,40 @@ def nfr_ratio(value: float, reference: float) -> float:
     return 0.0 if value == 0 else math.inf
 
 
+def class_group_gaps(rep: dict[str, Any]) -> list[list[Any]]:
+    """Per pair a > b: C[a][b] - C[b][b] on classes b trained on and on the others.
+
+    Rows ``[a, b, seen gap, unseen gap, unseen queries]``, as the product's evaluation
+    stored them with the gate's evidence (``workers.evaluate.gate_evidence``).
+    """
+    rows = []
+    for g in rep["generations"]:
+        for anc in (g.get("gate") or {}).get("ancestors", []):
+            groups = anc.get("ecc_gap_by_class") or {}
+            if groups.get("seen") is not None or groups.get("unseen") is not None:
+                rows.append(
+                    [g["id"], anc["k"], groups["seen"], groups["unseen"], groups["unseen_queries"]]
+                )
+    return sorted(rows)
+
+
+def _group_summary(rows: list[list[Any]]) -> dict[str, Any]:
+    """Mean gap and share of pairs with a positive gap, per class group."""
+    out: dict[str, Any] = {}
+    for i, name in ((2, "seen"), (3, "unseen")):
+        vals = [r[i] for r in rows if r[i] is not None]
+        out[name] = {
+            "pairs": len(vals),
+            "mean_gap": float(np.mean(vals)) if vals else None,
+            "share_positive": float(np.mean([v > 0 for v in vals])) if vals else None,
+        }
+    return out
+
+
 def chain_figures(
-    lin: Lineage, runs: dict[int, dict[str, Any]], none_nfr: dict[tuple[int, int], float] | None
+    lin: Lineage,
+    runs: dict[int, dict[str, Any]],
+    none_nfr: dict[tuple[int, int], float] | None,
 ) -> dict[str, Any]:
     """The chain's figures, read from the product's report, per generation and in all.
 
@@ -156,9 +207,14 @@ def chain_figures(
             }
         )
     ratios_all = [nfr_ratio(v, none_nfr[p]) for p, v in nfr.items() if p in none_nfr]
+    gaps = class_group_gaps(rep)
     worst_pair = min(((top1[(a, b)] - top1[(b, b)], a, b) for a, b in top1 if a > b))
     return {
         "final_acc": acc[ids[-1]],
+        "champion": rep["champion"],
+        "champion_acc": acc.get(rep["champion"]),
+        "m_mix": rep["m_mix"],
+        "items_backfilled": sum(int(j["items_done"] or 0) for j in rep["backfills"]),
         "ac": rep["ac"],
         "am": rep["am"],
         "worst_nfr_ratio": max(ratios_all) if ratios_all else None,
@@ -180,6 +236,8 @@ def chain_figures(
         "nfr": rep["nfr"],
         "compat_top1": rep["compat_top1"],
         "generations": rows,
+        GROUP_KEY: gaps,
+        "ecc_gap_groups": _group_summary(gaps),
     }
 
 
@@ -215,13 +273,14 @@ def run_dataset(
             home / name,
             log=log,
             pin=False,
-            gate=GateConfig(),
+            gate=GATES.get(name, GateConfig()),
             backfill=BackfillConfig(curve=False),
         )
         fig = chain_figures(lin, runs, none_nfr)
         if name == "none":
             none_nfr = _pairs(fig["nfr"])
         fig["train_config"] = train.model_dump(mode="json")
+        fig["gate_config"] = GATES.get(name, GateConfig()).model_dump(mode="json")
         fig["wall_seconds"] = time.perf_counter() - t0
         out[name] = fig
         log(
@@ -311,12 +370,46 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], out: Path) -> list[str]:
                 ax.axhline(0.95, color="grey", ls="--", lw=1)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        name = f"{NAME}_{key}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        names.append(name)
+        names.append(_save(fig, out / f"{NAME}_{key}.png", plt))
+    names.append(plot_class_groups(results, out, plt))
     return names
+
+
+def _save(fig, path: Path, plt) -> str:
+    """Write a figure as PNG; its file name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_class_groups(results: dict[str, dict[str, dict[str, Any]]], out: Path, plt) -> str:
+    """Mean C[a][b] - C[b][b] over b < a against a, on classes b saw (solid) and the rest."""
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (ds, per) in zip(axes[0], results.items(), strict=True):
+        shown = [(m, per[m]) for m in GROUP_PLOT_METHODS if per.get(m, {}).get(GROUP_KEY)]
+        for n, (method, f) in enumerate(shown):
+            rows = f[GROUP_KEY]
+            for i, style, group in ((2, "-", "seen"), (3, "--", "unseen")):
+                by_a: dict[int, list[float]] = {}
+                for r in rows:
+                    if r[i] is not None:
+                        by_a.setdefault(int(r[0]), []).append(float(r[i]))
+                xs = sorted(by_a)
+                ax.plot(
+                    xs,
+                    [np.mean(by_a[a]) for a in xs],
+                    style,
+                    marker="o",
+                    color=f"C{n}",
+                    label=f"{method}: {group}",
+                )
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_title(f"{ds}: mean C[a][b] - C[b][b], b < a")
+        ax.set_xlabel("generation a")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out / f"{NAME}_ecc_class_groups.png", plt)
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -325,6 +418,12 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     if isinstance(v, float) and math.isinf(v):
         return "inf"
     return format(v, fmt)
+
+
+def _champion(f: dict[str, Any]) -> str:
+    if f.get("champion") is None:
+        return "—"
+    return f"{f['champion']} ({_f(f.get('champion_acc'), '.4f')})"
 
 
 def render(report: dict[str, Any], out: Path) -> None:
@@ -352,8 +451,9 @@ def render(report: dict[str, Any], out: Path) -> None:
             f"## {ds}",
             "",
             "| method | final acc | acc cost (pt) | AC | AM | worst NFR / none | mean NFR / none "
-            "| pairs NFR ≤ ½ none | promoted | max active constraints | train s (1st / 2nd half) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| pairs NFR ≤ ½ none | promoted | champion (acc) | items re-embedded "
+            "| max active constraints | train s (1st / 2nd half) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m, f in per.items():
             t = report["targets"][ds][m]
@@ -363,7 +463,8 @@ def render(report: dict[str, Any], out: Path) -> None:
                 f"| {m} | {f['final_acc']:.4f} | {f['acc_cost_pt']:+.2f} | {f['ac']:.3f} | "
                 f"{f['am']:.4f} | {_f(f['worst_nfr_ratio'], '.2f') if m != 'none' else '—'} | "
                 f"{_f(f['mean_nfr_ratio'], '.2f') if m != 'none' else '—'} | {pairs} | "
-                f"{f['promoted']}/{s['generations']} | {f['max_active_constraints']} | "
+                f"{f['promoted']}/{s['generations']} | {_champion(f)} | "
+                f"{_f(f.get('items_backfilled'), 'd')} | {f['max_active_constraints']} | "
                 f"{_f(half[0], '.0f')} / {_f(half[1], '.0f')} |"
             )
         lines += [
@@ -385,6 +486,25 @@ def render(report: dict[str, Any], out: Path) -> None:
                     f"{_f(r['train_seconds'], '.0f')}{mark}"
                 )
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        grouped = {m: f["ecc_gap_groups"] for m, f in per.items() if f.get("ecc_gap_groups")}
+        if grouped:
+            lines += [
+                "",
+                "C[a][b] − C[b][b] by class group, over the pairs a > b: on the classes "
+                "generation b trained on (seen) and on those it never saw (unseen); mean gap "
+                "and the share of pairs where it is positive:",
+                "",
+                "| method | seen: mean gap | seen: share > 0 | unseen: mean gap "
+                "| unseen: share > 0 (pairs) |",
+                "|---|---|---|---|---|",
+            ]
+            for m, g in grouped.items():
+                lines.append(
+                    f"| {m} | {_f(g['seen']['mean_gap'], '+.3f')} | "
+                    f"{_f(g['seen']['share_positive'], '.2f')} | "
+                    f"{_f(g['unseen']['mean_gap'], '+.3f')} | "
+                    f"{_f(g['unseen']['share_positive'], '.2f')} ({g['unseen']['pairs']}) |"
+                )
         lines += ["", "ECC failures (a, b, C[a][b] − C[b][b]):", ""]
         for m, f in per.items():
             if m != "none":

@@ -80,6 +80,18 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _error_text(exc: BaseException) -> str:
+    """One line for an error; pydantic's several-line report becomes ``field: problem``."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        )
+    return str(exc)
+
+
 def _check_inputs(dataset: str | None) -> None:
     """Reject bad input before anything is created or stored."""
     from store.settings import StoreError, graceful_home
@@ -90,7 +102,7 @@ def _check_inputs(dataset: str | None) -> None:
         if dataset is not None:
             parse_spec(dataset)
     except (StoreError, DatasetError) as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -150,6 +162,15 @@ ConfidenceOpt = Annotated[
     float,
     typer.Option("--gate-confidence", min=0.5, max=0.9999, help="gate: level of its intervals"),
 ]
+IncompatibleOpt = Annotated[
+    str,
+    typer.Option(
+        "--gate-on-incompatible",
+        help="reject: a generation that fails ECC against an ancestor is rejected; backfill: "
+        "it is promoted (if nothing else fails) and every gallery item of that ancestor is "
+        "re-embedded in the same cycle",
+    ),
+]
 ResamplesOpt = Annotated[
     int, typer.Option(min=100, help="gate: paired bootstrap resamples for C(g,k) - C(k,k)")
 ]
@@ -205,6 +226,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
                 ecc_margin=opts["ecc_margin"],
                 confidence=opts["confidence"],
                 bootstrap_resamples=opts["bootstrap_resamples"],
+                on_incompatible=opts["on_incompatible"],
             ),
             backfill=BackfillConfig(
                 budget=opts["backfill_budget"],
@@ -218,7 +240,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
             reevaluate=opts.get("reevaluate", False),
         )
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
 
 
 @app.command()
@@ -242,6 +264,7 @@ def run(
     ecc_margin: EccMarginOpt = 0.0,
     confidence: ConfidenceOpt = 0.95,
     bootstrap_resamples: ResamplesOpt = 10_000,
+    on_incompatible: IncompatibleOpt = "reject",
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
@@ -276,6 +299,7 @@ def cycle(
     ecc_margin: EccMarginOpt = 0.0,
     confidence: ConfidenceOpt = 0.95,
     bootstrap_resamples: ResamplesOpt = 10_000,
+    on_incompatible: IncompatibleOpt = "reject",
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
@@ -450,7 +474,7 @@ def report(
     try:
         rep = build_report(Lineage())
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
     if as_json:
         sys.stdout.write(json.dumps(rep) + "\n")
     else:
@@ -486,7 +510,7 @@ def index(
             parse_collection_spec(spec)
         cfg = IndexConfig(spec=spec, prune=prune, strict=strict, part_rows=part_rows)
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
     _quiet_known_failures()
     from flows import progress as step_progress
 
@@ -499,7 +523,7 @@ def index(
             result = index_flow(cfg)
         except (CollectionError, SourceError, DatasetError) as exc:
             bar.stop()
-            _fail(str(exc))
+            _fail(_error_text(exc))
         except _known_errors() as exc:
             bar.stop()
             _fail(str(exc), code=1)
@@ -539,7 +563,7 @@ def search(
     try:
         hits = search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
     if as_json:
         sys.stdout.write(json.dumps(hits["neighbors"]) + "\n")
         return
@@ -563,7 +587,7 @@ def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False
     try:
         Lineage().set_pinned(generation, not unpin)
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
     out.print(f"generation {generation} {'unpinned' if unpin else 'pinned'}")
 
 
@@ -596,7 +620,7 @@ def serve(
     try:
         config = CycleConfig(dataset=dataset, train=TrainConfig(epochs=epochs))
     except _known_errors() as exc:
-        _fail(str(exc))
+        _fail(_error_text(exc))
     serve_all(
         config, interval_minutes=interval_minutes, cron=cron, name=name, collection=collection
     )

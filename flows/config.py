@@ -43,6 +43,13 @@ class GateConfig(BaseModel):
     bootstrap_resamples: int = Field(
         10_000, ge=100, description="paired bootstrap resamples for C[g][k] - C[k][k]"
     )
+    on_incompatible: Literal["reject", "backfill"] = Field(
+        "reject",
+        description="when ECC fails against an ancestor: reject the generation, or promote "
+        "it (if nothing else fails) and re-embed every gallery item of that ancestor in "
+        "the same cycle (beyond the backfill budget), so the lineage moves on at the cost "
+        "of a full backfill of those items",
+    )
 
 
 class TrainConfig(BaseModel):

@@ -21,7 +21,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import chain
 from flows.config import CycleConfig
-from flows.gate import counts_from_metrics, decide, evidence_rows
+from flows.gate import (
+    counts_from_metrics,
+    decide,
+    evidence_rows,
+    groups_from_metrics,
+    incompatible_ancestors,
+)
 from flows.progress import StepProgress
 from flows.steps import Step
 from store.files import verify_checkpoint
@@ -509,6 +515,7 @@ def gate_step(
         cfg.gate,
         ecc_counts=ecc_counts,
         flip_counts=flip_counts,
+        ecc_groups=groups_from_metrics(metrics, g),
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
@@ -575,6 +582,10 @@ def backfill_step(
         if state.source is not None:
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
         return index_gallery(lineage, state.dataset, champion, b.batch_rows)
+    # the ancestors the gate found the champion incompatible with leave the gallery now
+    ecc_hi = {k: v for a, k, v in lineage.metric("ecc_delta_hi") if a == champion.id}
+    held = lineage.gallery_counts()
+    complete = [k for k in incompatible_ancestors(ecc_hi, cfg.gate) if held.get(k)]
     if not info.scenario:
         job = run_backfill(
             lineage,
@@ -585,8 +596,9 @@ def backfill_step(
             b.budget,
             seed=b.seed,
             retire_share=b.retire_share,
+            complete=complete,
         )
-        return {"job": job.id, "items": job.items_done, "m_mix": None}
+        return {"job": job.id, "items": job.items_done, "m_mix": None, "completed": complete}
     out = generation_outputs(champion, state.dataset, subdir("cache"))
     job = run_backfill(
         lineage,
@@ -600,9 +612,15 @@ def backfill_step(
         query_labels=state.dataset.y_test[out.query_idx],
         champion_gallery_emb=out.gallery_emb if b.curve else None,
         retire_share=b.retire_share,
+        complete=complete,
     )
     lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
-    return {"job": job.id, "items": job.items_done, "m_mix": job.m_mix_after}
+    return {
+        "job": job.id,
+        "items": job.items_done,
+        "m_mix": job.m_mix_after,
+        "completed": complete,
+    }
 
 
 # -- Prefect -------------------------------------------------------------------------------

@@ -14,16 +14,30 @@ the bad side of its threshold:
 Without per-case counts for k (a caller that has only the point values) the interval is
 the point itself: ECC fails when C[g][k] - C[k][k] < -ecc_margin, NFR when NFR > max_nfr,
 and the reason says so. Every reason carries its interval; failures start with ``FAIL ``.
+
+``on_incompatible = "backfill"`` turns an ECC failure against k from a rejection into a
+full backfill: g is promoted (if nothing else fails) and every gallery item of k is
+re-embedded in the same cycle, so g's queries never meet k's embeddings — the textbook
+update without compatibility, paid for in re-embedding instead of a stalled lineage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from flows.config import GateConfig
 from workers.stats import PairedCounts, pair_evidence
 
 EPS = 1e-12  # a bound equal to its threshold is not beyond it
+
+
+class ClassGroupGaps(NamedTuple):
+    """C[g][k] - C[k][k] on the classes k trained on and on the others (None: no queries)."""
+
+    seen: float | None
+    unseen: float | None
+    unseen_queries: int
 
 
 def _level(cfg: GateConfig) -> str:
@@ -38,8 +52,40 @@ def _evidence(
     )
 
 
+def _ecc_bound(cfg: GateConfig) -> float:
+    return 0.0 - cfg.ecc_margin  # +0.0, not -0.0, for a zero margin
+
+
+def _below(hi: float, cfg: GateConfig) -> bool:
+    """Whether an interval's upper bound lies beyond the ECC threshold (a failure)."""
+    return hi < _ecc_bound(cfg) - EPS
+
+
+def incompatible_ancestors(ecc_hi: Mapping[int, float | None], cfg: GateConfig) -> list[int]:
+    """The ancestors k the gate found g incompatible with, from the upper bounds of
+    C[g][k] - C[k][k] it recorded (``ecc_delta_hi``), when ``on_incompatible`` backfills."""
+    if not (cfg.enabled and cfg.require_ecc and cfg.on_incompatible == "backfill"):
+        return []
+    return sorted(k for k, hi in ecc_hi.items() if hi is not None and _below(hi, cfg))
+
+
+def _group_note(k: int, groups: ClassGroupGaps | None) -> str:
+    """Where the gap lies, when k never trained on some of the queries' classes."""
+    if groups is None or groups.unseen is None or groups.seen is None:
+        return ""
+    return (
+        f"; on classes {k} trained on {groups.seen:+.4f}, on the {groups.unseen_queries} "
+        f"queries of classes it never saw {groups.unseen:+.4f}"
+    )
+
+
 def _ecc_check(
-    k: int, c_gk: float, c_kk: float, counts: PairedCounts | None, cfg: GateConfig
+    k: int,
+    c_gk: float,
+    c_kk: float,
+    counts: PairedCounts | None,
+    cfg: GateConfig,
+    groups: ClassGroupGaps | None = None,
 ) -> tuple[bool, str]:
     if counts is None:
         delta = lo = hi = c_gk - c_kk
@@ -48,11 +94,17 @@ def _ecc_check(
         ev = _evidence(counts, None, cfg)
         delta, lo, hi = ev["ecc_delta"], ev["ecc_delta_lo"], ev["ecc_delta_hi"]
         ci = f"{_level(cfg)} [{lo:+.4f}, {hi:+.4f}]"
-    bound = 0.0 - cfg.ecc_margin  # +0.0, not -0.0, for a zero margin
+    bound = _ecc_bound(cfg)
     what = f"C[g][{k}]-C[{k}][{k}] = {delta:+.4f}, {ci}"
     where = f"(C[g][{k}]={c_gk:.4f}, C[{k}][{k}]={c_kk:.4f}"
-    where += f", {counts.n} queries)" if counts is not None else ")"
-    if hi < bound - EPS:
+    where += f", {counts.n} queries" if counts is not None else ""
+    where += _group_note(k, groups) + ")"
+    if _below(hi, cfg):
+        if cfg.on_incompatible == "backfill":
+            return False, (
+                f"BACKFILL not compatible with {k}: {what} below {bound:+.4f} {where}; "
+                f"every gallery item of {k} is re-embedded in this cycle (on_incompatible)"
+            )
         return False, f"FAIL not compatible with {k}: {what} below {bound:+.4f} {where}"
     return True, f"compatible with {k}: {what} not below {bound:+.4f} {where}"
 
@@ -86,18 +138,25 @@ def decide(
     *,
     ecc_counts: Mapping[int, PairedCounts] | None = None,
     flip_counts: Mapping[int, PairedCounts] | None = None,
+    ecc_groups: Mapping[int, ClassGroupGaps] | None = None,
 ) -> tuple[bool, list[str]]:
     """Promote only if no check fails on the evidence (the rule: module docstring).
 
     ``compat[k] = (C[g][k], C[k][k])`` and ``nfr[k] = NFR(g, k)`` for each active ancestor
     k; ``ecc_counts[k]`` the paired top-1 hits of generation-g vs generation-k queries on
     the k-gallery, ``flip_counts[k]`` the paired classification outcomes (loss = negative
-    flips) — :func:`counts_from_metrics` reads both from the evaluation's metrics.
+    flips) — :func:`counts_from_metrics` reads both from the evaluation's metrics;
+    ``ecc_groups[k]`` (:func:`groups_from_metrics`) only adds to the reasons where the ECC
+    gap lies, on the classes k trained on or on the others; it does not change a verdict.
+    With ``cfg.on_incompatible == "backfill"`` an ECC failure against k does not reject
+    g: its reason starts ``BACKFILL``, and the cycle's backfill re-embeds all of k's items
+    (:func:`incompatible_ancestors` reads the same evidence back from the lineage).
     """
     if not cfg.enabled:
         return True, ["gate disabled: promoted without checks"]
     ecc_counts = ecc_counts or {}
     flip_counts = flip_counts or {}
+    ecc_groups = ecc_groups or {}
     reasons: list[str] = []
     ok = True
     if champion_accuracy is None:
@@ -113,8 +172,9 @@ def decide(
             )
     if cfg.require_ecc:
         for k, (c_gk, c_kk) in sorted(compat.items()):
-            passed, reason = _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg)
-            ok &= passed
+            passed, reason = _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg, ecc_groups.get(k))
+            # under on_incompatible=backfill a failure is no rejection: k's items all leave
+            ok &= passed or cfg.on_incompatible == "backfill"
             reasons.append(reason)
     for k, value in sorted(nfr.items()):
         passed, reason = _nfr_check(k, value, flip_counts.get(k), cfg)
@@ -141,6 +201,21 @@ def counts_from_metrics(
         counts("ecc_queries", "ecc_gain", "ecc_loss"),
         counts("flip_items", "flip_pos", "flip_neg"),
     )
+
+
+def groups_from_metrics(
+    metrics: Mapping[tuple[int, int, str], float | None], g: int
+) -> dict[int, ClassGroupGaps]:
+    """The ECC gaps by class group ``evaluate_against_ancestors`` stored for (g, k)."""
+    out = {}
+    for a, k, m in metrics:
+        if a == g and k != g and m == "ecc_unseen_queries" and metrics[(a, k, m)] is not None:
+            out[k] = ClassGroupGaps(
+                metrics.get((g, k, "ecc_gap_seen")),
+                metrics.get((g, k, "ecc_gap_unseen")),
+                int(round(metrics[(a, k, m)])),  # type: ignore[arg-type]
+            )
+    return out
 
 
 def evidence_rows(

@@ -83,6 +83,14 @@ def _ci(lo: float | None, hi: float | None, fmt: str = "+.4f") -> str:
     return "–" if lo is None or hi is None else f"[{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _groups(g: dict | None) -> str:
+    """The ECC gap on the classes k trained on / on the others ("–" where none)."""
+    if not g or g.get("seen") is None:
+        return "–"
+    unseen = "–" if g.get("unseen") is None else f"{g['unseen']:+.4f} ({g['unseen_queries']} q)"
+    return f"{g['seen']:+.4f} / {unseen}"
+
+
 def _gate_table(gate: dict | None) -> list[str]:
     """The gate's paired evidence per ancestor as a markdown table (intervals included)."""
     if not gate or not gate["ancestors"]:
@@ -90,9 +98,9 @@ def _gate_table(gate: dict | None) -> list[str]:
     level = f"{100 * gate['confidence']:g}% CI" if gate.get("confidence") else "CI"
     margin, max_nfr = gate.get("ecc_margin"), gate.get("max_nfr")
     lines = [
-        f"| k | C[g][k] − C[k][k] | {level} | queries | NFR | {level} | "
-        "neg / pos flips | McNemar p |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| k | C[g][k] − C[k][k] | {level} | queries | on classes k trained on / never saw "
+        f"| NFR | {level} | neg / pos flips | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in gate["ancestors"]:
         flips = (
@@ -104,6 +112,7 @@ def _gate_table(gate: dict | None) -> list[str]:
         delta = "–" if a["ecc_delta"] is None else f"{a['ecc_delta']:+.4f}"
         lines.append(
             f"| {a['k']} | {delta} | {_ci(*a['ci'])} | {a['queries'] or '–'} | "
+            f"{_groups(a.get('ecc_gap_by_class'))} | "
             f"{_num(a['nfr'])} | {_ci(*a['nfr_ci'], fmt='.4f')} | {flips} | {p} |"
         )
     rule = []

@@ -67,6 +67,9 @@ GATE_PAIR_METRICS = (
     "flip_neg",
     "flip_pos",
     "flip_items",
+    "ecc_gap_seen",
+    "ecc_gap_unseen",
+    "ecc_unseen_queries",
 )
 GATE_OWN_METRICS = ("evidence_confidence", "gate_ecc_margin", "gate_max_nfr")
 
@@ -77,6 +80,8 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
     ``ancestors``: ``k``, ``ecc_delta`` = C[g][k] - C[k][k] with its bootstrap ``ci``
     over ``queries`` paired queries, ``nfr`` with its exact ``nfr_ci``, the flip counts and
     ``p`` (one-sided exact McNemar: more negative than positive flips), at ``confidence``;
+    ``ecc_gap_by_class``: C[g][k] - C[k][k] on the classes k trained on (``seen``) and on
+    the others (``unseen``, over ``unseen_queries``);
     ``ecc_margin`` / ``max_nfr``: the thresholds the gate compared them with (None before
     a gate used them).
     """
@@ -113,6 +118,11 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
                     "positive_flips": count(m.get("flip_pos")),
                     "items": count(m.get("flip_items")),
                     "p": m.get("flip_p"),
+                    "ecc_gap_by_class": {
+                        "seen": m.get("ecc_gap_seen"),
+                        "unseen": m.get("ecc_gap_unseen"),
+                        "unseen_queries": count(m.get("ecc_unseen_queries")),
+                    },
                 }
             )
         o = own.get(gid, {})

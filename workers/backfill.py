@@ -32,7 +32,7 @@ import os
 import resource
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -436,6 +436,7 @@ def policy_order(
     num_classes: int | None = None,
     batch_rows: int = SCAN_ROWS,
     retire_share: float = 0.0,
+    complete: Sequence[int] = (),
 ) -> tuple[np.ndarray, int]:
     """(item ids not yet embedded by ``target`` in ``policy`` order, gallery size).
 
@@ -486,7 +487,15 @@ def policy_order(
                 at += batch.num_rows
     retire_below = int(retire_share * n)  # items: a generation holding so few retires now
     order = backfill_order(
-        item_id, generation, margin, target, policy, seed, strata=strata, retire_below=retire_below
+        item_id,
+        generation,
+        margin,
+        target,
+        policy,
+        seed,
+        strata=strata,
+        retire_below=retire_below,
+        complete=complete,
     )
     return order, n
 
@@ -609,8 +618,13 @@ def run_backfill(
     update_index: bool = True,
     stats: dict[str, Any] | None = None,
     retire_share: float = 0.0,
+    complete: Sequence[int] = (),
 ) -> BackfillJob:
     """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
+
+    Every item of the generations in ``complete`` is re-embedded first, whatever the
+    budget (the gate found the champion incompatible with them); the budget covers the
+    rest.
 
     The embedding actor reads the items' inputs from the gallery's recorded data-set
     spec (``source``: see :func:`open_source`); ``ds``, when given, must be that data
@@ -642,9 +656,17 @@ def run_backfill(
     if selection is None:
         num_classes = len(champion.classes) if champion.classes else None
         order, n_items = policy_order(
-            gallery, target, policy, seed, num_classes, retire_share=retire_share
+            gallery,
+            target,
+            policy,
+            seed,
+            num_classes,
+            retire_share=retire_share,
+            complete=complete,
         )
-        selection = order[: budget_items(budget, n_items)].copy()
+        held = lineage.gallery_counts()
+        forced = sum(held.get(int(k), 0) for k in complete if int(k) != target)
+        selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
         if measure and champion_gallery_emb is not None:
             rows = gallery.read_all()

@@ -102,24 +102,35 @@ def evaluate_against_ancestors(
             (g, k, "ecc", float(M.ecc(c_gk["top1"], c_kk))),
             (g, k, "update_gain", M.update_gain(c_gk["top1"], c_kk, own["top1"])),
         ]
-        rows += [(g, k, name, value) for name, value in gate_evidence(new, old, y).items()]
+        evidence = gate_evidence(new, old, y, anc.classes)
+        rows += [(g, k, name, value) for name, value in evidence.items()]
     rows.append((g, g, "nfr_any", M.nfr_any(new.prediction, olds_active, y)))
     rows.append((g, g, "evidence_confidence", S.DEFAULT_CONFIDENCE))
     return rows
 
 
-def gate_evidence(new: EvalOutputs, old: EvalOutputs, y: np.ndarray) -> dict[str, float]:
+def gate_evidence(
+    new: EvalOutputs, old: EvalOutputs, y: np.ndarray, old_classes: Sequence[int] | None = None
+) -> dict[str, float | None]:
     """The gate's paired evidence for (new, old) on the same cases (``stats.pair_evidence``).
 
     Retrieval: per query, the top-1 hit of the new generation's query and of the old one's,
     both against the old generation's gallery (their means are C[g][k] and C[k][k]).
     Classification: per evaluation item, whether each generation predicts its label.
     Intervals at the default confidence; the gate records its own level's over them.
+    With ``old_classes`` (the classes the old generation trained on) also C[g][k] - C[k][k]
+    on the queries of those classes (``ecc_gap_seen``) and of the others
+    (``ecc_gap_unseen``, over ``ecc_unseen_queries``): where compatibility is lost.
     """
     qy, gy = y[new.query_idx], y[new.gallery_idx]
-    queries = S.paired_counts(
-        M.retrieval_hits(new.query_emb, qy, old.gallery_emb, gy),
-        M.retrieval_hits(old.query_emb, qy, old.gallery_emb, gy),
-    )
+    new_hits = M.retrieval_hits(new.query_emb, qy, old.gallery_emb, gy)
+    old_hits = M.retrieval_hits(old.query_emb, qy, old.gallery_emb, gy)
+    queries = S.paired_counts(new_hits, old_hits)
     items = S.paired_counts(new.prediction == y, old.prediction == y)
-    return S.pair_evidence(queries, items)
+    out: dict[str, float | None] = dict(S.pair_evidence(queries, items))
+    if old_classes is not None:
+        groups = M.ecc_gap_by_class_group(new_hits, old_hits, qy, old_classes)
+        out["ecc_gap_seen"] = groups["seen"]
+        out["ecc_gap_unseen"] = groups["unseen"]
+        out["ecc_unseen_queries"] = groups["unseen_queries"]
+    return out

@@ -27,6 +27,7 @@ __all__ = [
     "compat_matrix",
     "curve_area",
     "ecc",
+    "ecc_gap_by_class_group",
     "flip_metrics",
     "nearest_neighbors",
     "nfi",
@@ -306,6 +307,34 @@ def ac(top1: Mapping[tuple[int, int], float]) -> float:
             raise ValueError(f"missing diagonal entry C[{b}][{b}] needed for pair ({a}, {b})")
         hits += ecc(top1[(a, b)], top1[(b, b)])
     return hits / len(pairs)
+
+
+def ecc_gap_by_class_group(
+    new_hits: np.ndarray,
+    old_hits: np.ndarray,
+    query_labels: np.ndarray,
+    seen_classes: Sequence[int],
+) -> dict[str, float | int | None]:
+    """C[a][b] - C[b][b] on the queries of classes b trained on ("seen") and on the others.
+
+    ``new_hits`` / ``old_hits``: per query, the top-1 hit of generation a's / b's query
+    against b's gallery (``retrieval_hits``; their means are C[a][b] and C[b][b]). A
+    group without queries has gap None. Where the two groups' gaps differ, the strict
+    criterion's failures come from one kind of class: those an ancestor knew, or those
+    it never trained on and embeds only by resemblance.
+    """
+    new = np.asarray(new_hits, dtype=bool)
+    old = np.asarray(old_hits, dtype=bool)
+    y = _labels(query_labels, "query_labels")
+    if not (len(new) == len(old) == len(y)):
+        raise ValueError(f"lengths differ: {len(new)} new, {len(old)} old hits, {len(y)} labels")
+    seen = np.isin(y, np.asarray(list(seen_classes), dtype=y.dtype))
+    out: dict[str, float | int | None] = {}
+    for name, mask in (("seen", seen), ("unseen", ~seen)):
+        n = int(mask.sum())
+        out[f"{name}_queries"] = n
+        out[name] = float(new[mask].mean() - old[mask].mean()) if n else None
+    return out
 
 
 def am(top1: Mapping[tuple[int, int], float]) -> float:

@@ -32,6 +32,8 @@ many cycles, and the constraints of a ten-generation chain grew to 24).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 POLICIES = ("random", "oldest-first", "uncertainty", "representative")
@@ -149,12 +151,14 @@ def backfill_order(
     seed: int = 0,
     strata: np.ndarray | None = None,
     retire_below: int = 0,
+    complete: Sequence[int] = (),
 ) -> np.ndarray:
     """Item ids not yet embedded by ``target``, first to backfill first.
 
     ``strata`` (aligned with the rows; see :func:`strata_of`) is needed by
-    ``representative``. Generations with at most ``retire_below`` stale items come first
-    (:func:`tails_first`).
+    ``representative``. The items of the generations in ``complete`` (which must leave
+    the gallery) come first, then those of generations with at most ``retire_below``
+    stale items (:func:`tails_first`), each group in policy order.
     """
     check_policy(policy)
     item_id, generation, margin = (np.asarray(a) for a in (item_id, generation, margin))
@@ -179,7 +183,15 @@ def backfill_order(
         order = _representative(ids, margins, np.asarray(strata)[stale], tie)
     if retire_below > 0:
         order = order[tails_first(gens[order], retire_below)]
+    if len(complete):
+        order = order[generations_first(gens[order], complete)]
     return np.asarray(ids[order], dtype=np.int64)
+
+
+def generations_first(gens: np.ndarray, first: Sequence[int]) -> np.ndarray:
+    """A stable reordering of positions: rows of the generations ``first`` come first."""
+    front = np.isin(np.asarray(gens), np.asarray(list(first), dtype=np.int64))
+    return np.concatenate([np.flatnonzero(front), np.flatnonzero(~front)])
 
 
 def tails_first(gens: np.ndarray, retire_below: int) -> np.ndarray:

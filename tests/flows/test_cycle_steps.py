@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from flows.config import CycleConfig, GateConfig, TrainConfig
+from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 from flows.cycle import backfill_step, evaluate_step, gate_step, start_cycle, train_step
 from store.lineage import Lineage
 from workers.datasets import load_dataset
@@ -52,6 +53,38 @@ def test_gate_rejects_a_generation_that_flips_too_much(home) -> None:
     assert anc["nfr_ci"][0] <= nfr <= anc["nfr_ci"][1]
     assert anc["ci"][0] <= anc["ecc_delta"] <= anc["ci"][1]
     assert anc["queries"] == n_items // 2  # the query half of the evaluation split
+    # where the gap lies: g1 trained on 6 of the 10 classes (the scenario's first stage)
+    groups = anc["ecc_gap_by_class"]
+    y_queries = load_dataset("digits").y_test[1::2]
+    seen = list(lin.generation(g1).classes)
+    assert len(seen) == 6
+    assert groups["unseen_queries"] == int((~np.isin(y_queries, seen)).sum()) > 0
+    n_unseen = groups["unseen_queries"]
+    n_seen = anc["queries"] - n_unseen
+    overall = (n_seen * groups["seen"] + n_unseen * groups["unseen"]) / anc["queries"]
+    assert overall == pytest.approx(anc["ecc_delta"])  # the two groups make up the whole gap
+
+
+@pytest.mark.slow
+def test_an_incompatible_update_promoted_with_backfill_empties_its_ancestor(home) -> None:
+    """on_incompatible=backfill: ECC fails, g2 is promoted and all of g1's items leave."""
+    from flows.chain import active_generations, retire_unused
+
+    lin = Lineage()
+    train = TrainConfig(method="none", epochs=2)  # unconstrained: unrelated embeddings
+    g1, _ = _cycle(lin, CycleConfig(dataset="digits", stages=3, train=train))
+    gate = GateConfig(on_incompatible="backfill", max_nfr=1.0, accuracy_tolerance=1.0)
+    budget = BackfillConfig(budget=0.1, curve=False)  # far less than g1's 270 items
+    g2, ok = _cycle(lin, CycleConfig(stages=3, train=train, gate=gate, backfill=budget))
+    reasons = lin.generation(g2).gate_reasons
+    assert ok and lin.champion().id == g2
+    (why,) = [r for r in reasons if "compatible with" in r]
+    assert why.startswith(f"BACKFILL not compatible with {g1}: ")
+    assert lin.gallery_counts() == {g2: 270}  # every item of g1, beyond the 10% budget
+    (job,) = lin.backfill_jobs()[-1:]
+    assert job.items_done == 270 and job.budget == 0.1
+    assert [g for g, _ in retire_unused(lin)] == [g1]  # so the next one is not held to g1
+    assert active_generations(lin) == [g2]
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ def test_cycle_commands_default_to_the_configs(command) -> None:
     assert defaults["backfill_retire_share"] == backfill.retire_share
     assert defaults["max_nfr"] == gate.max_nfr
     assert defaults["ecc_margin"] == gate.ecc_margin
+    assert defaults["on_incompatible"] == gate.on_incompatible
 
 
 def test_backfill_command_defaults_to_the_config() -> None:
@@ -33,3 +34,21 @@ def test_backfill_command_defaults_to_the_config() -> None:
         b.policy,
         b.retire_share,
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [("--against", "against"), ("--gate-on-incompatible", "on_incompatible")],
+)
+def test_a_bad_option_value_is_one_error_line_naming_the_field(
+    option: str, field: str, tmp_path, monkeypatch
+) -> None:
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("GRACEFUL_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli.app, ["run", "--generations", "1", option, "foo"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}: Input should be ")
+    assert "(got 'foo')" in lines[0]
+    assert not (tmp_path / "home").exists()  # nothing was created

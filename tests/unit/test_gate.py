@@ -5,7 +5,14 @@ import math
 import pytest
 
 from flows.config import GateConfig
-from flows.gate import counts_from_metrics, decide, evidence_rows
+from flows.gate import (
+    ClassGroupGaps,
+    counts_from_metrics,
+    decide,
+    evidence_rows,
+    groups_from_metrics,
+    incompatible_ancestors,
+)
 from workers.stats import PairedCounts, clopper_pearson, pair_evidence
 
 
@@ -68,6 +75,77 @@ def test_a_two_query_difference_is_noise_and_promotes() -> None:
     assert lo == pytest.approx(-0.002 - half, abs=0.003)
     assert hi == pytest.approx(-0.002 + half, abs=0.003)
     assert "not below +0.0000" in reason and "1000 queries" in reason
+
+
+def test_reasons_say_where_the_gap_lies_without_changing_the_verdict() -> None:
+    # 400 queries, 10 only g hits, 50 only k hits: rejected, with or without the groups
+    counts = {1: PairedCounts(400, 10, 50)}
+    compat = {1: (0.6, 0.7)}
+    groups = {1: ClassGroupGaps(seen=-0.02, unseen=-0.22, unseen_queries=160)}
+    plain = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    noted = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts, ecc_groups=groups)
+    assert plain[0] is noted[0] is False
+    (fail,) = _fails(noted[1])
+    assert fail.endswith(
+        "400 queries; on classes 1 trained on -0.0200, "
+        "on the 160 queries of classes it never saw -0.2200)"
+    )
+    assert "trained on" not in _fails(plain[1])[0]
+    # an ancestor that trained on every class: no split to report
+    whole = {1: ClassGroupGaps(seen=-0.1, unseen=None, unseen_queries=0)}
+    _, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts, ecc_groups=whole)
+    assert "never saw" not in _fails(reasons)[0]
+
+
+def test_on_incompatible_backfill_promotes_and_says_what_it_backfills() -> None:
+    # against 1: 10 only g hits, 50 only k hits of 400 -> upper bound about -0.063 < 0;
+    # against 2: 30 vs 31 -> the interval holds 0: compatible
+    counts = {1: PairedCounts(400, 10, 50), 2: PairedCounts(400, 30, 31)}
+    compat = {1: (0.6, 0.7), 2: (0.7, 0.7025)}
+    cfg = GateConfig(on_incompatible="backfill")
+    ok, reasons = decide(0.9, 0.9, compat, {}, cfg, ecc_counts=counts)
+    assert ok and not _fails(reasons)
+    assert reasons[1].startswith("BACKFILL not compatible with 1: ")
+    assert reasons[1].endswith(
+        "every gallery item of 1 is re-embedded in this cycle (on_incompatible)"
+    )
+    assert reasons[2].startswith("compatible with 2")
+    # the default rejects the same evidence
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    assert not ok and _fails(reasons)[0].startswith("FAIL not compatible with 1")
+    # another failure still rejects
+    flips = {1: PairedCounts(540, 10, 100)}
+    nfr = {1: 100 / 540}
+    ok, reasons = decide(0.9, 0.9, compat, nfr, cfg, ecc_counts=counts, flip_counts=flips)
+    assert not ok and _fails(reasons)[0].startswith("FAIL NFR against 1")
+
+
+def test_incompatible_ancestors_read_the_recorded_upper_bounds() -> None:
+    hi = {1: -0.063, 2: 0.01, 3: -0.004, 4: None}
+    assert incompatible_ancestors(hi, GateConfig(on_incompatible="backfill")) == [1, 3]
+    # a margin of 0.005 keeps 3 (-0.004 is not below -0.005)
+    assert incompatible_ancestors(hi, GateConfig(on_incompatible="backfill", ecc_margin=0.005)) == [
+        1
+    ]
+    assert incompatible_ancestors(hi, GateConfig()) == []  # reject: nothing to backfill
+    off = GateConfig(on_incompatible="backfill", require_ecc=False)
+    assert incompatible_ancestors(hi, off) == []
+
+
+def test_groups_round_trip_through_metric_rows() -> None:
+    metrics = {
+        (3, 1, "ecc_gap_seen"): 0.01,
+        (3, 1, "ecc_gap_unseen"): -0.3,
+        (3, 1, "ecc_unseen_queries"): 120.0,
+        (3, 2, "ecc_gap_seen"): 0.02,
+        (3, 2, "ecc_gap_unseen"): None,
+        (3, 2, "ecc_unseen_queries"): 0.0,
+        (2, 1, "ecc_unseen_queries"): 200.0,  # another generation's pair
+    }
+    assert groups_from_metrics(metrics, 3) == {
+        1: ClassGroupGaps(0.01, -0.3, 120),
+        2: ClassGroupGaps(0.02, None, 0),
+    }
 
 
 def test_a_clear_ecc_regression_is_still_rejected() -> None:

@@ -16,6 +16,7 @@ from workers.metrics import (
     compat_matrix,
     curve_area,
     ecc,
+    ecc_gap_by_class_group,
     flip_metrics,
     nearest_neighbors,
     nfi,
@@ -250,6 +251,27 @@ def test_ac_am_edge_cases() -> None:
     assert math.isnan(am({}))
     with pytest.raises(ValueError, match="missing diagonal"):
         ac({(1, 0): 0.7, (1, 1): 0.8})
+
+
+def test_ecc_gap_by_class_group_by_hand() -> None:
+    # six queries; the old generation trained on classes 0 and 1, never on 2
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    new = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
+    old = np.array([1, 0, 0, 1, 1, 1], dtype=bool)
+    out = ecc_gap_by_class_group(new, old, labels, seen_classes=[0, 1])
+    # seen (first three): new 2/3, old 1/3 -> +1/3; unseen (last three): new 1/3, old 1 -> -2/3
+    assert out["seen"] == pytest.approx(1 / 3)
+    assert out["unseen"] == pytest.approx(-2 / 3)
+    assert (out["seen_queries"], out["unseen_queries"]) == (3, 3)
+    # the groups' gaps weighted by their queries give C[a][b] - C[b][b] overall: 3/6 - 4/6
+    overall = (3 * out["seen"] + 3 * out["unseen"]) / 6
+    assert overall == pytest.approx(new.mean() - old.mean())
+    # a generation that saw every class leaves no unseen group
+    whole = ecc_gap_by_class_group(new, old, labels, seen_classes=[0, 1, 2])
+    assert whole["unseen"] is None and whole["unseen_queries"] == 0
+    assert whole["seen"] == pytest.approx(-1 / 6)
+    with pytest.raises(ValueError, match="lengths differ"):
+        ecc_gap_by_class_group(new[:5], old, labels, [0])
 
 
 def test_update_gain() -> None:

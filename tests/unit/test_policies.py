@@ -9,6 +9,7 @@ from workers.policies import (
     POLICIES,
     backfill_order,
     budget_items,
+    generations_first,
     item_hash,
     strata_of,
     tails_first,
@@ -127,3 +128,15 @@ def test_retire_below_backfills_a_generations_last_items_first() -> None:
     assert got[1:] == [
         i for i in backfill_order(IDS, gen, MARGIN, TARGET, "uncertainty").tolist() if i != 17
     ]
+
+
+def test_complete_generations_go_first_in_policy_order() -> None:
+    # uncertainty order: [17, 11, 13, 15, 10, 14]; generation 1 holds 10, 13, 15
+    assert generations_first(np.array([2, 2, 1, 1, 1, 2]), [1]).tolist() == [2, 3, 4, 0, 1, 5]
+    got = backfill_order(IDS, GEN, MARGIN, TARGET, "uncertainty", complete=[1]).tolist()
+    assert got == [13, 15, 10, 17, 11, 14]
+    # with tails first as well, the generations to complete still lead
+    gen = GEN.copy()
+    gen[[1, 4]] = 1  # generation 2 keeps only item 17, a tail of 1 item
+    got = backfill_order(IDS, gen, MARGIN, TARGET, "uncertainty", retire_below=1, complete=[1])
+    assert got.tolist() == [11, 13, 15, 10, 14, 17]
