@@ -23,6 +23,9 @@ def backfill_once(
 ) -> dict[str, Any]:
     """Re-embed ``cfg.budget`` of the collection with the champion, then retire what left.
 
+    Generations the champion owes a full backfill (:func:`flows.chain.owed_backfill`) are
+    re-embedded whole, first, whatever the budget.
+
     The scenario's collection (the evaluation gallery) measures M_mix and the backfill
     curve; a user's collection is read by key from its source, and M_mix, which needs
     labelled queries against it, is not measured.
@@ -53,6 +56,7 @@ def backfill_once(
         progress=progress,
         crash_after_parts=crash_after_parts,
         retire_share=cfg.retire_share,
+        complete=chain.owed_backfill(lineage),
         **measure,
     )
     if job.m_mix_after is not None:

@@ -47,6 +47,23 @@ def plan_constraints(
     return [(k, kind.value, full[kind] * scale) for k in targets for kind in kinds]
 
 
+OWED = "backfill_owed"  # metric row (g, k, 1.0): g was promoted owing k a full backfill
+
+
+def owed_backfill(lineage: Lineage) -> list[int]:
+    """Generations whose items the champion must re-embed in full before anything else:
+    it was promoted though incompatible with them (``on_incompatible=backfill``), and they
+    still hold gallery items. Every backfill under that champion starts with them, so a
+    cycle killed before its backfill, or a manual ``graceful backfill``, still pays it."""
+    champion = lineage.champion()
+    if champion is None:
+        return []
+    held = lineage.gallery_counts()
+    return sorted(
+        int(k) for a, k, v in lineage.metric(OWED) if a == champion.id and v and held.get(int(k))
+    )
+
+
 def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:
     """Retire promoted generations with no items left in the gallery (unless pinned/champion)."""
     counts = lineage.gallery_counts()

@@ -46,9 +46,10 @@ class GateConfig(BaseModel):
     on_incompatible: Literal["reject", "backfill"] = Field(
         "reject",
         description="when ECC fails against an ancestor: reject the generation, or promote "
-        "it (if nothing else fails) and re-embed every gallery item of that ancestor in "
-        "the same cycle (beyond the backfill budget), so the lineage moves on at the cost "
-        "of a full backfill of those items",
+        "it (if nothing else fails and that ancestor is not pinned) and re-embed every "
+        "gallery item of that ancestor first in the cycle's backfill, whatever the budget "
+        "(the budget still counts them), so the lineage moves on at the cost of a full "
+        "backfill of those items",
     )
 
 

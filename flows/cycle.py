@@ -22,11 +22,11 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain
 from flows.config import CycleConfig
 from flows.gate import (
+    backfill_owed,
     counts_from_metrics,
     decide,
     evidence_rows,
     groups_from_metrics,
-    incompatible_ancestors,
 )
 from flows.progress import StepProgress
 from flows.steps import Step
@@ -507,6 +507,7 @@ def gate_step(
     compat = {k: (metrics[(g, k, "compat_top1")], own[(k, k)]) for k in state.active}
     nfr = {k: metrics[(g, k, "nfr")] for k in state.active}
     ecc_counts, flip_counts = counts_from_metrics(metrics, g)  # the paired per-case evidence
+    pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
     passed, reasons = decide(
         metrics[(g, g, "accuracy")],
         champion.accuracy if champion else None,
@@ -516,9 +517,13 @@ def gate_step(
         ecc_counts=ecc_counts,
         flip_counts=flip_counts,
         ecc_groups=groups_from_metrics(metrics, g),
+        pinned=pinned,
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
+    if passed:  # recorded before promotion: a kill after it still leaves the debt on record
+        owed = backfill_owed(compat, cfg.gate, ecc_counts, pinned)
+        lineage.record_metrics([(g, k, chain.OWED, 1.0) for k in owed])
     state.reasons = reasons
     state.generation = lineage.update_generation(
         g,
@@ -582,10 +587,7 @@ def backfill_step(
         if state.source is not None:
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
         return index_gallery(lineage, state.dataset, champion, b.batch_rows)
-    # the ancestors the gate found the champion incompatible with leave the gallery now
-    ecc_hi = {k: v for a, k, v in lineage.metric("ecc_delta_hi") if a == champion.id}
-    held = lineage.gallery_counts()
-    complete = [k for k in incompatible_ancestors(ecc_hi, cfg.gate) if held.get(k)]
+    complete = chain.owed_backfill(lineage)  # incompatible ancestors leave the gallery first
     if not info.scenario:
         job = run_backfill(
             lineage,

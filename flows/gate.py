@@ -16,14 +16,15 @@ the point itself: ECC fails when C[g][k] - C[k][k] < -ecc_margin, NFR when NFR >
 and the reason says so. Every reason carries its interval; failures start with ``FAIL ``.
 
 ``on_incompatible = "backfill"`` turns an ECC failure against k from a rejection into a
-full backfill: g is promoted (if nothing else fails) and every gallery item of k is
-re-embedded in the same cycle, so g's queries never meet k's embeddings — the textbook
+full backfill: g is promoted (if nothing else fails and k is not pinned), it owes k a full
+backfill (recorded as the metric row (g, k, ``backfill_owed``); every backfill under g
+re-embeds k's items first), so g's queries stop meeting k's embeddings — the textbook
 update without compatibility, paid for in re-embedding instead of a stalled lineage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
 from flows.config import GateConfig
@@ -61,14 +62,6 @@ def _below(hi: float, cfg: GateConfig) -> bool:
     return hi < _ecc_bound(cfg) - EPS
 
 
-def incompatible_ancestors(ecc_hi: Mapping[int, float | None], cfg: GateConfig) -> list[int]:
-    """The ancestors k the gate found g incompatible with, from the upper bounds of
-    C[g][k] - C[k][k] it recorded (``ecc_delta_hi``), when ``on_incompatible`` backfills."""
-    if not (cfg.enabled and cfg.require_ecc and cfg.on_incompatible == "backfill"):
-        return []
-    return sorted(k for k, hi in ecc_hi.items() if hi is not None and _below(hi, cfg))
-
-
 def _group_note(k: int, groups: ClassGroupGaps | None) -> str:
     """Where the gap lies, when k never trained on some of the queries' classes."""
     if groups is None or groups.unseen is None or groups.seen is None:
@@ -100,12 +93,7 @@ def _ecc_check(
     where += f", {counts.n} queries" if counts is not None else ""
     where += _group_note(k, groups) + ")"
     if _below(hi, cfg):
-        if cfg.on_incompatible == "backfill":
-            return False, (
-                f"BACKFILL not compatible with {k}: {what} below {bound:+.4f} {where}; "
-                f"every gallery item of {k} is re-embedded in this cycle (on_incompatible)"
-            )
-        return False, f"FAIL not compatible with {k}: {what} below {bound:+.4f} {where}"
+        return False, f"not compatible with {k}: {what} below {bound:+.4f} {where}"
     return True, f"compatible with {k}: {what} not below {bound:+.4f} {where}"
 
 
@@ -139,6 +127,7 @@ def decide(
     ecc_counts: Mapping[int, PairedCounts] | None = None,
     flip_counts: Mapping[int, PairedCounts] | None = None,
     ecc_groups: Mapping[int, ClassGroupGaps] | None = None,
+    pinned: Collection[int] = (),
 ) -> tuple[bool, list[str]]:
     """Promote only if no check fails on the evidence (the rule: module docstring).
 
@@ -149,14 +138,14 @@ def decide(
     ``ecc_groups[k]`` (:func:`groups_from_metrics`) only adds to the reasons where the ECC
     gap lies, on the classes k trained on or on the others; it does not change a verdict.
     With ``cfg.on_incompatible == "backfill"`` an ECC failure against k does not reject
-    g: its reason starts ``BACKFILL``, and the cycle's backfill re-embeds all of k's items
-    (:func:`incompatible_ancestors` reads the same evidence back from the lineage).
+    g unless k is ``pinned`` (kept on purpose): if g is promoted its reason starts
+    ``BACKFILL`` and g owes k a full backfill (:func:`backfill_owed`); if g is rejected for
+    another reason, the ECC failure is reported as a ``FAIL`` like any other.
     """
     if not cfg.enabled:
         return True, ["gate disabled: promoted without checks"]
     ecc_counts = ecc_counts or {}
     flip_counts = flip_counts or {}
-    ecc_groups = ecc_groups or {}
     reasons: list[str] = []
     ok = True
     if champion_accuracy is None:
@@ -170,17 +159,59 @@ def decide(
             reasons.append(
                 f"FAIL accuracy {accuracy:.4f} < champion {champion_accuracy:.4f} - {tol}"
             )
-    if cfg.require_ecc:
-        for k, (c_gk, c_kk) in sorted(compat.items()):
-            passed, reason = _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg, ecc_groups.get(k))
-            # under on_incompatible=backfill a failure is no rejection: k's items all leave
-            ok &= passed or cfg.on_incompatible == "backfill"
-            reasons.append(reason)
+    owed: dict[int, int] = {}  # ancestor -> index of its reason, under on_incompatible
+    for k, (passed, reason) in _ecc_checks(compat, cfg, ecc_counts, ecc_groups).items():
+        if not passed and cfg.on_incompatible == "backfill" and k not in pinned:
+            owed[k] = len(reasons)  # no rejection by itself: k's items can all leave
+        elif not passed:
+            ok = False
+            kept = cfg.on_incompatible == "backfill" and k in pinned
+            reason = (
+                "FAIL " + reason + ("; it is pinned: unpin it to backfill it away" if kept else "")
+            )
+        reasons.append(reason)
     for k, value in sorted(nfr.items()):
         passed, reason = _nfr_check(k, value, flip_counts.get(k), cfg)
         ok &= passed
         reasons.append(reason)
+    for k, i in owed.items():  # promoted: k's items are owed; rejected: a failure like any
+        reasons[i] = (
+            f"BACKFILL {reasons[i]}; every gallery item of {k} is re-embedded by this "
+            "cycle's backfill (on_incompatible=backfill)"
+            if ok
+            else f"FAIL {reasons[i]}"
+        )
     return ok, reasons
+
+
+def _ecc_checks(
+    compat: Mapping[int, tuple[float, float]],
+    cfg: GateConfig,
+    ecc_counts: Mapping[int, PairedCounts],
+    ecc_groups: Mapping[int, ClassGroupGaps] | None = None,
+) -> dict[int, tuple[bool, str]]:
+    """ECC against each ancestor: (passed, reason without prefix); none if not required."""
+    if not cfg.require_ecc:
+        return {}
+    groups = ecc_groups or {}
+    return {
+        k: _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg, groups.get(k))
+        for k, (c_gk, c_kk) in sorted(compat.items())
+    }
+
+
+def backfill_owed(
+    compat: Mapping[int, tuple[float, float]],
+    cfg: GateConfig,
+    ecc_counts: Mapping[int, PairedCounts] | None = None,
+    pinned: Collection[int] = (),
+) -> list[int]:
+    """The ancestors a promoted generation owes a full backfill (``on_incompatible``): those
+    :func:`decide` found it incompatible with, on the same evidence, unless pinned."""
+    if not (cfg.enabled and cfg.on_incompatible == "backfill"):
+        return []
+    checks = _ecc_checks(compat, cfg, ecc_counts or {})
+    return [k for k, (passed, _) in checks.items() if not passed and k not in pinned]
 
 
 def counts_from_metrics(

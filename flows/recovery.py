@@ -134,4 +134,8 @@ def recover(lineage: Lineage, cfg: CycleConfig) -> tuple[CycleState | None, dict
     """Both of the above: (the cycle to continue or None, the finished backfill or None)."""
     state = recover_generations(lineage)
     backfill = recover_backfill(lineage, cfg)
+    if backfill is None and chain.owed_backfill(lineage) and Gallery(lineage).info():
+        # a cycle was killed after promoting past an incompatible ancestor, before its
+        # backfill began: pay that debt before anything new is trained against it
+        backfill = backfill_once(lineage, cfg.backfill)
     return state, backfill

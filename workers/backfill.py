@@ -623,8 +623,8 @@ def run_backfill(
     """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
 
     Every item of the generations in ``complete`` is re-embedded first, whatever the
-    budget (the gate found the champion incompatible with them); the budget covers the
-    rest.
+    budget (the champion owes them a full backfill): the job re-embeds those items, or the
+    budget's count of items in that order if the budget is larger.
 
     The embedding actor reads the items' inputs from the gallery's recorded data-set
     spec (``source``: see :func:`open_source`); ``ds``, when given, must be that data

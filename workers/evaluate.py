@@ -102,7 +102,8 @@ def evaluate_against_ancestors(
             (g, k, "ecc", float(M.ecc(c_gk["top1"], c_kk))),
             (g, k, "update_gain", M.update_gain(c_gk["top1"], c_kk, own["top1"])),
         ]
-        evidence = gate_evidence(new, old, y, anc.classes)
+        # a generation recorded without its classes (an older lineage) has no split
+        evidence = gate_evidence(new, old, y, anc.classes or None)
         rows += [(g, k, name, value) for name, value in evidence.items()]
     rows.append((g, g, "nfr_any", M.nfr_any(new.prediction, olds_active, y)))
     rows.append((g, g, "evidence_confidence", S.DEFAULT_CONFIDENCE))

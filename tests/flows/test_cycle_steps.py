@@ -67,24 +67,31 @@ def test_gate_rejects_a_generation_that_flips_too_much(home) -> None:
 
 @pytest.mark.slow
 def test_an_incompatible_update_promoted_with_backfill_empties_its_ancestor(home) -> None:
-    """on_incompatible=backfill: ECC fails, g2 is promoted and all of g1's items leave."""
-    from flows.chain import active_generations, retire_unused
+    """on_incompatible=backfill: ECC fails, g2 is promoted owing g1 a full backfill; the
+    cycle is killed before its backfill, and recovery pays the debt beyond the budget."""
+    from flows import chain
+    from flows.recovery import recover
 
     lin = Lineage()
     train = TrainConfig(method="none", epochs=2)  # unconstrained: unrelated embeddings
     g1, _ = _cycle(lin, CycleConfig(dataset="digits", stages=3, train=train))
     gate = GateConfig(on_incompatible="backfill", max_nfr=1.0, accuracy_tolerance=1.0)
     budget = BackfillConfig(budget=0.1, curve=False)  # far less than g1's 270 items
-    g2, ok = _cycle(lin, CycleConfig(stages=3, train=train, gate=gate, backfill=budget))
-    reasons = lin.generation(g2).gate_reasons
-    assert ok and lin.champion().id == g2
-    (why,) = [r for r in reasons if "compatible with" in r]
-    assert why.startswith(f"BACKFILL not compatible with {g1}: ")
-    assert lin.gallery_counts() == {g2: 270}  # every item of g1, beyond the 10% budget
-    (job,) = lin.backfill_jobs()[-1:]
-    assert job.items_done == 270 and job.budget == 0.1
-    assert [g for g, _ in retire_unused(lin)] == [g1]  # so the next one is not held to g1
-    assert active_generations(lin) == [g2]
+    cfg = CycleConfig(stages=3, train=train, gate=gate, backfill=budget)
+    state = start_cycle(lin, cfg)
+    train_step(lin, state, cfg)
+    passed = gate_step(lin, state, evaluate_step(lin, state), cfg)
+    g2 = state.generation.id
+    (why,) = [r for r in lin.generation(g2).gate_reasons if "compatible with" in r]
+    assert passed and why.startswith(f"BACKFILL not compatible with {g1}: ")
+    lin.promote(g2)  # ... and the process dies here, before backfill_step
+    assert chain.owed_backfill(lin) == [g1] and lin.gallery_counts() == {g1: 270}
+
+    _, done = recover(lin, cfg)  # the next cycle's recovery, before anything is trained
+    assert done is not None and done["items_done"] == 270  # every item, beyond 10%
+    assert lin.gallery_counts() == {g2: 270} and chain.owed_backfill(lin) == []
+    assert [g for g, _ in done["retired"]] == [g1]  # so the next one is not held to g1
+    assert chain.active_generations(lin) == [g2]
 
 
 @pytest.mark.slow

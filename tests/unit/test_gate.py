@@ -7,11 +7,11 @@ import pytest
 from flows.config import GateConfig
 from flows.gate import (
     ClassGroupGaps,
+    backfill_owed,
     counts_from_metrics,
     decide,
     evidence_rows,
     groups_from_metrics,
-    incompatible_ancestors,
 )
 from workers.stats import PairedCounts, clopper_pearson, pair_evidence
 
@@ -97,7 +97,7 @@ def test_reasons_say_where_the_gap_lies_without_changing_the_verdict() -> None:
     assert "never saw" not in _fails(reasons)[0]
 
 
-def test_on_incompatible_backfill_promotes_and_says_what_it_backfills() -> None:
+def test_on_incompatible_backfill_promotes_and_says_what_it_owes() -> None:
     # against 1: 10 only g hits, 50 only k hits of 400 -> upper bound about -0.063 < 0;
     # against 2: 30 vs 31 -> the interval holds 0: compatible
     counts = {1: PairedCounts(400, 10, 50), 2: PairedCounts(400, 30, 31)}
@@ -107,29 +107,35 @@ def test_on_incompatible_backfill_promotes_and_says_what_it_backfills() -> None:
     assert ok and not _fails(reasons)
     assert reasons[1].startswith("BACKFILL not compatible with 1: ")
     assert reasons[1].endswith(
-        "every gallery item of 1 is re-embedded in this cycle (on_incompatible)"
+        "every gallery item of 1 is re-embedded by this cycle's backfill (on_incompatible=backfill)"
     )
     assert reasons[2].startswith("compatible with 2")
-    # the default rejects the same evidence
+    assert backfill_owed(compat, cfg, counts) == [1]  # the same evidence, the same answer
+    # the default rejects the same evidence, and owes nothing
     ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
     assert not ok and _fails(reasons)[0].startswith("FAIL not compatible with 1")
-    # another failure still rejects
+    assert backfill_owed(compat, GateConfig(), counts) == []
+    # rejected for another reason: the ECC failure is a failure like any, nothing promised
     flips = {1: PairedCounts(540, 10, 100)}
     nfr = {1: 100 / 540}
     ok, reasons = decide(0.9, 0.9, compat, nfr, cfg, ecc_counts=counts, flip_counts=flips)
-    assert not ok and _fails(reasons)[0].startswith("FAIL NFR against 1")
+    assert not ok and not any(r.startswith("BACKFILL") for r in reasons)
+    fails = _fails(reasons)
+    assert len(fails) == 2 and fails[0].startswith("FAIL not compatible with 1: ")
+    assert fails[1].startswith("FAIL NFR against 1 = 0.1852")
 
 
-def test_incompatible_ancestors_read_the_recorded_upper_bounds() -> None:
-    hi = {1: -0.063, 2: 0.01, 3: -0.004, 4: None}
-    assert incompatible_ancestors(hi, GateConfig(on_incompatible="backfill")) == [1, 3]
-    # a margin of 0.005 keeps 3 (-0.004 is not below -0.005)
-    assert incompatible_ancestors(hi, GateConfig(on_incompatible="backfill", ecc_margin=0.005)) == [
-        1
-    ]
-    assert incompatible_ancestors(hi, GateConfig()) == []  # reject: nothing to backfill
+def test_a_pinned_ancestor_is_never_backfilled_away() -> None:
+    counts = {1: PairedCounts(400, 10, 50)}
+    compat = {1: (0.6, 0.7)}
+    cfg = GateConfig(on_incompatible="backfill")
+    ok, reasons = decide(0.9, 0.9, compat, {}, cfg, ecc_counts=counts, pinned={1})
+    assert not ok
+    assert _fails(reasons)[0].endswith("; it is pinned: unpin it to backfill it away")
+    assert backfill_owed(compat, cfg, counts, pinned={1}) == []
     off = GateConfig(on_incompatible="backfill", require_ecc=False)
-    assert incompatible_ancestors(hi, off) == []
+    assert decide(0.9, 0.9, compat, {}, off, ecc_counts=counts)[0]
+    assert backfill_owed(compat, off, counts) == []
 
 
 def test_groups_round_trip_through_metric_rows() -> None:
