@@ -75,7 +75,8 @@ def _quiet_known_failures() -> None:
             handler.addFilter(_KnownFailures(names))
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(problem: str | BaseException, code: int = 2) -> None:
+    message = _error_text(problem) if isinstance(problem, BaseException) else problem
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
 
@@ -102,7 +103,7 @@ def _check_inputs(dataset: str | None) -> None:
         if dataset is not None:
             parse_spec(dataset)
     except (StoreError, DatasetError) as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -240,7 +241,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
             reevaluate=opts.get("reevaluate", False),
         )
     except _known_errors() as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
 
 
 @app.command()
@@ -370,7 +371,7 @@ def _run_cycles(cfg, n: int) -> None:
                 result = update_cycle(cfg)
             except _known_errors() as exc:
                 bar.stop()
-                _fail(str(exc), code=1)
+                _fail(exc, code=1)
             finally:
                 step_progress.set_listener(None)
             if result.get("resumed_backfill"):
@@ -458,7 +459,7 @@ def backfill(
         )
         result = backfill_flow(cfg)
     except _known_errors() as exc:
-        _fail(str(exc), code=1)
+        _fail(exc, code=1)
     out.print_json(json.dumps(result, default=str))
 
 
@@ -474,7 +475,7 @@ def report(
     try:
         rep = build_report(Lineage())
     except _known_errors() as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(rep) + "\n")
     else:
@@ -510,7 +511,7 @@ def index(
             parse_collection_spec(spec)
         cfg = IndexConfig(spec=spec, prune=prune, strict=strict, part_rows=part_rows)
     except _known_errors() as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
     _quiet_known_failures()
     from flows import progress as step_progress
 
@@ -523,10 +524,10 @@ def index(
             result = index_flow(cfg)
         except (CollectionError, SourceError, DatasetError) as exc:
             bar.stop()
-            _fail(_error_text(exc))
+            _fail(exc)
         except _known_errors() as exc:
             bar.stop()
-            _fail(str(exc), code=1)
+            _fail(exc, code=1)
         finally:
             step_progress.set_listener(None)
     for item in result["skipped_items"]:
@@ -563,7 +564,7 @@ def search(
     try:
         hits = search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
     except _known_errors() as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(hits["neighbors"]) + "\n")
         return
@@ -587,7 +588,7 @@ def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False
     try:
         Lineage().set_pinned(generation, not unpin)
     except _known_errors() as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
     out.print(f"generation {generation} {'unpinned' if unpin else 'pinned'}")
 
 
@@ -620,7 +621,7 @@ def serve(
     try:
         config = CycleConfig(dataset=dataset, train=TrainConfig(epochs=epochs))
     except _known_errors() as exc:
-        _fail(_error_text(exc))
+        _fail(exc)
     serve_all(
         config, interval_minutes=interval_minutes, cron=cron, name=name, collection=collection
     )

@@ -587,36 +587,29 @@ def backfill_step(
         if state.source is not None:
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
         return index_gallery(lineage, state.dataset, champion, b.batch_rows)
+    measure: dict[str, Any] = {}  # M_mix needs labelled queries: the scenario's gallery
+    if info.scenario:
+        out = generation_outputs(champion, state.dataset, subdir("cache"))
+        measure = {
+            "query_emb": out.query_emb,
+            "query_labels": state.dataset.y_test[out.query_idx],
+            "champion_gallery_emb": out.gallery_emb if b.curve else None,
+        }
     complete = chain.owed_backfill(lineage)  # incompatible ancestors leave the gallery first
-    if not info.scenario:
-        job = run_backfill(
-            lineage,
-            gallery,
-            None,
-            champion,
-            b.policy,
-            b.budget,
-            seed=b.seed,
-            retire_share=b.retire_share,
-            complete=complete,
-        )
-        return {"job": job.id, "items": job.items_done, "m_mix": None, "completed": complete}
-    out = generation_outputs(champion, state.dataset, subdir("cache"))
     job = run_backfill(
         lineage,
         gallery,
-        state.dataset,
+        state.dataset if info.scenario else None,
         champion,
         b.policy,
         b.budget,
         seed=b.seed,
-        query_emb=out.query_emb,
-        query_labels=state.dataset.y_test[out.query_idx],
-        champion_gallery_emb=out.gallery_emb if b.curve else None,
         retire_share=b.retire_share,
         complete=complete,
+        **measure,
     )
-    lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
+    if info.scenario:
+        lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
     return {
         "job": job.id,
         "items": job.items_done,

@@ -62,29 +62,16 @@ class TrainMethod(StrEnum):
     BCT_PCT_EMB_HOC = "bct+pct+emb+hoc"
 
 
+# each "+"-separated part of a method's name is one kind, in that order
+METHOD_PARTS: dict[str, ConstraintKind] = {
+    "bct": ConstraintKind.INFLUENCE,
+    "pct": ConstraintKind.FOCAL,
+    "emb": ConstraintKind.EMBEDDING,
+    "hoc": ConstraintKind.CONTRASTIVE,
+}
 METHOD_KINDS: dict[TrainMethod, tuple[ConstraintKind, ...]] = {
-    TrainMethod.NONE: (),
-    TrainMethod.BCT: (ConstraintKind.INFLUENCE,),
-    TrainMethod.PCT: (ConstraintKind.FOCAL,),
-    TrainMethod.BCT_PCT: (ConstraintKind.INFLUENCE, ConstraintKind.FOCAL),
-    TrainMethod.BCT_PCT_EMB: (
-        ConstraintKind.INFLUENCE,
-        ConstraintKind.FOCAL,
-        ConstraintKind.EMBEDDING,
-    ),
-    TrainMethod.HOC: (ConstraintKind.CONTRASTIVE,),
-    TrainMethod.BCT_HOC: (ConstraintKind.INFLUENCE, ConstraintKind.CONTRASTIVE),
-    TrainMethod.BCT_PCT_HOC: (
-        ConstraintKind.INFLUENCE,
-        ConstraintKind.FOCAL,
-        ConstraintKind.CONTRASTIVE,
-    ),
-    TrainMethod.BCT_PCT_EMB_HOC: (
-        ConstraintKind.INFLUENCE,
-        ConstraintKind.FOCAL,
-        ConstraintKind.EMBEDDING,
-        ConstraintKind.CONTRASTIVE,
-    ),
+    m: () if m is TrainMethod.NONE else tuple(METHOD_PARTS[p] for p in m.value.split("+"))
+    for m in TrainMethod
 }
 
 
@@ -160,13 +147,7 @@ def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
     )
 
 
-# -- contrastive compatibility (d-Simplex-HOC) ------------------------------------------
-def _stack_contrastive(
-    teachers: list[Teacher], spec: TrainSpec
-) -> tuple[Tensors, torch.Tensor | None]:
-    return _stack_embedding(teachers, spec)  # the same items as the embedding term
-
-
+# -- contrastive compatibility (d-Simplex-HOC): the embedding term's items, stacked alike
 def _loss_contrastive(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
     return contrastive_compatibility_loss(
         b.emb, _old_emb(s, b), b.labels, spec.contrastive_temperature, _item_mask(s, b)
@@ -210,7 +191,7 @@ REGISTRY: dict[ConstraintKind, KindSpec] = {
         KindSpec(ConstraintKind.INFLUENCE, 1.0, _stack_influence, _loss_influence),
         KindSpec(ConstraintKind.FOCAL, 0.3, _stack_focal, _loss_focal),
         KindSpec(ConstraintKind.EMBEDDING, 2.0, _stack_embedding, _loss_embedding),
-        KindSpec(ConstraintKind.CONTRASTIVE, 1.0, _stack_contrastive, _loss_contrastive),
+        KindSpec(ConstraintKind.CONTRASTIVE, 1.0, _stack_embedding, _loss_contrastive),
     )
 }
 

@@ -197,8 +197,5 @@ def generations_first(gens: np.ndarray, first: Sequence[int]) -> np.ndarray:
 def tails_first(gens: np.ndarray, retire_below: int) -> np.ndarray:
     """A stable reordering of positions: rows of generations with at most
     ``retire_below`` rows come first (each part keeps its order)."""
-    gens = np.asarray(gens)
-    values, counts = np.unique(gens, return_counts=True)
-    small = values[counts <= retire_below]
-    front = np.isin(gens, small)
-    return np.concatenate([np.flatnonzero(front), np.flatnonzero(~front)])
+    values, counts = np.unique(np.asarray(gens), return_counts=True)
+    return generations_first(gens, values[counts <= retire_below].tolist())
