@@ -1,269 +1,381 @@
-"""Image-model benchmark: the default image backbone (a small residual CNN) against the MLP.
+"""Image models: the product's training against a plain PyTorch loop, on any item order.
 
-    python -m bench.models [--epochs 8] [--threads 2] [--models mlp,cnn]
+    python -m bench.models [--datasets photos=imagefolder:DIR,fashion-mnist,digits]
+                           [--epochs 15] [--stages 4] [--parts ratio,scenario]
 
-Fashion-MNIST (``load_dataset("fashion-mnist")``, the product's loader), all 10 classes,
-all 60,000 training images: the scenario's last stage. Each model trains unconstrained
-through the product's own training function, ``workers.train.train_generation``, with a
-``TrainSpec`` as ``flows.cycle.train_step`` builds it from the ``TrainConfig`` defaults
-(batch 128, lr 0.002, embedding dimension 64, the stationary head, ``augment="auto"``
-for this data set), for the compatibility benchmark's epochs (bench/compat.py: 8):
+Per data set (the product's own loader, ``workers.datasets.load_dataset``):
 
-- ``mlp``: ``default_architecture(None)``, the last-stage MLP (what image data sets
-  trained with before; it stays the backbone for feature vectors), no augmentation;
-- ``cnn``: ``default_architecture((1, 28, 28))``, the last-stage residual CNN, random
-  crop with padding 3 and horizontal flip (``augment="auto"`` on Fashion-MNIST).
+- **ratio**: one unconstrained generation on all training items, through the product's
+  training function ``workers.train.train_generation`` with a ``TrainSpec`` built from
+  the ``TrainConfig`` defaults and the scenario's last-stage architecture
+  (``workers.scenario.default_architecture``), against a plain 40-line loop
+  (:func:`plain_loop`: the same ``EmbeddingNet``, AdamW at the same rate, cosine
+  schedule, batch 128, a uniform shuffle of all items every epoch, the same augmentation
+  done with plain tensor ops), on the same items in two orders: ``class-sorted`` (as an
+  image folder lists them: class by class) and ``shuffled``. Each run in its own
+  process (its peak RSS is its own). ``product_vs_plain_ratio`` = product accuracy /
+  plain accuracy (target >= 0.97).
+- **scenario**: the growing scenario (``--stages``, default 4) through the product's
+  update cycle (``bench.compat.run_chain``: start_cycle, train_step on Ray,
+  evaluate_step, gate, promote, backfill), unconstrained (``none``) and with the default
+  method; test accuracy per stage, which must grow with the data.
 
-Test accuracy after every epoch: each epoch is one call of ``train_generation`` that
-stops after it (its ``stop_after_epochs`` hook) leaving the resume file, which the next
-call continues from exactly (tests/unit/test_train.py: a resumed training equals an
-uninterrupted one); the model in the resume file is evaluated on the 10,000 test images
-with ``workers.embed.forward``. Seconds per epoch: the call's wall time (training and
-the call's set-up; the evaluation is timed apart), and the process's CPU seconds in it
-(the better figure on a shared machine: other processes stretch the wall time, the
-1-minute load average is recorded with each epoch). CPU, torch threads ``--threads``.
-
-Writes ``bench/results/models.md`` (table, ``models_accuracy.png``) and
-``bench/results/models.json``.
+Writes ``bench/results/models.md`` (tables, ``models_*.png``) and ``models.json``:
+``results[<data set>][<order>]`` (``product_accuracy``, ``plain_accuracy``,
+``product_vs_plain_ratio``, seconds per epoch, peak RSS) and
+``results[<data set>]["scenario"][<method>]`` (accuracy per stage).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from workers.datasets import Dataset, load_dataset
-from workers.embed import forward
-from workers.metrics import accuracy
-from workers.models import EmbeddingNet
-from workers.scenario import default_architecture
-from workers.train import TrainingInterrupted, TrainSpec, train_generation
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "models"
-TARGET = 0.92  # the issue's bar for the default image model, unconstrained, last stage
-DEFAULT_EPOCHS = 8  # bench/compat.py's DEFAULT_EPOCHS: the benchmark's epochs
+ORDERS = ("class-sorted", "shuffled")
+RATIO_TARGET = 0.97
+ACC_TARGETS = {"photos": 0.65, "fashion-mnist": 0.92, "digits": 0.97}
 
 
-def architectures(ds: Dataset) -> dict[str, dict[str, Any]]:
-    return {"mlp": default_architecture(None), "cnn": default_architecture(ds.input_shape)}
+def _items(spec: str, order: str) -> tuple[Any, np.ndarray]:
+    """The data set and its training positions in ``order``."""
+    from workers.datasets import load_dataset
+
+    ds = load_dataset(spec)
+    if order == "class-sorted":
+        idx = np.argsort(ds.y_train, kind="stable")
+    else:
+        idx = np.random.default_rng(0).permutation(len(ds.y_train))
+    return ds, idx
 
 
-def run_model(
-    name: str, arch: dict, ds: Dataset, epochs: int, threads: int, tmp: Path
-) -> dict[str, Any]:
-    """Train ``arch`` epoch by epoch through ``train_generation``; test accuracy per epoch."""
+def _spec(ds: Any, idx: np.ndarray, epochs: int, tmp: str):
     from flows.config import TrainConfig
+    from workers.scenario import default_architecture
+    from workers.train import TrainSpec
 
     t = TrainConfig(epochs=epochs)
-    spec = TrainSpec(
+    return TrainSpec(
         generation=1,
-        x=ds.x_train,
-        y=ds.y_train,
+        x=ds.x_train[idx],
+        y=ds.y_train[idx],
         num_classes=ds.num_classes,
         classes=list(range(ds.num_classes)),
-        architecture=dict(arch),
+        architecture=default_architecture(ds.input_shape) | {"head": "fixed"},
         embed_dim=t.embed_dim,
         epochs=t.epochs,
         batch_size=t.batch_size,
         lr=t.lr,
+        weight_decay=1e-4,
         seed=t.seed,
         augment=t.augment,
         dataset=ds.spec,
-        checkpoint_dir=str(tmp / name),
-        threads=threads,
-        stop_after_epochs=1,
+        checkpoint_dir=tmp,
+        threads=torch.get_num_threads(),
     )
-    resume = tmp / name / "gen-1.resume.pt"
-    rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
-    for epoch in range(epochs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            result = train_generation(spec)
-            model_state = None
-        except TrainingInterrupted:
-            model_state = torch.load(resume, map_location="cpu", weights_only=True)["model"]
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if model_state is not None:
-            model = EmbeddingNet(ds.input_shape, ds.num_classes, t.embed_dim, arch)
-            model.load_state_dict(model_state)
-        else:
-            from workers.models import load_model
 
-            model = load_model(result["checkpoint"], result["sha256"])
-        t1 = time.perf_counter()
-        acc = accuracy(forward(model, ds.x_test).prediction, ds.y_test)
-        rows.append(
-            {
-                "epoch": epoch + 1,
-                "test_accuracy": acc,
-                "seconds": seconds,
-                "cpu_seconds": cpu,
-                "load_average": os.getloadavg()[0],
-                "eval_seconds": time.perf_counter() - t1,
-            }
-        )
-        print(
-            f"{name} epoch {epoch + 1}: acc {acc:.4f}, {seconds:.1f} s, cpu {cpu:.1f} s", flush=True
-        )
-    params = sum(p.numel() for p in model.parameters())
-    train_s = [r["seconds"] for r in rows]
+
+def _test_accuracy(model: Any, ds: Any) -> float:
+    from workers.embed import forward
+    from workers.metrics import accuracy
+
+    return accuracy(forward(model, ds.x_test).prediction, ds.y_test)
+
+
+def product_run(spec_str: str, order: str, epochs: int) -> dict[str, Any]:
+    """One generation through ``train_generation`` (in a fresh process)."""
+    from workers.models import load_model
+    from workers.train import train_generation
+
+    ds, idx = _items(spec_str, order)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = train_generation(_spec(ds, idx, epochs, tmp))
+        seconds = time.perf_counter() - t0
+        acc = _test_accuracy(load_model(result["checkpoint"], result["sha256"]), ds)
     return {
-        "architecture": arch,
-        "parameters": int(params),
-        "augment": result.get("augment"),
-        "epochs": rows,
-        "final_accuracy": rows[-1]["test_accuracy"],
-        "best_accuracy": max(r["test_accuracy"] for r in rows),
-        "seconds_per_epoch": float(np.mean(train_s)),
-        "cpu_seconds_per_epoch": float(np.mean([r["cpu_seconds"] for r in rows])),
-        "train_seconds": float(np.sum(train_s)),
-        "history": result.get("history"),
+        "accuracy": acc,
+        "seconds": seconds,
+        "seconds_per_epoch": float(np.median(result["epoch_seconds"])),
+        "augment": result["augment"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "architecture": _spec(ds, idx[:2], epochs, ".").architecture,
     }
 
 
-def projected_epochs(rows: list[dict[str, Any]], target: float) -> int | None:
-    """The first epoch at or above ``target``; None if none reached it."""
-    return next((r["epoch"] for r in rows if r["test_accuracy"] >= target), None)
+def plain_loop(spec_str: str, order: str, epochs: int, augment: str) -> dict[str, Any]:
+    """The reference: the same model trained by a plain loop over in-memory tensors."""
+    from workers.models import EmbeddingNet
+
+    ds, idx = _items(spec_str, order)
+    spec = _spec(ds, idx, epochs, ".")
+    torch.manual_seed(spec.seed)
+    x, y = torch.from_numpy(ds.x_train[idx].copy()), torch.from_numpy(ds.y_train[idx].copy())
+    model = EmbeddingNet(tuple(x.shape[1:]), ds.num_classes, spec.embed_dim, spec.architecture)
+    if x.ndim == 4:  # per-channel statistics of the training images, as the product sets
+        model.set_input_stats(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)))
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=1e-4
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    pad = max(1, min(4, min(x.shape[2:]) // 8)) if x.ndim == 4 else 0
+    t0 = time.perf_counter()
+    epoch_seconds = []
+    for _ in range(epochs):
+        t_epoch = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(y))
+        for at in range(0, len(y) - 1, spec.batch_size):
+            b = perm[at : at + spec.batch_size]
+            xb, yb = x[b], y[b]
+            if augment in ("crop", "crop+flip"):  # shift by up to ``pad`` pixels each way
+                padded = F.pad(xb, (pad, pad, pad, pad))
+                dy, dx = torch.randint(0, 2 * pad + 1, (2, len(b)))
+                h, w = xb.shape[2:]
+                xb = torch.stack(
+                    [padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(b))]
+                )
+            if augment == "crop+flip":
+                flip = torch.rand(len(b)) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            _, logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        epoch_seconds.append(time.perf_counter() - t_epoch)
+    seconds = time.perf_counter() - t0
+    return {
+        "accuracy": _test_accuracy(model, ds),
+        "seconds": seconds,
+        "seconds_per_epoch": float(np.median(epoch_seconds)),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
-def _median(r: dict[str, Any], key: str) -> float:
-    """The median over epochs: a shared machine's other jobs stretch some epochs."""
-    return float(np.median([e[key] for e in r["epochs"]]))
+def _in_process(fn, *args) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh process: its peak RSS is its own."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
-def report(results: dict[str, Any], settings: dict[str, Any]) -> None:
+def ratio_part(name: str, spec: str, epochs: int, log=print) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for order in ORDERS:
+        product = _in_process(product_run, spec, order, epochs)
+        log(f"  [{name} {order}] product {product['accuracy']:.4f}", flush=True)
+        plain = _in_process(plain_loop, spec, order, epochs, product["augment"])
+        log(f"  [{name} {order}] plain   {plain['accuracy']:.4f}", flush=True)
+        out[order] = {
+            "product_accuracy": product["accuracy"],
+            "plain_accuracy": plain["accuracy"],
+            "product_vs_plain_ratio": product["accuracy"] / plain["accuracy"],
+            "product_seconds_per_epoch": product["seconds_per_epoch"],
+            "plain_seconds_per_epoch": plain["seconds_per_epoch"],
+            "product_seconds": product["seconds"],
+            "plain_seconds": plain["seconds"],
+            "product_peak_rss_mib": product["peak_rss_mib"],
+            "plain_peak_rss_mib": plain["peak_rss_mib"],
+            "augment": product["augment"],
+            "architecture": product["architecture"],
+            "epochs": epochs,
+        }
+    return out
+
+
+def scenario_part(name: str, spec: str, epochs: int, stages: int, log=print) -> dict[str, Any]:
+    """The growing scenario through the product's cycle, unconstrained and default."""
+    from bench.compat import _stop_ray, run_chain
+    from flows.config import TrainConfig
+    from workers.constraints import TrainMethod
+
+    out: dict[str, Any] = {}
+    for method in ("none", "default"):
+        chosen = TrainMethod.NONE if method == "none" else TrainConfig().method
+        with tempfile.TemporaryDirectory() as home:
+            lin, runs = run_chain(
+                spec,
+                f"{name}/{method}",
+                TrainConfig(method=chosen, epochs=epochs),
+                stages,
+                Path(home),
+                log=log,
+                pin=False,
+            )
+            gens = lin.generations()
+            out[method] = {
+                "method": chosen.value,
+                "accuracy_per_stage": [float(g.accuracy) for g in gens],
+                "items_per_stage": [int(g.train_samples) for g in gens],
+                "architecture_per_stage": [g.architecture for g in gens],
+                "promoted": [bool(runs[int(g.id)]["promoted"]) for g in gens],
+                "seconds_per_stage": [float(g.train_seconds) for g in gens],
+            }
+        _stop_ray()
+    return out
+
+
+def _plot(results: dict[str, Any]) -> list[str]:
     from flows.plots import _plt
 
-    cnn = results.get("cnn")
-    summary: dict[str, Any] = {"target": TARGET}
-    if cnn is not None:
-        summary |= {
-            "cnn_final_accuracy": cnn["final_accuracy"],
-            "cnn_reached_target": cnn["final_accuracy"] >= TARGET,
-            "cnn_first_epoch_at_target": projected_epochs(cnn["epochs"], TARGET),
-        }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(
-        json.dumps({"settings": settings, "models": results, "summary": summary}, indent=1)
-    )
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        a = r["architecture"]
-        label = f"{name} ({a['kind']} w{a['width']} d{a['depth']})"
-        label += f", {_median(r, 'seconds'):.0f} s/epoch"
-        ax.plot(
-            [e["epoch"] for e in r["epochs"]],
-            [e["test_accuracy"] for e in r["epochs"]],
-            "o-",
-            label=label,
-        )
-    ax.axhline(TARGET, color="grey", ls=":", label=f"target {TARGET:.0%}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("Fashion-MNIST test accuracy")
-    ax.set_title("Default image backbone vs MLP (unconstrained, all data)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}_accuracy.png", dpi=120)
+    names = []
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    labels, product, plain = [], [], []
+    for ds, r in results.items():
+        for order in ORDERS:
+            if order in r:
+                labels.append(f"{ds}\n{order}")
+                product.append(r[order]["product_accuracy"])
+                plain.append(r[order]["plain_accuracy"])
+    if labels:
+        at = np.arange(len(labels))
+        ax.bar(at - 0.2, product, 0.4, label="graceful (train_generation)")
+        ax.bar(at + 0.2, plain, 0.4, label="plain PyTorch loop")
+        ax.set_xticks(at, labels, fontsize=7)
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("One unconstrained generation, same model, epochs and items")
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{NAME}_ratio.png", dpi=120)
+        names.append(f"{NAME}_ratio.png")
+    plt.close(fig)
+    scen = {ds: r["scenario"] for ds, r in results.items() if "scenario" in r}
+    if scen:
+        fig, axes = plt.subplots(1, len(scen), figsize=(4.5 * len(scen), 3.6), squeeze=False)
+        for ax, (ds, r) in zip(axes[0], scen.items(), strict=True):
+            for method, m in r.items():
+                ax.plot(
+                    range(1, len(m["accuracy_per_stage"]) + 1),
+                    m["accuracy_per_stage"],
+                    "o-",
+                    label=f"{method} ({m['method']})",
+                )
+            ax.set_xlabel("stage (generation)")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(ds)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{NAME}_scenario.png", dpi=120)
+        names.append(f"{NAME}_scenario.png")
+        plt.close(fig)
+    return names
 
-    names = list(results)
-    which = " (bench/compat.py's)" if settings["epochs"] == DEFAULT_EPOCHS else ""
+
+def render(report: dict[str, Any]) -> None:
+    s, results = report["settings"], report["results"]
     lines = [
-        "# Image models: residual CNN vs MLP on Fashion-MNIST",
+        "# Image models: the product's training against a plain loop, on any order",
         "",
-        f"`python -m bench.models` (see its docstring), {settings['minutes']:.1f} min on "
-        f"{settings['machine']}, torch {settings['torch']}, {settings['threads']} torch "
-        f"thread(s), CPU. Fashion-MNIST, all 10 classes, all 60,000 training images, "
-        f"{settings['epochs']} epochs{which}, unconstrained, through "
-        "`workers.train.train_generation` with the `TrainConfig` defaults (batch "
-        f"{settings['batch_size']}, lr {settings['lr']}, embedding dim "
-        f"{settings['embed_dim']}, stationary head, cosine learning-rate schedule).",
+        f"`python -m bench.models {s['argv']}` ({s['minutes']:.0f} min on {s['machine']}, "
+        f"torch {s['torch']}, CPU, {s['threads']} threads; no GPU was lent to this run). "
+        "See the module's docstring for what runs.",
         "",
-        "| model | architecture | weights | augmentation | final test acc | best "
-        "| s / epoch (median) | CPU s / epoch (median) |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "## One generation: product / plain loop",
+        "",
+        "| data set | order | architecture | augment | epochs | product acc | plain acc "
+        "| ratio | s/epoch product / plain | peak RSS MiB product / plain |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in names:
-        r = results[name]
-        a = r["architecture"]
-        lines.append(
-            f"| {name} | {a['kind']} width {a['width']} depth {a['depth']} | "
-            f"{r['parameters']:,} | {r['augment']} | {r['final_accuracy']:.4f} | "
-            f"{r['best_accuracy']:.4f} | {_median(r, 'seconds'):.1f} "
-            f"| {_median(r, 'cpu_seconds'):.1f} |"
-        )
-    lines += [
-        "",
-        "Test accuracy after each epoch (wall seconds of the epoch / CPU seconds / "
-        "1-minute load average of the machine at its end):",
-        "",
-        "| epoch | " + " | ".join(names) + " |",
-        "|---:|" + "---:|" * len(names),
-    ]
-    for i in range(settings["epochs"]):
-        cells = []
-        for name in names:
-            e = results[name]["epochs"][i]
-            cells.append(
-                f"{e['test_accuracy']:.4f} ({e['seconds']:.0f} s / {e['cpu_seconds']:.0f} s"
-                f" / {e['load_average']:.1f})"
+    for ds, r in results.items():
+        for order in ORDERS:
+            if order not in r:
+                continue
+            o = r[order]
+            a = o["architecture"]
+            lines.append(
+                f"| {ds} | {order} | {a['kind']} w{a.get('width')} d{a.get('depth')} | "
+                f"{o['augment']} | {o['epochs']} | {o['product_accuracy']:.4f} | "
+                f"{o['plain_accuracy']:.4f} | **{o['product_vs_plain_ratio']:.3f}** | "
+                f"{o['product_seconds_per_epoch']:.1f} / {o['plain_seconds_per_epoch']:.1f} | "
+                f"{o['product_peak_rss_mib']:.0f} / {o['plain_peak_rss_mib']:.0f} |"
             )
-        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    if cnn is not None:
-        hit = summary["cnn_first_epoch_at_target"]
-        verdict = (
-            f"met: {cnn['final_accuracy']:.2%} after {settings['epochs']} epochs"
-            f" (first at or above it after epoch {hit})"
-            if summary["cnn_reached_target"]
-            else f"missed: {cnn['final_accuracy']:.2%} after {settings['epochs']} epochs"
-        )
-        lines += ["", f"Target: the CNN at least {TARGET:.0%} at the last epoch: {verdict}."]
-    lines += ["", f"![accuracy per epoch]({NAME}_accuracy.png)", ""]
+    lines += ["", f"Target: ratio >= {RATIO_TARGET} on every data set and order.", ""]
+    scen = {ds: r["scenario"] for ds, r in results.items() if "scenario" in r}
+    if scen:
+        lines += [
+            "## The growing scenario through the product's cycle",
+            "",
+            "| data set | method | accuracy per stage | items per stage | promoted |",
+            "|---|---|---|---|---|",
+        ]
+        for ds, r in scen.items():
+            for method, m in r.items():
+                accs = " → ".join(f"{v:.4f}" for v in m["accuracy_per_stage"])
+                items = ", ".join(str(v) for v in m["items_per_stage"])
+                promoted = "".join("✓" if p else "✗" for p in m["promoted"])
+                lines.append(f"| {ds} | {method} ({m['method']}) | {accs} | {items} | {promoted} |")
+        lines.append("")
+    lines += [f"![{n}]({n})" for n in report.get("plots", [])] + [""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="mlp,cnn")
-    ap.add_argument("--dataset", default="fashion-mnist")
-    args = ap.parse_args()
+    ap.add_argument("--datasets", default="photos=imagefolder:bench/data/photos")
+    ap.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--parts", default="ratio,scenario")
+    ap.add_argument("--merge", action="store_true", help="keep other data sets' results")
+    args = ap.parse_args(argv)
     from flows.config import TrainConfig
 
+    epochs = args.epochs or TrainConfig().epochs
     started = time.perf_counter()
-    ds = load_dataset(args.dataset)
-    archs = architectures(ds)
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            results[name] = run_model(name, archs[name], ds, args.epochs, args.threads, Path(tmp))
-    t = TrainConfig()
-    settings = {
-        "dataset": ds.spec,
-        "epochs": args.epochs,
-        "threads": args.threads,
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "embed_dim": t.embed_dim,
-        "seed": t.seed,
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} core(s)",
-        "minutes": (time.perf_counter() - started) / 60,
+    path = RESULTS / f"{NAME}.json"
+    old = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    results: dict[str, Any] = old.get("results", {})
+    for item in args.datasets.split(","):
+        name, _, spec = item.rpartition("=")
+        name = name or spec
+        print(f"{name}: {spec}", flush=True)
+        r: dict[str, Any] = {}
+        if "ratio" in args.parts:
+            r |= ratio_part(name, spec, epochs)
+        if "scenario" in args.parts:
+            r["scenario"] = scenario_part(name, spec, epochs, args.stages)
+        results[name] = results.get(name, {}) | r
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "settings": {
+            "argv": " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "epochs": epochs,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} core(s)",
+            "minutes": (time.perf_counter() - started) / 60
+            + (old.get("settings", {}).get("minutes", 0) if args.merge else 0),
+            "ratio_target": RATIO_TARGET,
+        },
+        "results": results,
     }
-    report(results, settings)
+    report["plots"] = _plot(results)
+    path.write_text(json.dumps(report, indent=1, default=_json))
+    render(report)
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return str(v)
 
 
 if __name__ == "__main__":

@@ -279,13 +279,57 @@ def _scale_u8(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- images
 
 
+# Photos larger than this are refused (recorded as unreadable items, or one error): the
+# pixel count at which Pillow's own decompression-bomb guard warns (about 89 MP, e.g.
+# 9,459 x 9,459), read from the header before anything is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+# and narrower than this carry nothing to learn from (a single pixel, a line)
+MIN_IMAGE_SIDE = 2
+# the input side chosen when the data does not say (``image_size`` unset): the evaluation
+# images' median shorter side, at most this: on 2 CPU cores a generation of 10,000
+# photos at 32 x 32 trains in a few minutes (bench/results/models.md); set image_size
+# higher where a GPU trains
+AUTO_IMAGE_SIDE = 32
+
+
 def _open_image(source: Path | bytes, name: str) -> Any:
+    """An image opened lazily (header only), refused when it is too large or too small."""
     from PIL import Image, UnidentifiedImageError
 
+    too_large = f"above graceful's limit of {MAX_IMAGE_PIXELS:,} pixels (Pillow's "
+    too_large += "decompression-bomb threshold); scale it down"
     try:
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice the limit
+        raise DatasetError(f"image {name} is {too_large} ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetError(f"cannot decode image {name}: {exc}") from exc
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise DatasetError(f"image {name} is {img.width} x {img.height} pixels, {too_large}")
+    if min(img.width, img.height) < MIN_IMAGE_SIDE:
+        img.close()
+        raise DatasetError(
+            f"image {name} is {img.width} x {img.height} pixels, below {MIN_IMAGE_SIDE} "
+            "pixels a side: nothing to learn from"
+        )
+    return img
+
+
+def _image_mode(img: Any) -> str:
+    """'L' for a grey image (8- or 16-bit, with or without alpha), else 'RGB'."""
+    return "L" if img.mode in _GRAY_MODES or img.mode.startswith("I") else "RGB"
+
+
+def auto_size(height: int, width: int, cap: int = AUTO_IMAGE_SIDE) -> tuple[int, int]:
+    """The model's input size for a data set whose first evaluation image is ``height`` x
+    ``width``: that size, scaled down (aspect kept) so its shorter side is at most ``cap``.
+
+    Data sets of small images keep their size (28 x 28, 8 x 8, 32 x 32), so lineages made
+    before the cap decode as they did; photos of a few hundred pixels train at 32 a side.
+    """
+    scale = min(1.0, cap / min(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _decode_images(
@@ -293,16 +337,16 @@ def _decode_images(
 ) -> np.ndarray:
     """Decode images to (N, C, H, W) float32 in [0, 1].
 
-    Mode is 'L' if every image is grayscale, else 'RGB'; all images are resized to
-    ``size`` = (height, width), defaulting to the size of the first item.
+    Mode is 'L' if every image is grayscale, else 'RGB'. The size is ``size`` =
+    (height, width), by default :func:`auto_size` of the first item's.
     """
     modes: list[str] = []
     for name, source in items:
         with _open_image(source, name) as img:
-            modes.append(img.mode)
+            modes.append(_image_mode(img))
             if size is None:
-                size = (img.height, img.width)
-    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
+                size = auto_size(img.height, img.width)
+    mode = "L" if all(m == "L" for m in modes) else "RGB"
     if size is None:
         return np.zeros((0, 1 if mode == "L" else 3, 0, 0), dtype=np.float32)
     return decode_images_as(items, mode, size)
@@ -372,22 +416,56 @@ def decode_images_as(
     items: Sequence[tuple[str, Path | bytes]], mode: str, size: tuple[int, int]
 ) -> np.ndarray:
     """Decode images to ``mode`` ("L" or "RGB") and ``size`` = (height, width), as
-    (N, C, H, W) float32 in [0, 1]."""
-    from PIL import Image
+    (N, C, H, W) float32 in [0, 1]; one image in memory at a time, at most.
 
+    The policy for photos of any size and kind: EXIF orientation applied; scaled so it
+    covers ``size`` with its aspect ratio kept (the shorter side to the model's input),
+    then cropped to ``size`` around the centre; a JPEG is decoded at a reduced scale
+    when it is much larger (Pillow's draft mode: a 4000-pixel photo never reaches memory
+    whole); 16-bit grey scaled to 8 bits, CMYK and palettes converted, transparent pixels
+    white (as a page shows them).
+    """
     height, width = size
     channels = 1 if mode == "L" else 3
     out = np.empty((len(items), height, width, channels), dtype=np.uint8)
     for i, (name, source) in enumerate(items):
         with _open_image(source, name) as img:
             try:
-                img = img.convert(mode)
-                if img.size != (width, height):
-                    img = img.resize((width, height), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(img).reshape(height, width, channels)
-            except (OSError, ValueError) as exc:
+                out[i] = _fit(img, mode, height, width).reshape(height, width, channels)
+            except (OSError, ValueError, SyntaxError) as exc:
                 raise DatasetError(f"cannot decode image {name}: {exc}") from exc
     return _scale_u8(out.transpose(0, 3, 1, 2))
+
+
+def _fit(img: Any, mode: str, height: int, width: int) -> np.ndarray:
+    """One opened image as a (height, width[, C]) uint8 array (see decode_images_as)."""
+    from PIL import Image, ImageOps
+
+    scale = max(height / img.height, width / img.width)
+    if img.format == "JPEG" and scale < 0.5:  # decode at 1/2, 1/4 or 1/8 of the size
+        img.draft(img.mode, (int(img.width * scale) + 1, int(img.height * scale) + 1))
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale to 8 bits
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):  # transparent pixels: white, as a page shows them
+        base = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(base, img.convert("RGBA"))
+    img = img.convert(mode)
+    if img.size != (width, height):
+        scale = max(height / img.height, width / img.width)
+        w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+        left, top = (w - width) // 2, (h - height) // 2
+        img = img.resize(
+            (width, height),
+            Image.Resampling.BILINEAR,
+            box=(left / scale, top / scale, (left + width) / scale, (top + height) / scale),
+            reducing_gap=2.0 if scale < 0.25 else None,  # a large PNG: faster, as good
+        )
+    return np.asarray(img)
 
 
 # --------------------------------------------------------------------------- CIFAR

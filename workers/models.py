@@ -74,7 +74,50 @@ def cosine_logits(
     return scale * F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
 
 
-KINDS = ("mlp", "cnn", "resnet")
+KINDS = ("mlp", "cnn", "resnet", "import")
+
+
+def import_factory(path: str) -> Any:
+    """The callable named ``module:function`` (a team's own backbone factory)."""
+    import importlib
+
+    module, _, name = str(path).partition(":")
+    if not module or not name:
+        raise ValueError(f"architecture factory {path!r}: give it as 'module:function'")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"architecture factory {path!r} does not import ({exc}); install its package or "
+            "put it on PYTHONPATH on every machine that trains or embeds"
+        ) from None
+    if not callable(factory):
+        raise ValueError(f"architecture factory {path!r} is not callable")
+    return factory
+
+
+def _imported_backbone(
+    input_shape: tuple[int, ...], factory: str, options: dict[str, Any]
+) -> tuple[nn.Module, int]:
+    """``factory(input_shape=..., **options)``: a module mapping a batch of inputs to
+    ``(N, features)``; its feature count is read off one forward pass of zeros."""
+    net = import_factory(factory)(input_shape=tuple(input_shape), **options)
+    if not isinstance(net, nn.Module):
+        raise ValueError(
+            f"architecture factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module"
+        )
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.zeros(2, *input_shape))
+    net.train(was)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"architecture factory {factory!r}: its module maps a batch of shape "
+            f"{(2, *input_shape)} to {shape}; it must return (batch, features)"
+        )
+    return net, int(out.shape[1])
 
 
 def resnet_blocks(depth: int) -> list[int]:
@@ -170,8 +213,9 @@ def _backbone(
 
 
 def is_convolutional(architecture: dict[str, Any]) -> bool:
-    """Whether the architecture sees images as images (a cnn or resnet), not as vectors."""
-    return architecture.get("kind", "mlp") in ("cnn", "resnet")
+    """Whether the architecture sees images as images (a cnn, a resnet, or a team's own
+    backbone, which is given them as they are), not as vectors."""
+    return architecture.get("kind", "mlp") in ("cnn", "resnet", "import")
 
 
 class EmbeddingNet(nn.Module):
@@ -186,22 +230,55 @@ class EmbeddingNet(nn.Module):
     ) -> None:
         super().__init__()
         kind = architecture.get("kind", "mlp")
-        width, depth = int(architecture.get("width", 128)), int(architecture.get("depth", 2))
         head = architecture.get("head", "learned")
         if head not in ("learned", "fixed"):
             raise ValueError(f"unknown head {head!r}; use 'learned' or 'fixed'")
+        if kind == "import":  # a team's own backbone; graceful adds projection and head
+            arch = {
+                "kind": kind,
+                "factory": str(architecture.get("factory", "")),
+                "options": dict(architecture.get("options") or {}),
+                "head": head,
+            }
+            self.backbone, features = _imported_backbone(
+                tuple(input_shape), arch["factory"], arch["options"]
+            )
+        else:
+            width, depth = int(architecture.get("width", 128)), int(architecture.get("depth", 2))
+            arch = {"kind": kind, "width": width, "depth": depth, "head": head}
+            self.backbone, features = _backbone(tuple(input_shape), kind, width, depth)
         self.config = {
             "input_shape": list(input_shape),
             "num_classes": int(num_classes),
             "embed_dim": int(embed_dim),
-            "architecture": {"kind": kind, "width": width, "depth": depth, "head": head},
+            "architecture": arch,
         }
-        self.backbone, features = _backbone(tuple(input_shape), kind, width, depth)
         self.project = nn.Linear(features, embed_dim)
         self.head = CosineHead(embed_dim, num_classes, fixed=head == "fixed")
+        if len(input_shape) == 3:
+            # per-channel input normalisation, measured on the first generation's training
+            # items and carried by every checkpoint, so whatever embeds with the model
+            # (evaluation, indexing, search, backfill) normalises as training did;
+            # identity until set (checkpoints from before it load as identity)
+            channels = int(input_shape[0])
+            self.register_buffer("input_mean", torch.zeros(channels, 1, 1))
+            self.register_buffer("input_std", torch.ones(channels, 1, 1))
+
+    def set_input_stats(self, mean: Any, std: Any) -> None:
+        """Per-channel mean and standard deviation of the inputs (images only)."""
+        if hasattr(self, "input_mean"):
+            with torch.no_grad():
+                self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+                self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output for raw inputs (normalised here)."""
+        if hasattr(self, "input_mean"):
+            x = (x - self.input_mean) / self.input_std
+        return self.backbone(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.project(self.backbone(x)), dim=1)
+        return F.normalize(self.project(self.features(x)), dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embed(x)
@@ -228,7 +305,11 @@ def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
     model = EmbeddingNet(
         tuple(cfg["input_shape"]), cfg["num_classes"], cfg["embed_dim"], cfg["architecture"]
     )
-    model.load_state_dict(blob["state_dict"])
+    state = dict(blob["state_dict"])
+    for name in ("input_mean", "input_std"):  # checkpoints from before the normalisation
+        if name not in state and name in model.state_dict():
+            state[name] = model.state_dict()[name]
+    model.load_state_dict(state)
     model.eval()
     return model
 
@@ -248,6 +329,8 @@ def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None
     - ``resnet`` (same number of stages): :func:`_inherit_resnet`.
     """
     a_new, a_old = new.config["architecture"], old.config["architecture"]
+    if a_new["kind"] == "import" or a_old["kind"] == "import":
+        return _inherit_imported(new, old)
     if (
         a_new["kind"] != a_old["kind"]
         or a_new["kind"] not in ("mlp", "resnet")
@@ -258,6 +341,8 @@ def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None
         or new.config["input_shape"] != old.config["input_shape"]
     ):
         return False
+    if hasattr(new, "input_mean"):  # the ancestor's normalisation, or its function changes
+        new.set_input_stats(old.input_mean, old.input_std)
     if a_new["kind"] == "resnet":
         if len(resnet_blocks(a_new["depth"])) != len(resnet_blocks(a_old["depth"])):
             return False  # a new stage would change resolution and channels
@@ -280,7 +365,7 @@ def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None
         # the old backbone's output h >= 0 (after ReLU); Linear = identity, BatchNorm
         # undoing its own normalisation with h's statistics, ReLU(h) = h
         old.eval()
-        h = old.backbone(x) if x is not None and len(x) > 1 else None
+        h = old.features(x) if x is not None and len(x) > 1 else None
         mean = h.mean(0) if h is not None else torch.zeros(w_old)
         var = h.var(0, unbiased=False) if h is not None else torch.ones(w_old)
         for i in range(d_old, len(new_lin)):
@@ -296,6 +381,37 @@ def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None
             bn.running_var[:w_old] = var
     new.project.weight.zero_()
     new.project.weight[:, :w_old] = old.project.weight
+    new.project.bias.copy_(old.project.bias)
+    new.head.weight.copy_(old.head.weight)
+    return True
+
+
+def _inherit_imported(new: EmbeddingNet, old: EmbeddingNet) -> bool:
+    """A team's own backbone starts from its ancestor's weights when both are built by the
+    same factory with the same options (the same function, exactly), or when the new
+    backbone says how by a method ``grow_from(old_backbone) -> bool``: it returns True
+    when its first features now compute the old backbone's features (any added ones
+    after them); the projection then reads the old features with the old weights and the
+    added ones with zero weights, so the embedding is the ancestor's. Otherwise False:
+    it trains from scratch."""
+    same = {k: v for k, v in new.config.items() if k != "architecture"} == {
+        k: v for k, v in old.config.items() if k != "architecture"
+    }
+    if not same:
+        return False
+    if new.config["architecture"] == old.config["architecture"]:
+        new.load_state_dict(old.state_dict())
+        return True
+    grow = getattr(new.backbone, "grow_from", None)
+    if not callable(grow) or not grow(old.backbone):
+        return False
+    if hasattr(new, "input_mean"):
+        new.set_input_stats(old.input_mean, old.input_std)
+    f_old = old.project.weight.shape[1]
+    if new.project.weight.shape[1] < f_old:
+        return False
+    new.project.weight.zero_()
+    new.project.weight[:, :f_old] = old.project.weight
     new.project.bias.copy_(old.project.bias)
     new.head.weight.copy_(old.head.weight)
     return True

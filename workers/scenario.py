@@ -73,8 +73,9 @@ def stage_plan(
     n_cls = max(2, math.ceil(num_classes * _ramp(FIRST_CLASS_SHARE, stage, n_stages)))
     n_cls = min(n_cls, num_classes)
     frac = _ramp(FIRST_DATA_SHARE, stage, n_stages)
-    # the model grows too: wider with every stage, one layer deeper in the second half
-    grow = min(stage, n_stages - 1) / max(1, n_stages - 1)
+    # the model grows too: wider with every stage, one layer deeper in the second half;
+    # a single stage is the last one (the whole model, as the whole data)
+    grow = min(stage, n_stages - 1) / (n_stages - 1) if n_stages > 1 else 1.0
     arch = default_architecture(input_shape, grow)
     return Stage(stage, tuple(range(n_cls)), frac, arch)
 

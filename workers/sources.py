@@ -181,12 +181,16 @@ def _image_files(root: Path, split: str) -> list[tuple[str, str, os.stat_result]
 
 
 def _check_image(path: Path) -> str | None:
-    """None if the file decodes as an image, else why not."""
-    from PIL import Image
+    """None if the file decodes as an image of a size graceful takes, else why not."""
+    from workers.datasets import _open_image
 
     try:
-        with Image.open(path) as img:
+        with _open_image(path, str(path.name)) as img:
+            if img.format == "JPEG":  # decoding at 1/8 scale still reads every block
+                img.draft(img.mode, (img.width // 8 + 1, img.height // 8 + 1))
             img.load()
+    except DatasetError as exc:
+        return str(exc)[:300]
     except Exception as exc:  # PIL raises many kinds for a broken file
         return f"{type(exc).__name__}: {exc}"[:300]
     return None
@@ -588,6 +592,10 @@ class ArrayReader:
     def read(self, unit: Any) -> Iterator[Chunk]:
         stop = unit + self.block
         yield unit, np.ascontiguousarray(self.x[unit:stop], np.float32), self.y[unit:stop]
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Items at ``positions`` (in memory already: nothing is stored on disk)."""
+        return np.ascontiguousarray(self.x[positions], np.float32), self.y[positions]
 
 
 class ImageFolderReader:

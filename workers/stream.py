@@ -1,25 +1,34 @@
-"""Streaming a snapshot through training: bounded memory however large the source.
+"""Streaming a snapshot through training: a uniform shuffle, bounded memory.
 
 A reader (workers.sources) yields a snapshot's items as contiguous position ranges in
-"units" (a block of image files, a Parquet row group). Each epoch, :class:`ShuffledItems`
-visits the units in a seeded random order and shuffles the items of a bounded window of
-them (32 MiB of inputs and teacher rows) before cutting mini-batches, as Ray Data's
-local shuffle buffer or WebDataset do: memory is one window, not the source.
+"units" (a block of image files, a Parquet row group). Before the first epoch, one pass
+over them (:func:`prepare`) decodes every item once into an on-disk :class:`ItemStore`
+(one fixed-size row per position; pixels as bytes), computes every frozen ancestor's
+embedding of it into a :class:`TeacherStore`, and sums what the model and the
+constraints need (per-class embedding sums for BCT's centroid head, per-channel pixel
+statistics for the input normalisation). Items already in memory (the scenario's
+arrays, :class:`workers.sources.ArrayReader`) are not copied.
 
-The frozen ancestors' embeddings of every training item are computed once, before the
-first epoch, in one pass over the snapshot (:func:`precompute_teachers`), and kept on
-disk in position order (:class:`TeacherStore`); each window reads its rows back with
-plain file reads (no memory map, so nothing of it stays resident). The same pass sums
-each ancestor's embeddings per class, for BCT's centroid head.
+Each epoch, :class:`ShuffledItems` draws a uniform random permutation of *all* positions,
+as a plain training loop does, and cuts it into windows of a bounded number of items
+(32 MiB of inputs and teacher rows); a window's rows are read back by position with
+plain file reads (no memory map, so nothing of the stores stays resident) and cut into
+mini-batches in the permutation's order. Memory is one window, not the source, and the
+label mix of every batch is that of the whole snapshot whatever order the source lists
+its items in: a source whose units each hold one class (an image folder read class by
+class, a Parquet file sorted by label) trains as well as a shuffled one. (Shuffling
+units and then items within a window, as before, left batches of two or three classes
+on such sources and halved the accuracy on class-sorted photos: issue 16.)
 
-It is a ``torch.utils.data.IterableDataset``: a ``DataLoader`` with workers decodes
-images in parallel (each worker takes every W-th unit) and pins memory for a GPU.
+It is a ``torch.utils.data.IterableDataset``: a ``DataLoader`` with workers reads the
+windows in parallel (worker w takes every W-th window) and pins memory for a GPU.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,12 +46,20 @@ class Reader(Protocol):
     def read(self, unit: Any) -> Iterator[tuple[int, np.ndarray, np.ndarray]]: ...
 
 
-class TeacherStore:
-    """Float32 rows ``(K, d)`` per training position, in a file: written once, read by range."""
+class Items(Protocol):
+    """Training items by position: what an epoch reads."""
 
-    def __init__(self, path: str | Path, n: int, k: int, d: int) -> None:
-        self.path, self.n, self.k, self.d = Path(path), n, k, d
-        self.row_bytes = k * d * 4
+    def __len__(self) -> int: ...
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class RowFile:
+    """Fixed-size rows of one dtype per position, in a file: written once, read by position."""
+
+    def __init__(self, path: str | Path, n: int, row_shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.n = Path(path), n
+        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
     def create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +67,7 @@ class TeacherStore:
             f.truncate(self.n * self.row_bytes)
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
+        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
         fd = os.open(self.path, os.O_WRONLY)
         try:
             os.pwrite(fd, data, start * self.row_bytes)
@@ -58,39 +75,117 @@ class TeacherStore:
             os.close(fd)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as ``(stop - start, K, d)``."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, (stop - start) * self.row_bytes, start * self.row_bytes)
-        finally:
-            os.close(fd)
-        return np.frombuffer(data, dtype=np.float32).reshape(stop - start, self.k, self.d)
+        """Rows ``start:stop``."""
+        return self.take(np.arange(start, stop))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at ascending ``positions``: one read per run of consecutive positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = bytearray(len(positions) * self.row_bytes)
+        if len(positions):
+            breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+            starts = np.concatenate([[0], breaks])
+            stops = np.concatenate([breaks, [len(positions)]])
+            view = memoryview(out)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+                    want = (b - a) * self.row_bytes
+                    got = os.preadv(
+                        fd,
+                        [view[a * self.row_bytes : b * self.row_bytes]],
+                        int(positions[a]) * self.row_bytes,
+                    )
+                    if got != want:
+                        raise OSError(f"{self.path}: short read ({got} of {want} bytes)")
+            finally:
+                os.close(fd)
+        return np.frombuffer(out, dtype=self.dtype).reshape(len(positions), *self.row_shape)
+
+
+class TeacherStore(RowFile):
+    """Float32 rows ``(K, d)`` per training position: every frozen ancestor's embedding."""
+
+    def __init__(self, path: str | Path, n: int, k: int, d: int) -> None:
+        super().__init__(path, n, (k, d), np.float32)
+        self.k, self.d = k, d
+
+
+class ItemStore(RowFile):
+    """A snapshot's decoded inputs, one row per position, and its labels (in memory).
+
+    Images decoded from 8-bit files are kept as bytes (exact: they are ``v / 255``) and
+    read back as float32 in [0, 1]; other inputs as float32.
+    """
+
+    def __init__(self, path: str | Path, labels: np.ndarray, shape: tuple[int, ...], u8: bool):
+        super().__init__(path, len(labels), shape, np.uint8 if u8 else np.float32)
+        self.y = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        if self.dtype == np.uint8:
+            rows = np.rint(np.asarray(rows, dtype=np.float32) * np.float32(255.0))
+        super().write(start, rows)
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        x = super().take(positions)
+        if self.dtype == np.uint8:
+            x = x.astype(np.float32) / np.float32(255.0)  # as workers.datasets decodes
+        return x, self.y[positions]
+
+
+@dataclass
+class Prepared:
+    """What the one pass before training found."""
+
+    class_sums: torch.Tensor  # (K, C, d): each teacher's embeddings summed per class
+    counts: torch.Tensor  # (C,): items per class
+    channel_mean: np.ndarray | None  # (C,) per image channel; None for feature vectors
+    channel_std: np.ndarray | None
 
 
 @torch.no_grad()
-def precompute_teachers(
+def prepare(
     reader: Reader,
     models: list[torch.nn.Module],
-    store: TeacherStore,
+    teachers: TeacherStore | None,
     num_classes: int,
     device: torch.device,
+    items: ItemStore | None = None,
     batch: int = 2048,
     on_chunk: Callable[[np.ndarray], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: every teacher's embedding of every item into ``store``.
+) -> Prepared:
+    """One pass over the snapshot: items decoded into ``items``, every teacher's
+    embedding of every item into ``teachers`` (when given), its class sums, and the
+    channel statistics.
 
-    Returns per-class embedding sums ``(K, C, d)`` and item counts ``(C,)``.
     ``on_chunk`` sees each chunk's inputs (the warm start takes a sample from it).
     """
-    store.create()
-    sums = torch.zeros(len(models), num_classes, store.d, device=device)
+    for store in (items, teachers):
+        if store is not None:
+            store.create()
+    d = teachers.d if teachers is not None else (models[0].config["embed_dim"] if models else 1)
+    sums = torch.zeros(len(models), num_classes, d, device=device)
     counts = torch.zeros(num_classes, device=device)
+    moments: np.ndarray | None = None  # per channel: count, sum, sum of squares
     for unit in reader.units():
         for start, x, y in reader.read(unit):
             if on_chunk is not None:
                 on_chunk(x)
-            yt = torch.as_tensor(y, device=device)
-            rows = torch.empty(len(y), len(models), store.d, device=device)
+            if items is not None:
+                items.write(start, x)
+            if x.ndim == 4:
+                flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).astype(np.float64)
+                m = np.stack([np.full(len(flat), flat.shape[1]), flat.sum(1), (flat**2).sum(1)])
+                moments = m if moments is None else moments + m
+            yt = torch.as_tensor(np.array(y, dtype=np.int64), device=device)  # a copy
+            counts += torch.bincount(yt, minlength=num_classes).to(counts.dtype)
+            if not models:
+                continue
+            rows = torch.empty(len(y), len(models), d, device=device)
             for at in range(0, len(y), batch):
                 xb = torch.as_tensor(x[at : at + batch])
                 if device.type == "cuda":  # a pinned copy goes over without blocking
@@ -100,9 +195,16 @@ def precompute_teachers(
                     rows[at : at + batch, j] = m.embed(xb)
             for j in range(len(models)):
                 sums[j].index_add_(0, yt, rows[:, j])
-            counts += torch.bincount(yt, minlength=num_classes).to(counts.dtype)
-            store.write(start, rows.cpu().numpy())
-    return sums, counts
+            if teachers is not None:  # None: the loop embeds each augmented batch itself
+                teachers.write(start, rows.cpu().numpy())
+    mean = std = None
+    if moments is not None:
+        n, s, ss = moments
+        mean = s / n
+        std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
+        std = np.where(std > 1e-3, std, 1.0)  # a constant channel is left as it is
+        mean, std = mean.astype(np.float32), std.astype(np.float32)
+    return Prepared(sums, counts, mean, std)
 
 
 def window_items(item_shape: tuple[int, ...], batch_size: int, extra_bytes: int = 0) -> int:
@@ -113,16 +215,16 @@ def window_items(item_shape: tuple[int, ...], batch_size: int, extra_bytes: int 
 
 
 class ShuffledItems(IterableDataset):
-    """One epoch of mini-batches: units in random order, items shuffled within a window.
+    """One epoch of mini-batches in a uniform random order of all items.
 
-    Yields dicts ``pos`` (positions), ``x``, ``y`` and, with a store, ``teacher``
-    ``(K, n, d)``. The order depends only on (seed, epoch): a resumed run repeats it.
-    Batches of one item are dropped (BatchNorm needs two).
+    Yields dicts ``pos`` (positions), ``x``, ``y`` and, with a teacher store,
+    ``teacher`` ``(K, n, d)``. The order depends only on (seed, epoch): a resumed run
+    repeats it. Batches of one item are dropped (BatchNorm needs two).
     """
 
     def __init__(
         self,
-        reader: Reader,
+        items: Items,
         batch_size: int,
         window: int,
         seed: int,
@@ -130,53 +232,33 @@ class ShuffledItems(IterableDataset):
         store: TeacherStore | None = None,
     ) -> None:
         super().__init__()
-        self.reader, self.batch_size, self.window = reader, batch_size, window
-        self.seed, self.epoch, self.store = seed, epoch, store
+        self.items, self.batch_size, self.store = items, batch_size, store
+        # whole batches per window, so only the epoch's last batch may be short
+        self.window = max(1, window // batch_size) * batch_size
+        self.seed, self.epoch = seed, epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = np.random.default_rng([self.seed, self.epoch, worker])
-        units = self.reader.units()
-        # one unit order for every worker; each takes its share of it
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
-        units = [units[i] for i in order]
-        buf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
-        held = 0
-        for unit in units[worker::workers]:
-            for start, x, y in self.reader.read(unit):
-                pos = np.arange(start, start + len(y), dtype=np.int64)
-                t = self.store.read(start, start + len(y)) if self.store is not None else None
-                buf.append((pos, x, y, t))
-                held += len(y)
-                if held >= self.window:
-                    buf, held = yield from self._drain(buf, rng, keep_tail=True)
-        yield from self._drain(buf, rng, keep_tail=False)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.items))
+        starts = range(0, len(order), self.window)
+        for at in list(starts)[worker::workers]:
+            yield from self._window(order[at : at + self.window])
 
-    def _drain(self, buf, rng, keep_tail: bool):
-        pos = np.concatenate([b[0] for b in buf]) if buf else np.zeros(0, np.int64)
-        if not len(pos):
-            return [], 0
-        x = np.concatenate([b[1] for b in buf])
-        y = np.concatenate([b[2] for b in buf])
-        t = np.concatenate([b[3] for b in buf]) if buf[0][3] is not None else None
-        order = rng.permutation(len(pos))
-        n_full = (len(order) // self.batch_size) * self.batch_size
-        cut = n_full if keep_tail else len(order)
-        for at in range(0, cut, self.batch_size):
-            idx = order[at : at + self.batch_size]
+    def _window(self, chunk: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        ascending = np.sort(chunk)  # read by position, then serve in the random order
+        x, y = self.items.take(ascending)
+        t = self.store.take(ascending) if self.store is not None else None
+        local = np.searchsorted(ascending, chunk)
+        for at in range(0, len(local), self.batch_size):
+            idx = local[at : at + self.batch_size]
             if len(idx) < 2:
                 continue
             out = {
-                "pos": torch.from_numpy(pos[idx]),
-                "x": torch.from_numpy(x[idx]),
-                "y": torch.from_numpy(y[idx]),
+                "pos": torch.from_numpy(ascending[idx]),
+                "x": torch.from_numpy(np.ascontiguousarray(x[idx])),
+                "y": torch.from_numpy(np.ascontiguousarray(y[idx])),
             }
             if t is not None:
                 out["teacher"] = torch.from_numpy(np.ascontiguousarray(t[idx].transpose(1, 0, 2)))
             yield out
-        if not keep_tail or n_full == len(order):
-            return [], 0
-        rest = order[n_full:]
-        tail = (pos[rest], x[rest], y[rest], t[rest] if t is not None else None)
-        return [tail], len(rest)

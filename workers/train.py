@@ -23,10 +23,14 @@ when the architecture grew). With the scenario's stationary head and per-constra
 weights influence 1, focal 0.3, embedding 2 it cuts NFR to 0.42x of unconstrained training
 on average (worst pair 0.53x) within one point of the unconstrained accuracy.
 
-Images seen by the residual CNN are augmented on the device, per batch
-(:func:`augment_batch`): a random crop with zero padding and, where the data set allows
-it, a horizontal flip (:func:`resolve_augment` states the rule, and why a generation
-distilled from its ancestors' per-item outputs is not augmented by default). On a GPU the loop runs
+Images seen by a convolutional backbone are augmented on the device, per batch
+(:func:`augment_batch`): a random crop with zero padding and, where the classes keep
+under a mirror, a horizontal flip (:func:`resolve_augment` states the rule). A
+generation distilled from its ancestors' per-item outputs (focal, embedding,
+contrastive constraints) then gets those outputs for the augmented batch itself: the
+frozen ancestors embed each augmented batch (PCT computes the old model's logits on the
+same augmented input), as a precomputed output of the unaugmented item would pull a
+shifted or mirrored image toward it. On a GPU the loop runs
 under autocast (bfloat16, or float16 with a gradient scaler), convolutional models and
 their inputs in channels-last layout, batches pinned and copied without blocking; on a
 CPU none of that applies.
@@ -63,7 +67,16 @@ from workers.models import (
     save_model,
 )
 from workers.sources import ArrayReader, InputFormat, label_indices, open_reader
-from workers.stream import Reader, ShuffledItems, TeacherStore, precompute_teachers, window_items
+from workers.stream import (
+    Items,
+    ItemStore,
+    Prepared,
+    Reader,
+    ShuffledItems,
+    TeacherStore,
+    prepare,
+    window_items,
+)
 
 EXPLODING_LOSS = 1e4
 EMBEDDING_SCOPES = ("all", "known", "unknown")
@@ -228,22 +241,17 @@ def resolve_augment(
     input_shape: tuple[int, ...],
     architecture: dict[str, Any],
     dataset: str | None,
-    per_item_teachers: bool = False,
 ) -> str:
     """The augmentation a training applies: "none", "crop" or "crop+flip".
 
     Only images, ``(C, H, W)`` inputs, are augmented; feature vectors never, whatever
     ``mode`` asks. ``crop`` and ``crop+flip`` are applied as asked. ``auto``:
 
-    - the residual CNN gets a random crop with padding, plus a horizontal flip when the
-      data set is of a kind whose classes a mirror keeps (:data:`MIRROR_SAFE`:
-      Fashion-MNIST, CIFAR; not digits, text or a user's own images);
-    - but not when the generation is distilled from its ancestors' per-item outputs
-      (``per_item_teachers``: a focal or embedding constraint): those are computed once,
-      on each item as it is, and would pull a shifted or mirrored image toward the
-      unshifted one's old output (measured on digits, resnet w16 d4 under bct+pct+emb:
-      C[new][old] 0.50 / 0.71 with the crop against 0.69 / 0.82 without, at the same
-      accuracy);
+    - a convolutional backbone (the residual CNN, a team's own) gets a random crop with
+      padding, plus a horizontal flip for colour photographs and the data sets whose
+      classes a mirror keeps (:data:`MIRROR_SAFE`: Fashion-MNIST, CIFAR); grey images
+      of unknown kind (digits, scans of text: a mirrored "b" is a "d") are not flipped;
+      pass ``crop`` where colour photos' classes are not mirror-symmetric;
     - the MLP (pixels as unrelated features) and the plain cnn (measured on digits: the
       crop costs it 6 points of accuracy in 6 epochs) train on the images as they are.
     """
@@ -253,10 +261,11 @@ def resolve_augment(
         return "none"
     if mode != "auto":
         return mode
-    if architecture.get("kind", "mlp") != "resnet" or per_item_teachers:
+    if architecture.get("kind", "mlp") not in ("resnet", "import"):
         return "none"
     kind = (dataset or "").strip().partition(":")[0].strip().lower()
-    return "crop+flip" if kind in MIRROR_SAFE else "crop"
+    # colour photographs keep their class in a mirror (a mirrored cat is a cat)
+    return "crop+flip" if kind in MIRROR_SAFE or input_shape[0] == 3 else "crop"
 
 
 def crop_padding(height: int, width: int) -> int:
@@ -329,12 +338,21 @@ def _reader(spec: TrainSpec) -> tuple[Reader, tuple[int, ...]]:
 
 
 def build_teachers(
-    spec: TrainSpec, reader: Reader, store_path: Path, device: torch.device
-) -> tuple[list[Teacher], TeacherStore | None, np.ndarray]:
-    """Load each constrained ancestor once, embed every training item with it (one pass).
+    spec: TrainSpec,
+    reader: Reader,
+    store_path: Path,
+    device: torch.device,
+    keep_models: bool = False,
+) -> tuple[list[Teacher], TeacherStore | None, np.ndarray, Items, Prepared, list[EmbeddingNet]]:
+    """Load each constrained ancestor once; one pass over the snapshot decodes every item
+    into an on-disk store (unless the items are in memory already) and embeds it with
+    every ancestor (workers.stream.prepare).
 
-    Returns the teachers, the store of their embeddings, and up to 4096 training inputs
-    (for the warm start's BatchNorm statistics).
+    Returns the teachers, the store of their embeddings, up to 4096 training inputs (for
+    the warm start's BatchNorm statistics), the items as an epoch reads them, what the
+    pass measured (channel statistics for the input normalisation) and, with
+    ``keep_models``, the frozen ancestors in teacher-slot order (the loop embeds each
+    augmented batch with them; no embedding is stored then).
     """
     check_spec(spec)
     models: dict[int, EmbeddingNet] = {}
@@ -361,11 +379,18 @@ def build_teachers(
         if sum(len(s) for s in sample) < 4096:
             sample.append(x[:4096])
 
-    if not models:
-        return [], None, np.zeros(0, np.float32)
-    store = TeacherStore(store_path, len(reader), len(models), spec.embed_dim)
-    sums, counts = precompute_teachers(
-        reader, list(models.values()), store, spec.num_classes, device, on_chunk=keep
+    items: Items = reader if isinstance(reader, ArrayReader) else _item_store(spec, reader)
+    store = None
+    if models and not keep_models:
+        store = TeacherStore(store_path, len(reader), len(models), spec.embed_dim)
+    prepared = prepare(
+        reader,
+        list(models.values()),
+        store,
+        spec.num_classes,
+        device,
+        items=items if isinstance(items, ItemStore) else None,
+        on_chunk=keep,
     )
     classes = {c.target: c.classes for c in spec.constraints}
     teachers: dict[int, Teacher] = {}
@@ -373,8 +398,8 @@ def build_teachers(
         own = m.head.weight.detach()
         head = teacher_head(
             own,
-            sums[slot],
-            counts,
+            prepared.class_sums[slot],
+            prepared.counts,
             classes[target],
             spec.bct_prototypes,
             centroids=spec.influence_head == "centroids",
@@ -385,7 +410,17 @@ def build_teachers(
     for c in spec.constraints:
         weights = teachers[c.target].weights
         weights[c.kind] = weights.get(c.kind, 0.0) + c.weight
-    return list(teachers.values()), store, np.concatenate(sample)[:4096]
+    frozen = list(models.values()) if keep_models else []
+    return list(teachers.values()), store, np.concatenate(sample)[:4096], items, prepared, frozen
+
+
+def _item_store(spec: TrainSpec, reader: Reader) -> ItemStore:
+    """Where a streamed snapshot's decoded items are kept during the training."""
+    path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.items.bin"
+    fmt = InputFormat.from_dict(spec.source.input_format) if spec.source else None
+    shape = fmt.shape if fmt is not None else ()
+    # decoded images are v / 255 of 8-bit pixels: kept as bytes, a quarter of the disk
+    return ItemStore(path, reader.y, shape, u8=fmt is not None and fmt.mode is not None)
 
 
 def _resume_path(spec: TrainSpec) -> Path:
@@ -409,16 +444,22 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     cuda = device.type == "cuda"
     reader, input_shape = _reader(spec)
     dataset = spec.dataset if spec.dataset is not None else getattr(spec.source, "spec", None)
+    augment = resolve_augment(spec.augment, input_shape, spec.architecture, dataset)
+    # distilled from per-item outputs while augmenting: the ancestors embed each batch
     per_item = any(c.kind in PER_ITEM_KINDS and c.weight > 0 for c in spec.constraints)
-    augment = resolve_augment(spec.augment, input_shape, spec.architecture, dataset, per_item)
+    on_the_fly = per_item and augment != "none"
     model = EmbeddingNet(input_shape, spec.num_classes, spec.embed_dim, spec.architecture)
     model.to(device)
     fingerprint = _fingerprint(spec, len(reader), augment)
 
     t0 = time.perf_counter()
     store_path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.teachers.f32"
-    teachers, store, sample = build_teachers(spec, reader, store_path, device)
+    teachers, store, sample, items, prepared, frozen = build_teachers(
+        spec, reader, store_path, device, keep_models=on_the_fly
+    )
     stacks = stack_teachers(teachers, spec)
+    if prepared.channel_mean is not None:  # a warm start replaces them with its ancestor's
+        model.set_input_stats(prepared.channel_mean, prepared.channel_std)
     teacher_seconds = time.perf_counter() - t0
     warm_from = _warm_start(spec, model, sample, device) if spec.warm_start else None
     # on a GPU: channels-last convolutions, mixed precision (bfloat16 where the device
@@ -463,7 +504,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         t_epoch = time.perf_counter()
         model.train()
         # the order depends on (seed, epoch) only: a resumed epoch sees what it would have
-        epoch_items = ShuffledItems(reader, spec.batch_size, window, spec.seed, epoch, store)
+        epoch_items = ShuffledItems(items, spec.batch_size, window, spec.seed, epoch, store)
         loader = DataLoader(
             epoch_items, batch_size=None, num_workers=spec.loader_workers, pin_memory=cuda
         )
@@ -473,10 +514,13 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         for step, batch in enumerate(loader):
             xb = batch["x"].to(device, non_blocking=True)
             yb = batch["y"].to(device, non_blocking=True)
-            teacher_emb = batch["teacher"].to(device, non_blocking=True) if stacks else None
+            teacher_emb = batch["teacher"].to(device, non_blocking=True) if store else None
             xb = augment_batch(xb, augment, gen)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            if frozen:  # the ancestors' view of this very (augmented) batch
+                with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=cuda):
+                    teacher_emb = torch.stack([m.embed(xb).float() for m in frozen])
             if amp_dtype is not None:
                 with torch.autocast("cuda", dtype=amp_dtype):
                     emb, logits = model(xb)
@@ -526,6 +570,8 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     sha = save_model(model.cpu().to(memory_format=torch.contiguous_format), path)
     resume.unlink(missing_ok=True)
     store_path.unlink(missing_ok=True)
+    if isinstance(items, ItemStore):
+        items.path.unlink(missing_ok=True)
     return {
         "checkpoint": str(path),
         "sha256": sha,
@@ -542,6 +588,8 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         "constraint_weights": received_weights(stacks),
         "warm_start_from": warm_from,
         "augment": augment,
+        # the ancestors embedded each augmented batch (else: their outputs precomputed)
+        "teachers_per_batch": bool(frozen),
         "device": device.type,
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None,
     }

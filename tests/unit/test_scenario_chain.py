@@ -17,6 +17,10 @@ def test_stages_grow_in_classes_data_and_width() -> None:
     widths = [s.architecture["width"] for s in stages]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     assert stage_plan(10, 1, 0).classes == tuple(range(10))
+    # a single stage is the last one: the whole model too, not the first stage's
+    one = stage_plan(10, 1, 0, (3, 32, 32)).architecture
+    assert one == stage_plan(10, 4, 3, (3, 32, 32)).architecture
+    assert (one["width"], one["depth"]) == (16, 4)
 
 
 def test_images_get_a_growing_resnet_features_the_mlp() -> None:

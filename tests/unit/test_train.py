@@ -23,7 +23,7 @@ from workers.metrics import retrieval_top1
 from workers.models import EmbeddingNet, load_model
 from workers.scenario import eval_split
 from workers.sources import ArrayReader
-from workers.stream import TeacherStore, precompute_teachers
+from workers.stream import TeacherStore, prepare
 from workers.train import (
     ConstraintSpec,
     TrainingDiverged,
@@ -157,7 +157,8 @@ def test_resume_file_of_another_training_is_refused(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path: Path) -> None:
-    huge = np.where(X > 0, 3e38, -3e38).astype(np.float32)  # the first layer overflows
+    # the first layer overflows (feature vectors: images would be normalised first)
+    huge = np.where(X > 0, 3e38, -3e38).astype(np.float32).reshape(len(X), -1)
     with pytest.raises(TrainingDiverged, match=r"generation 1: loss nan at epoch 0 step 0"):
         train_generation(spec(tmp_path, x=huge))
     assert not (tmp_path / "gen-1.pt").exists()
@@ -191,9 +192,8 @@ def test_teacher_heads_and_logits_by_hand(tmp_path: Path) -> None:
     x = np.array([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
     y = np.array([0, 2, 2])
     store = TeacherStore(tmp_path / "t.f32", n=3, k=1, d=2)
-    sums, counts = precompute_teachers(
-        ArrayReader(x, y), [model], store, num_classes=3, device=torch.device("cpu")
-    )
+    prepared = prepare(ArrayReader(x, y), [model], store, num_classes=3, device=torch.device("cpu"))
+    sums, counts = prepared.class_sums, prepared.counts
     # embeddings (1,0), (1,0), (0,1), written once to disk and read back by position
     emb = torch.from_numpy(store.read(0, 3).copy())[:, 0]
     assert torch.allclose(emb, torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
@@ -406,18 +406,21 @@ def test_resnet_resume_with_augmentation_equals_uninterrupted_run(tmp_path: Path
 
 def test_augmentation_follows_the_data_set_rule(tmp_path: Path) -> None:
     """auto: a resnet on digits is cropped, not flipped; on Fashion-MNIST also flipped; an
-    MLP on the same images and feature vectors are not augmented; nor is a resnet
-    distilled from an ancestor's per-item outputs, while influence alone allows it."""
+    MLP on the same images and feature vectors are not augmented. A resnet distilled from
+    an ancestor's per-item outputs is augmented too, its ancestors embedding each
+    augmented batch (no precomputed output of the unaugmented item)."""
     kw = dict(architecture=dict(RESNET), epochs=1)
     g1 = train_generation(spec(tmp_path / "a", dataset="digits", **kw))
     assert g1["augment"] == "crop"
     fashion = spec(tmp_path / "b", dataset="fashion-mnist", **kw)
     assert train_generation(fashion)["augment"] == "crop+flip"
     assert train_generation(spec(tmp_path / "c", dataset="fashion-mnist"))["augment"] == "none"
-    for kind, expected in (("influence", "crop"), ("embedding", "none"), ("focal", "none")):
+    for kind, per_batch in (("influence", False), ("embedding", True), ("focal", True)):
         cons = [ConstraintSpec(1, kind, 1.0, g1["checkpoint"], g1["sha256"], [0, 1, 2, 3])]
         run = spec(tmp_path / kind, generation=2, dataset="digits", constraints=cons, **kw)
-        assert train_generation(run)["augment"] == expected, kind
+        result = train_generation(run)
+        assert result["augment"] == "crop", kind
+        assert result["teachers_per_batch"] is per_batch, kind
     flat = spec(tmp_path / "d", x=X.reshape(len(X), 16), augment="crop+flip")
     assert train_generation(flat)["augment"] == "none"
     with pytest.raises(ValueError, match="unknown augment 'rotate'"):
