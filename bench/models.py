@@ -231,6 +231,69 @@ def scenario_part(name: str, spec: str, epochs: int, stages: int, log=print) -> 
     return out
 
 
+def source_run(spec_str: str, epochs: int) -> dict[str, Any]:
+    """One generation on an image folder read as a growing source (in a fresh process):
+    the product's scan, evaluation set and streaming reader, as ``graceful cycle`` does."""
+    import pyarrow.parquet as pq
+
+    from flows.config import TrainConfig
+    from workers.models import load_model
+    from workers.scenario import default_architecture
+    from workers.sources import load_eval, scan_source
+    from workers.train import SourceItems, TrainSpec, train_generation
+
+    t0 = time.perf_counter()
+    scan = scan_source(spec_str)
+    ev = load_eval(spec_str)
+    names = sorted(set(scan.class_counts()) | set(ev.labels))
+    vocab = {n: i for i, n in enumerate(names)}
+    t = TrainConfig(epochs=epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp) / "keys.parquet"
+        pq.write_table(scan.table, keys)
+        items = SourceItems(spec_str, str(keys), vocab, ev.input_format.as_dict(), scan.fingerprint)
+        spec = TrainSpec(
+            generation=1,
+            x=None,
+            y=None,
+            source=items,
+            num_classes=len(names),
+            classes=list(range(len(names))),
+            architecture=default_architecture(ev.input_format.shape) | {"head": "fixed"},
+            embed_dim=t.embed_dim,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            seed=t.seed,
+            augment=t.augment,
+            checkpoint_dir=tmp,
+            threads=torch.get_num_threads(),
+        )
+        result = train_generation(spec)
+        model = load_model(result["checkpoint"], result["sha256"])
+    from workers.embed import forward
+    from workers.metrics import accuracy
+
+    y = np.asarray([vocab[n] for n in ev.labels])
+    full = 0
+    for key in scan.table.column("key").to_pylist():
+        from PIL import Image
+
+        with Image.open(Path(spec_str.split(":", 1)[1]) / key) as img:
+            full += img.width * img.height * 3
+    return {
+        "items": scan.items,
+        "skipped": len(scan.skipped),
+        "input_shape": list(ev.input_format.shape),
+        "accuracy": accuracy(forward(model, ev.x).prediction, y),
+        "seconds": time.perf_counter() - t0,
+        "seconds_per_epoch": float(np.median(result["epoch_seconds"])),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "decoded_full_size_mib": full / 2**20,
+        "augment": result["augment"],
+    }
+
+
 def _plot(results: dict[str, Any]) -> list[str]:
     from flows.plots import _plt
 
@@ -323,6 +386,22 @@ def render(report: dict[str, Any]) -> None:
                 promoted = "".join("✓" if p else "✗" for p in m["promoted"])
                 lines.append(f"| {ds} | {method} ({m['method']}) | {accs} | {items} | {promoted} |")
         lines.append("")
+    src = {ds: r["source"] for ds, r in results.items() if "source" in r}
+    if src:
+        lines += [
+            "## Photos of varying sizes, streamed as a source",
+            "",
+            "| data set | photos (skipped) | input | augment | accuracy | s/epoch "
+            "| peak RSS MiB | the photos decoded at full size, MiB |",
+            "|---|---:|---|---|---:|---:|---:|---:|",
+        ]
+        for ds, o in src.items():
+            lines.append(
+                f"| {ds} | {o['items']} ({o['skipped']}) | {'x'.join(map(str, o['input_shape']))} "
+                f"| {o['augment']} | {o['accuracy']:.4f} | {o['seconds_per_epoch']:.1f} | "
+                f"{o['peak_rss_mib']:.0f} | {o['decoded_full_size_mib']:.0f} |"
+            )
+        lines.append("")
     lines += [f"![{n}]({n})" for n in report.get("plots", [])] + [""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -352,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
             r |= ratio_part(name, spec, epochs)
         if "scenario" in args.parts:
             r["scenario"] = scenario_part(name, spec, epochs, args.stages)
+        if "source" in args.parts:  # photos of varying sizes, streamed as a source
+            r["source"] = _in_process(source_run, spec, epochs)
+            print(f"  [{name} source] {r['source']}", flush=True)
         results[name] = results.get(name, {}) | r
     RESULTS.mkdir(exist_ok=True)
     report = {
