@@ -138,6 +138,20 @@ PolicyOpt = Annotated[
 
 
 EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs per generation")]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="side of the square images are decoded to (default: the first evaluation "
+        "image's size, at most 32 a side); a lineage keeps the size it began with",
+    ),
+]
+ArchitectureOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON keys over the default architecture, e.g. '{\"width\": 24}' or your own "
+        'backbone: \'{"kind": "import", "factory": "mypkg.nets:build", "options": {}}\'',
+    ),
+]
 BudgetOpt = Annotated[float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")]
 RetireOpt = Annotated[
     float,
@@ -201,6 +215,21 @@ def _weights(items: list[str] | None) -> dict[str, float]:
     return weights
 
 
+def _architecture(text: str | None) -> dict | None:
+    """``--architecture`` JSON as a mapping; anything else is bad input."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--architecture takes a JSON object, e.g. '{{\"width\": 24}}': {exc}")
+    if not isinstance(value, dict):
+        _fail(f"--architecture takes a JSON object, got {text!r}")
+    return value
+
+
 def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
     """One typed CycleConfig from the shared options of ``run`` and ``cycle``."""
     from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
@@ -218,6 +247,8 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
                 seed=opts["seed"],
                 weights=weights,
                 class_capacity=opts.get("class_capacity"),
+                image_size=opts.get("image_size"),
+                architecture=_architecture(opts.get("architecture")),
             ),
             gate=GateConfig(
                 enabled=not opts["no_gate"],
@@ -269,6 +300,8 @@ def run(
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
+    image_size: ImageSizeOpt = None,
+    architecture: ArchitectureOpt = None,
 ) -> None:
     """Run N update cycles of the growing scenario in GRACEFUL_HOME."""
     _env_defaults()
@@ -317,6 +350,8 @@ def cycle(
             min=2, help="head rows a new source lineage reserves (default max(64, 2 x classes))"
         ),
     ] = None,
+    image_size: ImageSizeOpt = None,
+    architecture: ArchitectureOpt = None,
     reevaluate: Annotated[
         bool,
         typer.Option(
@@ -355,7 +390,7 @@ def _progress_bar(transient: bool = False):
 
 def _run_cycles(cfg, n: int) -> None:
     from flows import progress as step_progress
-    from flows.cycle import update_cycle
+    from flows.cycle import LineageOptionError, update_cycle
 
     with _progress_bar() as bar:
         total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
@@ -371,7 +406,7 @@ def _run_cycles(cfg, n: int) -> None:
                 result = update_cycle(cfg)
             except _known_errors() as exc:
                 bar.stop()
-                _fail(exc, code=1)
+                _fail(exc, code=2 if isinstance(exc, LineageOptionError) else 1)
             finally:
                 step_progress.set_listener(None)
             if result.get("resumed_backfill"):

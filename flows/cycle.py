@@ -39,6 +39,7 @@ from workers.backfill import close_interrupted_jobs, run_backfill
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.failpoints import failpoint
+from workers.models import EmbeddingNet
 from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
 from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
@@ -112,12 +113,44 @@ def resolve_spec(lineage: Lineage, spec: str | None) -> str:
     return spec
 
 
-def resolve_dataset(lineage: Lineage, spec: str | None, stages: int | None = None) -> Dataset:
-    """The data set a cycle evaluates on: the scenario's, or a source's evaluation set."""
+class LineageOptionError(StoreError):
+    """An option that contradicts what the lineage recorded: bad input (exit 2)."""
+
+
+def lineage_image_size(lineage: Lineage, asked: int | None = None) -> int | None:
+    """The image size a lineage's generations take (recorded with the first generation
+    that was given one), or ``asked`` for a lineage that has none yet; refuses another."""
+    recorded = next(
+        (
+            int(g.architecture["image_size"])
+            for g in lineage.generations()
+            if g.architecture and g.architecture.get("image_size")
+        ),
+        None,
+    )
+    if recorded is not None and asked is not None and asked != recorded:
+        raise LineageOptionError(
+            f"image_size {asked} differs from this lineage's {recorded}: every generation "
+            "here embeds images of that size; keep it, or start a new GRACEFUL_HOME"
+        )
+    if recorded is None and asked is not None and lineage.generations():
+        raise LineageOptionError(
+            f"image_size {asked}: this lineage's generations take the automatic size; keep "
+            "it, or start a new GRACEFUL_HOME"
+        )
+    return recorded if recorded is not None else asked
+
+
+def resolve_dataset(
+    lineage: Lineage, spec: str | None, stages: int | None = None, image_size: int | None = None
+) -> Dataset:
+    """The data set a cycle evaluates on: the scenario's, or a source's evaluation set,
+    its images at the lineage's size."""
     spec = resolve_spec(lineage, spec)
+    size = lineage_image_size(lineage, image_size)
     if source_mode(lineage, spec, stages):
         vocab = lineage.vocabulary()
-        ev = load_eval(spec)
+        ev = load_eval(spec, size)
         missing = sorted(set(ev.labels) - set(vocab))
         if missing:
             raise StoreError(
@@ -126,7 +159,7 @@ def resolve_dataset(lineage: Lineage, spec: str | None, stages: int | None = Non
             )
         ds = ev.dataset(spec, vocab)
     else:
-        ds = load_dataset(spec)
+        ds = load_dataset(spec, size)
     info = scenario_gallery(lineage)
     if info is not None and info.dataset != ds.spec:
         raise StoreError(
@@ -264,7 +297,7 @@ def lineage_kind(existing: list[Generation]) -> str | None:
 
 def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
     """The scenario's next stage over a data set loaded whole."""
-    ds = resolve_dataset(lineage, spec, cfg.stages or DEFAULT_STAGES)
+    ds = resolve_dataset(lineage, spec, cfg.stages or DEFAULT_STAGES, cfg.train.image_size)
     snapshots = lineage.snapshots()
     known = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
     stages = cfg.stages or (known[-1] if known else DEFAULT_STAGES)
@@ -300,7 +333,7 @@ def plan_source(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
             f"{len(scan.skipped)} unreadable item(s) in {spec} (first: {first['key']}: "
             f"{first['reason']}); fix or remove them, or run without --strict to skip them"
         )
-    ev = load_eval(spec)
+    ev = load_eval(spec, lineage_image_size(lineage, cfg.train.image_size))
     counts = scan.class_counts()
     names = sorted(set(counts) | set(ev.labels))
     capacity = class_capacity(lineage, cfg, len(names))
@@ -352,6 +385,13 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     source = plan.source
     if source is not None:
         source.keys_path = str(keys_path)
+    architecture = dict(stage.architecture) | (t.architecture or {})
+    size = lineage_image_size(lineage, t.image_size)
+    if size:
+        architecture["image_size"] = size
+    # a model that cannot be built (a factory that does not import or maps inputs to the
+    # wrong shape) is refused here, before anything is recorded
+    EmbeddingNet(ds.input_shape, plan.capacity or ds.num_classes, t.embed_dim, architecture)
     gen = lineage.start_generation(
         planned,
         snapshot={
@@ -368,7 +408,7 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
         },
         dataset=ds.spec,
         stage=stage.index,
-        architecture=dict(stage.architecture) | (t.architecture or {}),
+        architecture=architecture,
         embed_dim=t.embed_dim,
         classes=list(stage.classes),
         train_samples=snap.items,

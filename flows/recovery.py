@@ -25,6 +25,7 @@ from flows.cycle import (
     DEFAULT_STAGES,
     CycleState,
     cycle_config_path,
+    lineage_image_size,
     resolve_dataset,
     train_idx_path,
     verify_inputs,
@@ -68,7 +69,7 @@ def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
             gen.dataset,
             snap.keys_path,
             lineage.vocabulary(),
-            load_eval(gen.dataset).input_format.as_dict(),
+            load_eval(gen.dataset, lineage_image_size(lineage)).input_format.as_dict(),
             snap.fingerprint,
         )
     else:

@@ -456,8 +456,11 @@ def fixed_bytes(strings: pa.Array, chunk: int = 65_536) -> np.ndarray:
 class ScenarioReader:
     """The scenario data set's evaluation split, by position (its key)."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, input_shape: tuple[int, ...] | None = None) -> None:
         self.x = load_dataset(spec).x_test
+        if input_shape is not None and tuple(self.x.shape[1:]) != tuple(input_shape):
+            # the lineage chose image_size: its images were decoded to the model's squares
+            self.x = load_dataset(spec, image_size=int(input_shape[-1])).x_test
 
     def take(self, keys: list[str]) -> np.ndarray:
         try:
@@ -498,4 +501,4 @@ def open_reader(spec: str, input_shape: tuple[int, ...]):
         return FileReader(path, fmt)  # type: ignore[arg-type]
     if kind == "parquet":
         return ParquetKeyReader(path, fmt.shape)  # type: ignore[arg-type]
-    return ScenarioReader(spec)
+    return ScenarioReader(spec, fmt.shape)

@@ -165,25 +165,46 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return kind, path
 
 
-def load_dataset(spec: str) -> Dataset:
-    """Load a data set by spec; results are cached in-process per normalized spec."""
+def load_dataset(spec: str, image_size: int | None = None) -> Dataset:
+    """Load a data set by spec; results are cached in-process per normalized spec.
+
+    ``image_size``: the side of the square the images of image files (``imagefolder:``,
+    Parquet ``image`` columns) are decoded to (shorter side scaled to it, centre crop);
+    None: :func:`auto_size` of the first evaluation image. Data sets stored as arrays
+    (digits, Fashion-MNIST, CIFAR) have their own size and take no other.
+    """
     kind, path = parse_spec(spec)
-    return _load_cached(kind, path)
+    return _load_cached(kind, path, image_size)
+
+
+def image_size_of(image_size: int | None) -> tuple[int, int] | None:
+    """``image_size`` as a (height, width) size, or None (the automatic one)."""
+    if image_size is None:
+        return None
+    if not 2 <= int(image_size) <= 1024:
+        raise DatasetError(f"image_size must be 2 to 1024 pixels, got {image_size}")
+    return int(image_size), int(image_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(kind: str, path: str | None) -> Dataset:
+def _load_cached(kind: str, path: str | None, image_size: int | None = None) -> Dataset:
     norm = kind if path is None else f"{kind}:{path}"
+    size = image_size_of(image_size)
     if kind == "digits":
         parts = _load_digits()
     elif kind == "fashion-mnist":
         parts = _load_fashion_mnist(Path(path or DEFAULT_FASHION_MNIST_DIR))
     elif kind == "imagefolder":
-        parts = _load_imagefolder(Path(str(path)))
+        parts = _load_imagefolder(Path(str(path)), size)
     elif kind in ("cifar10", "cifar100"):
         parts = _load_cifar(Path(str(path)), fine=kind == "cifar100")
     else:
-        parts = _load_parquet(Path(str(path)))
+        parts = _load_parquet(Path(str(path)), size)
+    if size is not None and parts[0].ndim == 4 and tuple(parts[0].shape[2:]) != size:
+        raise DatasetError(
+            f"{norm} is stored as {parts[0].shape[2]} x {parts[0].shape[3]} arrays; "
+            "image_size applies to image files (imagefolder:, Parquet image columns)"
+        )
     return Dataset(norm, *parts)
 
 
@@ -575,7 +596,7 @@ def _load_cifar(root: Path, *, fine: bool) -> _Parts:
 # --------------------------------------------------------------------------- parquet
 
 
-def _load_parquet(path: Path) -> _Parts:
+def _load_parquet(path: Path, size: tuple[int, int] | None = None) -> _Parts:
     import pyarrow as pa
 
     try:
@@ -625,7 +646,7 @@ def _load_parquet(path: Path) -> _Parts:
         x_tr, x_te = _decode_split_images(
             [items[i] for i in np.flatnonzero(train)],
             [items[i] for i in np.flatnonzero(test)],
-            None,
+            size,
         )
     else:
         raise DatasetError(

@@ -257,7 +257,7 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
     return Scan(spec, table, digest.hexdigest(), skipped)
 
 
-def _eval_imagefolder(root: Path) -> EvalSet:
+def _eval_imagefolder(root: Path, size: tuple[int, int] | None = None) -> EvalSet:
     from workers.datasets import _decode_images
 
     test = root / "test"
@@ -273,7 +273,7 @@ def _eval_imagefolder(root: Path) -> EvalSet:
     shas = [_file_sha(root / key) for key, _, _ in files]
     for (key, label, _), sha in zip(files, shas, strict=True):
         digest.update(f"{key}\0{label}\0{sha}\n".encode())
-    x = _decode_images([(k, root / k) for k, _, _ in files])
+    x = _decode_images([(k, root / k) for k, _, _ in files], size)
     mode = "L" if x.shape[1] == 1 else "RGB"
     fmt = InputFormat(tuple(x.shape[1:]), mode)
     labels = [lab for _, lab, _ in files]
@@ -484,7 +484,7 @@ def _scan_parquet(spec: str, path: str) -> Scan:
     return Scan(spec, table, digest.hexdigest())
 
 
-def _eval_parquet(path: str) -> EvalSet:
+def _eval_parquet(path: str, size: tuple[int, int] | None = None) -> EvalSet:
     import pyarrow.dataset as pads
 
     ds = _parquet_dataset(path)
@@ -508,7 +508,7 @@ def _eval_parquet(path: str) -> EvalSet:
         raise SourceError(f"Parquet source {redact(path)}: no rows with split == 'test'")
     batch = table.combine_chunks().to_batches()[0]
     labels = _class_names(batch, name_col, path).to_pylist()
-    x, fmt = _parquet_inputs(batch.column(column), column, None, path)
+    x, fmt = _parquet_inputs(batch.column(column), column, None, path, size)
     keys = [str(k) for k in batch.column("item_id").to_pylist()]
     shas = [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest() for row in x]
     digest = hashlib.sha256(b"graceful-eval-parquet-v2")
@@ -518,15 +518,16 @@ def _eval_parquet(path: str) -> EvalSet:
 
 
 def _parquet_inputs(
-    col: Any, name: str, fmt: InputFormat | None, path: str
+    col: Any, name: str, fmt: InputFormat | None, path: str, size: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, InputFormat]:
-    """A Parquet input column as float32 inputs (features as they are, images decoded)."""
+    """A Parquet input column as float32 inputs (features as they are, images decoded;
+    without ``fmt``, to ``size`` or the automatic size)."""
     from workers.datasets import _decode_images, _parquet_features, _parquet_image_items
 
     if name == "image":
         items = _parquet_image_items(col, Path(redact(path)))
         if fmt is None:
-            x = _decode_images(items)
+            x = _decode_images(items, size)
             return x, InputFormat(tuple(x.shape[1:]), "L" if x.shape[1] == 1 else "RGB")
         return _decode(items, fmt), fmt
     x = _parquet_features(pa.chunked_array([col]), name, Path(redact(path)))
@@ -562,15 +563,20 @@ def scan_source(spec: str, previous: pa.Table | None = None) -> Scan:
     return _scan_parquet(spec, path)
 
 
-def load_eval(spec: str) -> EvalSet:
-    """The source's evaluation set, decoded, with its fingerprint."""
+def load_eval(spec: str, image_size: int | None = None) -> EvalSet:
+    """The source's evaluation set, decoded, with its fingerprint. Images are decoded to
+    squares of ``image_size`` (None: workers.datasets.auto_size of the first one); its
+    shape is the input format of every training item."""
+    from workers.datasets import image_size_of
+
     kind, path = _local(spec)
+    size = image_size_of(image_size)
     if kind == "imagefolder":
         root = Path(path)
         if not root.is_dir():
             raise SourceError(f"image folder {root} does not exist; pass imagefolder:DIR")
-        return _eval_imagefolder(root)
-    return _eval_parquet(path)
+        return _eval_imagefolder(root, size)
+    return _eval_parquet(path, size)
 
 
 # -- readers ---------------------------------------------------------------------------
