@@ -589,17 +589,29 @@ def search(
         bool, typer.Option("--json", help="one JSON list of {key, score, generation} on stdout")
     ] = False,
 ) -> None:
-    """Nearest collection items (by key) for a query item or file, from the committed state."""
-    _check_inputs(None)
+    """Nearest collection items (by key) for a query item or file, from the committed state.
+
+    With GRACEFUL_SEARCH_URL set (a running `graceful search-server`) the service answers;
+    otherwise this process searches (no Prefect, no data set loaded; a key the champion
+    embedded needs no model either).
+    """
     if (item is None) == (file is None):
         _fail("give exactly one of --item or --file")
-    from flows.query import search_file, search_item
-    from store.lineage import Lineage
+    url = os.environ.get("GRACEFUL_SEARCH_URL")
+    if url and (file is None or file.suffix.lower() != ".npy"):
+        hits = _search_remote(url, item, file, k)
+    else:
+        _check_inputs(None)
+        from flows.query import search_file, search_item
+        from store.lineage import Lineage
 
-    try:
-        hits = search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
-    except _known_errors() as exc:
-        _fail(exc)
+        try:
+            found = (
+                search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
+            )
+        except _known_errors() as exc:
+            _fail(exc)
+        hits = {"label": found["label"], "neighbors": found["neighbors"]}
     if as_json:
         sys.stdout.write(json.dumps(hits["neighbors"]) + "\n")
         return
@@ -612,6 +624,76 @@ def search(
         lab = "-" if h["label"] is None else str(h["label"])
         table.add_row(str(r), escape(h["key"]), str(h["generation"]), lab, f"{h['score']:.4f}")
     out.print(table)
+
+
+def _search_remote(url: str, item: str | None, file: Path | None, k: int) -> dict:
+    """`graceful search` through a running service (urllib: nothing heavy to import)."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    headers = {}
+    token = os.environ.get("GRACEFUL_SEARCH_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if file is None:
+        body = json.dumps({"key": item, "k": k}).encode()
+        headers["Content-Type"] = "application/json"
+    else:
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            _fail(f"cannot read query file {file}: {exc}")
+        boundary = uuid.uuid4().hex
+        body = b"".join(
+            [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n'.encode(),
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="{file.name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n".encode(),
+                data,
+                f"\r\n--{boundary}--\r\n".encode(),
+            ]
+        )
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+    request = urllib.request.Request(
+        url.rstrip("/") + "/search", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        _fail(f"{message} (search service {url}: HTTP {exc.code})", 2 if exc.code < 500 else 1)
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"cannot reach the search service at {url} (GRACEFUL_SEARCH_URL): {exc}", 1)
+    return {"label": None, "neighbors": answer["results"]}
+
+
+@app.command("search-server")
+def search_server(
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.05, help="how often the champion and manifest are read")
+    ] = 0.5,
+) -> None:
+    """Serve search over HTTP (and the search page at /): the champion's encoder and the
+    collection's index loaded once, swapped when a promotion or a committed part moves them.
+    A bind other than loopback needs GRACEFUL_SEARCH_TOKEN (checked on every request but
+    /healthz)."""
+    _check_inputs(None)
+    from flows.search_service import server
+
+    try:
+        srv = server(host, port, poll_seconds=poll_seconds, log_level="info")
+    except _known_errors() as exc:
+        _fail(exc)
+    out.print(f"graceful search on http://{host}:{port}/ (API docs: /docs)")
+    srv.run()
 
 
 @app.command()
@@ -642,6 +724,11 @@ def serve(
         str | None,
         typer.Option(help="the on-demand index deployment's default spec (images:DIR, ...)"),
     ] = None,
+    search: Annotated[
+        bool, typer.Option("--search", help="also run the search service (search-server)")
+    ] = False,
+    search_host: Annotated[str, typer.Option(help="the search service's address")] = "127.0.0.1",
+    search_port: Annotated[int, typer.Option(help="the search service's port")] = 8765,
 ) -> None:
     """Serve the deployments (scheduled update cycle, on-demand backfill) to a Prefect server.
 
@@ -655,6 +742,11 @@ def serve(
 
     try:
         config = CycleConfig(dataset=dataset, train=TrainConfig(epochs=epochs))
+        if search:
+            from flows.search_service import serve_in_thread
+
+            serve_in_thread(search_host, search_port)
+            out.print(f"graceful search on http://{search_host}:{search_port}/")
     except _known_errors() as exc:
         _fail(exc)
     serve_all(

@@ -2,39 +2,80 @@
 
 Answers are keys: each hit is the item's ``key``, its ``score`` (cosine similarity), the
 ``generation`` that embedded it and its ``label`` (None when unlabelled). A query is an
-item of the collection by key (read from the collection's source, or for the
-scenario's collection any position of the evaluation split) or a file, embedded by the
-champion in this process (one item needs no Ray task);
-the persisted faiss index is brought up to the committed manifest first, so a search
-running next to a backfill sees every part either in its old or in its new committed
-version, never half of one.
+item of the collection by key, an image, a model input (``.npy``) or an embedding,
+embedded by the champion in this process (one item needs no Ray task).
+
+:class:`Searcher` is one served state: the champion's query encoder and the collection's
+faiss index, both loaded once (the CLI makes one per search, ``graceful search-server``
+keeps one and swaps it whole, ``flows/search_service.py``). The persisted faiss index is
+brought up to the committed manifest first, so a search running next to a backfill sees
+every part either in its old or in its new committed version, never half of one.
+
+A query by key needs neither the model nor the source when the champion embedded the
+item: its stored embedding is the one the champion computes (a search by key then
+imports no torch). Otherwise the item is read from the collection's source by key (the
+scenario's: a position of the evaluation split) and embedded. Prefect is never imported.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flows.cycle import resolve_dataset
 from store.gallery import UNLABELLED, Gallery
 from store.index import GalleryIndex
-from store.lineage import Generation, Lineage
+from store.lineage import GalleryInfo, Generation, Lineage
 from store.settings import StoreError
-from workers.collection import CollectionError, open_reader
-from workers.embed import forward
-from workers.models import load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_K = 100  # the most neighbours one search returns
+
+
+class BadQuery(StoreError):
+    """A query that cannot be answered as asked (the service answers 400)."""
+
+
+class UnknownKey(BadQuery):
+    """A key the collection does not hold (404)."""
+
+
+class NotReady(StoreError):
+    """No champion or no collection yet (503)."""
 
 
 def _champion(lineage: Lineage) -> Generation:
     champion = lineage.champion()
     if champion is None or not champion.checkpoint_path:
-        raise StoreError("no champion generation")
+        raise NotReady(
+            "no champion generation yet: run `graceful run` or `graceful cycle` to train and "
+            "promote one"
+        )
     return champion
+
+
+def check_key(key: str) -> str:
+    """A key as the collection names items: a relative path without ``..``, never absolute."""
+    key = str(key)
+    parts = key.replace("\\", "/").split("/")
+    if not key or "\x00" in key:
+        raise BadQuery("the key is empty or contains a NUL character")
+    if key.startswith(("/", "\\")) or (len(key) > 1 and key[1] == ":") or ".." in parts:
+        raise BadQuery(f"key {key!r} is not a relative path inside the collection's source")
+    return key
+
+
+def check_k(k: Any) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise BadQuery(f"k must be an integer, got {k!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise BadQuery(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
 
 
 def search_embedding(
@@ -61,111 +102,228 @@ def search_embedding(
     return hits
 
 
-def _embed(champion: Generation, x: np.ndarray) -> np.ndarray:
-    model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
-    shape = tuple(model.config["input_shape"])
-    if math.prod(x.shape[1:]) != math.prod(shape):
-        raise StoreError(
-            f"the query has shape {tuple(x.shape[1:])}; generation {champion.id} takes "
-            f"inputs of shape {shape}"
+class Searcher:
+    """The champion's encoder and the collection's index: one consistent served state.
+
+    Immutable once made (the model and the source's reader load lazily, once); a new
+    champion or a newly committed part makes a new Searcher (:meth:`advance`).
+    """
+
+    def __init__(
+        self,
+        lineage: Lineage,
+        champion: Generation,
+        index: GalleryIndex,
+        info: GalleryInfo,
+        model: Any = None,
+    ) -> None:
+        self.lineage = lineage
+        self.generation = champion
+        self.champion = int(champion.id)  # type: ignore[arg-type]
+        self.index = index
+        self.dataset = info.dataset
+        self.scenario = bool(info.scenario)  # keys: positions of the evaluation split
+        self.info = info
+        self.manifest = tuple(sorted(index.parts.values()))
+        self._model = model
+        self._reader: Any = None
+        self._lock = threading.RLock()  # the reader asks for the model
+
+    @classmethod
+    def open(cls, lineage: Lineage, save: bool = True) -> Searcher:
+        """The champion and the persisted index brought up to the committed collection."""
+        champion = _champion(lineage)
+        gallery = Gallery(lineage)
+        info = gallery.info()
+        if info is None:
+            raise NotReady("the collection is empty: `graceful index SPEC` adds items")
+        return cls(lineage, champion, GalleryIndex.open(gallery, save=save), info)
+
+    def advance(self, champion: Generation, manifest: list[str]) -> Searcher:
+        """The next state: the encoder of ``champion`` (kept when it did not change) and
+        a copy of the index synced to the committed manifest (this one is left as it is,
+        for the requests still using it)."""
+        gallery = Gallery(self.lineage)
+        info = gallery.require()
+        index = self.index
+        if tuple(sorted(manifest)) != self.manifest:
+            try:
+                index = self.index.clone()
+                index.sync(gallery)
+            except StoreError:  # another dimension or kind: the persisted index, rebuilt
+                index = GalleryIndex.open(gallery, save=False)
+        same = champion.id == self.champion
+        return Searcher(self.lineage, champion, index, info, self._model if same else None)
+
+    # -- the encoder ---------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                from workers.models import load_model
+
+                g = self.generation
+                self._model = load_model(g.checkpoint_path, g.checkpoint_sha256)
+            return self._model
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.model.config["input_shape"])
+
+    def load(self) -> Searcher:
+        """Load the encoder now (a service does it before it serves this state)."""
+        _ = self.model
+        return self
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """The champion's embeddings of model inputs ``x`` (one per row)."""
+        from workers.embed import forward
+
+        shape = self.input_shape
+        if math.prod(x.shape[1:]) != math.prod(shape):
+            raise BadQuery(
+                f"the query has shape {tuple(x.shape[1:])}; generation {self.champion} takes "
+                f"inputs of shape {shape}"
+            )
+        x = np.ascontiguousarray(x.reshape(len(x), *shape), dtype=np.float32)
+        return forward(self.model, x).embedding
+
+    def _source(self) -> Any:
+        from workers.collection import open_reader
+
+        with self._lock:
+            if self._reader is None:
+                self._reader = open_reader(self.dataset, self.input_shape)
+            return self._reader
+
+    # -- queries -------------------------------------------------------------------------
+    def key_query(self, key: str) -> tuple[np.ndarray, int | None]:
+        """The champion's embedding of the collection's item ``key``, and its label."""
+        from workers.collection import CollectionError, UnreadableItem
+
+        key = check_key(key)
+        item = self.index.id_of(key)
+        label = None
+        if item is not None:
+            row = self.index.rows_of(np.asarray([item]))[0]
+            label = None if int(row["label"]) == UNLABELLED else int(row["label"])
+            if int(row["generation"]) == self.champion:  # stored: what the champion computes
+                stored = self.index.embedding_of(item)
+                if stored is not None:
+                    return stored, label
+        elif not self.scenario:
+            raise UnknownKey(
+                f"unknown key {key!r}: the collection ({self.dataset}) does not hold it; "
+                "`graceful index SPEC` adds new items"
+            )
+        try:
+            reader = self._source()
+            x = reader.take_keys([key])
+        except UnreadableItem as exc:
+            if item is None:  # the scenario: not a position of the evaluation split
+                raise UnknownKey(f"unknown key {key!r}: {exc}") from None
+            raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
+        except CollectionError as exc:
+            raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
+        if label is None and hasattr(reader, "label_of"):
+            label = reader.label_of(key)
+        return self.embed(x)[0], label
+
+    def image_query(self, data: bytes, name: str = "upload") -> np.ndarray:
+        """The champion's embedding of an encoded image (PNG, JPEG, ...), decoded as the
+        collection's items are (EXIF orientation, cover and centre crop, the pixel limit
+        read from the header)."""
+        from workers.collection import input_format
+        from workers.datasets import DatasetError, decode_images_as
+
+        if not data:
+            raise BadQuery("the upload is empty")
+        fmt = input_format(self.input_shape)
+        if fmt.mode is None:
+            raise BadQuery(
+                f"generation {self.champion} embeds feature vectors of shape {fmt.shape}, not "
+                "images: query by key or vector"
+            )
+        try:
+            x = decode_images_as([(name, data)], fmt.mode, fmt.shape[1:])
+        except DatasetError as exc:
+            raise BadQuery(str(exc)) from None
+        return self.embed(x)[0]
+
+    def file_query(self, path: Path | str) -> np.ndarray:
+        """The champion's embedding of a query file: an image or a ``.npy`` model input."""
+        path = Path(path)
+        if not path.is_file():
+            raise BadQuery(f"query file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            return self.image_query(path.read_bytes(), str(path))
+        if suffix != ".npy":
+            raise BadQuery(
+                f"unsupported query file {path}: use an image ({', '.join(IMAGE_SUFFIXES)}) "
+                "or a .npy array"
+            )
+        try:
+            x = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise BadQuery(f"cannot read query array {path}: {exc}") from exc
+        shape = self.input_shape
+        if x.size != math.prod(shape):
+            raise BadQuery(
+                f"query {path} has {x.size} values; the model takes inputs of shape {shape}"
+            )
+        if not np.isfinite(x).all():
+            raise BadQuery(f"query {path} contains NaN or inf")
+        return self.embed(x.reshape(1, *shape))[0]
+
+    def vector_query(self, vector: Any) -> np.ndarray:
+        """A query embedding given as numbers (the collection's dimension, finite)."""
+        try:
+            v = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise BadQuery("the vector must be a list of numbers") from None
+        if v.ndim != 1 or len(v) != self.index.dim:
+            raise BadQuery(
+                f"the vector has shape {list(v.shape)}; the collection's embeddings have "
+                f"dimension {self.index.dim}"
+            )
+        if not np.isfinite(v).all():
+            raise BadQuery("the vector contains NaN or inf")
+        if not np.any(v):
+            raise BadQuery("the vector is all zeros (no direction to search)")
+        return v
+
+    def search(self, query: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+        return search_embedding(self.lineage, query, check_k(k), self.index)
+
+    def counts(self) -> dict[int, int]:
+        """Items of the served index by the generation that embedded them."""
+        gens, counts = np.unique(
+            self.index._rows().column("generation").to_numpy(), return_counts=True
         )
-    return forward(model, np.ascontiguousarray(x.reshape(len(x), *shape))).embedding
+        return {int(g): int(c) for g, c in zip(gens, counts, strict=True)}
 
 
 def search_item(lineage: Lineage, key: str | int, k: int = 5) -> dict[str, Any]:
     """The ``k`` nearest collection items to the collection's item ``key``, read from its
     source and embedded by the champion."""
-    info = Gallery(lineage).require()
-    champion = _champion(lineage)
-    key = str(key)
-    model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
-    shape = tuple(model.config["input_shape"])
-    label, index = None, None
-    if info.scenario:  # any position of the evaluation split
-        ds = resolve_dataset(lineage, info.dataset)
-        if not key.isdigit() or int(key) >= len(ds.y_test):
-            raise StoreError(
-                f"unknown key {key!r}: the collection's keys are positions of the evaluation "
-                f"split (0..{len(ds.y_test) - 1})"
-            )
-        x = ds.x_test[int(key) : int(key) + 1]
-        label = int(ds.y_test[int(key)])
-    else:
-        index = GalleryIndex.open(Gallery(lineage))
-        item = index.id_of(key)
-        if item is None:
-            raise StoreError(
-                f"unknown key {key!r}: the collection ({info.dataset}) does not hold it; "
-                "`graceful index SPEC` adds new items"
-            )
-        row = index.rows_of(np.asarray([item]))[0]
-        label = None if int(row["label"]) == UNLABELLED else int(row["label"])
-        try:
-            x = open_reader(info.dataset, shape).take_keys([key])
-        except CollectionError as exc:
-            raise StoreError(f"cannot read item {key!r} from {info.dataset}: {exc}") from None
-    emb = forward(model, np.ascontiguousarray(x.reshape(len(x), *shape), np.float32)).embedding
+    s = Searcher.open(lineage)
+    emb, label = s.key_query(str(key))
     return {
-        "item": key,
+        "item": str(key),
         "label": label,
-        "generation": champion.id,
-        "neighbors": search_embedding(lineage, emb[0], k, index),
+        "generation": s.champion,
+        "neighbors": s.search(emb, k),
     }
-
-
-def load_query_file(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    """One query input from a file: an image (PNG, JPEG, ...) or a ``.npy`` array.
-
-    Images are converted like the data sets: grey or RGB by the model's channels,
-    resized to its height and width, scaled to [0, 1].
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"query file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            x = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot read query array {path}: {exc}") from exc
-        x = np.asarray(x, dtype=np.float32)
-    elif suffix in IMAGE_SUFFIXES:
-        from PIL import Image, UnidentifiedImageError
-
-        channels = input_shape[0] if len(input_shape) == 3 else 1
-        try:
-            with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                if len(input_shape) == 3:
-                    img = img.resize((input_shape[2], input_shape[1]), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise StoreError(f"cannot decode query image {path}: {exc}") from exc
-        x = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    else:
-        raise StoreError(
-            f"unsupported query file {path}: use an image ({', '.join(IMAGE_SUFFIXES)}) "
-            "or a .npy array"
-        )
-    if x.size != math.prod(input_shape):
-        raise StoreError(
-            f"query {path} has {x.size} values; the model takes inputs of shape {input_shape}"
-        )
-    if not np.isfinite(x).all():
-        raise StoreError(f"query {path} contains NaN or inf")
-    return x.reshape(1, *input_shape)
 
 
 def search_file(lineage: Lineage, path: Path | str, k: int = 5) -> dict[str, Any]:
     """The ``k`` nearest gallery items to a query file, embedded by the champion."""
-    Gallery(lineage).require()
-    champion = _champion(lineage)
-    model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
-    x = load_query_file(Path(path), tuple(model.config["input_shape"]))
-    emb = forward(model, x).embedding
+    s = Searcher.open(lineage)
+    emb = s.file_query(path)
     return {
         "file": str(path),
         "label": None,
-        "generation": champion.id,
-        "neighbors": search_embedding(lineage, emb[0], k),
+        "generation": s.champion,
+        "neighbors": s.search(emb, k),
     }

@@ -329,6 +329,25 @@ class GalleryIndex:
         self.recall = hits / float(len(q) * k)
         return self.recall
 
+    def clone(self) -> GalleryIndex:
+        """An independent copy (faiss index and lookup): a reader keeps searching this one
+        while the copy is synced, then the copy replaces it (copy-on-write)."""
+        twin = GalleryIndex(self.dim, self.kind, self.nlist)
+        twin.index = faiss.clone_index(self.index)
+        twin.nprobe, twin.recall, twin.trainings = self.nprobe, self.recall, self.trainings
+        twin.parts = dict(self.parts)
+        twin._table = self._table  # Arrow tables are immutable: shared until replaced
+        twin._probe = self._probe
+        return twin
+
+    def embedding_of(self, item_id: int) -> np.ndarray | None:
+        """The stored (L2-normalised) embedding of one item, or None where the index
+        cannot give it back (an IVF index keeps no direct map)."""
+        try:
+            return np.asarray(self.index.reconstruct(int(item_id)), dtype=np.float32)
+        except RuntimeError:
+            return None
+
     def reset(self) -> None:
         self.index.reset()
         self.parts.clear()

@@ -457,10 +457,15 @@ class ScenarioReader:
     """The scenario data set's evaluation split, by position (its key)."""
 
     def __init__(self, spec: str, input_shape: tuple[int, ...] | None = None) -> None:
-        self.x = load_dataset(spec).x_test
-        if input_shape is not None and tuple(self.x.shape[1:]) != tuple(input_shape):
+        ds = load_dataset(spec)
+        if input_shape is not None and tuple(ds.x_test.shape[1:]) != tuple(input_shape):
             # the lineage chose image_size: its images were decoded to the model's squares
-            self.x = load_dataset(spec, image_size=int(input_shape[-1])).x_test
+            ds = load_dataset(spec, image_size=int(input_shape[-1]))
+        self.x, self.y = ds.x_test, ds.y_test
+
+    def label_of(self, key: str) -> int:
+        """The evaluation split's label at position ``key``."""
+        return int(self.y[int(key)])
 
     def take(self, keys: list[str]) -> np.ndarray:
         try:

@@ -458,6 +458,39 @@ def decode_images_as(
     return _scale_u8(out.transpose(0, 3, 1, 2))
 
 
+def thumbnail_png(source: Path | bytes, name: str, side: int = 160) -> bytes:
+    """A PNG of an image at most ``side`` pixels a side, EXIF orientation applied (the
+    same pixel limits as decoding, read from the header)."""
+    from PIL import ImageOps
+
+    with _open_image(source, name) as img:
+        try:
+            if img.format == "JPEG":
+                img.draft("RGB", (side, side))
+            small = ImageOps.exif_transpose(img)
+            small.thumbnail((side, side))
+            small = small.convert("L" if _image_mode(small) == "L" else "RGB")
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"cannot decode image {name}: {exc}") from exc
+    return _png(small)
+
+
+def array_png(x: np.ndarray, side: int = 96) -> bytes:
+    """A PNG of one model input (C, H, W) in [0, 1], scaled up to about ``side`` pixels."""
+    from PIL import Image
+
+    a = np.clip(np.asarray(x, dtype=np.float32) * 255.0, 0, 255).round().astype(np.uint8)
+    img = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+    scale = max(1, side // max(img.width, img.height))
+    return _png(img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST))
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _fit(img: Any, mode: str, height: int, width: int) -> np.ndarray:
     """One opened image as a (height, width[, C]) uint8 array (see decode_images_as)."""
     from PIL import Image, ImageOps
