@@ -6,7 +6,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
-.PHONY: install demo test lint format bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong clean
+.PHONY: install demo test lint format bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong bench-search clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,9 @@ LIFELONG_METHODS ?= none,textbook,default,bct+pct+emb/each,bct+hoc/share,bct+pct
 bench-lifelong: install
 	$(BIN)/python -m bench.lifelong --datasets fashion-mnist --epochs 8 --methods $(LIFELONG_METHODS)
 	$(BIN)/python -m bench.lifelong --datasets digits --epochs 15 --methods $(LIFELONG_METHODS) --merge
+
+bench-search: install
+	$(BIN)/python -m bench.search
 
 bench-models: install
 	$(BIN)/python -m bench.models

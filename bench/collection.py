@@ -185,14 +185,11 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
 
     from store.gallery import Gallery
     from store.lineage import Lineage
-    from store.settings import subdir
     from workers.collection import FileReader, input_format
     from workers.datasets import load_dataset
     from workers.embed import forward
     from workers.indexing import run_index
-    from workers.models import EmbeddingNet, save_model
     from workers.runtime import task_resources
-    from workers.scenario import default_architecture
 
     ds = load_dataset("fashion-mnist")
     root = workdir / "images"
@@ -204,21 +201,8 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
         Image.fromarray((x[i, 0] * 255).astype(np.uint8)).save(d / f"{i:05d}.png")
         keys.append(f"{i % 100:02d}/{i:05d}.png")
     shape = (1, 28, 28)
-    arch = default_architecture(shape)
-    torch.manual_seed(0)
-    model = EmbeddingNet(shape, 10, 64, arch).eval()
     lin = Lineage()
-    path = subdir("checkpoints") / "default-image.pt"
-    gen = lin.add_generation(
-        dataset="images",
-        stage=0,
-        architecture=arch,
-        embed_dim=64,
-        classes=list(range(10)),
-        status="trained",
-        checkpoint_path=str(path),
-        checkpoint_sha256=save_model(model, path),
-    )
+    gen, model = record_image_model(lin, "images", shape, 0, "default-image")
     lin.promote(gen.id)
     result = run_index(lin, Gallery(lin), f"images:{root}", lin.champion(), {})
     assert result.added == n
@@ -230,7 +214,7 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
     raw = time.perf_counter() - t
     return {
         "items": n,
-        "architecture": arch,
+        "architecture": gen.architecture,
         "seconds": result.seconds,
         "stats": result.stats,
         "items_per_s": n / result.seconds,
@@ -550,3 +534,29 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def record_image_model(lin, dataset: str, shape: tuple[int, ...], seed: int, name: str):
+    """An untrained default image model (seeded), saved and recorded as a generation of
+    ``lin``: (generation, model)."""
+    import torch
+
+    from store.settings import subdir
+    from workers.models import EmbeddingNet, save_model
+    from workers.scenario import default_architecture
+
+    arch = default_architecture(shape)
+    torch.manual_seed(seed)
+    model = EmbeddingNet(shape, 10, 64, arch).eval()
+    path = subdir("checkpoints") / f"{name}.pt"
+    gen = lin.add_generation(
+        dataset=dataset,
+        stage=0,
+        architecture=arch,
+        embed_dim=64,
+        classes=list(range(10)),
+        status="trained",
+        checkpoint_path=str(path),
+        checkpoint_sha256=save_model(model, path),
+    )
+    return gen, model
