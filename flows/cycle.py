@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain
 from flows.config import CycleConfig
 from flows.gate import (
+    FirstEvidence,
     backfill_owed,
     counts_from_metrics,
     decide,
@@ -369,6 +370,30 @@ def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
     return None
 
 
+def rejected_before(lineage: Lineage, plan: CyclePlan, cfg: CycleConfig) -> tuple[int, str] | None:
+    """A generation already trained and rejected on exactly this snapshot, under the same
+    training and gate configuration and against the same ancestors (so a new one would
+    repeat it), with the reason it failed; None when there is none."""
+    active = sorted(chain.active_generations(lineage))
+    snapshots = lineage.snapshots()
+    for gen in reversed(lineage.generations()):
+        record = snapshots.get(int(gen.id))  # type: ignore[arg-type]
+        path = cycle_config_path(int(gen.id))  # type: ignore[arg-type]
+        if (
+            gen.status != GenerationStatus.REJECTED
+            or record is None
+            or record.fingerprint != plan.snapshot.fingerprint
+            or not path.exists()
+        ):
+            continue
+        old = CycleConfig.model_validate_json(path.read_text())
+        targets = sorted({c.target_id for c in lineage.constraints(gen.id)})
+        if old.train == cfg.train and old.gate == cfg.gate and targets == active:
+            fails = [r.removeprefix("FAIL ") for r in gen.gate_reasons or [] if "FAIL" in r]
+            return int(gen.id), "; ".join(fails) or "rejected"  # type: ignore[arg-type]
+    return None
+
+
 def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = None) -> CycleState:
     """Steps 1-2: record the snapshot and the generation with its active constraints."""
     plan = plan or plan_cycle(lineage, cfg)
@@ -548,8 +573,13 @@ def gate_step(
     nfr = {k: metrics[(g, k, "nfr")] for k in state.active}
     ecc_counts, flip_counts = counts_from_metrics(metrics, g)  # the paired per-case evidence
     pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
+    accuracy = metrics[(g, g, "accuracy")]
+    y = np.asarray(state.dataset.y_test)
+    first = FirstEvidence(
+        round(accuracy * len(y)), len(y), float(np.bincount(y).max() / len(y)) if len(y) else 1
+    )
     passed, reasons = decide(
-        metrics[(g, g, "accuracy")],
+        accuracy,
         champion.accuracy if champion else None,
         compat,
         nfr,
@@ -558,6 +588,7 @@ def gate_step(
         flip_counts=flip_counts,
         ecc_groups=groups_from_metrics(metrics, g),
         pinned=pinned,
+        first=first if len(y) else None,
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
@@ -762,9 +793,18 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
             log.warning("skipped unreadable item %s: %s", item["key"], item["reason"])
         if unreadable:
             log.warning("%d unreadable item(s) skipped (--strict refuses them)", len(unreadable))
-        since = None if cfg.force else unchanged_since(Lineage(), plan)
-        if since is not None:
+        lin = Lineage()
+        since = None if cfg.force else unchanged_since(lin, plan)
+        rejected = None if cfg.force or since is not None else rejected_before(lin, plan, cfg)
+        if rejected is not None:
+            since = rejected[0]
+            message = (
+                f"skipped: generation {since} was trained on this snapshot and rejected "
+                f"({rejected[1]}); --force trains it again"
+            )
+        elif since is not None:
             message = f"skipped: no new data since generation {since}"
+        if since is not None:
             log.info("%s (snapshot %s)", message, plan.snapshot.fingerprint[:12])
             publish_skip_task(message)
             progress.step(message)
