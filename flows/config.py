@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from workers.constraints import ConstraintKind, TrainMethod, full_weights
+from workers.train import TrainSpec
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
@@ -113,6 +114,27 @@ class TrainConfig(BaseModel):
         description="head rows a source's lineage reserves at its first cycle, so classes "
         "that appear later need no renumbering; default max(embed_dim, 2 x classes seen)",
     )
+
+    def train_spec(self, generation: int, **data: Any) -> TrainSpec:
+        """The trainer's spec: every knob of this config, plus ``data`` (the items,
+        classes, architecture, constraints and where checkpoints go), so no caller copies
+        the knobs one by one."""
+        return TrainSpec(
+            generation=generation,
+            embed_dim=self.embed_dim,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            focal_alpha=self.focal_alpha,
+            focal_beta=self.focal_beta,
+            focal_temperature=self.focal_temperature,
+            contrastive_temperature=self.contrastive_temperature,
+            influence_head=self.influence_head,
+            warm_start=self.warm_start,
+            augment=self.augment,
+            **data,
+        )
 
     @field_validator("architecture")
     @classmethod

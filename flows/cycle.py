@@ -45,7 +45,7 @@ from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
 from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
 from workers.sources import SourceError, describe_change, is_source, load_eval, scan_source
-from workers.train import ConstraintSpec, SourceItems, TrainSpec, train_generation
+from workers.train import ConstraintSpec, SourceItems, train_generation
 
 
 @dataclass
@@ -500,27 +500,15 @@ def train_step(
         for c in lineage.constraints(gen.id)
     ]
     in_memory = state.source is None
-    spec = TrainSpec(
-        generation=int(gen.id),
+    spec = t.train_spec(
+        int(gen.id),  # type: ignore[arg-type]
         x=state.dataset.x_train[state.train_idx] if in_memory else None,
         y=state.dataset.y_train[state.train_idx] if in_memory else None,
         source=state.source,
         num_classes=state.capacity or state.dataset.num_classes,
         classes=list(state.stage.classes),
         architecture=gen.architecture,
-        embed_dim=t.embed_dim,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=t.seed,
         constraints=constraints,
-        focal_alpha=t.focal_alpha,
-        focal_beta=t.focal_beta,
-        focal_temperature=t.focal_temperature,
-        contrastive_temperature=t.contrastive_temperature,
-        influence_head=t.influence_head,
-        warm_start=t.warm_start,
-        augment=t.augment,
         dataset=state.dataset.spec,
         checkpoint_dir=str(subdir("checkpoints")),
         threads=int(task_resources().get("num_cpus", 1)),
