@@ -820,6 +820,8 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         result = train_task(state)
         if result.get("resumed_from_epoch"):
             log.warning("training resumed from epoch %s", result["resumed_from_epoch"])
+        if result.get("warm_start_note"):
+            log.warning("%s", result["warm_start_note"])
     progress.step("trained")
     if state.step <= Step.EVALUATE:
         metrics = evaluate_task(state)
