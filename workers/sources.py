@@ -164,8 +164,39 @@ def _clean(exc: BaseException) -> str:
 
 
 # -- image folders ---------------------------------------------------------------------
-def _image_files(root: Path, split: str) -> list[tuple[str, str, os.stat_result]]:
-    """(key, class name, stat) of every image under ``root/split/<class>/``."""
+def file_entry(
+    root: Path, path: Path, skipped: list[dict[str, str]] | None
+) -> tuple[str, os.stat_result] | None:
+    """(key, stat) of an image file under ``root``, or None when it cannot be an item: a
+    name that is not UTF-8 (keys are text), or a file that cannot be stat'ed (a broken
+    link, a symlink loop). Such a file is recorded in ``skipped`` (key shown with its
+    undecodable bytes replaced); without ``skipped`` it is an error."""
+    rel = path.relative_to(root).as_posix()
+    why = None
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        why = "its name is not UTF-8: rename it (keys are text)"
+    st = None
+    if why is None:
+        try:
+            st = path.stat()
+        except OSError as exc:  # ELOOP, ENOENT of a dangling link, EACCES
+            why = f"cannot stat it: {exc.strerror or exc}"
+    if why is None:
+        return rel, st  # type: ignore[return-value]
+    shown = os.fsencode(rel).decode("utf-8", "replace")
+    if skipped is None:
+        raise SourceError(f"{shown}: {why}")
+    skipped.append({"key": shown, "reason": why})
+    return None
+
+
+def _image_files(
+    root: Path, split: str, skipped: list[dict[str, str]] | None = None
+) -> list[tuple[str, str, os.stat_result]]:
+    """(key, class name, stat) of every image under ``root/split/<class>/`` (symlinked
+    folders are not followed; files that cannot be items: :func:`file_entry`)."""
     base = root / split
     out = []
     for cdir in sorted(base.iterdir()):
@@ -175,8 +206,9 @@ def _image_files(root: Path, split: str) -> list[tuple[str, str, os.stat_result]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                    path = Path(dirpath) / name
-                    out.append((path.relative_to(root).as_posix(), cdir.name, path.stat()))
+                    entry = file_entry(root, Path(dirpath) / name, skipped)
+                    if entry is not None:
+                        out.append((entry[0], cdir.name, entry[1]))
     return out
 
 
@@ -234,8 +266,8 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
         ):
             known[k] = (s, m, h)
     rows: dict[str, list] = {"key": [], "label": [], "size": [], "mtime_ns": [], "sha256": []}
-    skipped = []
-    for key, label, st in _image_files(root, "train"):
+    skipped: list[dict[str, str]] = []
+    for key, label, st in _image_files(root, "train", skipped):
         seen = known.get(key)
         if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
             sha = seen[2]  # unchanged since the last snapshot: neither re-read nor re-hashed
