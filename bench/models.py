@@ -190,14 +190,16 @@ def ratio_part(name: str, spec: str, epochs: int, log=print) -> dict[str, Any]:
     return out
 
 
-def scenario_part(name: str, spec: str, epochs: int, stages: int, log=print) -> dict[str, Any]:
+def scenario_part(
+    name: str, spec: str, epochs: int, stages: int, methods=("none", "default"), log=print
+) -> dict[str, Any]:
     """The growing scenario through the product's cycle, unconstrained and default."""
     from bench.compat import _stop_ray, run_chain
     from flows.config import TrainConfig
     from workers.constraints import TrainMethod
 
     out: dict[str, Any] = {}
-    for method in ("none", "default"):
+    for method in methods:
         chosen = TrainMethod.NONE if method == "none" else TrainConfig().method
         with tempfile.TemporaryDirectory() as home:
             lin, runs = run_chain(
@@ -398,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--parts", default="ratio,scenario")
     ap.add_argument("--merge", action="store_true", help="keep other data sets' results")
+    ap.add_argument("--methods", default="none,default", help="the scenario's methods")
     args = ap.parse_args(argv)
     from flows.config import TrainConfig
 
@@ -414,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         if "ratio" in args.parts:
             r |= ratio_part(name, spec, epochs)
         if "scenario" in args.parts:
-            r["scenario"] = scenario_part(name, spec, epochs, args.stages)
+            old_scenario = results.get(name, {}).get("scenario", {})
+            methods = tuple(args.methods.split(","))
+            r["scenario"] = old_scenario | scenario_part(name, spec, epochs, args.stages, methods)
         if "source" in args.parts:  # photos of varying sizes, streamed as a source
             r["source"] = _in_process(source_run, spec, epochs)
             print(f"  [{name} source] {r['source']}", flush=True)
