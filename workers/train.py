@@ -86,8 +86,9 @@ AUGMENTS = ("auto", "none", "crop", "crop+flip")
 # a mirrored truck a truck); digits, text and anything unknown (a user's image folder or
 # Parquet images: a mirrored "b" is a "d") are not flipped unless asked for
 MIRROR_SAFE = ("fashion-mnist", "cifar10", "cifar100")
-# constraint kinds whose targets are an ancestor's outputs for each item (precomputed once,
-# on the item as it is); influence compares with a head of class centroids, per class
+# constraint kinds whose targets are an ancestor's outputs for each item (precomputed once
+# on the item as it is, or, when the batch is augmented, computed on the augmented batch);
+# influence compares with a head of class centroids, per class
 PER_ITEM_KINDS = (ConstraintKind.FOCAL, ConstraintKind.EMBEDDING, ConstraintKind.CONTRASTIVE)
 
 
