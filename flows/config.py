@@ -44,6 +44,13 @@ class GateConfig(BaseModel):
     bootstrap_resamples: int = Field(
         10_000, ge=100, description="paired bootstrap resamples for C[g][k] - C[k][k]"
     )
+    first_above_chance: bool = Field(
+        False,
+        description="promote a first generation only if its accuracy's exact interval lies "
+        "above chance (the evaluation set's largest class share); off by default until the "
+        "gate's three outcomes (issue 17) land with tests that train their first generation "
+        "past chance",
+    )
     on_incompatible: Literal["reject", "backfill"] = Field(
         "reject",
         description="when ECC fails against an ancestor: reject the generation, or promote "

@@ -372,11 +372,15 @@ def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
 
 def rejected_before(lineage: Lineage, plan: CyclePlan, cfg: CycleConfig) -> tuple[int, str] | None:
     """A generation already trained and rejected on exactly this snapshot, under the same
-    training and gate configuration and against the same ancestors (so a new one would
-    repeat it), with the reason it failed; None when there is none."""
+    training and gate configuration, against the same champion and (where it was
+    constrained) the same ancestors, so a new one would repeat it; with the reason it
+    failed. None when there is none."""
     active = sorted(chain.active_generations(lineage))
     snapshots = lineage.snapshots()
+    champion = lineage.champion()
     for gen in reversed(lineage.generations()):
+        if champion is not None and champion.id > gen.id:  # type: ignore[operator]
+            break  # a newer champion since: the update would be judged against it
         record = snapshots.get(int(gen.id))  # type: ignore[arg-type]
         path = cycle_config_path(int(gen.id))  # type: ignore[arg-type]
         if (
@@ -388,7 +392,7 @@ def rejected_before(lineage: Lineage, plan: CyclePlan, cfg: CycleConfig) -> tupl
             continue
         old = CycleConfig.model_validate_json(path.read_text())
         targets = sorted({c.target_id for c in lineage.constraints(gen.id)})
-        if old.train == cfg.train and old.gate == cfg.gate and targets == active:
+        if old.train == cfg.train and old.gate == cfg.gate and (not targets or targets == active):
             fails = [r.removeprefix("FAIL ") for r in gen.gate_reasons or [] if "FAIL" in r]
             return int(gen.id), "; ".join(fails) or "rejected"  # type: ignore[arg-type]
     return None

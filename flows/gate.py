@@ -133,7 +133,7 @@ def _above_chance(
     """Promote a first generation only if its accuracy's exact (Clopper-Pearson)
     interval lies entirely above chance: a generation that learned nothing would
     otherwise become the champion every later one must stay compatible with."""
-    if first is None:
+    if first is None or not cfg.first_above_chance:
         return True, "first generation: nothing to compare against"
     lo, hi = clopper_pearson(first.hits, first.items, cfg.confidence)
     where = f"[{lo:.4f}, {hi:.4f}] at {_level(cfg)}, chance {first.chance:.4f}"
@@ -170,8 +170,8 @@ def decide(
     g unless k is ``pinned`` (kept on purpose): if g is promoted its reason starts
     ``BACKFILL`` and g owes k a full backfill (:func:`backfill_owed`); if g is rejected for
     another reason, the ECC failure is reported as a ``FAIL`` like any other.
-    A first generation (no champion) is promoted only if its accuracy is above chance
-    with evidence (:func:`_above_chance`, given ``first``).
+    With ``cfg.first_above_chance``, a first generation (no champion) is promoted only if
+    its accuracy is above chance with evidence (:func:`_above_chance`, given ``first``).
     """
     if not cfg.enabled:
         return True, ["gate disabled: promoted without checks"]
