@@ -10,6 +10,7 @@ from workers.constraints import ConstraintKind, TrainMethod, full_weights
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
+MAX_EPOCHS = 1000  # a generation's epoch budget is bounded: a runaway one cannot be asked for
 DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
 
 
@@ -63,7 +64,12 @@ class TrainConfig(BaseModel):
         description="each ancestor gets every kind's weight, or the ancestors share it "
         "equally (the constraints' total stays the same as the chain grows)",
     )
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(
+        15,
+        ge=1,
+        le=MAX_EPOCHS,
+        description=f"training epochs per generation (1 to {MAX_EPOCHS}; a kill resumes them)",
+    )
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
