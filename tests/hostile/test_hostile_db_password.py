@@ -10,12 +10,12 @@ from pathlib import Path
 
 from hostile_helpers import error_line
 
-from store.settings import redact_url
-
 SECRET = "Hostile-Pw-7c1e9"
 
 
 def test_the_one_redaction_masks_the_password_of_a_url_and_of_a_text() -> None:
+    from store.settings import redact_url
+
     url = f"postgresql+psycopg://alice:{SECRET}@db.example:5432/graceful"
     assert redact_url(url) == "postgresql+psycopg://alice:***@db.example:5432/graceful"
     said = f"could not connect to {url}: password {SECRET!r} rejected"

@@ -16,11 +16,13 @@ from sources.data import champion
 from typer.testing import CliRunner
 
 from flows import cli as graceful
-from flows.config import MAX_EPOCHS, TrainConfig
+from flows.config import TrainConfig
 from store.lineage import Lineage
 
 
 def test_epochs_are_bounded_in_the_typed_config() -> None:
+    from flows.config import MAX_EPOCHS
+
     assert TrainConfig(epochs=MAX_EPOCHS).epochs == MAX_EPOCHS
     with pytest.raises(ValidationError, match=f"less than or equal to {MAX_EPOCHS}"):
         TrainConfig(epochs=MAX_EPOCHS + 1)
