@@ -11,6 +11,7 @@ from workers.train import TrainSpec
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
+MAX_EPOCHS = 1000  # a generation's epoch budget is bounded: a runaway one cannot be asked for
 DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
 
 
@@ -71,7 +72,12 @@ class TrainConfig(BaseModel):
         description="each ancestor gets every kind's weight, or the ancestors share it "
         "equally (the constraints' total stays the same as the chain grows)",
     )
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(
+        15,
+        ge=1,
+        le=MAX_EPOCHS,
+        description=f"training epochs per generation (1 to {MAX_EPOCHS}; a kill resumes them)",
+    )
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0

@@ -31,6 +31,7 @@ from flows.gate import (
 )
 from flows.progress import StepProgress
 from flows.steps import Step
+from store.failpoints import failpoint
 from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryRows
 from store.lineage import Generation, GenerationStatus, Lineage
@@ -39,7 +40,6 @@ from store.settings import StoreError, subdir
 from workers.backfill import close_interrupted_jobs, run_backfill
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
-from workers.failpoints import failpoint
 from workers.models import EmbeddingNet
 from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
@@ -517,6 +517,7 @@ def train_step(
         checkpoint_dir=str(subdir("checkpoints")),
         threads=int(task_resources().get("num_cpus", 1)),
     )
+    failpoint("train")  # the kill tests stop here: recorded, no epoch trained yet
     try:
         result = run_on_ray(train_generation, spec)
     except Exception as exc:

@@ -120,8 +120,17 @@ def load_query_file(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
     resized to its height and width, scaled to [0, 1].
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StoreError(f"query file {path} does not exist")
+    if path.is_dir():
+        raise StoreError(
+            f"query file {path} is a directory: give one image file (PNG, JPEG, ...) or a .npy"
+        )
+    if not path.is_file():  # a device (/dev/zero), a pipe, a socket: it may never end
+        raise StoreError(
+            f"query file {path} is not a regular file (a device, pipe or socket): give an "
+            "image file (PNG, JPEG, ...) or a .npy"
+        )
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:

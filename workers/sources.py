@@ -539,6 +539,12 @@ def _eval_parquet(path: str, size: tuple[int, int] | None = None) -> EvalSet:
     if table is None or table.num_rows == 0:
         raise SourceError(f"Parquet source {redact(path)}: no rows with split == 'test'")
     batch = table.combine_chunks().to_batches()[0]
+    n_repeat, shown = repeated_keys(batch.column("item_id"))
+    if n_repeat:  # the evaluation set is keyed too: a repeated key is an error there as well
+        raise SourceError(
+            f"Parquet source {redact(path)}: {n_repeat} item_id value(s) repeat in the test "
+            f"split ({shown}); keys must be unique: give each evaluation row its own item_id"
+        )
     labels = _class_names(batch, name_col, path).to_pylist()
     x, fmt = _parquet_inputs(batch.column(column), column, None, path, size)
     keys = [str(k) for k in batch.column("item_id").to_pylist()]
