@@ -67,23 +67,14 @@ def _items(spec: str, order: str) -> tuple[Any, np.ndarray]:
 def _spec(ds: Any, idx: np.ndarray, epochs: int, tmp: str):
     from flows.config import TrainConfig
     from workers.scenario import default_architecture
-    from workers.train import TrainSpec
 
-    t = TrainConfig(epochs=epochs)
-    return TrainSpec(
-        generation=1,
+    return TrainConfig(epochs=epochs).train_spec(
+        1,
         x=ds.x_train[idx],
         y=ds.y_train[idx],
         num_classes=ds.num_classes,
         classes=list(range(ds.num_classes)),
         architecture=default_architecture(ds.input_shape) | {"head": "fixed"},
-        embed_dim=t.embed_dim,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        weight_decay=1e-4,
-        seed=t.seed,
-        augment=t.augment,
         dataset=ds.spec,
         checkpoint_dir=tmp,
         threads=torch.get_num_threads(),
@@ -199,14 +190,16 @@ def ratio_part(name: str, spec: str, epochs: int, log=print) -> dict[str, Any]:
     return out
 
 
-def scenario_part(name: str, spec: str, epochs: int, stages: int, log=print) -> dict[str, Any]:
+def scenario_part(
+    name: str, spec: str, epochs: int, stages: int, methods=("none", "default"), log=print
+) -> dict[str, Any]:
     """The growing scenario through the product's cycle, unconstrained and default."""
     from bench.compat import _stop_ray, run_chain
     from flows.config import TrainConfig
     from workers.constraints import TrainMethod
 
     out: dict[str, Any] = {}
-    for method in ("none", "default"):
+    for method in methods:
         chosen = TrainMethod.NONE if method == "none" else TrainConfig().method
         with tempfile.TemporaryDirectory() as home:
             lin, runs = run_chain(
@@ -240,32 +233,25 @@ def source_run(spec_str: str, epochs: int) -> dict[str, Any]:
     from workers.models import load_model
     from workers.scenario import default_architecture
     from workers.sources import load_eval, scan_source
-    from workers.train import SourceItems, TrainSpec, train_generation
+    from workers.train import SourceItems, train_generation
 
     t0 = time.perf_counter()
     scan = scan_source(spec_str)
     ev = load_eval(spec_str)
     names = sorted(set(scan.class_counts()) | set(ev.labels))
     vocab = {n: i for i, n in enumerate(names)}
-    t = TrainConfig(epochs=epochs)
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys.parquet"
         pq.write_table(scan.table, keys)
         items = SourceItems(spec_str, str(keys), vocab, ev.input_format.as_dict(), scan.fingerprint)
-        spec = TrainSpec(
-            generation=1,
+        spec = TrainConfig(epochs=epochs).train_spec(
+            1,
             x=None,
             y=None,
             source=items,
             num_classes=len(names),
             classes=list(range(len(names))),
             architecture=default_architecture(ev.input_format.shape) | {"head": "fixed"},
-            embed_dim=t.embed_dim,
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            seed=t.seed,
-            augment=t.augment,
             checkpoint_dir=tmp,
             threads=torch.get_num_threads(),
         )
@@ -414,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--parts", default="ratio,scenario")
     ap.add_argument("--merge", action="store_true", help="keep other data sets' results")
+    ap.add_argument("--methods", default="none,default", help="the scenario's methods")
     args = ap.parse_args(argv)
     from flows.config import TrainConfig
 
@@ -430,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         if "ratio" in args.parts:
             r |= ratio_part(name, spec, epochs)
         if "scenario" in args.parts:
-            r["scenario"] = scenario_part(name, spec, epochs, args.stages)
+            old_scenario = results.get(name, {}).get("scenario", {})
+            methods = tuple(args.methods.split(","))
+            r["scenario"] = old_scenario | scenario_part(name, spec, epochs, args.stages, methods)
         if "source" in args.parts:  # photos of varying sizes, streamed as a source
             r["source"] = _in_process(source_run, spec, epochs)
             print(f"  [{name} source] {r['source']}", flush=True)

@@ -10,13 +10,48 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+try:  # typer vendors its own click (0.2x); older ones use click itself
+    from typer._click import exceptions as _click_errors
+    from typer._click.core import ParameterSource
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_errors
+    from click.core import ParameterSource
+
 err = Console(stderr=True)
 out = Console()
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Click's own refusals (an out-of-range or malformed option value, an unknown option,
+    a missing argument) as the contract's one ``error:`` line and exit 2, not a box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **kw):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **kw)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **kw)
+        except _click_errors.NoArgsIsHelpError:  # no command: the help, as before
+            return super().main(args, prog_name, complete_var, True, **kw)
+        except _click_errors.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "graceful"
+            message = " ".join(exc.format_message().split()).rstrip(".")  # one line
+            err.print(
+                f"[bold red]error:[/] {escape(message)}; see `{escape(where)} --help`",
+                soft_wrap=True,
+            )
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("[bold red]error:[/] aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=_OneLineErrors)
 
 
 def _env_defaults() -> None:
@@ -50,6 +85,7 @@ class _KnownFailures:
 # known errors' subclasses, by name (their messages name them)
 _SUBCLASSES = (
     "SourceError",
+    "CollectionError",
     "LockHeld",
     "ChampionChanged",
     "UnknownGeneration",
@@ -77,6 +113,7 @@ def _quiet_known_failures() -> None:
 
 def _fail(problem: str | BaseException, code: int = 2) -> None:
     message = _error_text(problem) if isinstance(problem, BaseException) else problem
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
 
@@ -104,6 +141,15 @@ def _check_inputs(dataset: str | None) -> None:
             parse_spec(dataset)
     except (StoreError, DatasetError) as exc:
         _fail(exc)
+
+
+def _exit_code(exc: BaseException) -> int:
+    """2 for bad input (a data set, source or collection spec that cannot be used),
+    1 for any other failure."""
+    from flows.cycle import LineageOptionError
+    from workers.datasets import DatasetError
+
+    return 2 if isinstance(exc, DatasetError | LineageOptionError) else 1
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -137,7 +183,15 @@ PolicyOpt = Annotated[
 ]
 
 
-EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs per generation")]
+EpochsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=1000,  # flows.config.MAX_EPOCHS
+        help="training epochs per generation (1-1000); an interrupted generation resumed by "
+        "this cycle takes a changed value if no epoch of it finished, else keeps its own",
+    ),
+]
 ImageSizeOpt = Annotated[
     int | None,
     typer.Option(
@@ -235,6 +289,10 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
     from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 
     weights = _weights(opts["weight"])
+    # --epochs only when given: an interrupted generation a cycle resumes takes a changed
+    # budget the user asked for, never the default (flows.recovery reads the fields set)
+    given = opts["ctx"].get_parameter_source("epochs") is not ParameterSource.DEFAULT
+    epochs = {"epochs": opts["epochs"]} if given else {}
     try:
         return CycleConfig(
             dataset=dataset,
@@ -243,12 +301,12 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
                 method=opts["method"],
                 against=opts["against"],
                 ancestor_weights=opts["ancestor_weights"],
-                epochs=opts["epochs"],
                 seed=opts["seed"],
                 weights=weights,
                 class_capacity=opts.get("class_capacity"),
                 image_size=opts.get("image_size"),
                 architecture=_architecture(opts.get("architecture")),
+                **epochs,
             ),
             gate=GateConfig(
                 enabled=not opts["no_gate"],
@@ -277,6 +335,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
 
 @app.command()
 def run(
+    ctx: typer.Context,
     dataset: Annotated[
         str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist")
     ] = "digits",
@@ -313,6 +372,7 @@ def run(
 
 @app.command()
 def cycle(
+    ctx: typer.Context,
     dataset: Annotated[str | None, typer.Option(help="default: the gallery's data set")] = None,
     stages: Annotated[
         int | None,
@@ -390,7 +450,7 @@ def _progress_bar(transient: bool = False):
 
 def _run_cycles(cfg, n: int) -> None:
     from flows import progress as step_progress
-    from flows.cycle import LineageOptionError, update_cycle
+    from flows.cycle import update_cycle
 
     with _progress_bar() as bar:
         total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
@@ -406,7 +466,7 @@ def _run_cycles(cfg, n: int) -> None:
                 result = update_cycle(cfg)
             except _known_errors() as exc:
                 bar.stop()
-                _fail(exc, code=2 if isinstance(exc, LineageOptionError) else 1)
+                _fail(exc, code=_exit_code(exc))
             finally:
                 step_progress.set_listener(None)
             if result.get("resumed_backfill"):
@@ -603,12 +663,15 @@ def search(
     else:
         _check_inputs(None)
         from flows.query import search_file, search_item
+        from store.gallery import GalleryError
         from store.lineage import Lineage
 
         try:
             found = (
                 search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
             )
+        except GalleryError as exc:  # a collection that cannot be read: a failure, not bad input
+            _fail(exc, code=1)
         except _known_errors() as exc:
             _fail(exc)
         hits = {"label": found["label"], "neighbors": found["neighbors"]}
@@ -707,6 +770,34 @@ def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False
     except _known_errors() as exc:
         _fail(exc)
     out.print(f"generation {generation} {'unpinned' if unpin else 'pinned'}")
+
+
+@app.command()
+def abandon(
+    generation: int,
+    reason: Annotated[
+        str, typer.Option(help="why: recorded as the generation's error")
+    ] = "abandoned by the user",
+) -> None:
+    """Abandon an interrupted generation: recorded as failed with the reason, its resume
+    file removed, so the next cycle trains a new generation instead of resuming it."""
+    _check_inputs(None)
+    from flows.recovery import abandon_generation
+    from store.lineage import Lineage, UnknownGeneration
+    from store.locks import LockHeld
+
+    try:
+        removed = abandon_generation(Lineage(), generation, reason)
+    except LockHeld as exc:
+        _fail(exc, code=1)
+    except (UnknownGeneration, *_known_errors()) as exc:
+        _fail(exc)
+    for path in removed:
+        err.print(f"removed {escape(path)}")
+    out.print(
+        f"generation {generation} abandoned (failed: abandoned: {escape(reason)}); "
+        "the next cycle trains a new generation"
+    )
 
 
 @app.command()

@@ -18,6 +18,7 @@ from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
 from store.settings import StoreError
+from workers.collection import CollectionError
 from workers.indexing import run_index
 
 
@@ -38,11 +39,13 @@ def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, A
     if spec is None:
         info = gallery.info()
         if info is None or info.scenario:
-            raise StoreError("no collection to index: pass its spec (images:DIR, parquet:PATH)")
+            raise CollectionError(
+                "no collection to index: pass its spec (images:DIR, parquet:PATH)"
+            )
         spec = info.dataset
     info = gallery.info()
-    if info is not None and info.scenario:
-        raise StoreError(
+    if info is not None and info.scenario:  # bad input: a collection of another kind
+        raise CollectionError(
             f"this GRACEFUL_HOME's collection is the scenario's evaluation gallery "
             f"({info.dataset}); index {spec!r} in another GRACEFUL_HOME"
         )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from workers.constraints import ConstraintKind, TrainMethod, full_weights
+from workers.train import TrainSpec
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
+MAX_EPOCHS = 1000  # a generation's epoch budget is bounded: a runaway one cannot be asked for
 DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
 
 
@@ -43,6 +45,13 @@ class GateConfig(BaseModel):
     bootstrap_resamples: int = Field(
         10_000, ge=100, description="paired bootstrap resamples for C[g][k] - C[k][k]"
     )
+    first_above_chance: bool = Field(
+        False,
+        description="promote a first generation only if its accuracy's exact interval lies "
+        "above chance (the evaluation set's largest class share); off by default until the "
+        "gate's three outcomes (issue 17) land with tests that train their first generation "
+        "past chance",
+    )
     on_incompatible: Literal["reject", "backfill"] = Field(
         "reject",
         description="when ECC fails against an ancestor: reject the generation, or promote "
@@ -63,7 +72,12 @@ class TrainConfig(BaseModel):
         description="each ancestor gets every kind's weight, or the ancestors share it "
         "equally (the constraints' total stays the same as the chain grows)",
     )
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(
+        15,
+        ge=1,
+        le=MAX_EPOCHS,
+        description=f"training epochs per generation (1 to {MAX_EPOCHS}; a kill resumes them)",
+    )
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
@@ -113,6 +127,27 @@ class TrainConfig(BaseModel):
         description="head rows a source's lineage reserves at its first cycle, so classes "
         "that appear later need no renumbering; default max(embed_dim, 2 x classes seen)",
     )
+
+    def train_spec(self, generation: int, **data: Any) -> TrainSpec:
+        """The trainer's spec: every knob of this config, plus ``data`` (the items,
+        classes, architecture, constraints and where checkpoints go), so no caller copies
+        the knobs one by one."""
+        return TrainSpec(
+            generation=generation,
+            embed_dim=self.embed_dim,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            focal_alpha=self.focal_alpha,
+            focal_beta=self.focal_beta,
+            focal_temperature=self.focal_temperature,
+            contrastive_temperature=self.contrastive_temperature,
+            influence_head=self.influence_head,
+            warm_start=self.warm_start,
+            augment=self.augment,
+            **data,
+        )
 
     @field_validator("architecture")
     @classmethod

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain
 from flows.config import CycleConfig
 from flows.gate import (
+    FirstEvidence,
     backfill_owed,
     counts_from_metrics,
     decide,
@@ -30,6 +31,7 @@ from flows.gate import (
 )
 from flows.progress import StepProgress
 from flows.steps import Step
+from store.failpoints import failpoint
 from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryRows
 from store.lineage import Generation, GenerationStatus, Lineage
@@ -38,13 +40,12 @@ from store.settings import StoreError, subdir
 from workers.backfill import close_interrupted_jobs, run_backfill
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
-from workers.failpoints import failpoint
 from workers.models import EmbeddingNet
 from workers.runtime import run_on_ray, task_resources
 from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
 from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
 from workers.sources import SourceError, describe_change, is_source, load_eval, scan_source
-from workers.train import ConstraintSpec, SourceItems, TrainSpec, train_generation
+from workers.train import ConstraintSpec, SourceItems, train_generation
 
 
 @dataclass
@@ -369,6 +370,34 @@ def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
     return None
 
 
+def rejected_before(lineage: Lineage, plan: CyclePlan, cfg: CycleConfig) -> tuple[int, str] | None:
+    """A generation already trained and rejected on exactly this snapshot, under the same
+    training and gate configuration, against the same champion and (where it was
+    constrained) the same ancestors, so a new one would repeat it; with the reason it
+    failed. None when there is none."""
+    active = sorted(chain.active_generations(lineage))
+    snapshots = lineage.snapshots()
+    champion = lineage.champion()
+    for gen in reversed(lineage.generations()):
+        if champion is not None and champion.id > gen.id:  # type: ignore[operator]
+            break  # a newer champion since: the update would be judged against it
+        record = snapshots.get(int(gen.id))  # type: ignore[arg-type]
+        path = cycle_config_path(int(gen.id))  # type: ignore[arg-type]
+        if (
+            gen.status != GenerationStatus.REJECTED
+            or record is None
+            or record.fingerprint != plan.snapshot.fingerprint
+            or not path.exists()
+        ):
+            continue
+        old = CycleConfig.model_validate_json(path.read_text())
+        targets = sorted({c.target_id for c in lineage.constraints(gen.id)})
+        if old.train == cfg.train and old.gate == cfg.gate and (not targets or targets == active):
+            fails = [r.removeprefix("FAIL ") for r in gen.gate_reasons or [] if "FAIL" in r]
+            return int(gen.id), "; ".join(fails) or "rejected"  # type: ignore[arg-type]
+    return None
+
+
 def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = None) -> CycleState:
     """Steps 1-2: record the snapshot and the generation with its active constraints."""
     plan = plan or plan_cycle(lineage, cfg)
@@ -475,31 +504,20 @@ def train_step(
         for c in lineage.constraints(gen.id)
     ]
     in_memory = state.source is None
-    spec = TrainSpec(
-        generation=int(gen.id),
+    spec = t.train_spec(
+        int(gen.id),  # type: ignore[arg-type]
         x=state.dataset.x_train[state.train_idx] if in_memory else None,
         y=state.dataset.y_train[state.train_idx] if in_memory else None,
         source=state.source,
         num_classes=state.capacity or state.dataset.num_classes,
         classes=list(state.stage.classes),
         architecture=gen.architecture,
-        embed_dim=t.embed_dim,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=t.seed,
         constraints=constraints,
-        focal_alpha=t.focal_alpha,
-        focal_beta=t.focal_beta,
-        focal_temperature=t.focal_temperature,
-        contrastive_temperature=t.contrastive_temperature,
-        influence_head=t.influence_head,
-        warm_start=t.warm_start,
-        augment=t.augment,
         dataset=state.dataset.spec,
         checkpoint_dir=str(subdir("checkpoints")),
         threads=int(task_resources().get("num_cpus", 1)),
     )
+    failpoint("train")  # the kill tests stop here: recorded, no epoch trained yet
     try:
         result = run_on_ray(train_generation, spec)
     except Exception as exc:
@@ -548,8 +566,13 @@ def gate_step(
     nfr = {k: metrics[(g, k, "nfr")] for k in state.active}
     ecc_counts, flip_counts = counts_from_metrics(metrics, g)  # the paired per-case evidence
     pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
+    accuracy = metrics[(g, g, "accuracy")]
+    y = np.asarray(state.dataset.y_test)
+    first = FirstEvidence(
+        round(accuracy * len(y)), len(y), float(np.bincount(y).max() / len(y)) if len(y) else 1
+    )
     passed, reasons = decide(
-        metrics[(g, g, "accuracy")],
+        accuracy,
         champion.accuracy if champion else None,
         compat,
         nfr,
@@ -558,6 +581,7 @@ def gate_step(
         flip_counts=flip_counts,
         ecc_groups=groups_from_metrics(metrics, g),
         pinned=pinned,
+        first=first if len(y) else None,
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
@@ -762,9 +786,18 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
             log.warning("skipped unreadable item %s: %s", item["key"], item["reason"])
         if unreadable:
             log.warning("%d unreadable item(s) skipped (--strict refuses them)", len(unreadable))
-        since = None if cfg.force else unchanged_since(Lineage(), plan)
-        if since is not None:
+        lin = Lineage()
+        since = None if cfg.force else unchanged_since(lin, plan)
+        rejected = None if cfg.force or since is not None else rejected_before(lin, plan, cfg)
+        if rejected is not None:
+            since = rejected[0]
+            message = (
+                f"skipped: generation {since} was trained on this snapshot and rejected "
+                f"({rejected[1]}); --force trains it again"
+            )
+        elif since is not None:
             message = f"skipped: no new data since generation {since}"
+        if since is not None:
             log.info("%s (snapshot %s)", message, plan.snapshot.fingerprint[:12])
             publish_skip_task(message)
             progress.step(message)
@@ -792,6 +825,8 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         result = train_task(state)
         if result.get("resumed_from_epoch"):
             log.warning("training resumed from epoch %s", result["resumed_from_epoch"])
+        if result.get("warm_start_note"):
+            log.warning("%s", result["warm_start_note"])
     progress.step("trained")
     if state.step <= Step.EVALUATE:
         metrics = evaluate_task(state)

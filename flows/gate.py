@@ -28,7 +28,7 @@ from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
 from flows.config import GateConfig
-from workers.stats import PairedCounts, pair_evidence
+from workers.stats import PairedCounts, clopper_pearson, pair_evidence
 
 EPS = 1e-12  # a bound equal to its threshold is not beyond it
 
@@ -117,6 +117,34 @@ def _nfr_check(
     return True, f"{what} not above {cfg.max_nfr}{where}"
 
 
+class FirstEvidence(NamedTuple):
+    """What a first generation's accuracy is judged on: its hits among the evaluation
+    items, and the share of the evaluation set's largest class (what always answering
+    that class scores: chance)."""
+
+    hits: int
+    items: int
+    chance: float
+
+
+def _above_chance(
+    accuracy: float, first: FirstEvidence | None, cfg: GateConfig
+) -> tuple[bool, str]:
+    """Promote a first generation only if its accuracy's exact (Clopper-Pearson)
+    interval lies entirely above chance: a generation that learned nothing would
+    otherwise become the champion every later one must stay compatible with."""
+    if first is None or not cfg.first_above_chance:
+        return True, "first generation: nothing to compare against"
+    lo, hi = clopper_pearson(first.hits, first.items, cfg.confidence)
+    where = f"[{lo:.4f}, {hi:.4f}] at {_level(cfg)}, chance {first.chance:.4f}"
+    if lo > first.chance:
+        return True, f"first generation: accuracy {accuracy:.4f} above chance ({where})"
+    return False, (
+        f"FAIL first generation: accuracy {accuracy:.4f} not above chance ({where}); "
+        "train longer or on more data"
+    )
+
+
 def decide(
     accuracy: float,
     champion_accuracy: float | None,
@@ -128,6 +156,7 @@ def decide(
     flip_counts: Mapping[int, PairedCounts] | None = None,
     ecc_groups: Mapping[int, ClassGroupGaps] | None = None,
     pinned: Collection[int] = (),
+    first: FirstEvidence | None = None,
 ) -> tuple[bool, list[str]]:
     """Promote only if no check fails on the evidence (the rule: module docstring).
 
@@ -141,6 +170,8 @@ def decide(
     g unless k is ``pinned`` (kept on purpose): if g is promoted its reason starts
     ``BACKFILL`` and g owes k a full backfill (:func:`backfill_owed`); if g is rejected for
     another reason, the ECC failure is reported as a ``FAIL`` like any other.
+    With ``cfg.first_above_chance``, a first generation (no champion) is promoted only if
+    its accuracy is above chance with evidence (:func:`_above_chance`, given ``first``).
     """
     if not cfg.enabled:
         return True, ["gate disabled: promoted without checks"]
@@ -149,7 +180,9 @@ def decide(
     reasons: list[str] = []
     ok = True
     if champion_accuracy is None:
-        reasons.append("first generation: nothing to compare against")
+        passed, reason = _above_chance(accuracy, first, cfg)
+        ok &= passed
+        reasons.append(reason)
     else:
         tol = cfg.accuracy_tolerance
         if accuracy + 1e-12 >= champion_accuracy - tol:

@@ -253,8 +253,17 @@ class Searcher:
     def file_query(self, path: Path | str) -> np.ndarray:
         """The champion's embedding of a query file: an image or a ``.npy`` model input."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise BadQuery(f"query file {path} does not exist")
+        if path.is_dir():
+            raise BadQuery(
+                f"query file {path} is a directory: give one image file (PNG, JPEG, ...) or a .npy"
+            )
+        if not path.is_file():  # a device (/dev/zero), a pipe, a socket: it may never end
+            raise BadQuery(
+                f"query file {path} is not a regular file (a device, pipe or socket): give an "
+                "image file (PNG, JPEG, ...) or a .npy"
+            )
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
             return self.image_query(path.read_bytes(), str(path))

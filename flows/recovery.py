@@ -27,6 +27,7 @@ from flows.cycle import (
     cycle_config_path,
     lineage_image_size,
     resolve_dataset,
+    save_snapshot,
     train_idx_path,
     verify_inputs,
 )
@@ -34,7 +35,8 @@ from flows.steps import Step, interrupted_step
 from store.files import CheckpointError, verify_checkpoint
 from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
-from store.settings import StoreError
+from store.locks import CYCLE_LOCK, LockHeld
+from store.settings import StoreError, subdir
 from workers.backfill import close_interrupted_jobs
 from workers.datasets import DatasetError
 from workers.scenario import Stage, stage_plan
@@ -50,13 +52,93 @@ def close_generation(lineage: Lineage, gen_id: int, why: str) -> None:
     )
 
 
-def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
-    """The interrupted cycle's state, rebuilt from what it recorded before its first step."""
+def resume_file(gen_id: int) -> Path:
+    """Generation ``gen_id``'s per-epoch resume file (as workers.train names it)."""
+    return subdir("checkpoints") / f"gen-{gen_id}.resume.pt"
+
+
+def take_epochs(
+    lineage: Lineage, gen_id: int, step: Step, cfg: CycleConfig, requested: CycleConfig | None
+) -> tuple[CycleConfig, str | None]:
+    """The config an interrupted generation resumes under, and what became of a changed
+    ``--epochs``: taken while no epoch of it finished (its config and lineage row are
+    updated), else kept, saying why. Only an epoch budget the caller set counts (a field
+    set on ``requested.train``), never a default."""
+    if requested is None or "epochs" not in requested.train.model_fields_set:
+        return cfg, None
+    want, had = requested.train.epochs, cfg.train.epochs
+    if want == had:
+        return cfg, None
+    if step > Step.TRAIN:
+        return cfg, (
+            f"generation {gen_id} had finished its {had} epochs before the interruption; "
+            f"--epochs {want} applies to the next generation"
+        )
+    if resume_file(gen_id).exists():
+        return cfg, (
+            f"generation {gen_id} keeps its {had} epochs, not --epochs {want}: its training "
+            f"resumes from an epoch checkpoint whose learning-rate schedule spans {had} "
+            f"epochs; `graceful abandon {gen_id}` stops it instead, and the next cycle trains "
+            f"a new generation with --epochs {want}"
+        )
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": want})})
+    save_snapshot(gen_id, None, cfg)  # the config file only: its snapshot stays as it was
+    lineage.update_generation(gen_id, epochs=want)
+    return (
+        cfg,
+        f"generation {gen_id} takes --epochs {want} (was {had}): no epoch of it had finished",
+    )
+
+
+def abandon_generation(lineage: Lineage, gen_id: int, reason: str) -> list[str]:
+    """Close interrupted generation ``gen_id`` as ``failed`` (error ``abandoned: reason``)
+    so the next cycle starts a new generation; returns the files it removed (its resume
+    file and teachers' store). Takes the cycle lock (a killed holder's lease is taken over
+    and released); refuses while a live cycle holds it, and for a generation whose cycle
+    ended (promoted, rejected, failed)."""
+    gen = lineage.generation(gen_id)  # an unknown id: UnknownGeneration, naming the known
+    if interrupted_step(gen) is None:
+        raise StoreError(
+            f"generation {gen_id} is {gen.status}: only an interrupted generation (one whose "
+            "cycle did not finish) can be abandoned"
+        )
+    lock = lineage.lock(CYCLE_LOCK)
+    try:
+        lock.acquire(wait=False)
+    except LockHeld:
+        holder = lock.holder()
+        raise LockHeld(
+            f"generation {gen_id}'s update cycle is running ({holder or 'another process'}); "
+            "stop it first (a killed cycle leaves it interrupted), then abandon it"
+        ) from None
+    try:
+        if interrupted_step(lineage.generation(gen_id)) is None:  # settled while we waited
+            raise StoreError(f"generation {gen_id} is no longer interrupted; nothing to abandon")
+        lineage.update_generation(
+            gen_id, status=GenerationStatus.FAILED, error=f"abandoned: {reason}"[:2000]
+        )
+        removed = []
+        for path in (resume_file(gen_id), subdir("checkpoints") / f"gen-{gen_id}.teachers.f32"):
+            if path.exists():
+                path.unlink()
+                removed.append(str(path))
+        return removed
+    finally:
+        lock.release()
+
+
+def resume_state(
+    lineage: Lineage, gen: Generation, step: Step, requested: CycleConfig | None = None
+) -> CycleState:
+    """The interrupted cycle's state, rebuilt from what it recorded before its first step
+    (with ``requested``'s epoch budget where it can be taken: :func:`take_epochs`)."""
     gen_id = int(gen.id)  # type: ignore[arg-type]
     path = cycle_config_path(gen_id)
     if not path.exists():
         raise StoreError(f"its cycle config {path} is missing")
     cfg = CycleConfig.model_validate_json(path.read_text())
+    cfg, epochs_note = take_epochs(lineage, gen_id, step, cfg, requested)
+    gen = lineage.generation(gen_id)
     snap = lineage.snapshots().get(gen_id)
     ds = resolve_dataset(lineage, gen.dataset, cfg.stages)
     source = None
@@ -93,10 +175,14 @@ def resume_state(lineage: Lineage, gen: Generation, step: Step) -> CycleState:
     )
     state.source, state.capacity = source, snap.capacity if snap is not None else None
     state.resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
+    if epochs_note:
+        state.resumed += f"; {epochs_note}"
     return state
 
 
-def recover_generations(lineage: Lineage) -> CycleState | None:
+def recover_generations(
+    lineage: Lineage, requested: CycleConfig | None = None
+) -> CycleState | None:
     """Continue the newest interrupted generation, close the others (cycle lock held)."""
     pending = [(g, s) for g in lineage.generations() if (s := interrupted_step(g)) is not None]
     if not pending:
@@ -105,7 +191,7 @@ def recover_generations(lineage: Lineage) -> CycleState | None:
     for gen, _ in older:
         close_generation(lineage, int(gen.id), f"superseded by generation {newest.id}")  # type: ignore[arg-type]
     try:
-        return resume_state(lineage, newest, step)
+        return resume_state(lineage, newest, step, requested)
     except CANNOT_RESUME as exc:
         close_generation(lineage, int(newest.id), f"cannot resume: {exc}")  # type: ignore[arg-type]
         return None
@@ -133,7 +219,7 @@ def recover_backfill(lineage: Lineage, cfg: CycleConfig) -> dict[str, Any] | Non
 
 def recover(lineage: Lineage, cfg: CycleConfig) -> tuple[CycleState | None, dict[str, Any] | None]:
     """Both of the above: (the cycle to continue or None, the finished backfill or None)."""
-    state = recover_generations(lineage)
+    state = recover_generations(lineage, cfg)
     backfill = recover_backfill(lineage, cfg)
     if backfill is None and chain.owed_backfill(lineage) and Gallery(lineage).info():
         # a cycle was killed after promoting past an incompatible ancestor, before its

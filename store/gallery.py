@@ -17,7 +17,11 @@ the new one in one SQL transaction, together with any caller changes (a backfill
 progress). The commit is the only switch point:
 
 - a crash before it leaves an unreferenced file that :meth:`Gallery.reconcile` deletes;
-  the manifest still names the old, whole version;
+  the manifest still names the old, whole version. Every writer first leaves an intent
+  marker ``.NAME.pending`` beside the file it is about to put in place (or take out) and
+  removes it once the commit settled; so reconcile also clears a file in a slot the
+  manifest never knew (a killed append) or no longer knows (a killed drop), and only
+  such files: a file without a marker in an unknown slot stays foreign;
 - a crash after it leaves the superseded file, also deleted by ``reconcile``;
 - a reader takes the manifest in one query (a consistent snapshot of committed parts)
   and reads those files; it never sees a half-written or uncommitted part. A file it
@@ -48,6 +52,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import delete, insert, update
 from sqlmodel import Session
 
+from store.failpoints import failpoint
 from store.files import file_sha256
 from store.lineage import GalleryInfo, GalleryPart, Lineage
 from store.settings import StoreError, graceful_home, subdir
@@ -58,6 +63,7 @@ SMALL_COLUMNS = COLUMNS[:-1]  # every column but the embedding
 UNLABELLED = -1  # the label of an item whose source has none
 ROW_GROUP_ROWS = 8192
 _PART_RE = re.compile(r"^part-(\d{5,})(?:\.v(\d+))?\.parquet$")
+PENDING = ".pending"  # the suffix of a writer's intent marker: ``.NAME.pending``
 
 
 class GalleryError(StoreError):
@@ -388,24 +394,12 @@ class Gallery:
         manifest = self.manifest()
         slots = {}
         for part in manifest:
-            path = self._path(part.name)
-            if not path.exists():
-                raise GalleryError(f"gallery part {path} is missing (listed in the manifest)")
-            f = self._open(part.name, info)
-            rows = f.metadata.num_rows
-            f.close()
-            if rows != part.rows:
-                raise GalleryError(
-                    f"gallery part {path} has {rows} rows, the manifest records {part.rows}"
-                )
-            if check_hash and file_sha256(path) != part.sha256:
-                raise GalleryError(
-                    f"gallery part {path} was modified outside graceful: its sha256 differs "
-                    "from the manifest's"
-                )
+            self.check_part(part, info, check_hash)
             slots[slot_of(part.name)] = parse_part_name(part.name)
         for path in sorted(self.root.glob("*.parquet")):
             parsed = parse_part_name(path.name)
+            if self._pending(path.name).exists():
+                continue  # a write in progress, or one a kill cut short: reconcile()'s
             if parsed is None or parsed[0] not in slots:
                 raise GalleryError(
                     f"foreign file {path} in the gallery directory: it is not one of the "
@@ -413,18 +407,53 @@ class Gallery:
                 )
         return manifest
 
+    def check_part(
+        self, part: GalleryPart, info: GalleryInfo | None = None, check_hash: bool = True
+    ) -> None:
+        """Check one committed part against its manifest row: present (else
+        :class:`PartGone`), a Parquet file of the gallery's schema, its row count and (with
+        ``check_hash``) its sha256. Raises :class:`GalleryError` naming the file and the fix.
+        """
+        info = info or self.require()
+        path = self._path(part.name)
+        if not path.exists():
+            raise PartGone(f"gallery part {path} is missing (listed in the manifest)")
+        f = self._open(part.name, info)
+        rows = f.metadata.num_rows
+        f.close()
+        if rows != part.rows:
+            raise GalleryError(
+                f"gallery part {path} has {rows} rows, the manifest records {part.rows}"
+            )
+        if check_hash and file_sha256(path) != part.sha256:
+            raise GalleryError(
+                f"gallery part {path} was modified outside graceful: its sha256 differs from "
+                "the manifest's; nothing was read from it. Restore the file from a backup of "
+                "GRACEFUL_HOME, or index the collection afresh in a new GRACEFUL_HOME"
+            )
+
     def reconcile(self) -> list[str]:
         """Delete files the manifest does not reference: temporary files of interrupted
         writes, versions never committed and versions already superseded. Returns them.
 
-        Only files named like versions of the gallery's own slots are touched.
+        Only files named like versions of the gallery's own slots are touched, and files
+        an interrupted writer marked as its own (``.NAME.pending``: an append's new slot,
+        a dropped part), whatever their slot.
         """
         with self.writing():
             return self._reconcile()
 
     def _reconcile(self) -> list[str]:
-        current = {slot_of(p.name): p.name for p in self.manifest()}
+        manifest = self.manifest()
+        current = {slot_of(p.name): p.name for p in manifest}
+        committed = set(current.values())
         removed = []
+        for marker in sorted(self.root.glob(f".part-*{PENDING}")):
+            name = marker.name[1 : -len(PENDING)]
+            if name not in committed and (self.root / name).exists():
+                (self.root / name).unlink(missing_ok=True)  # its writer died before its commit
+                removed.append(name)
+            marker.unlink(missing_ok=True)
         for path in sorted(self.root.iterdir()):
             name = path.name
             if name.startswith(".part-") and ".tmp-" in name:
@@ -465,11 +494,25 @@ class Gallery:
                 f.write(memoryview(data))
                 f.flush()
                 os.fsync(f.fileno())
+            self._mark(name)  # before the file has its name: a kill from here on is undone
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        _fsync_dir(self.root)  # the marker and the rename are durable together
+        failpoint("gallery-staged")  # the kill tests stop here: in place, not committed
         return _Staged(name, final, sha, len(rows), _counts(rows.generation))
+
+    def _pending(self, name: str) -> Path:
+        """The intent marker of part file ``name``: the manifest decides that file's fate."""
+        return self._path(f".{name}{PENDING}")
+
+    def _mark(self, name: str) -> None:
+        self._pending(name).touch()
+
+    def _settle(self, *names: str) -> None:
+        """The commit that decides these files' fate happened (or failed): no marker."""
+        for name in names:
+            self._pending(name).unlink(missing_ok=True)
 
     @staticmethod
     def _record(session: Session, st: _Staged, replaces: str | None) -> None:
@@ -515,6 +558,7 @@ class Gallery:
         except BaseException:
             self._unlink_if_unreferenced(staged.name)
             raise
+        self._settle(staged.name)
         self._path(name).unlink(missing_ok=True)  # superseded (reconcile() if we die first)
         return staged.name
 
@@ -529,12 +573,14 @@ class Gallery:
             return
         if not committed:
             self._path(name).unlink(missing_ok=True)
+        self._settle(name)
 
     def _clear_leftovers(self) -> None:
         """Files of an interrupted first indexing (there is no manifest yet)."""
         for path in self.root.iterdir():
             if parse_part_name(path.name) is not None or (
-                path.name.startswith(".part-") and ".tmp-" in path.name
+                path.name.startswith(".part-")
+                and (".tmp-" in path.name or path.name.endswith(PENDING))
             ):
                 path.unlink(missing_ok=True)
 
@@ -637,7 +683,9 @@ class Gallery:
             if not committed:
                 for st in staged:
                     st.path.unlink(missing_ok=True)
+                self._settle(*(st.name for st in staged))
             raise
+        self._settle(*(st.name for st in staged))
         return total
 
     # -- a growing collection ---------------------------------------------------------
@@ -711,6 +759,7 @@ class Gallery:
             except BaseException:
                 self._unlink_if_unreferenced(staged.name)
                 raise
+            self._settle(staged.name)
             return staged.name
 
     def drop_part(self, name: str, also: Callable[[Session], None] | None = None) -> None:
@@ -719,6 +768,7 @@ class Gallery:
             rows = next((int(p.rows) for p in self.manifest() if p.name == name), None)
             if rows is None:
                 raise GalleryError(f"gallery part {name} is not in the manifest")
+            self._mark(name)  # a kill after the commit leaves the file to reconcile()
             with self.lineage.session() as s:
                 table = GalleryPart.__table__
                 s.execute(delete(table).where(table.c.name == name))
@@ -726,6 +776,7 @@ class Gallery:
                 if also is not None:
                     also(s)
             self._path(name).unlink(missing_ok=True)
+            self._settle(name)
 
     def set_dataset(self, dataset: str) -> None:
         """Record that the collection's items now come from ``dataset`` (same kind, moved)."""

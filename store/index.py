@@ -229,8 +229,9 @@ class GalleryIndex:
     def sync(self, gallery: Gallery, attempts: int = 8) -> bool:
         """Bring the index to the collection's committed manifest; True if anything changed.
 
-        Only parts whose file changed since the index last saw them are read; parts gone
-        from the manifest (pruned) have their ids removed. Ids are removed in one pass,
+        Only parts whose file changed since the index last saw them are read, each checked
+        against its manifest row (row count, sha256) first; parts gone from the manifest
+        (pruned) have their ids removed. Ids are removed in one pass,
         then the new embeddings added: no id twice. A part superseded while being read
         makes it start over from a fresh manifest.
         """
@@ -242,7 +243,8 @@ class GalleryIndex:
             )
         changed = False
         for _ in range(attempts):
-            manifest = {slot_of(p.name): p.name for p in gallery.manifest()}
+            committed = gallery.manifest()
+            manifest = {slot_of(p.name): p.name for p in committed}
             gone = sorted(set(self.parts) - set(manifest))
             if gone:
                 self._remove_slots(gone)
@@ -252,6 +254,12 @@ class GalleryIndex:
                 return changed
             changed = True
             try:
+                # every part read into the index is the one committed: a part changed
+                # behind the manifest (its sha256 differs) is named, nothing is indexed
+                names = {n for _, n in stale}
+                for part in committed:
+                    if part.name in names:
+                        gallery.check_part(part, info)
                 if not self.trained:
                     self.train(_training_sample(gallery, TRAIN_PER_CELL * self.nlist))
                 self._replace_parts(gallery, stale)

@@ -18,7 +18,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from store.locks import CYCLE_LOCK, DatabaseLock
 from store.migrate import upgrade
-from store.settings import StoreError, db_url
+from store.settings import StoreError, db_url, redact_url
 
 
 class GenerationStatus(StrEnum):
@@ -212,7 +212,10 @@ def engine_for(url: str) -> Engine:
         except StoreError:
             raise
         except Exception as exc:  # a wrong URL, an unreachable server, a failed migration
-            raise StoreError(f"cannot open the lineage database {url!r}: {exc}") from exc
+            why = " ".join(str(getattr(exc, "orig", None) or exc).split())  # the driver's own
+            raise StoreError(
+                f"cannot open the lineage database {redact_url(url)}: {redact_url(url, why)}"
+            ) from None  # the driver's exception may quote the URL: not chained
         _ENGINES[url] = engine
     return _ENGINES[url]
 

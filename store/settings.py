@@ -6,7 +6,9 @@ Nothing here touches the disk at import time; directories are made on first use.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import quote_plus
 
 
 class StoreError(RuntimeError):
@@ -31,6 +33,33 @@ def subdir(name: str) -> Path:
     path = graceful_home() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def redact_url(url: str, text: str | None = None) -> str:
+    """``url`` fit for a message, its password as ``***``; with ``text``: that text with
+    the URL's password masked wherever it appears (an error a driver raised about it).
+
+    The one redaction of the lineage URL: every message, log line or Prefect state that
+    names ``GRACEFUL_DB_URL`` formats it through here (the password never leaves the
+    process: not in an ``error:`` line, not in Prefect's database).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        safe, password = parsed.render_as_string(hide_password=True), parsed.password
+    except (ArgumentError, ValueError, TypeError):  # not a URL: mask what looks like one
+        found = re.search(r"//[^/:@]*:([^/@]*)@", url)
+        password = found.group(1) if found else None
+        safe = url.replace(f":{password}@", ":***@") if password else url
+    if text is None:
+        return safe
+    masked = text.replace(url, safe)
+    if password:
+        masked = masked.replace(str(password), "***")
+        masked = masked.replace(quote_plus(str(password)), "***")
+    return masked
 
 
 def db_url() -> str:

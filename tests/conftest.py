@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,15 +67,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A PostgreSQL 15 server on 127.0.0.1 for the test session; yields its base URL."""
+@contextlib.contextmanager
+def _pg_cluster(password: str | None = None) -> Iterator[str]:
+    """A PostgreSQL 15 server on 127.0.0.1; yields its base URL. Without ``password`` it
+    trusts every connection; with one, the user ``postgres`` must give it (scram)."""
     data = Path(tempfile.mkdtemp(prefix="graceful-pg-"))
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")
     port = _free_port()
+    auth = ["-A", "trust"]
+    if password is not None:
+        pwfile = data / "pw"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres", "postgres")
+        auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"]
     subprocess.run(
-        _as_postgres([_pg_bin("initdb"), "-D", str(data / "db"), "-U", "postgres", "-A", "trust"]),
+        _as_postgres([_pg_bin("initdb"), "-D", str(data / "db"), "-U", "postgres", *auth]),
         check=True,
         capture_output=True,
     )
@@ -95,6 +105,21 @@ def pg_server() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL 15 server on 127.0.0.1 for the test session; yields its base URL."""
+    with _pg_cluster() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_password_server() -> Iterator[tuple[str, str]]:
+    """A PostgreSQL server that checks passwords: (base URL without one, the password)."""
+    password = "graceful-pg-right-password"
+    with _pg_cluster(password) as url:
+        yield url, password
+
+
 _DB_NUMBERS = itertools.count()
 
 
@@ -113,8 +138,15 @@ def pg_url(pg_server: str) -> str:
 
 # -- Prefect: one real server per test session for the CLI's subprocesses --------------------
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``prefect server start`` on 127.0.0.1 (its own PREFECT_HOME); yields its API URL.
+def prefect_api(prefect_server: tuple[str, Path]) -> str:
+    """The session's Prefect server's API URL."""
+    return prefect_server[0]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``prefect server start`` on 127.0.0.1 (its own PREFECT_HOME); yields its API URL and
+    its SQLite database (``PREFECT_HOME/prefect.db``: runs, states, logs, events).
 
     CLI subprocesses that share it skip the ephemeral API's start-up, and concurrent
     ones do not start two ephemeral servers on one database.
@@ -125,11 +157,14 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
+    prefect_home = tmp_path_factory.mktemp("prefect-server")
     env = dict(
         os.environ,
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-server")),
+        PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     server = subprocess.Popen(
@@ -151,7 +186,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the Prefect server did not start")
             time.sleep(0.5)
-        yield api
+        yield api, prefect_home / "prefect.db"
     finally:
         stop_group(server)
 
@@ -206,3 +241,61 @@ def s3(monkeypatch: pytest.MonkeyPatch):
         yield fs, env
     finally:
         server.stop()
+
+
+# -- the `graceful` CLI as subprocesses, pointed at the session's Prefect server -------------
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+class Cli:
+    """Starts `graceful` on one GRACEFUL_HOME (and lineage URL) against a Prefect API."""
+
+    def __init__(self, home: Path, api: str, db_url: str | None = None) -> None:
+        self.home = home
+        self.env = dict(os.environ, GRACEFUL_HOME=str(home), PREFECT_API_URL=api, COLUMNS="200")
+        self.env.pop("GRACEFUL_DB_URL", None)
+        self.env.pop("GRACEFUL_FAILPOINT", None)
+        if db_url:
+            self.env["GRACEFUL_DB_URL"] = db_url
+        self.db_url = db_url or f"sqlite:///{home / 'lineage.db'}"
+
+    def start(self, *args: str, failpoint: str | None = None) -> subprocess.Popen:
+        """`graceful ARGS` in its own process group (a kill takes its Ray processes too)."""
+        env = dict(self.env, GRACEFUL_FAILPOINT=failpoint) if failpoint else self.env
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+
+@pytest.fixture
+def cli(prefect_api: str):
+    """``cli(home, db_url=None)`` -> a :class:`Cli` on the session's Prefect server."""
+    return lambda home, db_url=None: Cli(home, prefect_api, db_url)
+
+
+def kill_once_written(proc: subprocess.Popen, path: Path, timeout: float = 300) -> None:
+    """SIGKILL ``proc``'s process group as soon as ``path`` exists (a training's resume file:
+    killed once an epoch is checkpointed), as a crash would."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(name="kill_once_written")
+def _kill_once_written_fixture():
+    """:func:`kill_once_written` for the kill tests."""
+    return kill_once_written

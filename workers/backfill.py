@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import update
 
+from store.failpoints import failpoint
 from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryError, GalleryRows
 from store.lineage import (
@@ -56,7 +57,6 @@ from workers import metrics as M
 from workers.collection import parse_collection_spec
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.embed import forward
-from workers.failpoints import failpoint
 from workers.models import load_model
 from workers.policies import (
     EMBEDDING_POLICIES,

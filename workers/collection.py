@@ -45,6 +45,7 @@ from workers.sources import (
     _parquet_dataset,
     _parquet_inputs,
     _units,
+    file_entry,
     keyed_rows,
     readable_sha,
     redact,
@@ -107,9 +108,12 @@ class Listing:
 
 
 # -- listing ---------------------------------------------------------------------------
-def _walk_images(root: Path, below: str | None = None) -> list[tuple[str, str | None, Any]]:
+def _walk_images(
+    root: Path, below: str | None = None, skipped: list[dict[str, str]] | None = None
+) -> list[tuple[str, str | None, Any]]:
     """(key, class name or None, stat) of every image under ``root`` (or ``root/below``,
-    whose first level of folders names the classes), in key order."""
+    whose first level of folders names the classes), in key order; files that cannot be
+    items are recorded in ``skipped`` (workers.sources.file_entry)."""
     base = root / below if below else root
     out = []
     for dirpath, dirnames, filenames in os.walk(base):
@@ -118,14 +122,15 @@ def _walk_images(root: Path, below: str | None = None) -> list[tuple[str, str | 
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES or name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
             label = None
             if below:
                 parts = path.relative_to(base).parts
                 if len(parts) < 2:
                     continue  # a file directly in train/ has no class folder
                 label = parts[0]
-            out.append((rel, label, path.stat()))
+            entry = file_entry(root, path, skipped)
+            if entry is not None:
+                out.append((entry[0], label, entry[1]))
     return sorted(out, key=lambda r: r[0])
 
 
@@ -137,7 +142,7 @@ def file_fingerprint(size: int, mtime_ns: int, sha256: str) -> str:
 def _list_files(spec: str, root: Path, below: str | None, known: dict[str, str] | None) -> Listing:
     known = known or {}
     keys, labels, prints, skipped = [], [], [], []
-    for key, label, st in _walk_images(root, below):
+    for key, label, st in _walk_images(root, below, skipped):
         head = f"{st.st_size}:{st.st_mtime_ns}:"
         seen = known.get(key)
         if seen is not None and seen.startswith(head):

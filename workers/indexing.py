@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from store.failpoints import failpoint
 from store.files import verify_checkpoint
 from store.gallery import UNLABELLED, Gallery, GalleryError, GalleryRows
 from store.lineage import Generation, Lineage
@@ -34,7 +35,6 @@ from workers.collection import (
     parse_collection_spec,
     same_kind,
 )
-from workers.failpoints import failpoint
 
 Progress = Callable[[int, int], None]
 PART_ROWS = 4096  # items per part of a new collection part

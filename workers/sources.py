@@ -164,8 +164,39 @@ def _clean(exc: BaseException) -> str:
 
 
 # -- image folders ---------------------------------------------------------------------
-def _image_files(root: Path, split: str) -> list[tuple[str, str, os.stat_result]]:
-    """(key, class name, stat) of every image under ``root/split/<class>/``."""
+def file_entry(
+    root: Path, path: Path, skipped: list[dict[str, str]] | None
+) -> tuple[str, os.stat_result] | None:
+    """(key, stat) of an image file under ``root``, or None when it cannot be an item: a
+    name that is not UTF-8 (keys are text), or a file that cannot be stat'ed (a broken
+    link, a symlink loop). Such a file is recorded in ``skipped`` (key shown with its
+    undecodable bytes replaced); without ``skipped`` it is an error."""
+    rel = path.relative_to(root).as_posix()
+    why = None
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        why = "its name is not UTF-8: rename it (keys are text)"
+    st = None
+    if why is None:
+        try:
+            st = path.stat()
+        except OSError as exc:  # ELOOP, ENOENT of a dangling link, EACCES
+            why = f"cannot stat it: {exc.strerror or exc}"
+    if why is None:
+        return rel, st  # type: ignore[return-value]
+    shown = os.fsencode(rel).decode("utf-8", "replace")
+    if skipped is None:
+        raise SourceError(f"{shown}: {why}")
+    skipped.append({"key": shown, "reason": why})
+    return None
+
+
+def _image_files(
+    root: Path, split: str, skipped: list[dict[str, str]] | None = None
+) -> list[tuple[str, str, os.stat_result]]:
+    """(key, class name, stat) of every image under ``root/split/<class>/`` (symlinked
+    folders are not followed; files that cannot be items: :func:`file_entry`)."""
     base = root / split
     out = []
     for cdir in sorted(base.iterdir()):
@@ -175,8 +206,9 @@ def _image_files(root: Path, split: str) -> list[tuple[str, str, os.stat_result]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                    path = Path(dirpath) / name
-                    out.append((path.relative_to(root).as_posix(), cdir.name, path.stat()))
+                    entry = file_entry(root, Path(dirpath) / name, skipped)
+                    if entry is not None:
+                        out.append((entry[0], cdir.name, entry[1]))
     return out
 
 
@@ -234,8 +266,8 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
         ):
             known[k] = (s, m, h)
     rows: dict[str, list] = {"key": [], "label": [], "size": [], "mtime_ns": [], "sha256": []}
-    skipped = []
-    for key, label, st in _image_files(root, "train"):
+    skipped: list[dict[str, str]] = []
+    for key, label, st in _image_files(root, "train", skipped):
         seen = known.get(key)
         if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
             sha = seen[2]  # unchanged since the last snapshot: neither re-read nor re-hashed
@@ -507,6 +539,12 @@ def _eval_parquet(path: str, size: tuple[int, int] | None = None) -> EvalSet:
     if table is None or table.num_rows == 0:
         raise SourceError(f"Parquet source {redact(path)}: no rows with split == 'test'")
     batch = table.combine_chunks().to_batches()[0]
+    n_repeat, shown = repeated_keys(batch.column("item_id"))
+    if n_repeat:  # the evaluation set is keyed too: a repeated key is an error there as well
+        raise SourceError(
+            f"Parquet source {redact(path)}: {n_repeat} item_id value(s) repeat in the test "
+            f"split ({shown}); keys must be unique: give each evaluation row its own item_id"
+        )
     labels = _class_names(batch, name_col, path).to_pylist()
     x, fmt = _parquet_inputs(batch.column(column), column, None, path, size)
     keys = [str(k) for k in batch.column("item_id").to_pylist()]

@@ -86,8 +86,9 @@ AUGMENTS = ("auto", "none", "crop", "crop+flip")
 # a mirrored truck a truck); digits, text and anything unknown (a user's image folder or
 # Parquet images: a mirrored "b" is a "d") are not flipped unless asked for
 MIRROR_SAFE = ("fashion-mnist", "cifar10", "cifar100")
-# constraint kinds whose targets are an ancestor's outputs for each item (precomputed once,
-# on the item as it is); influence compares with a head of class centroids, per class
+# constraint kinds whose targets are an ancestor's outputs for each item (precomputed once
+# on the item as it is, or, when the batch is augmented, computed on the augmented batch);
+# influence compares with a head of class centroids, per class
 PER_ITEM_KINDS = (ConstraintKind.FOCAL, ConstraintKind.EMBEDDING, ConstraintKind.CONTRASTIVE)
 
 
@@ -462,6 +463,15 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         model.set_input_stats(prepared.channel_mean, prepared.channel_std)
     teacher_seconds = time.perf_counter() - t0
     warm_from = _warm_start(spec, model, sample, device) if spec.warm_start else None
+    warm_note = None
+    if spec.warm_start and spec.constraints and warm_from is None:
+        newest = max(c.target for c in spec.constraints)
+        warm_note = (
+            f"generation {spec.generation} trains from scratch: generation {newest}'s weights "
+            f"cannot start {_arch_name(spec.architecture)} as its function (another kind, "
+            "fewer stages or narrower; a team's own backbone needs the same factory and "
+            "options, or grow_from)"
+        )
     # on a GPU: channels-last convolutions, mixed precision (bfloat16 where the device
     # has it, else float16 with a gradient scaler)
     channels_last = cuda and is_convolutional(spec.architecture) and len(input_shape) == 3
@@ -587,12 +597,19 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         # what the loop applied: {kind: {ancestor: weight}}, from the stacks themselves
         "constraint_weights": received_weights(stacks),
         "warm_start_from": warm_from,
+        "warm_start_note": warm_note,
         "augment": augment,
         # the ancestors embedded each augmented batch (else: their outputs precomputed)
         "teachers_per_batch": bool(frozen),
         "device": device.type,
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None,
     }
+
+
+def _arch_name(architecture: dict[str, Any]) -> str:
+    if architecture.get("kind") == "import":
+        return f"the backbone of {architecture.get('factory')}"
+    return f"a {architecture.get('kind', 'mlp')} of width {architecture.get('width')}"
 
 
 def _warm_start(

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +69,15 @@ def _assert_settled(home: Home) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_at_each_step_then_the_next_cycle_resumes(tmp_path: Path, cli) -> None:
+def test_sigkill_at_each_step_then_the_next_cycle_resumes(
+    tmp_path: Path, cli, kill_once_written
+) -> None:
     home = Home(cli(tmp_path / "home"))
 
     # 1. training: killed once an epoch is checkpointed; the next cycle continues it
     proc = home.start("cycle", "--dataset", "digits", *BASE, "--epochs", "200")
     resume = home.path / "checkpoints" / "gen-1.resume.pt"
-    deadline = time.monotonic() + 300
-    while not resume.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "training never wrote a resume file"
-        time.sleep(0.02)
-    _kill_group(proc)
-    proc.wait(timeout=60)
+    kill_once_written(proc, resume)
     assert _statuses(home.report()) == {1: "interrupted"}  # not "training": nobody is
     err = _ok(home.run("cycle", *BASE))
     assert "resumed generation 1, interrupted before train" in err

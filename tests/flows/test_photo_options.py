@@ -66,3 +66,36 @@ def test_image_size_is_kept_by_the_lineage_and_a_bad_factory_refused(tmp_path: P
     r = _run(c, "cycle", "--dataset", spec, "--image-size", "24", "--force", *FAST)
     assert r.returncode == 2
     assert "image_size 24 differs from this lineage's 20" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_rejected_snapshot_is_skipped_until_something_changes(tmp_path: Path, cli) -> None:
+    from sources.data import digits, write_images
+
+    xtr, ytr, xte, yte = digits()
+    root = tmp_path / "digits"
+    write_images(root, "test", xte, yte, 0, 30, range(5))
+    write_images(root, "train", xtr, ytr, 0, 80, range(5))
+    spec = f"imagefolder:{root}"
+    c = cli(tmp_path / "home")
+    r = _run(c, "cycle", "--dataset", spec, "--epochs", "15", "--backfill-budget", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = json.loads(_run(c, "report", "--json").stdout)["generations"][0]
+    assert first["accuracy"] > 0.4  # it learned: an update can flip what it got right
+    write_images(root, "train", xtr, ytr, 80, 120, range(5))  # new training photos
+    # a gate that allows no negative flip: the update flips something, so it is rejected
+    strict = ["--epochs", "2", "--backfill-budget", "0", "--max-nfr", "0", "--no-require-ecc"]
+    strict += ["--accuracy-tolerance", "1", "--method", "none"]
+    r = _run(c, "cycle", *strict)
+    assert r.returncode == 0, r.stderr[-2000:]
+    gens = json.loads(_run(c, "report", "--json").stdout)["generations"]
+    assert [g["status"] for g in gens] == ["promoted", "rejected"]
+    # the same snapshot under the same configuration and ancestors: nothing to train again
+    r = _run(c, "cycle", *strict)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped: generation 2 was trained on this snapshot and rejected (NFR" in r.stdout
+    assert len(json.loads(_run(c, "report", "--json").stdout)["generations"]) == 2
+    # another configuration trains again, and so does --force
+    r = _run(c, "cycle", *strict, "--force")
+    assert r.returncode == 0 and "skipped" not in r.stdout
+    assert len(json.loads(_run(c, "report", "--json").stdout)["generations"]) == 3

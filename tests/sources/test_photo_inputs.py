@@ -96,3 +96,30 @@ def test_oversized_and_single_pixel_photos_are_recorded_skips(tmp_path: Path) ->
     assert "below 2 pixels a side" in why["train/cat/dot.png"]
     with pytest.raises(DatasetError, match="above graceful's limit"):
         decode_images_as([("b", root / "train" / "cat" / "bomb.png")], "RGB", (8, 8))
+
+
+def test_symlink_loop_and_non_utf8_names_are_recorded_skips(tmp_path: Path) -> None:
+    import os
+
+    from workers.collection import list_items
+
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        d = root / split / "cat"
+        d.mkdir(parents=True)
+        Image.new("RGB", (16, 16), (10, 20, 30)).save(d / "ok.png")
+    cat = root / "train" / "cat"
+    os.symlink("loop.png", cat / "loop.png")  # a link to itself: stat fails (ELOOP)
+    os.symlink(cat, cat / "again")  # a folder linking back: not followed
+    bad = os.fsencode(str(cat)) + b"/caf\xe9.png"  # Latin-1 bytes: not UTF-8
+    with open(bad, "wb") as f:
+        Image.new("RGB", (16, 16)).save(f, format="PNG")
+    scan = scan_source(f"imagefolder:{root}")
+    assert scan.table.column("key").to_pylist() == ["train/cat/ok.png"]
+    why = {s["key"]: s["reason"] for s in scan.skipped}
+    assert why["train/cat/caf\ufffd.png"] == "its name is not UTF-8: rename it (keys are text)"
+    assert why["train/cat/loop.png"].startswith("cannot stat it:")
+    # the collection's listing of the same folder skips and records them the same way
+    listing = list_items(f"images:{root}")
+    assert listing.table.column("key").to_pylist() == ["test/cat/ok.png", "train/cat/ok.png"]
+    assert {s["key"] for s in listing.skipped} == {"train/cat/caf\ufffd.png", "train/cat/loop.png"}

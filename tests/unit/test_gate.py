@@ -7,6 +7,7 @@ import pytest
 from flows.config import GateConfig
 from flows.gate import (
     ClassGroupGaps,
+    FirstEvidence,
     backfill_owed,
     counts_from_metrics,
     decide,
@@ -23,6 +24,38 @@ def _fails(reasons: list[str]) -> list[str]:
 def test_first_generation_passes() -> None:
     ok, reasons = decide(0.5, None, {}, {}, GateConfig())
     assert ok and "first generation" in reasons[0]
+
+
+def test_first_generation_must_be_above_chance_with_evidence() -> None:
+    # 10 balanced classes: chance 0.1. Clopper-Pearson at 95% (beta quantiles):
+    # 12/100 -> [0.0636, 0.2002] includes 0.1: rejected; 16/100 -> [0.0943, 0.2468]
+    # still includes it; 30/100 -> [0.2124, 0.3998] lies above it: promoted
+    # off by default: a first generation is promoted as before
+    assert decide(0.12, None, {}, {}, GateConfig(), first=FirstEvidence(12, 100, 0.1))[0]
+    on = GateConfig(first_above_chance=True)
+    for hits, promoted in ((12, False), (16, False), (30, True)):
+        ok, reasons = decide(hits / 100, None, {}, {}, on, first=FirstEvidence(hits, 100, 0.1))
+        assert ok is promoted, reasons
+    ok, reasons = decide(0.12, None, {}, {}, on, first=FirstEvidence(12, 100, 0.1))
+    assert reasons == [
+        "FAIL first generation: accuracy 0.1200 not above chance ([0.0636, 0.2002] at 95% CI, "
+        "chance 0.1000); train longer or on more data"
+    ]
+    ok, reasons = decide(0.3, None, {}, {}, on, first=FirstEvidence(30, 100, 0.1))
+    assert reasons == [
+        "first generation: accuracy 0.3000 above chance ([0.2124, 0.3998] at 95% CI, chance 0.1000)"
+    ]
+    # an imbalanced evaluation set: chance is the largest class's share (0.35 here)
+    assert not decide(0.4, None, {}, {}, on, first=FirstEvidence(40, 100, 0.35))[0]
+    # the gate off promotes anything
+    assert decide(
+        0.1,
+        None,
+        {},
+        {},
+        GateConfig(enabled=False, first_above_chance=True),
+        first=FirstEvidence(10, 100, 0.1),
+    )[0]
 
 
 def test_passes_when_every_threshold_holds() -> None:

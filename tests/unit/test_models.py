@@ -400,11 +400,12 @@ def test_augmentation_rule() -> None:
     assert resolve_augment("auto", img, cnn, "fashion-mnist") == "crop+flip"
     assert resolve_augment("auto", (3, 32, 32), cnn, "cifar10:/data/c") == "crop+flip"
     assert resolve_augment("auto", (1, 8, 8), cnn, "digits") == "crop"  # a 2 is no mirrored 2
-    assert resolve_augment("auto", img, cnn, "imagefolder:/photos") == "crop"  # unknown
+    assert resolve_augment("auto", img, cnn, "imagefolder:/photos") == "crop"  # grey: unknown
     assert resolve_augment("auto", img, cnn, None) == "crop"
-    # distilled from per-item outputs of the clean items: not augmented unless asked
-    assert resolve_augment("auto", img, cnn, "fashion-mnist", per_item_teachers=True) == "none"
-    assert resolve_augment("crop", img, cnn, "digits", per_item_teachers=True) == "crop"
+    # colour photographs: a mirrored cat is a cat (crop, where a team says it is not)
+    assert resolve_augment("auto", (3, 32, 32), cnn, "imagefolder:/photos") == "crop+flip"
+    assert resolve_augment("auto", (3, 32, 32), {"kind": "import"}, None) == "crop+flip"
+    assert resolve_augment("crop", (3, 32, 32), cnn, "imagefolder:/photos") == "crop"
     assert resolve_augment("auto", img, mlp, "fashion-mnist") == "none"  # pixels as features
     assert resolve_augment("auto", img, {"kind": "cnn"}, "fashion-mnist") == "none"
     assert resolve_augment("crop+flip", img, mlp, "digits") == "crop+flip"  # asked for

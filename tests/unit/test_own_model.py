@@ -63,8 +63,14 @@ def test_own_backbone_trains_embeds_and_carries_its_constraints(tmp_path: Path) 
         1, ConstraintKind.INFLUENCE, 1.0, first["checkpoint"], first["sha256"], [0, 1]
     )
     second = train_generation(_spec(tmp_path, 2, wider, constraints=[c]))
-    assert second["warm_start_from"] == 1
+    assert second["warm_start_from"] == 1 and second["warm_start_note"] is None
     assert second["constraint_weights"] == {"influence": {"1": 1.0}}
+    # a narrower backbone cannot hold the ancestor's function: from scratch, and it says so
+    narrower = {"kind": "import", "factory": FACTORY, "options": {"width": 4}}
+    third = train_generation(_spec(tmp_path, 3, narrower, constraints=[c]))
+    assert third["warm_start_from"] is None
+    assert "generation 3 trains from scratch" in third["warm_start_note"]
+    assert "tests.unit.own_backbones:tiny_conv" in third["warm_start_note"]
 
 
 def test_own_backbone_warm_start_is_function_preserving() -> None:
