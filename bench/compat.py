@@ -189,8 +189,12 @@ def run_chain(
     pin: bool = True,
     gate: GateConfig | None = None,
     backfill: BackfillConfig | None = None,
+    observe=None,
 ) -> tuple[Lineage, dict[int, dict[str, Any]]]:
     """``generations`` update cycles under ``train`` in the state directory ``home``.
+
+    ``observe(lineage, when)``, if given, is called with ``"before"`` and ``"after"`` each
+    cycle (bench.lifelong measures the served state there).
 
     Each generation runs the steps of ``flows.cycle._run_cycle`` in its order; with
     ``pin`` the new champion is pinned after the cycle (``graceful pin``) so that it stays
@@ -203,6 +207,8 @@ def run_chain(
     runs: dict[int, dict[str, Any]] = {}
     for stage in range(generations):
         cfg = cycle_config(dataset, generations, stage, train, gate, backfill)
+        if observe is not None:
+            observe(lin, "before")
         state = start_cycle(lin, cfg)
         result = train_step(lin, state)
         metrics = evaluate_step(lin, state)
@@ -211,6 +217,8 @@ def run_chain(
             promote_step(lin, state)
             backfill_step(lin, state)
         retired = retire_unused(lin)
+        if observe is not None:
+            observe(lin, "after")
         gen_id = int(state.generation.id)  # type: ignore[arg-type]
         if passed and pin:
             lin.set_pinned(gen_id, True)  # every earlier generation stays in use

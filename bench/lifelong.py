@@ -38,6 +38,7 @@ import argparse
 import gzip
 import json
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -49,16 +50,24 @@ import numpy as np
 from bench.compat import METHODS as COMPAT_METHODS
 from bench.compat import _stop_ray, run_chain
 from flows.config import BackfillConfig, GateConfig, TrainConfig
+from flows.cycle import eval_dataset
+from flows.gate import GateOutcome
 from flows.report import build_report
+from store.gallery import Gallery
 from store.lineage import Lineage
+from store.settings import subdir
 from workers.datasets import DEFAULT_FASHION_MNIST_DIR, load_dataset
+from workers.evaluate import generation_outputs
 from workers.metrics import ac as ac_metric
 from workers.metrics import am as am_metric
+from workers.metrics import retrieval_hits
+from workers.served import overall_delta, served_by_class, top1_hits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "lifelong"
 DEFAULT_EPOCHS = 8
 TRAIN_PER_CLASS = 600
+HELDOUT = 2  # classes no generation trains on: AC there is the anchors' protocol
 
 # The three methods the issue names; RECIPES adds the candidates of the recipe study.
 METHODS: dict[str, TrainConfig] = {
@@ -77,6 +86,15 @@ RECIPES: dict[str, TrainConfig] = {
     # the embedding term four times as heavy: the pull that keeps classes an ancestor
     # never saw where its gallery holds them
     "bct+pct+emb/emb8": TrainConfig(method="bct+pct+emb", weights={"embedding": 8.0}),
+    # issue 17's study: BCT alone (its synthesised centroid rows for classes an ancestor
+    # never saw, every active ancestor, the collection's holders included), BCT with the
+    # embedding pull and no focal term, and the focal term only on what the ancestor got
+    # right (alpha 0) with half the embedding pull
+    "bct/share": TrainConfig(method="bct"),
+    "bct+emb/share": TrainConfig(method="bct+pct+emb", weights={"focal": 0.0}),
+    "bct+pct+emb/alpha0-emb1": TrainConfig(
+        method="bct+pct+emb", focal_alpha=0.0, weights={"embedding": 1.0}
+    ),
     # the default recipe under a gate that backfills instead of rejecting on ECC (GATES)
     "default/backfill-incompatible": TrainConfig(),
     # unconstrained training, every update a full backfill: what compatibility saves
@@ -89,6 +107,8 @@ GATES: dict[str, GateConfig] = {
 }
 # where a chain's C[a][b] - C[b][b] by class group is kept, and the chains its plot shows
 GROUP_KEY = "ecc_gap_by_class_group"
+# the cycle's budgeted backfill off: only the gate's plans (and full debts) re-embed
+BACKFILL = BackfillConfig(budget=0, curve=False)
 GROUP_PLOT_METHODS = ("none", "textbook", "default", "bct+pct+emb/emb8")
 
 
@@ -100,17 +120,25 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
+def heldout_classes(num_classes: int) -> tuple[int, ...]:
+    """The classes no generation trains on (the last ``HELDOUT``): their training items
+    are left out of the benchmark's data, their evaluation items kept (``ac_heldout``)."""
+    return tuple(range(num_classes - HELDOUT, num_classes))
+
+
 def fashion_subset(workdir: Path, per_class: int, seed: int = 0) -> str:
     """A ``fashion-mnist:DIR`` spec of ``per_class`` training items a class (stratified,
-    seeded) and the whole test split, in the IDX files the product reads."""
+    seeded; none of the held-out classes) and the whole test split, in the IDX files the
+    product reads."""
     src = Path(DEFAULT_FASHION_MNIST_DIR)
     out = workdir / f"fashion-mnist-{per_class}"
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("fashion-mnist")
     rng = np.random.default_rng(seed)
+    trained = [c for c in range(10) if c not in heldout_classes(10)]
     idx = np.sort(
         np.concatenate(
-            [rng.permutation(np.flatnonzero(ds.y_train == c))[:per_class] for c in range(10)]
+            [rng.permutation(np.flatnonzero(ds.y_train == c))[:per_class] for c in trained]
         )
     )
     # the loader scales pixels to [0, 1]; the files hold the original bytes
@@ -120,6 +148,36 @@ def fashion_subset(workdir: Path, per_class: int, seed: int = 0) -> str:
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (out / name).write_bytes((src / name).read_bytes())
     return f"fashion-mnist:{out}"
+
+
+def image_folder(name: str, src: str, workdir: Path) -> str:
+    """An ``imagefolder:DIR`` spec of the data set ``src`` (a spec the product loads)
+    without the held-out classes' training images: PNGs of the decoded images for
+    ``digits``, the files themselves for an image folder."""
+    out = workdir / name
+    if src.startswith("imagefolder:"):
+        root = Path(src.split(":", 1)[1])
+        classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+        held = {classes[c] for c in heldout_classes(len(classes))}
+        for split in ("train", "test"):
+            for d in sorted((root / split).iterdir()):
+                if d.is_dir() and not (split == "train" and d.name in held):
+                    shutil.copytree(d, out / split / d.name, dirs_exist_ok=True)
+        return f"imagefolder:{out}"
+    from PIL import Image
+
+    ds = load_dataset(src)
+    held = heldout_classes(ds.num_classes)
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            if split == "train" and int(label) in held:
+                continue
+            d = out / split / f"{int(label):02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            pixels = np.rint(np.clip(img[0] if img.ndim == 3 else img, 0, 1) * 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:05d}.png")
+    return f"imagefolder:{out}"
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -164,10 +222,85 @@ def _group_summary(rows: list[list[Any]]) -> dict[str, Any]:
     return out
 
 
+class ServedWatch:
+    """What users meet before and after each cycle, measured on the real collection: the
+    champion's queries (the evaluation set's query half) against the collection's stored
+    embeddings, per class (``workers.served``); a cycle regresses a class when its
+    served hit rate after is below before with evidence (Bonferroni over the classes)."""
+
+    def __init__(self) -> None:
+        self.before: np.ndarray | None = None
+        self.cycles: list[dict[str, Any]] = []
+        self.ds: Any = None  # the lineage's evaluation set, loaded once
+
+    def hits(self, lin: Lineage) -> np.ndarray | None:
+        champion, gallery = lin.champion(), Gallery(lin)
+        if self.ds is None and champion is not None:
+            self.ds = eval_dataset(lin)
+        ds = self.ds
+        if champion is None or gallery.info() is None or ds is None:
+            return None
+        out = generation_outputs(champion, ds, subdir("cache"))
+        rows = gallery.read_all()
+        return top1_hits(out.query_emb, ds.y_test[out.query_idx], rows.embedding, rows.label)
+
+    def __call__(self, lin: Lineage, when: str) -> None:
+        if when == "before":
+            self.before = self.hits(lin)
+            return
+        after = self.hits(lin)
+        if self.before is None or after is None:
+            return
+        qy = self.ds.y_test[1::2]  # the query half (workers.scenario.eval_split)
+        deltas = served_by_class(after, self.before, qy)
+        whole = overall_delta(after, self.before)
+        self.cycles.append(
+            {
+                "worse_classes": [d.cls for d in deltas if d.worse],
+                "min_class_delta": min(d.delta for d in deltas),
+                "delta": whole.delta,
+                "ci": [whole.lo, whole.hi],
+            }
+        )
+
+
+def ac_partitions(lin: Lineage, heldout: tuple[int, ...]) -> dict[str, float | None]:
+    """AC on three partitions of the queries, per pair a > b of trained generations:
+    classes both trained on (``ac_seen``), classes only a trained on (``ac_novel``), the
+    held-out classes no generation trains on (``ac_heldout``); ECC(a, b) on a partition
+    is C[a][b] > C[b][b] on that partition's queries against b's whole gallery."""
+    ds = eval_dataset(lin)
+    gens = [g for g in lin.generations() if g.checkpoint_path and g.accuracy is not None]
+    if ds is None or len(gens) < 2:
+        return {"ac_seen": None, "ac_novel": None, "ac_heldout": None}
+    out = {int(g.id): generation_outputs(g, ds, subdir("cache")) for g in gens}  # type: ignore[arg-type]
+    classes = {int(g.id): set(g.classes) - set(heldout) for g in gens}  # type: ignore[arg-type]
+    qy, gy = ds.y_test[1::2], ds.y_test[0::2]
+    held: dict[str, list[bool]] = {"ac_seen": [], "ac_novel": [], "ac_heldout": []}
+    for a in out:
+        for b in out:
+            if a <= b:
+                continue
+            own = retrieval_hits(out[b].query_emb, qy, out[b].gallery_emb, gy)
+            cross = retrieval_hits(out[a].query_emb, qy, out[b].gallery_emb, gy)
+            parts = {
+                "ac_seen": classes[a] & classes[b],
+                "ac_novel": classes[a] - classes[b],
+                "ac_heldout": set(heldout),
+            }
+            for key, cls in parts.items():
+                m = np.isin(qy, sorted(cls))
+                if m.any():
+                    held[key].append(bool(cross[m].mean() > own[m].mean()))
+    return {k: (float(np.mean(v)) if v else None) for k, v in held.items()}
+
+
 def chain_figures(
     lin: Lineage,
     runs: dict[int, dict[str, Any]],
     none_nfr: dict[tuple[int, int], float] | None,
+    watch: ServedWatch | None = None,
+    heldout: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """The chain's figures, read from the product's report, per generation and in all.
 
@@ -208,6 +341,14 @@ def chain_figures(
         )
     ratios_all = [nfr_ratio(v, none_nfr[p]) for p, v in nfr.items() if p in none_nfr]
     gaps = class_group_gaps(rep)
+    gates = {int(g["id"]): g.get("gate") or {} for g in rep["generations"]}
+    for r in rows:
+        gate = gates.get(r["generation"], {})
+        r["gate_outcome"] = gate.get("outcome")
+        r["targeted_items"] = (gate.get("targeted_backfill") or {}).get("items", 0)
+    collection = int(rep["gallery"].get("items") or 0) or 1
+    reembedded = sum(int(j["items_done"] or 0) for j in rep["backfills"])
+    updates = max(1, len(ids) - 1)  # a full backfill at every update after the first
     worst_pair = min(((top1[(a, b)] - top1[(b, b)], a, b) for a, b in top1 if a > b))
     return {
         "final_acc": acc[ids[-1]],
@@ -238,6 +379,14 @@ def chain_figures(
         "generations": rows,
         GROUP_KEY: gaps,
         "ecc_gap_groups": _group_summary(gaps),
+        "served": watch.cycles if watch is not None else [],
+        "served_regressions": (
+            sum(len(c["worse_classes"]) for c in watch.cycles) if watch is not None else None
+        ),
+        "reembedded_items": reembedded,
+        "reembedded_share": reembedded / (updates * collection),
+        "outcomes": {o: sum(r["gate_outcome"] == o for r in rows) for o in GateOutcome},
+        **ac_partitions(lin, heldout),
     }
 
 
@@ -249,6 +398,7 @@ def run_dataset(
     home: Path,
     log=print,
     known: dict[str, dict[str, Any]] | None = None,
+    heldout: tuple[int, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """Every method's chain on one data set; ``none`` first (the others' reference).
 
@@ -265,6 +415,7 @@ def run_dataset(
         train = TrainConfig.model_validate(cfg.model_dump() | {"epochs": epochs, "seed": 0})
         t0 = time.perf_counter()
         log(f"[{spec}] {name}: {train.method.value}", flush=True)
+        watch = ServedWatch()
         lin, runs = run_chain(
             spec,
             name,
@@ -274,9 +425,10 @@ def run_dataset(
             log=log,
             pin=False,
             gate=GATES.get(name, GateConfig()),
-            backfill=BackfillConfig(curve=False),
+            backfill=BACKFILL,
+            observe=watch,
         )
-        fig = chain_figures(lin, runs, none_nfr)
+        fig = chain_figures(lin, runs, none_nfr, watch, heldout)
         if name == "none":
             none_nfr = _pairs(fig["nfr"])
         fig["train_config"] = train.model_dump(mode="json")
@@ -287,7 +439,10 @@ def run_dataset(
             f"[{spec}] {name}: acc {fig['final_acc']:.4f} AC {fig['ac']:.3f} AM {fig['am']:.4f} "
             f"NFR/none worst {fig['worst_nfr_ratio']} mean {fig['mean_nfr_ratio']} "
             f"promoted {fig['promoted']}/{generations} max constraints "
-            f"{fig['max_active_constraints']} ({fig['wall_seconds']:.0f}s)",
+            f"{fig['max_active_constraints']} served regressions {fig['served_regressions']} "
+            f"re-embedded {fig['reembedded_share']:.3f} AC seen/novel/held-out "
+            f"{fig['ac_seen']}/{fig['ac_novel']}/{fig['ac_heldout']} "
+            f"({fig['wall_seconds']:.0f}s)",
             flush=True,
         )
     for fig in out.values():
@@ -306,8 +461,23 @@ def targets(fig: dict[str, Any], generations: int) -> dict[str, Any]:
     """The issue's targets for one chain, each with whether it holds and by how much."""
     secs = [r["train_seconds"] for r in fig["generations"] if r["train_seconds"]]
     half = max(1, len(secs) // 2)
+
+    def at_least(key: str, bound: float) -> dict[str, Any]:
+        v = fig.get(key)
+        return {"holds": v is not None and v >= bound, "value": v}
+
     return {
         "ac_at_least_0.95": {"holds": fig["ac"] >= 0.95, "value": fig["ac"]},
+        "ac_seen_at_least_0.95": at_least("ac_seen", 0.95),
+        "ac_heldout_at_least_0.95": at_least("ac_heldout", 0.95),
+        "no_served_regressions": {
+            "holds": fig.get("served_regressions") == 0,
+            "value": fig.get("served_regressions"),
+        },
+        "reembedded_at_most_0.25": {
+            "holds": fig.get("reembedded_share", 1.0) <= 0.25,
+            "value": fig.get("reembedded_share"),
+        },
         "nfr_at_most_half_every_pair": {
             "holds": fig["worst_nfr_ratio"] is not None and fig["worst_nfr_ratio"] <= 0.5,
             "value": fig["worst_nfr_ratio"],
@@ -547,21 +717,33 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="graceful-lifelong-") as tmp:
         work = Path(tmp)
         for ds in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-            epochs[ds] = args.epochs
-            if ds == "fashion-mnist":
+            key = ds.split(":", 1)[0]
+            epochs[key] = args.epochs
+            notes = [n for n in notes if not n.startswith(key)]
+            if key == "fashion-mnist":
                 spec = fashion_subset(work, args.train_per_class)
-                notes = [n for n in notes if not n.startswith(ds)]
                 notes.append(
                     f"fashion-mnist: {args.train_per_class} training images a class "
                     "(stratified, seed 0), the whole 10,000-image test split; 28x28 images, "
                     "the default residual CNN"
                 )
+            elif key == "photos":  # photos:DIR, an image folder of colour photographs
+                spec = image_folder(key, "imagefolder:" + ds.split(":", 1)[1], work)
+                notes.append(f"photos: the image folder {ds.split(':', 1)[1]}")
             else:
-                spec = ds
-                notes = [n for n in notes if not n.startswith(ds)]
-                notes.append(f"{ds}: the whole data set")
-            results[ds] = run_dataset(
-                spec, methods, args.generations, args.epochs, work / ds, known=results.get(ds)
+                spec = image_folder(key, ds, work)
+                notes.append(f"{key}: the whole data set, as PNGs")
+            n_classes = len(load_dataset(spec).class_names)
+            held = heldout_classes(n_classes)
+            notes[-1] += f"; classes {list(held)} held out of training"
+            results[key] = run_dataset(
+                spec,
+                methods,
+                args.generations,
+                args.epochs,
+                work / key,
+                known=results.get(key),
+                heldout=held,
             )
         _stop_ray()
     report = {
@@ -572,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_per_class": args.train_per_class,
             "datasets_note": notes,
             "gate": GateConfig().model_dump(mode="json"),
-            "backfill": BackfillConfig(curve=False).model_dump(mode="json"),
+            "backfill": BACKFILL.model_dump(mode="json"),
+            "heldout_classes": HELDOUT,
         },
         "results": results,
         "targets": {

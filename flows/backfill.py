@@ -24,7 +24,8 @@ def backfill_once(
     """Re-embed ``cfg.budget`` of the collection with the champion, then retire what left.
 
     Generations the champion owes a full backfill (:func:`flows.chain.owed_backfill`) are
-    re-embedded whole, first, whatever the budget.
+    re-embedded whole, first, whatever the budget; so are the items its promotion's
+    targeted backfill owes (:func:`flows.chain.owed_items`), before everything else.
 
     The scenario's collection (the evaluation gallery) measures M_mix and the backfill
     curve; a user's collection is read by key from its source, and M_mix, which needs
@@ -57,6 +58,7 @@ def backfill_once(
         crash_after_parts=crash_after_parts,
         retire_share=cfg.retire_share,
         complete=chain.owed_backfill(lineage),
+        owed_items=chain.owed_items(lineage),
         **measure,
     )
     if job.m_mix_after is not None:

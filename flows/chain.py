@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
+from store.debts import load_debt
+from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, Lineage
 from workers.constraints import METHOD_KINDS, full_weights, parse_method
 
@@ -62,6 +66,33 @@ def owed_backfill(lineage: Lineage) -> list[int]:
     return sorted(
         int(k) for a, k, v in lineage.metric(OWED) if a == champion.id and v and held.get(int(k))
     )
+
+
+DEBT = "debt_items"  # metric row (g, g, n): g was promoted owing n items (store.debts)
+
+
+def owed_items(lineage: Lineage) -> np.ndarray:
+    """Collection items the champion still owes a re-embedding (its targeted backfill,
+    flows/targeted.py): the debt's items not yet embedded by the champion. Every backfill
+    under that champion re-embeds them first, so a cycle killed before or during its
+    backfill, or a manual ``graceful backfill``, still pays them."""
+    champion = lineage.champion()
+    none = np.zeros(0, dtype=np.int64)
+    if champion is None:
+        return none
+    n = next((v for a, b, v in lineage.metric(DEBT) if a == b == champion.id), None)
+    if not n:
+        return none
+    debt = load_debt(int(champion.id), expected=int(round(n)))  # type: ignore[arg-type]
+    gallery = Gallery(lineage)
+    if gallery.info() is None:
+        return none
+    stale = []
+    for _, batch in gallery.iter_batches(["item_id", "generation"]):
+        ids = batch.column(0).to_numpy()
+        keep = np.isin(ids, debt) & (batch.column(1).to_numpy() != champion.id)
+        stale.append(ids[keep])
+    return np.sort(np.concatenate(stale)).astype(np.int64) if stale else none
 
 
 def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:

@@ -235,9 +235,19 @@ IncompatibleOpt = Annotated[
     str,
     typer.Option(
         "--gate-on-incompatible",
-        help="reject: a generation that fails ECC against an ancestor is rejected; backfill: "
-        "it is promoted (if nothing else fails) and every gallery item of that ancestor is "
-        "re-embedded in the same cycle",
+        help="targeted: a generation not compatible with an ancestor holding collection "
+        "items is promoted if re-embedding only the items of the classes that would regress "
+        "(at most --gate-max-backfill) leaves no class's search worse; backfill: every item "
+        "of that ancestor is re-embedded; reject: it is rejected",
+    ),
+]
+MaxBackfillOpt = Annotated[
+    float,
+    typer.Option(
+        "--gate-max-backfill",
+        min=0.0,
+        max=1.0,
+        help="gate: the most a targeted backfill may re-embed (share of the collection)",
     ),
 ]
 ResamplesOpt = Annotated[
@@ -317,6 +327,7 @@ def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
                 confidence=opts["confidence"],
                 bootstrap_resamples=opts["bootstrap_resamples"],
                 on_incompatible=opts["on_incompatible"],
+                max_backfill=opts["max_backfill"],
             ),
             backfill=BackfillConfig(
                 budget=opts["backfill_budget"],
@@ -355,7 +366,8 @@ def run(
     ecc_margin: EccMarginOpt = 0.0,
     confidence: ConfidenceOpt = 0.95,
     bootstrap_resamples: ResamplesOpt = 10_000,
-    on_incompatible: IncompatibleOpt = "reject",
+    on_incompatible: IncompatibleOpt = "targeted",
+    max_backfill: MaxBackfillOpt = 0.5,
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
@@ -393,7 +405,8 @@ def cycle(
     ecc_margin: EccMarginOpt = 0.0,
     confidence: ConfidenceOpt = 0.95,
     bootstrap_resamples: ResamplesOpt = 10_000,
-    on_incompatible: IncompatibleOpt = "reject",
+    on_incompatible: IncompatibleOpt = "targeted",
+    max_backfill: MaxBackfillOpt = 0.5,
     backfill_batch_rows: BatchRowsOpt = 4096,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
@@ -13,6 +14,15 @@ Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
 MAX_EPOCHS = 1000  # a generation's epoch budget is bounded: a runaway one cannot be asked for
 DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
+
+
+class OnIncompatible(StrEnum):
+    """What the gate does when a generation is not compatible with an ancestor that
+    still holds collection items (flows/gate.py)."""
+
+    REJECT = "reject"  # reject the generation
+    BACKFILL = "backfill"  # promote; re-embed every item of that ancestor first
+    TARGETED = "targeted"  # promote; re-embed only the items whose served search regresses
 
 
 class GateConfig(BaseModel):
@@ -46,19 +56,24 @@ class GateConfig(BaseModel):
         10_000, ge=100, description="paired bootstrap resamples for C[g][k] - C[k][k]"
     )
     first_above_chance: bool = Field(
-        False,
+        True,
         description="promote a first generation only if its accuracy's exact interval lies "
-        "above chance (the evaluation set's largest class share); off by default until the "
-        "gate's three outcomes (issue 17) land with tests that train their first generation "
-        "past chance",
+        "above chance (the evaluation set's largest class share)",
     )
-    on_incompatible: Literal["reject", "backfill"] = Field(
-        "reject",
-        description="when ECC fails against an ancestor: reject the generation, or promote "
-        "it (if nothing else fails and that ancestor is not pinned) and re-embed every "
-        "gallery item of that ancestor first in the cycle's backfill, whatever the budget "
-        "(the budget still counts them), so the lineage moves on at the cost of a full "
-        "backfill of those items",
+    on_incompatible: OnIncompatible = Field(
+        OnIncompatible.TARGETED,
+        description="when a generation is not compatible with an ancestor that holds "
+        "collection items: 'targeted' promotes it if its served search, after re-embedding "
+        "only the items of the classes that would regress (at most max_backfill of the "
+        "collection), is no worse in any class; 'backfill' promotes it and re-embeds every "
+        "item of that ancestor; 'reject' rejects it",
+    )
+    max_backfill: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="the most a targeted backfill may re-embed, as a share of the collection; "
+        "a generation that needs more is rejected with the cost in its reason",
     )
 
 

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import chain
+from flows import chain, targeted
 from flows.config import CycleConfig
 from flows.gate import (
     FirstEvidence,
+    GateOutcome,
     backfill_owed,
     counts_from_metrics,
     decide,
@@ -585,17 +586,53 @@ def gate_step(
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
-    if passed:  # recorded before promotion: a kill after it still leaves the debt on record
-        owed = backfill_owed(compat, cfg.gate, ecc_counts, pinned)
+    owed = backfill_owed(compat, cfg.gate, ecc_counts, pinned) if passed else []
+    outcome = GateOutcome.PROMOTE if passed else GateOutcome.REJECT
+    served = None
+    if passed and cfg.gate.enabled and champion is not None:  # what users will meet
+        names = class_names(lineage, state.dataset)
+        judged = targeted.judge(
+            lineage,
+            state.dataset,
+            state.generation,
+            champion,
+            cfg.gate,
+            num_classes=state.capacity or state.dataset.num_classes,
+            cache_dir=subdir("cache"),
+            pinned=pinned,
+            owed_full=owed,
+            names=names,
+        )
+        outcome, passed = judged.outcome, judged.outcome != GateOutcome.REJECT
+        reasons = reasons + judged.reasons
+        if not passed:  # a deferred ECC failure is a failure again
+            reasons = [
+                "FAIL " + r.removeprefix("TARGETED ") if r.startswith("TARGETED ") else r
+                for r in reasons
+            ]
+        # recorded before promotion: a kill after it still leaves the debt on record
+        lineage.record_metrics(targeted.record(lineage, g, judged, names))
+        served = targeted.served_rows(judged.plan, names)
+    if passed:
         lineage.record_metrics([(g, k, chain.OWED, 1.0) for k in owed])
     state.reasons = reasons
     state.generation = lineage.update_generation(
         g,
         gate_passed=passed,
         gate_reasons=reasons,
+        gate_outcome=outcome.value,
+        gate_served=served,
         status=GenerationStatus.TRAINED if passed else GenerationStatus.REJECTED,
     )
     return passed
+
+
+def class_names(lineage: Lineage, ds: Dataset) -> dict[int, str]:
+    """Head row -> class name: the lineage's vocabulary, else the data set's names."""
+    vocab = lineage.vocabulary()
+    if vocab:
+        return {i: n for n, i in vocab.items()}
+    return {i: str(n) for i, n in enumerate(ds.class_names)}
 
 
 def promote_step(lineage: Lineage, state: CycleState) -> None:
@@ -670,6 +707,7 @@ def backfill_step(
         seed=b.seed,
         retire_share=b.retire_share,
         complete=complete,
+        owed_items=chain.owed_items(lineage),
         **measure,
     )
     if info.scenario:

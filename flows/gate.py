@@ -15,6 +15,17 @@ Without per-case counts for k (a caller that has only the point values) the inte
 the point itself: ECC fails when C[g][k] - C[k][k] < -ecc_margin, NFR when NFR > max_nfr,
 and the reason says so. Every reason carries its interval; failures start with ``FAIL ``.
 
+Three outcomes (``GateOutcome``; ``on_incompatible = "targeted"``, the default): an
+ECC failure against an ancestor does not reject by itself. What users will meet decides
+(:func:`judge_served`): the served state after the cycle, simulated on the evaluation set
+(``workers/served.py``), must be no worse in any class than now, with evidence (paired,
+Bonferroni-corrected over the classes). If the candidate needs no re-embedding for that it
+is promoted (``promote``); if it needs the items of some classes re-embedded, and those
+are at most ``max_backfill`` of the collection, it is promoted owing exactly those items
+(``promote-with-backfill``: the debt every backfill pays first); otherwise, or when the
+accuracy, NFR or chance checks fail, it is rejected with the cost or the class in its
+reason.
+
 ``on_incompatible = "backfill"`` turns an ECC failure against k from a rejection into a
 full backfill: g is promoted (if nothing else fails and k is not pinned), it owes k a full
 backfill (recorded as the metric row (g, k, ``backfill_owed``); every backfill under g
@@ -25,10 +36,21 @@ update without compatibility, paid for in re-embedding instead of a stalled line
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from enum import StrEnum
 from typing import NamedTuple
 
-from flows.config import GateConfig
+from flows.config import GateConfig, OnIncompatible
+from workers.served import ServedPlan
 from workers.stats import PairedCounts, clopper_pearson, pair_evidence
+
+
+class GateOutcome(StrEnum):
+    """The gate's three answers."""
+
+    PROMOTE = "promote"
+    PROMOTE_WITH_BACKFILL = "promote-with-backfill"
+    REJECT = "reject"
+
 
 EPS = 1e-12  # a bound equal to its threshold is not beyond it
 
@@ -193,12 +215,15 @@ def decide(
                 f"FAIL accuracy {accuracy:.4f} < champion {champion_accuracy:.4f} - {tol}"
             )
     owed: dict[int, int] = {}  # ancestor -> index of its reason, under on_incompatible
+    defer = cfg.on_incompatible in (OnIncompatible.BACKFILL, OnIncompatible.TARGETED)
     for k, (passed, reason) in _ecc_checks(compat, cfg, ecc_counts, ecc_groups).items():
-        if not passed and cfg.on_incompatible == "backfill" and k not in pinned:
+        if not passed and cfg.on_incompatible == OnIncompatible.TARGETED:
+            owed[k] = len(reasons)  # the served state decides (judge_served), pinned or not
+        elif not passed and defer and k not in pinned:
             owed[k] = len(reasons)  # no rejection by itself: k's items can all leave
         elif not passed:
             ok = False
-            kept = cfg.on_incompatible == "backfill" and k in pinned
+            kept = defer and k in pinned
             reason = (
                 "FAIL " + reason + ("; it is pinned: unpin it to backfill it away" if kept else "")
             )
@@ -208,12 +233,18 @@ def decide(
         ok &= passed
         reasons.append(reason)
     for k, i in owed.items():  # promoted: k's items are owed; rejected: a failure like any
-        reasons[i] = (
-            f"BACKFILL {reasons[i]}; every gallery item of {k} is re-embedded by this "
-            "cycle's backfill (on_incompatible=backfill)"
-            if ok
-            else f"FAIL {reasons[i]}"
-        )
+        if not ok:
+            reasons[i] = f"FAIL {reasons[i]}"
+        elif cfg.on_incompatible == OnIncompatible.TARGETED:
+            reasons[i] = (
+                f"TARGETED {reasons[i]}; the served state decides which of its items are "
+                "re-embedded (on_incompatible=targeted)"
+            )
+        else:
+            reasons[i] = (
+                f"BACKFILL {reasons[i]}; every gallery item of {k} is re-embedded by this "
+                "cycle's backfill (on_incompatible=backfill)"
+            )
     return ok, reasons
 
 
@@ -241,7 +272,7 @@ def backfill_owed(
 ) -> list[int]:
     """The ancestors a promoted generation owes a full backfill (``on_incompatible``): those
     :func:`decide` found it incompatible with, on the same evidence, unless pinned."""
-    if not (cfg.enabled and cfg.on_incompatible == "backfill"):
+    if not (cfg.enabled and cfg.on_incompatible == OnIncompatible.BACKFILL):
         return []
     checks = _ecc_checks(compat, cfg, ecc_counts or {})
     return [k for k, (passed, _) in checks.items() if not passed and k not in pinned]
@@ -304,3 +335,72 @@ def evidence_rows(
         (g, g, "gate_max_nfr", cfg.max_nfr),
     ]
     return rows
+
+
+def _class_list(classes: list[int], names: Mapping[int, str]) -> str:
+    return ", ".join(names.get(c, str(c)) for c in classes)
+
+
+def judge_served(
+    plan: ServedPlan,
+    cost: int,
+    collection: int,
+    cfg: GateConfig,
+    names: Mapping[int, str] | None = None,
+) -> tuple[GateOutcome, list[str]]:
+    """The outcome for a generation that passed :func:`decide`, from the served state it
+    leaves (``plan``, ``workers.served.plan_targeted``) and what its targeted backfill
+    re-embeds (``cost`` of the ``collection``'s items); reasons as :func:`decide`'s.
+
+    With ``on_incompatible`` other than ``targeted`` there is no targeted backfill: the
+    served state is reported, and a worse one fails only under ``targeted``.
+    """
+    names = names or {}
+    level = f"{100 * cfg.confidence:g}% CI, per class Bonferroni over {len(plan.deltas)}"
+    lows = sorted(plan.deltas, key=lambda d: d.delta)[:3]
+    worst = ", ".join(
+        f"{names.get(d.cls, str(d.cls))} {d.delta:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" for d in lows
+    )
+    whole = (
+        f"all queries {plan.overall.delta:+.4f} [{plan.overall.lo:+.4f}, {plan.overall.hi:+.4f}]"
+    )
+    targeted = cfg.on_incompatible == OnIncompatible.TARGETED
+    if not plan.feasible:
+        bad = [names.get(d.cls, str(d.cls)) for d in plan.worse] or ["all queries"]
+        tried = (
+            f" even after re-embedding classes {_class_list(plan.classes, names)}"
+            if plan.classes
+            else ""
+        )
+        reason = (
+            f"served search worse in {', '.join(bad)}{tried} ({whole}; lowest: {worst}; {level})"
+        )
+        if targeted:
+            return GateOutcome.REJECT, [f"FAIL {reason}"]
+        return GateOutcome.PROMOTE, [
+            f"served state (not judged: on_incompatible={cfg.on_incompatible.value}): {reason}"
+        ]
+    if not plan.classes:
+        return GateOutcome.PROMOTE, [
+            f"served search no worse in any class without re-embedding ({whole}; lowest: "
+            f"{worst}; {level})"
+        ]
+    share = cost / collection if collection else 0.0
+    what = (
+        f"re-embedding the items of classes {_class_list(plan.classes, names)}: {cost} of "
+        f"{collection} collection items ({share:.1%})"
+    )
+    if share > cfg.max_backfill + EPS:
+        return GateOutcome.REJECT, [
+            f"FAIL the targeted backfill it needs costs more than the cap: {what} > "
+            f"max_backfill {cfg.max_backfill:.0%}"
+        ]
+    recovered = (
+        f"; it serves again {plan.recovered} of the {plan.regressed} queries that would regress"
+        if plan.regressed
+        else ""
+    )
+    return GateOutcome.PROMOTE_WITH_BACKFILL, [
+        f"TARGETED BACKFILL {what}, paid first by this cycle's backfill; after it served "
+        f"search is no worse in any class ({whole}; lowest: {worst}; {level}){recovered}"
+    ]

@@ -62,6 +62,7 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         *[f"- {r}" for r in gen["gate_reasons"]],
         "",
         *_gate_table(gen.get("gate")),
+        *_served_table(gen.get("gate")),
         *_snapshot_lines(gen.get("snapshot")),
         "## Constraints",
         *[
@@ -89,6 +90,31 @@ def _groups(g: dict | None) -> str:
         return "–"
     unseen = "–" if g.get("unseen") is None else f"{g['unseen']:+.4f} ({g['unseen_queries']} q)"
     return f"{g['seen']:+.4f} / {unseen}"
+
+
+def _served_table(gate: dict | None) -> list[str]:
+    """The served state per class the gate judged (after the cycle's backfill minus now)."""
+    if not gate or not gate.get("served"):
+        return []
+    outcome = gate.get("outcome") or "–"
+    debt = gate.get("targeted_backfill") or {}
+    lines = [
+        f"## Served search per class ({outcome})",
+        "",
+        f"Targeted backfill: {debt.get('items', 0)} items ({debt.get('share', 0.0):.1%} of "
+        "the collection).",
+        "",
+        "| class | queries | delta | CI (Bonferroni) | worse |",
+        "|---|---|---|---|---|",
+    ]
+    for row in gate["served"]:
+        lo, hi = row["ci"]
+        worse = "**yes**" if hi is not None and hi < 0 else "no"
+        lines.append(
+            f"| {row['class']} | {row.get('queries', '–')} | {row['delta']:+.4f} | "
+            f"{_ci(lo, hi)} | {worse} |"
+        )
+    return lines + [""]
 
 
 def _gate_table(gate: dict | None) -> list[str]:

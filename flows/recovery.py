@@ -221,7 +221,8 @@ def recover(lineage: Lineage, cfg: CycleConfig) -> tuple[CycleState | None, dict
     """Both of the above: (the cycle to continue or None, the finished backfill or None)."""
     state = recover_generations(lineage, cfg)
     backfill = recover_backfill(lineage, cfg)
-    if backfill is None and chain.owed_backfill(lineage) and Gallery(lineage).info():
+    owes = bool(chain.owed_backfill(lineage)) or len(chain.owed_items(lineage)) > 0
+    if backfill is None and owes and Gallery(lineage).info():
         # a cycle was killed after promoting past an incompatible ancestor, before its
         # backfill began: pay that debt before anything new is trained against it
         backfill = backfill_once(lineage, cfg.backfill)

@@ -71,7 +71,18 @@ GATE_PAIR_METRICS = (
     "ecc_gap_unseen",
     "ecc_unseen_queries",
 )
-GATE_OWN_METRICS = ("evidence_confidence", "gate_ecc_margin", "gate_max_nfr")
+GATE_OWN_METRICS = (
+    "evidence_confidence",
+    "gate_ecc_margin",
+    "gate_max_nfr",
+    "served_delta",
+    "served_delta_lo",
+    "served_delta_hi",
+    "served_regressed",
+    "served_recovered",
+    "debt_items",
+    "debt_share",
+)
 
 
 def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]:
@@ -83,7 +94,14 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
     ``ecc_gap_by_class``: C[g][k] - C[k][k] on the classes k trained on (``seen``) and on
     the others (``unseen``, over ``unseen_queries``);
     ``ecc_margin`` / ``max_nfr``: the thresholds the gate compared them with (None before
-    a gate used them).
+    a gate used them);
+    ``outcome``: promote, promote-with-backfill or reject (flows.gate.GateOutcome);
+    ``served`` (contract): per class, ``{"class": name, "delta": d, "ci": [lo, hi]}`` (and
+    ``index``, ``queries``), served search after the cycle's backfill minus before, as the
+    gate simulated it; ``served_all``: the same over all queries, with the queries the
+    candidate would lose without re-embedding (``regressed``) and those its targeted
+    backfill serves again (``recovered``); ``targeted_backfill``: the items it owes
+    (``items``, ``share`` of the collection).
     """
     pair: dict[int, dict[int, dict[str, float | None]]] = {}  # g -> k -> metric -> value
     for metric in GATE_PAIR_METRICS:
@@ -133,6 +151,20 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
             "ecc_margin": o.get("gate_ecc_margin"),
             "max_nfr": o.get("gate_max_nfr"),
             "ancestors": ancestors,
+            "outcome": g.gate_outcome,
+            "served": g.gate_served,
+            "served_all": None
+            if o.get("served_delta") is None
+            else {
+                "delta": o.get("served_delta"),
+                "ci": [o.get("served_delta_lo"), o.get("served_delta_hi")],
+                "regressed": count(o.get("served_regressed")),
+                "recovered": count(o.get("served_recovered")),
+            },
+            "targeted_backfill": {
+                "items": count(o.get("debt_items")) or 0,
+                "share": o.get("debt_share") or 0.0,
+            },
         }
     return out
 

@@ -82,6 +82,9 @@ class Generation(SQLModel, table=True):
     checkpoint_sha256: str | None = None
     gate_passed: bool | None = None
     gate_reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # flows.gate.GateOutcome; the served state per class it judged (flows/targeted.py)
+    gate_outcome: str | None = None
+    gate_served: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = None
     created_at: datetime = Field(default_factory=_now)
 

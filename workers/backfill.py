@@ -437,6 +437,7 @@ def policy_order(
     batch_rows: int = SCAN_ROWS,
     retire_share: float = 0.0,
     complete: Sequence[int] = (),
+    first_items: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """(item ids not yet embedded by ``target`` in ``policy`` order, gallery size).
 
@@ -496,6 +497,7 @@ def policy_order(
         strata=strata,
         retire_below=retire_below,
         complete=complete,
+        first_items=first_items,
     )
     return order, n
 
@@ -619,12 +621,15 @@ def run_backfill(
     stats: dict[str, Any] | None = None,
     retire_share: float = 0.0,
     complete: Sequence[int] = (),
+    owed_items: np.ndarray | None = None,
 ) -> BackfillJob:
     """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
 
     Every item of the generations in ``complete`` is re-embedded first, whatever the
     budget (the champion owes them a full backfill): the job re-embeds those items, or the
-    budget's count of items in that order if the budget is larger.
+    budget's count of items in that order if the budget is larger. So are the items in
+    ``owed_items`` (a promotion's targeted backfill, ``flows.chain.owed_items``), before
+    everything else.
 
     The embedding actor reads the items' inputs from the gallery's recorded data-set
     spec (``source``: see :func:`open_source`); ``ds``, when given, must be that data
@@ -663,9 +668,12 @@ def run_backfill(
             num_classes,
             retire_share=retire_share,
             complete=complete,
+            first_items=owed_items,
         )
         held = lineage.gallery_counts()
         forced = sum(held.get(int(k), 0) for k in complete if int(k) != target)
+        if owed_items is not None and len(owed_items):
+            forced += int(np.isin(order, owed_items).sum())
         selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
         if measure and champion_gallery_emb is not None:

@@ -152,13 +152,15 @@ def backfill_order(
     strata: np.ndarray | None = None,
     retire_below: int = 0,
     complete: Sequence[int] = (),
+    first_items: np.ndarray | None = None,
 ) -> np.ndarray:
     """Item ids not yet embedded by ``target``, first to backfill first.
 
     ``strata`` (aligned with the rows; see :func:`strata_of`) is needed by
     ``representative``. The items of the generations in ``complete`` (which must leave
     the gallery) come first, then those of generations with at most ``retire_below``
-    stale items (:func:`tails_first`), each group in policy order.
+    stale items (:func:`tails_first`), each group in policy order; the items in
+    ``first_items`` (a targeted backfill's debt) come before all of them.
     """
     check_policy(policy)
     item_id, generation, margin = (np.asarray(a) for a in (item_id, generation, margin))
@@ -185,6 +187,9 @@ def backfill_order(
         order = order[tails_first(gens[order], retire_below)]
     if len(complete):
         order = order[generations_first(gens[order], complete)]
+    if first_items is not None and len(first_items):
+        front = np.isin(ids[order], np.asarray(first_items, dtype=np.int64))
+        order = np.concatenate([order[front], order[~front]])
     return np.asarray(ids[order], dtype=np.int64)
 
 

@@ -21,13 +21,19 @@ nearest class prototype in that generation's own space (its mean embedding of ea
 class's reference items, :func:`class_prototypes`) names the class of each stored
 embedding.
 
-These are the pieces of the three-outcome gate of issue 17 (promote, promote with a
-targeted backfill, reject); each has a hand-computed test (tests/unit/test_served.py).
+:func:`plan_targeted` puts them together for the gate (flows/gate.py): starting from no
+re-embedding, it adds the classes whose served search would be worse with evidence (or,
+when no single class is but the whole is, the worst class) until no class and not the
+whole is worse, or nothing is left to add. :func:`collection_selection` then finds the
+same classes' items in the real collection, from the stored embeddings alone.
+
+Each piece has a hand-computed test (tests/unit/test_served.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -117,3 +123,165 @@ def targeted_selection(
     scores = _unit(item_emb) @ prototypes.T
     scores[:, ~present] = -np.inf
     return np.isin(np.argmax(scores, axis=1), np.asarray(list(classes), dtype=np.int64))
+
+
+def overall_delta(
+    new_hits: np.ndarray,
+    old_hits: np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> ClassDelta:
+    """All queries' served hit rate, new minus old, with its paired bootstrap interval
+    at ``confidence`` (``cls`` is -1)."""
+    new_hits, old_hits = np.asarray(new_hits, bool), np.asarray(old_hits, bool)
+    gain, loss = int((new_hits & ~old_hits).sum()), int((~new_hits & old_hits).sum())
+    counts = PairedCounts(len(new_hits), gain, loss)
+    if counts.n == 0:
+        return ClassDelta(-1, 0.0, 0.0, 0.0, 0, 0, 0)
+    ci = paired_bootstrap_ci_counts(counts, confidence=confidence, resamples=resamples, seed=seed)
+    return ClassDelta(-1, counts.delta, ci.lo, ci.hi, counts.n, gain, loss)
+
+
+@dataclass
+class ServedView:
+    """The evaluation set as the served state is simulated on it.
+
+    ``query_y`` / ``ref_y``: the classes of the query and reference halves;
+    ``champion_q``: the current champion's query embeddings (None: there is none);
+    ``candidate_q`` / ``candidate_ref``: the candidate's; ``held_by``: per reference item,
+    the generation whose embedding users meet now (as the collection holds it);
+    ``ref_by_gen``: each such generation's embeddings of the reference half.
+    """
+
+    query_y: np.ndarray
+    ref_y: np.ndarray
+    champion_q: np.ndarray | None
+    candidate_q: np.ndarray
+    candidate_ref: np.ndarray
+    held_by: np.ndarray
+    ref_by_gen: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def current_ref(self) -> np.ndarray:
+        """The reference half as users meet it now (each item by its holder)."""
+        out = np.array(self.candidate_ref, dtype=np.float64, copy=True)
+        for gen, emb in self.ref_by_gen.items():
+            m = self.held_by == gen
+            out[m] = emb[m]
+        return out
+
+
+@dataclass
+class ServedPlan:
+    """The served state a candidate would leave, and what it must re-embed for it.
+
+    ``classes``: the classes whose old-embedded items are re-embedded (in each holder's
+    own space); ``replaced``: those reference items; ``deltas`` per class and ``overall``:
+    served after the plan minus now; ``feasible``: no class and not the whole is worse
+    with evidence; ``regressed``: queries served now that the candidate without any
+    re-embedding would lose, ``recovered``: how many of them the plan serves again.
+    """
+
+    classes: list[int]
+    replaced: np.ndarray
+    deltas: list[ClassDelta]
+    overall: ClassDelta
+    feasible: bool
+    regressed: int
+    recovered: int
+
+    @property
+    def worse(self) -> list[ClassDelta]:
+        return [d for d in self.deltas if d.worse]
+
+
+def item_classes(
+    view: ServedView, movable: Iterable[int], num_classes: int
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Per reference item, the class its holder's space places it in (nearest prototype)
+    where the holder is ``movable`` (its items may be re-embedded), else -1; and each
+    movable holder's prototypes (for :func:`collection_selection`)."""
+    placed = np.full(len(view.ref_y), -1, dtype=np.int64)
+    protos: dict[int, np.ndarray] = {}
+    for gen in sorted(set(movable) & set(view.ref_by_gen)):
+        emb = view.ref_by_gen[gen]
+        protos[gen] = class_prototypes(emb, view.ref_y, num_classes)
+        m = view.held_by == gen
+        if m.any():
+            scores = _unit(emb[m]) @ protos[gen].T
+            scores[:, np.linalg.norm(protos[gen], axis=1) == 0] = -np.inf
+            placed[m] = np.argmax(scores, axis=1)
+    return placed, protos
+
+
+def plan_targeted(
+    view: ServedView,
+    movable: Iterable[int],
+    num_classes: int,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+    greedy: bool = True,
+    replace_gens: Iterable[int] = (),
+) -> ServedPlan:
+    """The smallest class-by-class re-embedding (greedy, see the module docstring) after
+    which the candidate's served state is not worse than now; ``greedy=False`` judges
+    the state with nothing re-embedded but the items of ``replace_gens`` (generations
+    owed a full backfill, or every item where no collection is indexed yet)."""
+    current = view.current_ref()
+    old = (
+        top1_hits(view.champion_q, view.query_y, current, view.ref_y)
+        if view.champion_q is not None
+        else top1_hits(view.candidate_q, view.query_y, current, view.ref_y)
+    )
+    placed, _ = item_classes(view, movable, num_classes)
+    selectable = set(np.unique(placed[placed >= 0]).tolist())
+    chosen: list[int] = []
+    base: np.ndarray | None = None
+    full = np.isin(view.held_by, np.asarray(list(replace_gens), dtype=np.int64))
+    while True:
+        replaced = full | (np.isin(placed, chosen) & (placed >= 0))
+        ref = mixed_reference(current, view.candidate_ref, replaced)
+        new = top1_hits(view.candidate_q, view.query_y, ref, view.ref_y)
+        base = new if base is None else base
+        deltas = served_by_class(
+            new, old, view.query_y, confidence=confidence, resamples=resamples, seed=seed
+        )
+        whole = overall_delta(new, old, confidence=confidence, resamples=resamples, seed=seed)
+        feasible = not any(d.worse for d in deltas) and not whole.worse
+        left = selectable - set(chosen)
+        if feasible or not greedy or not left:
+            lost = old & ~base
+            return ServedPlan(
+                sorted(chosen),
+                replaced,
+                deltas,
+                whole,
+                feasible,
+                int(lost.sum()),
+                int((lost & new).sum()),
+            )
+        add = [d.cls for d in deltas if d.worse and d.cls in left]
+        if not add:  # no worse class can move, or only the whole is worse: the worst one
+            add = [min((d for d in deltas if d.cls in left), key=lambda d: d.delta).cls]
+        chosen += add
+
+
+def collection_selection(
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    prototypes: Mapping[int, np.ndarray],
+    classes: Iterable[int],
+) -> np.ndarray:
+    """Item ids of the collection to re-embed: of each (item_id, generation, embedding)
+    batch, the items of a generation in ``prototypes`` whose nearest prototype in that
+    generation's space is one of ``classes`` (no forward pass, no labels)."""
+    wanted = np.asarray(sorted(set(classes)), dtype=np.int64)
+    out: list[np.ndarray] = []
+    for ids, gens, emb in batches:
+        for gen, protos in prototypes.items():
+            m = np.asarray(gens) == gen
+            if m.any():
+                out.append(np.asarray(ids)[m][targeted_selection(emb[m], protos, wanted)])
+    return np.sort(np.concatenate(out)).astype(np.int64) if out else np.zeros(0, np.int64)

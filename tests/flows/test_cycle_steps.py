@@ -13,6 +13,11 @@ from store.lineage import Lineage
 from workers.datasets import load_dataset
 
 
+# a first generation trained an epoch or two for a test of later steps: not judged
+# against chance (the chance rule has its own test)
+SETUP_GATE = GateConfig(first_above_chance=False)
+
+
 def _cycle(lineage: Lineage, cfg: CycleConfig) -> tuple[int, bool]:
     state = start_cycle(lineage, cfg)
     train_step(lineage, state, cfg)
@@ -28,7 +33,7 @@ def _cycle(lineage: Lineage, cfg: CycleConfig) -> tuple[int, bool]:
 def test_gate_rejects_a_generation_that_flips_too_much(home) -> None:
     lin = Lineage()
     train = TrainConfig(method="none", epochs=2)
-    g1, ok = _cycle(lin, CycleConfig(dataset="digits", stages=3, train=train))
+    g1, ok = _cycle(lin, CycleConfig(dataset="digits", stages=3, train=train, gate=SETUP_GATE))
     assert ok and lin.champion().id == g1
 
     strict = GateConfig(max_nfr=0.0, require_ecc=False, accuracy_tolerance=1.0)
@@ -74,7 +79,7 @@ def test_an_incompatible_update_promoted_with_backfill_empties_its_ancestor(home
 
     lin = Lineage()
     train = TrainConfig(method="none", epochs=2)  # unconstrained: unrelated embeddings
-    g1, _ = _cycle(lin, CycleConfig(dataset="digits", stages=3, train=train))
+    g1, _ = _cycle(lin, CycleConfig(dataset="digits", stages=3, train=train, gate=SETUP_GATE))
     gate = GateConfig(on_incompatible="backfill", max_nfr=1.0, accuracy_tolerance=1.0)
     budget = BackfillConfig(budget=0.1, curve=False)  # far less than g1's 270 items
     cfg = CycleConfig(stages=3, train=train, gate=gate, backfill=budget)
@@ -120,7 +125,10 @@ def test_each_method_trains_every_kind_at_its_configured_weight(home) -> None:
     from workers.constraints import METHOD_KINDS, TrainMethod
 
     lin = Lineage()
-    g1, ok = _cycle(lin, CycleConfig(dataset="digits", train=TrainConfig(method="none", epochs=1)))
+    first = CycleConfig(
+        dataset="digits", train=TrainConfig(method="none", epochs=1), gate=SETUP_GATE
+    )
+    g1, ok = _cycle(lin, first)
     assert ok
     custom = {"influence": 0.7, "focal": 0.2, "embedding": 1.5}
     for method in TrainMethod:
@@ -143,8 +151,11 @@ def test_a_swapped_champion_checkpoint_stops_the_cycle_before_anything_starts(ho
     from store.files import CheckpointError
 
     lin = Lineage()
-    g1, _ = _cycle(lin, CycleConfig(dataset="digits", train=TrainConfig(method="none", epochs=1)))
-    g2, _ = _cycle(lin, CycleConfig(train=TrainConfig(method="none", epochs=1)))
+    first = CycleConfig(
+        dataset="digits", train=TrainConfig(method="none", epochs=1), gate=SETUP_GATE
+    )
+    g1, _ = _cycle(lin, first)
+    g2, _ = _cycle(lin, CycleConfig(train=TrainConfig(method="none", epochs=1), gate=SETUP_GATE))
     champion = lin.champion()
     other = lin.generation(g1 if champion.id == g2 else g2)
     Path(champion.checkpoint_path).write_bytes(Path(other.checkpoint_path).read_bytes())

@@ -24,6 +24,7 @@ def test_cycle_commands_default_to_the_configs(command) -> None:
     assert defaults["max_nfr"] == gate.max_nfr
     assert defaults["ecc_margin"] == gate.ecc_margin
     assert defaults["on_incompatible"] == gate.on_incompatible
+    assert defaults["max_backfill"] == gate.max_backfill
 
 
 def test_backfill_command_defaults_to_the_config() -> None:

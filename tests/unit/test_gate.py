@@ -30,9 +30,11 @@ def test_first_generation_must_be_above_chance_with_evidence() -> None:
     # 10 balanced classes: chance 0.1. Clopper-Pearson at 95% (beta quantiles):
     # 12/100 -> [0.0636, 0.2002] includes 0.1: rejected; 16/100 -> [0.0943, 0.2468]
     # still includes it; 30/100 -> [0.2124, 0.3998] lies above it: promoted
-    # off by default: a first generation is promoted as before
-    assert decide(0.12, None, {}, {}, GateConfig(), first=FirstEvidence(12, 100, 0.1))[0]
-    on = GateConfig(first_above_chance=True)
+    # off: a first generation is promoted as before
+    off = GateConfig(first_above_chance=False)
+    assert decide(0.12, None, {}, {}, off, first=FirstEvidence(12, 100, 0.1))[0]
+    on = GateConfig()  # on by default
+    assert on.first_above_chance
     for hits, promoted in ((12, False), (16, False), (30, True)):
         ok, reasons = decide(hits / 100, None, {}, {}, on, first=FirstEvidence(hits, 100, 0.1))
         assert ok is promoted, reasons
@@ -81,10 +83,12 @@ def test_rejects_accuracy_drop_beyond_tolerance() -> None:
 
 def test_point_ecc_fails_only_below_the_margin_and_per_ancestor() -> None:
     compat = {1: (0.8, 0.7), 2: (0.74, 0.75), 3: (0.75, 0.75)}
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig())
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"))
     assert not ok  # a tie is no evidence of a loss; 2 is below by 0.01 > margin 0
     assert [r.split(":")[0] for r in _fails(reasons)] == ["FAIL not compatible with 2"]
-    ok, _ = decide(0.9, 0.9, compat, {}, GateConfig(ecc_margin=0.01))  # -0.01 not below -0.01
+    ok, _ = decide(
+        0.9, 0.9, compat, {}, GateConfig(ecc_margin=0.01, on_incompatible="reject")
+    )  # -0.01 not below -0.01
     assert ok
     ok, _ = decide(0.9, 0.9, {2: (0.5, 0.75)}, {}, GateConfig(require_ecc=False))
     assert ok
@@ -95,9 +99,13 @@ def test_a_two_query_difference_is_noise_and_promotes() -> None:
     # queries, i.e. 275 vs 277 hits: 40 queries only generation 2's hit, 42 only 1's.
     counts = {1: PairedCounts(1000, 40, 42)}
     compat = {1: (0.275, 0.277)}
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig())  # point rule: rejected
+    ok, reasons = decide(
+        0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject")
+    )  # point rule: rejected
     assert not ok
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    ok, reasons = decide(
+        0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"), ecc_counts=counts
+    )
     assert ok, reasons
     # delta = -2/1000; sd of a difference = sqrt(82/1000 - 0.002^2) = 0.2864,
     # 95% half width 1.96 * 0.2864 / sqrt(1000) = 0.0178 -> about [-0.0198, +0.0158]
@@ -115,8 +123,16 @@ def test_reasons_say_where_the_gap_lies_without_changing_the_verdict() -> None:
     counts = {1: PairedCounts(400, 10, 50)}
     compat = {1: (0.6, 0.7)}
     groups = {1: ClassGroupGaps(seen=-0.02, unseen=-0.22, unseen_queries=160)}
-    plain = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
-    noted = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts, ecc_groups=groups)
+    plain = decide(0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"), ecc_counts=counts)
+    noted = decide(
+        0.9,
+        0.9,
+        compat,
+        {},
+        GateConfig(on_incompatible="reject"),
+        ecc_counts=counts,
+        ecc_groups=groups,
+    )
     assert plain[0] is noted[0] is False
     (fail,) = _fails(noted[1])
     assert fail.endswith(
@@ -126,7 +142,15 @@ def test_reasons_say_where_the_gap_lies_without_changing_the_verdict() -> None:
     assert "trained on" not in _fails(plain[1])[0]
     # an ancestor that trained on every class: no split to report
     whole = {1: ClassGroupGaps(seen=-0.1, unseen=None, unseen_queries=0)}
-    _, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts, ecc_groups=whole)
+    _, reasons = decide(
+        0.9,
+        0.9,
+        compat,
+        {},
+        GateConfig(on_incompatible="reject"),
+        ecc_counts=counts,
+        ecc_groups=whole,
+    )
     assert "never saw" not in _fails(reasons)[0]
 
 
@@ -145,9 +169,11 @@ def test_on_incompatible_backfill_promotes_and_says_what_it_owes() -> None:
     assert reasons[2].startswith("compatible with 2")
     assert backfill_owed(compat, cfg, counts) == [1]  # the same evidence, the same answer
     # the default rejects the same evidence, and owes nothing
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    ok, reasons = decide(
+        0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"), ecc_counts=counts
+    )
     assert not ok and _fails(reasons)[0].startswith("FAIL not compatible with 1")
-    assert backfill_owed(compat, GateConfig(), counts) == []
+    assert backfill_owed(compat, GateConfig(on_incompatible="reject"), counts) == []
     # rejected for another reason: the ECC failure is a failure like any, nothing promised
     flips = {1: PairedCounts(540, 10, 100)}
     nfr = {1: 100 / 540}
@@ -191,7 +217,7 @@ def test_a_clear_ecc_regression_is_still_rejected() -> None:
     # 400 queries: 10 only g hits, 50 only k hits: delta = -0.1, sd of a difference
     # sqrt(60/400 - 0.01) = 0.374, upper bound about -0.1 + 1.96 * 0.374/20 = -0.063
     counts = {1: PairedCounts(400, 10, 50)}
-    cfg = GateConfig(ecc_margin=0.01)
+    cfg = GateConfig(ecc_margin=0.01, on_incompatible="reject")
     ok, reasons = decide(0.9, 0.9, {1: (0.30, 0.40)}, {}, cfg, ecc_counts=counts)
     assert not ok
     (fail,) = _fails(reasons)
@@ -205,9 +231,23 @@ def test_confidence_decides_how_much_evidence_is_enough() -> None:
     # -0.025 + 1.2816 * 0.01115 = -0.0107 is below 0; the 99% one, +0.0037, is not
     counts = {1: PairedCounts(1000, 50, 75)}
     compat = {1: (0.5, 0.525)}
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(confidence=0.8), ecc_counts=counts)
+    ok, reasons = decide(
+        0.9,
+        0.9,
+        compat,
+        {},
+        GateConfig(confidence=0.8, on_incompatible="reject"),
+        ecc_counts=counts,
+    )
     assert not ok and "80% CI" in _fails(reasons)[0]
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(confidence=0.99), ecc_counts=counts)
+    ok, reasons = decide(
+        0.9,
+        0.9,
+        compat,
+        {},
+        GateConfig(confidence=0.99, on_incompatible="reject"),
+        ecc_counts=counts,
+    )
     assert ok and "99% CI" in reasons[1]
 
 
@@ -257,7 +297,7 @@ def test_counts_round_trip_through_metric_rows_and_evidence_matches_reasons() ->
             metrics[(g, k, name)] = value
     assert counts_from_metrics(metrics, g) == (queries, items)
 
-    cfg = GateConfig(confidence=0.9, ecc_margin=0.02)
+    cfg = GateConfig(confidence=0.9, ecc_margin=0.02, on_incompatible="reject")
     rows = {(a, b, m): v for a, b, m, v in evidence_rows(g, queries, items, cfg)}
     assert rows[(g, g, "evidence_confidence")] == 0.9
     assert rows[(g, g, "gate_ecc_margin")] == 0.02 and rows[(g, g, "gate_max_nfr")] == 0.1
@@ -274,3 +314,69 @@ def test_counts_round_trip_through_metric_rows_and_evidence_matches_reasons() ->
         "gate_ecc_margin",
         None,
     )
+
+
+def test_targeted_defers_an_ecc_failure_to_the_served_state() -> None:
+    # the same evidence the backfill test uses: not compatible with 1 beyond doubt
+    counts = {1: PairedCounts(400, 10, 50)}
+    compat = {1: (0.6, 0.7)}
+    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    assert ok and reasons[1].startswith("TARGETED not compatible with 1: ")
+    assert reasons[1].endswith("(on_incompatible=targeted)")
+    assert backfill_owed(compat, GateConfig(), counts) == []  # no full backfill owed
+    # a pinned ancestor too: whether its items must move is the served state's question
+    assert decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts, pinned={1})[0]
+    # not better (accuracy below the champion's - tolerance): rejected, ECC a failure too
+    ok, reasons = decide(0.8, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    assert not ok and len(_fails(reasons)) == 2
+
+
+def _plan(deltas, classes=(), feasible=True, regressed=0, recovered=0):
+    import numpy as np
+
+    from workers.served import ClassDelta, ServedPlan
+
+    rows = [ClassDelta(c, d, lo, hi, 50, 0, 0) for c, d, lo, hi in deltas]
+    whole = ClassDelta(-1, -0.01, -0.03, 0.01, 100, 0, 0)
+    return ServedPlan(list(classes), np.zeros(4, bool), rows, whole, feasible, regressed, recovered)
+
+
+def test_judge_served_three_outcomes() -> None:
+    from flows.gate import GateOutcome, judge_served
+
+    names = {0: "shirt", 1: "sneaker"}
+    ok_rows = [(0, 0.0, -0.04, 0.04), (1, -0.02, -0.08, 0.04)]
+    # 1. no re-embedding needed: promote
+    outcome, reasons = judge_served(_plan(ok_rows), 0, 1000, GateConfig(), names)
+    assert outcome == GateOutcome.PROMOTE
+    assert reasons[0].startswith("served search no worse in any class without re-embedding")
+    assert "sneaker -0.020 [-0.080, +0.040]" in reasons[0]
+    # 2. re-embedding class 1's items (300 of 1,000: 30% <= 50%) mends it
+    plan = _plan(ok_rows, classes=[1], regressed=40, recovered=38)
+    outcome, reasons = judge_served(plan, 300, 1000, GateConfig(), names)
+    assert outcome == GateOutcome.PROMOTE_WITH_BACKFILL
+    assert reasons[0].startswith(
+        "TARGETED BACKFILL re-embedding the items of classes sneaker: 300 of 1000 collection "
+        "items (30.0%)"
+    )
+    assert reasons[0].endswith("it serves again 38 of the 40 queries that would regress")
+    # 3a. the same plan above the cap (600 of 1,000 > 50%): rejected with the cost
+    outcome, reasons = judge_served(plan, 600, 1000, GateConfig(), names)
+    assert outcome == GateOutcome.REJECT
+    assert reasons == [
+        "FAIL the targeted backfill it needs costs more than the cap: re-embedding the items "
+        "of classes sneaker: 600 of 1000 collection items (60.0%) > max_backfill 50%"
+    ]
+    assert judge_served(plan, 600, 1000, GateConfig(max_backfill=0.6), names)[0] == (
+        GateOutcome.PROMOTE_WITH_BACKFILL
+    )
+    # 3b. a class worse with evidence even after re-embedding: rejected, the class named
+    bad = _plan([(0, 0.0, -0.04, 0.04), (1, -0.3, -0.45, -0.15)], classes=[0, 1], feasible=False)
+    outcome, reasons = judge_served(bad, 1000, 1000, GateConfig(), names)
+    assert outcome == GateOutcome.REJECT
+    assert reasons[0].startswith(
+        "FAIL served search worse in sneaker even after re-embedding classes shirt, sneaker"
+    )
+    # other modes report the served state without judging it
+    outcome, reasons = judge_served(bad, 0, 1000, GateConfig(on_incompatible="reject"), names)
+    assert outcome == GateOutcome.PROMOTE and "not judged" in reasons[0]

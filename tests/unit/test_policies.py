@@ -140,3 +140,16 @@ def test_complete_generations_go_first_in_policy_order() -> None:
     gen[[1, 4]] = 1  # generation 2 keeps only item 17, a tail of 1 item
     got = backfill_order(IDS, gen, MARGIN, TARGET, "uncertainty", retire_below=1, complete=[1])
     assert got.tolist() == [11, 13, 15, 10, 14, 17]
+
+
+def test_a_targeted_debt_goes_before_everything_in_policy_order() -> None:
+    # uncertainty order: [17, 11, 13, 15, 10, 14]; the debt holds 10, 14 and 12 (12 is
+    # already the champion's: not stale, so not in the order at all)
+    debt = np.array([10, 12, 14])
+    got = backfill_order(IDS, GEN, MARGIN, TARGET, "uncertainty", first_items=debt).tolist()
+    assert got == [10, 14, 17, 11, 13, 15]
+    # before generations to complete as well (13, 15, 10 of generation 1)
+    got = backfill_order(
+        IDS, GEN, MARGIN, TARGET, "uncertainty", complete=[1], first_items=debt
+    ).tolist()
+    assert got == [10, 14, 13, 15, 17, 11]

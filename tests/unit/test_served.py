@@ -52,3 +52,72 @@ def test_targeted_selection_by_nearest_prototype() -> None:
     assert targeted_selection(items, protos, [1]).tolist() == [False, True, False, False]
     assert targeted_selection(items, protos, [0, 2]).tolist() == [True, False, True, True]
     assert targeted_selection(np.zeros((0, 2)), protos, [0]).shape == (0,)
+
+
+def _two_class_view(candidate_class1_query: tuple[float, float]):
+    """Generation 1 holds 4 reference items (2 a class) and is the champion; 20 queries a
+    class. The candidate keeps class 0 where generation 1 put it and moves class 1 from
+    (0, 1) to (1, -1)."""
+    from workers.served import ServedView
+
+    ref_y = np.array([0, 0, 1, 1])
+    old_ref = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    new_ref = np.array([[1.0, 0.0], [1.0, 0.1], [1.0, -1.0], [1.0, -0.9]])
+    query_y = np.repeat([0, 1], 20)
+    old_q = np.array([[1.0, 0.05]] * 20 + [[0.05, 1.0]] * 20)
+    new_q = np.array([[1.0, 0.05]] * 20 + [list(candidate_class1_query)] * 20)
+    return ServedView(query_y, ref_y, old_q, new_q, new_ref, np.ones(4, int), {1: old_ref})
+
+
+def test_plan_targeted_re_embeds_only_the_class_that_would_regress() -> None:
+    from workers.served import plan_targeted
+
+    # Nothing re-embedded: a class-1 query by the candidate, (1, -1), is nearest (cos 0.71)
+    # to the class-0 items (1, 0) and (1, 0.1): all 20 class-1 queries are lost
+    # (delta -1, interval [-1, -1]: worse), class 0 keeps its 20 hits.
+    view = _two_class_view((1.0, -1.0))
+    plain = plan_targeted(view, movable=[1], num_classes=2, greedy=False)
+    assert not plain.feasible and [d.cls for d in plain.worse] == [1]
+    assert (plain.overall.delta, plain.overall.loss) == (-0.5, 20)
+    # The plan: class 1's items as generation 1 places them (its prototypes) are
+    # re-embedded by the candidate, at (1, -1) and (1, -0.9): every query is served again.
+    plan = plan_targeted(view, movable=[1], num_classes=2)
+    assert plan.classes == [1] and plan.replaced.tolist() == [False, False, True, True]
+    assert plan.feasible and [(d.cls, d.delta) for d in plan.deltas] == [(0, 0.0), (1, 0.0)]
+    assert (plan.regressed, plan.recovered) == (20, 20)
+    # a generation that may not move (pinned): nothing can be re-embedded, so no plan
+    stuck = plan_targeted(view, movable=[], num_classes=2)
+    assert stuck.classes == [] and not stuck.feasible
+
+
+def test_plan_targeted_rejects_what_no_backfill_can_mend() -> None:
+    from workers.served import plan_targeted
+
+    # The candidate's class-1 query, (1, 0.2), is nearer the class-0 items than its own
+    # class's even in its own space: re-embedding class 1, then class 0 too, mends nothing.
+    plan = plan_targeted(_two_class_view((1.0, 0.2)), movable=[1], num_classes=2)
+    assert plan.classes == [0, 1] and plan.replaced.all()
+    assert not plan.feasible and [d.cls for d in plan.worse] == [1]
+    assert (plan.regressed, plan.recovered) == (20, 0)
+
+
+def test_plan_targeted_full_replacement_of_an_owed_generation() -> None:
+    from workers.served import plan_targeted
+
+    plan = plan_targeted(_two_class_view((1.0, -1.0)), [1], 2, greedy=False, replace_gens=[1])
+    assert plan.replaced.all() and plan.classes == [] and plan.feasible
+
+
+def test_collection_selection_from_stored_embeddings() -> None:
+    from workers.served import collection_selection
+
+    # generation 1's prototypes: class 0 along x, class 1 along y
+    protos = {1: class_prototypes(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), 2)}
+    batches = [
+        (np.array([10, 11]), np.array([1, 1]), np.array([[1.0, 0.2], [0.2, 1.0]])),
+        # 12 is held by generation 2 (not to move), 13 by generation 1 near y
+        (np.array([13, 12]), np.array([1, 2]), np.array([[0.3, 1.0], [0.0, 1.0]])),
+    ]
+    assert collection_selection(batches, protos, [1]).tolist() == [11, 13]
+    assert collection_selection(batches, protos, []).tolist() == []
+    assert collection_selection([], protos, [1]).tolist() == []

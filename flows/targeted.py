@@ -1,0 +1,191 @@
+"""The gate's served-state judgement and the targeted backfill it plans (issue 17).
+
+What users meet after a cycle is the champion's queries against the collection as that
+cycle's backfill leaves it. :func:`served_view` rebuilds it on the evaluation set: the
+reference half stands for the collection, each item embedded by the generation that
+holds it. On the scenario's collection (the reference half itself, keyed by position)
+the holder is exact; on a user's collection the reference items are dealt to the
+holding generations in the collection's proportions (a seeded deal). Where nothing is
+indexed yet, the collection will be indexed by whichever generation is champion, so the
+candidate is compared in full with the champion in full.
+
+:func:`judge` runs ``workers.served.plan_targeted`` under the gate's mode, finds the plan's
+classes in the real collection from its stored embeddings (``collection_selection``),
+and lets ``flows.gate.judge_served`` decide; :func:`record` stores the served state per
+class on the generation and the debt (``store.debts``) before the promotion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flows.config import GateConfig, OnIncompatible
+from flows.gate import GateOutcome, judge_served
+from store.debts import save_debt
+from store.gallery import Gallery
+from store.lineage import Generation, Lineage
+from workers.datasets import Dataset
+from workers.evaluate import generation_outputs
+from workers.scenario import eval_split
+from workers.served import ServedPlan, ServedView, collection_selection, item_classes, plan_targeted
+
+DEAL_SEED = 0  # the deal of reference items to a user's collection's generations
+
+
+@dataclass
+class Judgement:
+    """The served-state part of a gate decision."""
+
+    outcome: GateOutcome
+    reasons: list[str]
+    plan: ServedPlan | None = None
+    debt: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    collection: int = 0
+
+
+def _holders(lineage: Lineage, gallery: Gallery, ref_idx: np.ndarray, fallback: int) -> np.ndarray:
+    """Per reference item, the generation whose embedding of it users meet now."""
+    info = gallery.info()
+    held = np.full(len(ref_idx), fallback, dtype=np.int64)
+    if info is None:
+        return held
+    if info.scenario:  # the collection is the reference half, keyed by position
+        pos = {int(i): n for n, i in enumerate(ref_idx)}
+        for _, batch in gallery.iter_batches(["item_id", "generation"]):
+            for i, gen in zip(
+                batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
+            ):
+                if i in pos:
+                    held[pos[i]] = gen
+        return held
+    counts = lineage.gallery_counts()
+    total = sum(counts.values())
+    if not total:
+        return held
+    order = np.random.default_rng(DEAL_SEED).permutation(len(ref_idx))
+    bounds = np.round(np.cumsum([n / total for n in counts.values()]) * len(ref_idx))
+    start = 0
+    for gen, end in zip(counts, bounds.astype(int), strict=True):
+        held[order[start:end]] = gen
+        start = end
+    return held
+
+
+def served_view(
+    lineage: Lineage,
+    ds: Dataset,
+    candidate: Generation,
+    champion: Generation,
+    cache_dir: Path,
+) -> tuple[ServedView, set[int]]:
+    """The evaluation set as users would meet it (module docstring), and the generations
+    that hold items now."""
+    ref_idx, q_idx = eval_split(len(ds.y_test))
+    gallery = Gallery(lineage)
+    held = _holders(lineage, gallery, ref_idx, int(champion.id))  # type: ignore[arg-type]
+    by_id = {int(g.id): g for g in lineage.generations()}  # type: ignore[arg-type]
+    new = generation_outputs(candidate, ds, cache_dir)
+    now = generation_outputs(champion, ds, cache_dir)
+    ref_by_gen = {}
+    for gen in sorted(set(held.tolist())):
+        src = by_id.get(gen)
+        if src is not None and src.checkpoint_path:
+            ref_by_gen[gen] = generation_outputs(src, ds, cache_dir).gallery_emb
+        else:  # a holder without a checkpoint cannot be simulated: the champion stands in
+            held[held == gen] = int(champion.id)  # type: ignore[arg-type]
+            ref_by_gen.setdefault(int(champion.id), now.gallery_emb)  # type: ignore[arg-type]
+    view = ServedView(
+        query_y=ds.y_test[q_idx],
+        ref_y=ds.y_test[ref_idx],
+        champion_q=now.query_emb,
+        candidate_q=new.query_emb,
+        candidate_ref=new.gallery_emb,
+        held_by=held,
+        ref_by_gen=ref_by_gen,
+    )
+    return view, set(ref_by_gen) if gallery.info() is not None else set()
+
+
+def judge(
+    lineage: Lineage,
+    ds: Dataset,
+    candidate: Generation,
+    champion: Generation,
+    cfg: GateConfig,
+    *,
+    num_classes: int,
+    cache_dir: Path,
+    pinned: set[int],
+    owed_full: list[int],
+    names: dict[int, str],
+) -> Judgement:
+    """The served-state outcome of a candidate that passed the other checks."""
+    view, holders = served_view(lineage, ds, candidate, champion, cache_dir)
+    gallery = Gallery(lineage)
+    kw = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples}
+    targeted = cfg.on_incompatible == OnIncompatible.TARGETED
+    if not holders:  # nothing indexed yet: it will be indexed whole by the champion
+        plan = plan_targeted(
+            view, [], num_classes, greedy=False, replace_gens=view.ref_by_gen, **kw
+        )
+    elif targeted:
+        plan = plan_targeted(view, holders - pinned, num_classes, **kw)
+    else:
+        plan = plan_targeted(view, [], num_classes, greedy=False, replace_gens=owed_full, **kw)
+    debt = np.zeros(0, dtype=np.int64)
+    if plan.classes:  # the same classes, found in the collection by its stored embeddings
+        _, protos = item_classes(view, holders - pinned, num_classes)
+        batches = (
+            (
+                b.column(0).to_numpy(),
+                b.column(1).to_numpy(),
+                b.column(2).flatten().to_numpy(zero_copy_only=False).reshape(b.num_rows, -1),
+            )
+            for _, b in gallery.iter_batches(["item_id", "generation", "embedding"])
+        )
+        debt = collection_selection(batches, protos, plan.classes)
+    collection = sum(lineage.gallery_counts().values())
+    outcome, reasons = judge_served(plan, len(debt), collection, cfg, names)
+    return Judgement(outcome, reasons, plan, debt, collection)
+
+
+def record(lineage: Lineage, gen_id: int, j: Judgement, names: dict[int, str]) -> list[tuple]:
+    """The debt file (before the promotion it belongs to) and the metric rows of the
+    served state; returns the rows. The per-class list goes on the generation."""
+    plan = j.plan
+    if plan is None:
+        return []
+    if j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL:
+        save_debt(gen_id, j.debt)
+    share = len(j.debt) / j.collection if j.collection else 0.0
+    owed = j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
+    g = gen_id
+    return [
+        (g, g, "served_delta", plan.overall.delta),
+        (g, g, "served_delta_lo", plan.overall.lo),
+        (g, g, "served_delta_hi", plan.overall.hi),
+        (g, g, "served_worse_classes", float(len(plan.worse))),
+        (g, g, "served_regressed", float(plan.regressed)),
+        (g, g, "served_recovered", float(plan.recovered)),
+        (g, g, "debt_items", float(len(j.debt)) if owed else 0.0),
+        (g, g, "debt_share", share if owed else 0.0),
+    ]
+
+
+def served_rows(plan: ServedPlan | None, names: dict[int, str]) -> list[dict] | None:
+    """The per-class served state as the report shows it (contract: ``gate.served``)."""
+    if plan is None:
+        return None
+    return [
+        {
+            "class": names.get(d.cls, str(d.cls)),
+            "index": d.cls,
+            "delta": d.delta,
+            "ci": [d.lo, d.hi],
+            "queries": d.queries,
+        }
+        for d in plan.deltas
+    ]
