@@ -12,7 +12,6 @@ from flows.cycle import backfill_step, evaluate_step, gate_step, start_cycle, tr
 from store.lineage import Lineage
 from workers.datasets import load_dataset
 
-
 # a first generation trained an epoch or two for a test of later steps: not judged
 # against chance (the chance rule has its own test)
 SETUP_GATE = GateConfig(first_above_chance=False)
