@@ -148,7 +148,10 @@ def _exit_code(exc: BaseException) -> int:
     1 for any other failure."""
     from flows.cycle import LineageOptionError
     from workers.datasets import DatasetError
+    from workers.sources import SourceUnreachable
 
+    if isinstance(exc, SourceUnreachable):  # the store is down: retry, not fix the input
+        return 1
     return 2 if isinstance(exc, DatasetError | LineageOptionError) else 1
 
 

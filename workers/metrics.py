@@ -13,7 +13,7 @@ curve summaries (area, no-regret).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -294,6 +294,21 @@ def compat_matrix(
 def ecc(c_ab: float, c_bb: float) -> bool:
     """Empirical compatibility criterion: C[a][b] > C[b][b] (strict)."""
     return bool(c_ab > c_bb)
+
+
+def ecc_on_classes(
+    cross_hits: np.ndarray,
+    own_hits: np.ndarray,
+    query_labels: np.ndarray,
+    classes: Iterable[int],
+) -> bool | None:
+    """ECC(a, b) on the queries of ``classes`` only: the mean of ``cross_hits`` (a's
+    queries against b's gallery, per query) above the mean of ``own_hits`` (b's own);
+    None when no query is of those classes (AC on a partition of the classes)."""
+    m = np.isin(np.asarray(query_labels), np.asarray(sorted(set(classes)), dtype=np.int64))
+    if not m.any():
+        return None
+    return ecc(float(np.asarray(cross_hits)[m].mean()), float(np.asarray(own_hits)[m].mean()))
 
 
 def ac(top1: Mapping[tuple[int, int], float]) -> float:

@@ -48,6 +48,11 @@ class SourceError(DatasetError):
     """A source is missing, unreadable or malformed; the message names the fix."""
 
 
+class SourceUnreachable(SourceError):
+    """The source's store does not answer (an endpoint down, a network error): a failure
+    to retry, not bad input (exit 1, not 2)."""
+
+
 def is_source(spec: str | None) -> bool:
     """True for the kinds that are users' growing sources (image folders, Parquet)."""
     if not spec:
@@ -326,7 +331,7 @@ def _parquet_dataset(path: str) -> Any:
     try:
         info = fs.get_file_info(where)
     except (pa.ArrowException, OSError) as exc:
-        raise SourceError(
+        raise SourceUnreachable(
             f"cannot reach {redact(path)}: {_clean(exc)}; check the address, the endpoint "
             "(AWS_ENDPOINT_URL) and the credentials"
         ) from None

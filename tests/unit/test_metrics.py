@@ -366,3 +366,19 @@ def test_nan_and_empty_embeddings() -> None:
 def test_empty_curve() -> None:
     with pytest.raises(ValueError, match="empty"):
         curve_area([])
+
+
+def test_ecc_on_a_partition_of_the_classes_by_hand() -> None:
+    from workers.metrics import ecc_on_classes
+
+    # 6 queries: classes 0, 0, 1, 1, 2, 2. Class 0: a's queries hit 2 of 2, b's own 1 of 2
+    # (1.0 > 0.5: ECC holds); class 1: 1 of 2 each (0.5 > 0.5 fails: strict); class 2: 0
+    # vs 1. On {0, 1}: 3/4 > 2/4 holds; on {1, 2}: 1/4 > 2/4 fails; on {7}: no queries.
+    y = np.array([0, 0, 1, 1, 2, 2])
+    cross = np.array([1, 1, 1, 0, 0, 0], bool)
+    own = np.array([1, 0, 0, 1, 1, 0], bool)
+    assert ecc_on_classes(cross, own, y, [0]) is True
+    assert ecc_on_classes(cross, own, y, [1]) is False
+    assert ecc_on_classes(cross, own, y, {0, 1}) is True
+    assert ecc_on_classes(cross, own, y, [1, 2]) is False
+    assert ecc_on_classes(cross, own, y, [7]) is None
