@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "local-cluster.sh"
-pytestmark = pytest.mark.slow  # two Ray nodes, a Prefect server, one cycle: ~2 min on 2 cores
+pytestmark = pytest.mark.slow  # two Ray nodes, a Prefect server, one cycle: ~40 s on 2 cores
 
 # settings of the user's (or an earlier test's) Ray that must not leak into the runs
 _RAY_SETTINGS = (
