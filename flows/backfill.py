@@ -16,6 +16,7 @@ from store.lineage import Lineage
 from store.settings import StoreError, subdir
 from workers.backfill import run_backfill
 from workers.evaluate import generation_outputs
+from workers.runtime import join_cluster
 
 
 def backfill_once(
@@ -91,6 +92,7 @@ def publish_task(result: dict[str, Any]) -> None:
 @flow(name="partial-backfill", log_prints=True)
 def backfill_flow(config: BackfillConfig | None = None) -> dict[str, Any]:
     """Re-embed part of the gallery with the champion, in policy order, within budget."""
+    join_cluster()  # a RAY_ADDRESS that refuses this client fails before a job is recorded
     result = backfill_task(config or BackfillConfig())
     publish_task(result)
     return result

@@ -91,6 +91,7 @@ _SUBCLASSES = (
     "UnknownGeneration",
     "GalleryError",
     "TrainingDiverged",
+    "RayUnavailable",
 )
 
 
@@ -130,16 +131,19 @@ def _error_text(exc: BaseException) -> str:
     return str(exc)
 
 
-def _check_inputs(dataset: str | None) -> None:
+def _check_inputs(dataset: str | None, training: bool = False) -> None:
     """Reject bad input before anything is created or stored."""
     from store.settings import StoreError, graceful_home
     from workers.datasets import DatasetError, parse_spec
+    from workers.runtime import train_resources
 
     try:
         graceful_home(create=False)
         if dataset is not None:
             parse_spec(dataset)
-    except (StoreError, DatasetError) as exc:
+        if training:
+            train_resources()  # GRACEFUL_TRAIN_RESOURCES, when set, is a JSON object
+    except (StoreError, DatasetError, ValueError) as exc:
         _fail(exc)
 
 
@@ -379,7 +383,7 @@ def run(
 ) -> None:
     """Run N update cycles of the growing scenario in GRACEFUL_HOME."""
     _env_defaults()
-    _check_inputs(dataset)
+    _check_inputs(dataset, training=True)
     opts = locals()
     _run_cycles(_cycle_config(dataset, generations, opts), generations)
     _print_summary()
@@ -444,7 +448,7 @@ def cycle(
     a line with ``skipped`` and exits 0, unless ``--force``.
     """
     _env_defaults()
-    _check_inputs(dataset)
+    _check_inputs(dataset, training=True)
     opts = locals()
     _run_cycles(_cycle_config(dataset, stages, opts), 1)
     _print_summary()
@@ -467,7 +471,12 @@ def _progress_bar(transient: bool = False):
 def _run_cycles(cfg, n: int) -> None:
     from flows import progress as step_progress
     from flows.cycle import update_cycle
+    from workers.runtime import join_cluster
 
+    try:
+        join_cluster()  # a RAY_ADDRESS that refuses this client: the error line alone
+    except _known_errors() as exc:
+        _fail(exc, code=1)
     with _progress_bar() as bar:
         total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
         for i in range(n):
@@ -498,6 +507,12 @@ def _run_cycles(cfg, n: int) -> None:
             err.print(
                 f"generation {result['generation']}: accuracy {result['accuracy']:.4f}, {verdict}"
             )
+            if result.get("ray_node") and os.environ.get("RAY_ADDRESS"):  # a cluster's node
+                err.print(
+                    f"generation {result['generation']}: trained on Ray node "
+                    f"{result['ray_node']} ({result['ray_node_ip']})",
+                    soft_wrap=True,
+                )
 
 
 def _matrix_table(title: str, pairs: list, fmt: str = "{:.4f}") -> Table:
@@ -843,7 +858,7 @@ def serve(
     snapshot; otherwise it logs ``skipped: no new data since generation g``.
     """
     _env_defaults()
-    _check_inputs(dataset)
+    _check_inputs(dataset, training=True)
     from deploy.deployments import serve_all
     from flows.config import CycleConfig, TrainConfig
 

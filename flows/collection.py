@@ -20,6 +20,7 @@ from store.lineage import Lineage
 from store.settings import StoreError
 from workers.collection import CollectionError
 from workers.indexing import run_index
+from workers.runtime import join_cluster
 
 
 def class_vocabulary(lineage: Lineage) -> dict[str, int]:
@@ -115,6 +116,7 @@ def index_flow(config: IndexConfig | None = None) -> dict[str, Any]:
     """Embed the collection's new and changed items with the champion (and prune)."""
     cfg = config or IndexConfig()
     log = get_run_logger()
+    join_cluster()  # a RAY_ADDRESS that refuses this client fails before anything is written
     result = index_task(cfg)
     result["index"] = search_index_task()
     for item in result["skipped_items"]:

@@ -42,7 +42,7 @@ from workers.backfill import close_interrupted_jobs, run_backfill
 from workers.datasets import Dataset, load_dataset, parse_spec
 from workers.evaluate import evaluate_against_ancestors, generation_outputs
 from workers.models import EmbeddingNet
-from workers.runtime import run_on_ray, task_resources
+from workers.runtime import join_cluster, run_placed, task_resources, train_resources
 from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
 from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
 from workers.sources import SourceError, describe_change, is_source, load_eval, scan_source
@@ -505,6 +505,7 @@ def train_step(
         for c in lineage.constraints(gen.id)
     ]
     in_memory = state.source is None
+    custom = train_resources()  # GRACEFUL_TRAIN_RESOURCES: the nodes it may train on
     spec = t.train_spec(
         int(gen.id),  # type: ignore[arg-type]
         x=state.dataset.x_train[state.train_idx] if in_memory else None,
@@ -516,15 +517,16 @@ def train_step(
         constraints=constraints,
         dataset=state.dataset.spec,
         checkpoint_dir=str(subdir("checkpoints")),
-        threads=int(task_resources().get("num_cpus", 1)),
+        threads=int(task_resources(custom).get("num_cpus", 1)),
     )
     failpoint("train")  # the kill tests stop here: recorded, no epoch trained yet
     try:
-        result = run_on_ray(train_generation, spec)
+        placed = run_placed(train_generation, (spec,), custom=custom)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # Ray wraps the task's exception
         lineage.update_generation(gen.id, status=GenerationStatus.FAILED, error=str(cause)[:2000])
         raise RuntimeError(f"training generation {gen.id} failed: {cause}") from exc
+    result = dict(placed.value, ray_node=placed.node_id, ray_node_ip=placed.node_ip)
     state.generation = lineage.update_generation(
         gen.id,
         status=GenerationStatus.TRAINED,
@@ -795,6 +797,7 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     """
     cfg = config or CycleConfig()
     log = get_run_logger()
+    join_cluster()  # a RAY_ADDRESS that refuses this client fails here: nothing recorded
 
     def waiting(holder: object) -> None:
         log.warning("waiting for the update cycle that is running (%s)", holder or "starting")
@@ -845,6 +848,9 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
                 "generation": since,
                 "resumed_backfill": resumed_backfill,
             }
+        # Ray is up (or joined) and a node can take the training, before anything is
+        # recorded: a refused client or GRACEFUL_TRAIN_RESOURCES no node has leaves nothing
+        task_resources(train_resources())
         state = start_task(cfg, plan)
     else:
         log.warning("%s", state.resumed)
@@ -865,6 +871,12 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
             log.warning("training resumed from epoch %s", result["resumed_from_epoch"])
         if result.get("warm_start_note"):
             log.warning("%s", result["warm_start_note"])
+        log.info(
+            "generation %s trained on Ray node %s (%s)",
+            state.generation.id,
+            result.get("ray_node"),
+            result.get("ray_node_ip"),
+        )
     progress.step("trained")
     if state.step <= Step.EVALUATE:
         metrics = evaluate_task(state)
@@ -905,4 +917,6 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         "resumed_backfill": resumed_backfill,
         "resumed_from_epoch": state.result.get("resumed_from_epoch"),
         "unreadable_skipped": len(unreadable),
+        "ray_node": state.result.get("ray_node"),  # the Ray node that trained it (this run)
+        "ray_node_ip": state.result.get("ray_node_ip"),
     }
