@@ -85,6 +85,7 @@ class _KnownFailures:
 # known errors' subclasses, by name (their messages name them)
 _SUBCLASSES = (
     "SourceError",
+    "SourceUnreachable",
     "CollectionError",
     "LockHeld",
     "ChampionChanged",

@@ -122,7 +122,9 @@ def test_the_schedule_trains_only_when_the_source_changed(
     deployment = f"scheduled-update-{tmp_path.name}"
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--dataset", f"imagefolder:{root}"]
-        + ["--interval-minutes", "0.25", "--epochs", "4", "--name", deployment],
+        # 48 training images are one step an epoch: 30 steps train the first generation
+        # past chance (the gate promotes no first generation at chance)
+        + ["--interval-minutes", "0.25", "--epochs", "30", "--name", deployment],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
