@@ -565,7 +565,7 @@ def backfill(
             seed=seed,
             retire_share=retire_share,
         )
-        result = backfill_flow(cfg)
+        result = backfill_flow(**cfg.model_dump())
     except _known_errors() as exc:
         _fail(exc, code=1)
     out.print_json(json.dumps(result, default=str))
