@@ -1,8 +1,11 @@
 """Deployments: a scheduled update cycle, an on-demand partial backfill, and an on-demand
 indexing of the collection (its parameters: the collection's spec, prune, strict).
 
-``graceful serve`` serves both from this process to the Prefect server at
+``graceful serve`` serves them from this process to the Prefect server at
 ``PREFECT_API_URL`` (start one with ``prefect server start``: UI on 127.0.0.1:4200).
+``prefect.yaml`` at the repository root declares the same three for a process work pool
+named ``graceful`` (``prefect deploy --all``, ``prefect worker start --pool graceful``);
+both give the backfill ``budget`` and ``policy`` as top-level parameters.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ def build_deployments(
     name: str = "scheduled-update",
     collection: str | None = None,
 ) -> list:
-    """The scheduled update cycle (its parameters: ``config``) and the on-demand backfill.
+    """The scheduled update cycle (its parameters: ``config``, the whole typed config), the
+    on-demand backfill (flat parameters: ``config.backfill``'s budget, policy, ...) and the
+    on-demand index.
 
     On a source, a firing trains only when the source's snapshot changed since the
     champion's; otherwise the run logs and summarises ``skipped: no new data ...``.
     """
     from flows.backfill import backfill_flow
     from flows.collection import index_flow
-    from flows.config import BackfillConfig, IndexConfig
+    from flows.config import IndexConfig
     from flows.cycle import update_cycle
 
     schedule = {"cron": cron} if cron else {"interval": timedelta(minutes=interval_minutes)}
@@ -45,7 +50,7 @@ def build_deployments(
         ),
         backfill_flow.to_deployment(
             name="on-demand-backfill",
-            parameters={"config": BackfillConfig().model_dump()},
+            parameters=config.backfill.model_dump(mode="json"),
             description="Re-embed part of the gallery with the champion; set budget and policy.",
             tags=["graceful"],
         ),

@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import chain
-from flows.config import BackfillConfig
+from flows.config import BackfillConfig, Policy
 from flows.cycle import resolve_dataset
 from flows.progress import counter
 from store.gallery import Gallery
@@ -89,10 +89,46 @@ def publish_task(result: dict[str, Any]) -> None:
     publish_backfill(Lineage(), result)
 
 
+def _default(field: str) -> Any:
+    """A BackfillConfig field's default: the flow's flat parameters take the model's."""
+    return BackfillConfig.model_fields[field].get_default(call_default_factory=True)
+
+
+def backfill_config(config: BackfillConfig | None = None, **flat: Any) -> BackfillConfig:
+    """The backfill's config from the flow's parameters: the flat ones (``budget``,
+    ``policy``, ...), under the fields a whole ``config`` sets (an older trigger's or a
+    program's)."""
+    given = config.model_dump(include=config.model_fields_set) if config else {}
+    return BackfillConfig(**{**flat, **given})
+
+
 @flow(name="partial-backfill", log_prints=True)
-def backfill_flow(config: BackfillConfig | None = None) -> dict[str, Any]:
-    """Re-embed part of the gallery with the champion, in policy order, within budget."""
+def backfill_flow(
+    budget: float = _default("budget"),
+    policy: Policy = _default("policy"),
+    retire_share: float = _default("retire_share"),
+    batch_rows: int = _default("batch_rows"),
+    seed: int = _default("seed"),
+    curve: bool = _default("curve"),
+    config: BackfillConfig | None = None,
+) -> dict[str, Any]:
+    """Re-embed part of the gallery with the champion, in policy order, within budget.
+
+    ``budget`` (a fraction <= 1 or a count of items) and ``policy`` are top-level
+    parameters: ``prefect deployment run 'partial-backfill/on-demand-backfill' --param
+    budget=0.2``. A whole ``config`` (BackfillConfig) is still taken; the fields it sets
+    win over the flat parameters.
+    """
+    cfg = backfill_config(
+        config,
+        budget=budget,
+        policy=policy,
+        retire_share=retire_share,
+        batch_rows=batch_rows,
+        seed=seed,
+        curve=curve,
+    )
     join_cluster()  # a RAY_ADDRESS that refuses this client fails before a job is recorded
-    result = backfill_task(config or BackfillConfig())
+    result = backfill_task(cfg)
     publish_task(result)
     return result

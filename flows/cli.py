@@ -1,5 +1,5 @@
 """The ``graceful`` command line (typer): run, cycle, backfill, index, report, search, pin,
-serve."""
+serve, config."""
 
 from __future__ import annotations
 
@@ -302,52 +302,109 @@ def _architecture(text: str | None) -> dict | None:
     return value
 
 
-def _cycle_config(dataset: str | None, stages: int | None, opts: dict):
-    """One typed CycleConfig from the shared options of ``run`` and ``cycle``."""
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="a TOML file of the typed config: top-level keys (dataset, ...) and [train], "
+        "[gate], [backfill], [serve]; options given on the command line override it "
+        "(`graceful config --show` prints every key)",
+    ),
+]
+
+# a cycle command's option -> where it goes in the typed config: (section or None for the
+# top level, key); the options named in _NEGATED set the opposite of the flag
+_OPTION_KEYS: dict[str, tuple[str | None, str]] = {
+    "dataset": (None, "dataset"),
+    "stages": (None, "stages"),
+    "force": (None, "force"),
+    "strict": (None, "strict"),
+    "reevaluate": (None, "reevaluate"),
+    "no_wait": (None, "wait_for_lock"),
+    "method": ("train", "method"),
+    "against": ("train", "against"),
+    "ancestor_weights": ("train", "ancestor_weights"),
+    "epochs": ("train", "epochs"),
+    "seed": ("train", "seed"),
+    "weight": ("train", "weights"),
+    "class_capacity": ("train", "class_capacity"),
+    "image_size": ("train", "image_size"),
+    "architecture": ("train", "architecture"),
+    "no_gate": ("gate", "enabled"),
+    "max_nfr": ("gate", "max_nfr"),
+    "accuracy_tolerance": ("gate", "accuracy_tolerance"),
+    "require_ecc": ("gate", "require_ecc"),
+    "ecc_margin": ("gate", "ecc_margin"),
+    "confidence": ("gate", "confidence"),
+    "bootstrap_resamples": ("gate", "bootstrap_resamples"),
+    "on_incompatible": ("gate", "on_incompatible"),
+    "max_backfill": ("gate", "max_backfill"),
+    "backfill_budget": ("backfill", "budget"),
+    "backfill_policy": ("backfill", "policy"),
+    "backfill_batch_rows": ("backfill", "batch_rows"),
+    "backfill_retire_share": ("backfill", "retire_share"),
+}
+_NEGATED = {"no_wait", "no_gate"}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (on the command line or by its environment
+    variable), not left at its default."""
+    return ctx.get_parameter_source(name) not in (
+        None,
+        ParameterSource.DEFAULT,
+        ParameterSource.DEFAULT_MAP,
+    )
+
+
+def _read_config(path: Path | None) -> dict:
+    """The ``--config`` file's tables, checked (an unreadable file, an unknown key or a bad
+    value is one ``error:`` line naming the file and the key, exit 2); {} without one."""
+    if path is None:
+        return {}
+    from flows.config_file import ConfigFileError, read_config_file
+
+    try:
+        return read_config_file(path)
+    except ConfigFileError as exc:
+        _fail(exc)
+
+
+def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed):
+    """One typed CycleConfig: the options given on the command line (click's
+    ParameterSource) over the ``--config`` file's values, over the models' defaults (an
+    option left at its default never overrides the file, and the defaults are the
+    models'). ``fallback``: the command's own values for keys neither names (``run``'s
+    ``--dataset digits``); ``fixed``: values the command decides (``run``'s stages)."""
     from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 
-    weights = _weights(opts["weight"])
-    # --epochs only when given: an interrupted generation a cycle resumes takes a changed
-    # budget the user asked for, never the default (flows.recovery reads the fields set)
-    given = opts["ctx"].get_parameter_source("epochs") is not ParameterSource.DEFAULT
-    epochs = {"epochs": opts["epochs"]} if given else {}
+    ctx = opts["ctx"]
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in file.items() if k != "serve"}
+    for key, value in (fallback or {}).items():
+        data.setdefault(key, value)
+    for option, (section, key) in _OPTION_KEYS.items():
+        if option not in opts or not _given(ctx, option):
+            continue
+        value = opts[option]
+        if option in _NEGATED:
+            value = not value
+        elif option == "weight":  # kinds given override the file's, the others stay
+            value = {**data.get("train", {}).get("weights", {}), **_weights(value)}
+        elif option == "architecture":
+            value = _architecture(value)
+        (data.setdefault(section, {}) if section else data)[key] = value
+    data.update(fixed)
     try:
-        return CycleConfig(
-            dataset=dataset,
-            stages=stages,
-            train=TrainConfig(
-                method=opts["method"],
-                against=opts["against"],
-                ancestor_weights=opts["ancestor_weights"],
-                seed=opts["seed"],
-                weights=weights,
-                class_capacity=opts.get("class_capacity"),
-                image_size=opts.get("image_size"),
-                architecture=_architecture(opts.get("architecture")),
-                **epochs,
-            ),
-            gate=GateConfig(
-                enabled=not opts["no_gate"],
-                max_nfr=opts["max_nfr"],
-                accuracy_tolerance=opts["accuracy_tolerance"],
-                require_ecc=opts["require_ecc"],
-                ecc_margin=opts["ecc_margin"],
-                confidence=opts["confidence"],
-                bootstrap_resamples=opts["bootstrap_resamples"],
-                on_incompatible=opts["on_incompatible"],
-                max_backfill=opts["max_backfill"],
-            ),
-            backfill=BackfillConfig(
-                budget=opts["backfill_budget"],
-                policy=opts["backfill_policy"],
-                batch_rows=opts["backfill_batch_rows"],
-                retire_share=opts["backfill_retire_share"],
-            ),
-            wait_for_lock=not opts["no_wait"],
-            force=opts.get("force", False),
-            strict=opts.get("strict", False),
-            reevaluate=opts.get("reevaluate", False),
-        )
+        # section by section, so a bad option's error names its field as the option does
+        sections = {
+            name: model(**data.pop(name, {}))
+            for name, model in (
+                ("train", TrainConfig),
+                ("gate", GateConfig),
+                ("backfill", BackfillConfig),
+            )
+        }
+        return CycleConfig(**data, **sections)
     except _known_errors() as exc:
         _fail(exc)
 
@@ -381,12 +438,17 @@ def run(
     weight: WeightOpt = None,
     image_size: ImageSizeOpt = None,
     architecture: ArchitectureOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
-    """Run N update cycles of the growing scenario in GRACEFUL_HOME."""
+    """Run N update cycles of the growing scenario in GRACEFUL_HOME (N: --generations,
+    else the config file's stages, else 3)."""
     _env_defaults()
-    _check_inputs(dataset, training=True)
+    file = _read_config(config)
     opts = locals()
-    _run_cycles(_cycle_config(dataset, generations, opts), generations)
+    n = generations if _given(ctx, "generations") else file.get("stages") or generations
+    cfg = _cycle_config(opts, file, {"dataset": dataset}, stages=n)
+    _check_inputs(cfg.dataset, training=True)
+    _run_cycles(cfg, n)
     _print_summary()
 
 
@@ -440,6 +502,7 @@ def cycle(
             help="if the evaluation set changed: measure every kept generation on the new one",
         ),
     ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Run one update cycle; an interrupted one resumes.
 
@@ -449,9 +512,11 @@ def cycle(
     a line with ``skipped`` and exits 0, unless ``--force``.
     """
     _env_defaults()
-    _check_inputs(dataset, training=True)
+    file = _read_config(config)
     opts = locals()
-    _run_cycles(_cycle_config(dataset, stages, opts), 1)
+    cfg = _cycle_config(opts, file)
+    _check_inputs(cfg.dataset, training=True)
+    _run_cycles(cfg, 1)
     _print_summary()
 
 
@@ -584,7 +649,7 @@ def backfill(
             seed=seed,
             retire_share=retire_share,
         )
-        result = backfill_flow(cfg)
+        result = backfill_flow(**cfg.model_dump())
     except _known_errors() as exc:
         _fail(exc, code=1)
     out.print_json(json.dumps(result, default=str))
@@ -834,6 +899,7 @@ def abandon(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     interval_minutes: Annotated[float, typer.Option(help="schedule of the update cycle")] = 24 * 60,
     cron: Annotated[str | None, typer.Option(help="cron schedule instead of an interval")] = None,
     dataset: Annotated[
@@ -852,19 +918,26 @@ def serve(
     ] = False,
     search_host: Annotated[str, typer.Option(help="the search service's address")] = "127.0.0.1",
     search_port: Annotated[int, typer.Option(help="the search service's port")] = 8765,
+    config: ConfigOpt = None,
 ) -> None:
-    """Serve the deployments (scheduled update cycle, on-demand backfill) to a Prefect server.
+    """Serve the deployments (scheduled update cycle, on-demand backfill and index) to a
+    Prefect server.
 
+    Their parameters are the typed config: the --config file's (the whole cycle config for
+    the update cycle, its [backfill] for the backfill's budget, policy, ...; its [serve]
+    for the schedule, the name and the collection) under the options given here.
     A scheduled cycle on a source trains only when the source changed since the champion's
     snapshot; otherwise it logs ``skipped: no new data since generation g``.
     """
     _env_defaults()
-    _check_inputs(dataset, training=True)
+    file = _read_config(config)
+    opts = locals()
+    cycle_config = _cycle_config(opts, file, {"dataset": dataset})
+    schedule = _serve_config(opts, file)
+    _check_inputs(cycle_config.dataset, training=True)
     from deploy.deployments import serve_all
-    from flows.config import CycleConfig, TrainConfig
 
     try:
-        config = CycleConfig(dataset=dataset, train=TrainConfig(epochs=epochs))
         if search:
             from flows.search_service import serve_in_thread
 
@@ -873,8 +946,53 @@ def serve(
     except _known_errors() as exc:
         _fail(exc)
     serve_all(
-        config, interval_minutes=interval_minutes, cron=cron, name=name, collection=collection
+        cycle_config,
+        interval_minutes=schedule.interval_minutes,
+        cron=schedule.cron,
+        name=schedule.name,
+        collection=schedule.collection,
     )
+
+
+def _serve_config(opts: dict, file: dict):
+    """``serve``'s own settings: the options given over the file's ``[serve]``; an
+    ``--interval-minutes`` given without ``--cron`` replaces the file's cron."""
+    from flows.config import ServeConfig
+
+    ctx = opts["ctx"]
+    data = dict(file.get("serve", {}))
+    for option in ServeConfig.model_fields:
+        if _given(ctx, option):
+            data[option] = opts[option]
+    if _given(ctx, "interval_minutes") and not _given(ctx, "cron"):
+        data.pop("cron", None)
+    try:
+        return ServeConfig(**data)
+    except _known_errors() as exc:
+        _fail(exc)
+
+
+@app.command("config")
+def show_config(
+    show: Annotated[bool, typer.Option("--show", help="print the effective configuration")] = False,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of TOML")] = False,
+) -> None:
+    """The effective configuration: the --config file's values over the models' defaults,
+    every key (TOML that `--config` reads back, or JSON). It reads; it never writes."""
+    if not show:
+        _fail(
+            "nothing to do: give --show to print the effective configuration; "
+            "see `graceful config --help`"
+        )
+    from flows.config import GracefulConfig
+    from flows.config_file import to_toml
+
+    effective = GracefulConfig.model_validate(_read_config(config))
+    if as_json:
+        sys.stdout.write(json.dumps(effective.model_dump(mode="json"), indent=1) + "\n")
+    else:
+        sys.stdout.write(to_toml(effective))
 
 
 if __name__ == "__main__":

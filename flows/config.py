@@ -247,3 +247,30 @@ class CycleConfig(BaseModel):
     wait_for_lock: bool = Field(
         True, description="wait for a cycle already running on this lineage; false: refuse"
     )
+
+
+class ServeConfig(BaseModel):
+    """``graceful serve``: the update cycle deployment's name and schedule, and the index
+    deployment's default collection (the ``[serve]`` section of a config file)."""
+
+    interval_minutes: float = Field(
+        24 * 60, gt=0, description="the update cycle's schedule: one run every this many minutes"
+    )
+    cron: str | None = Field(None, description="a cron schedule instead of the interval")
+    name: str = Field("scheduled-update", min_length=1, description="the update cycle's name")
+    collection: str | None = Field(
+        None, description="the index deployment's default spec (images:DIR, parquet:PATH, ...)"
+    )
+
+
+class GracefulConfig(CycleConfig):
+    """A ``--config`` file: the cycle's typed config (top-level keys and ``[train]``,
+    ``[gate]``, ``[backfill]``) and ``[serve]``, read by ``run``, ``cycle`` and ``serve``
+    (``graceful config --show`` prints it in effect)."""
+
+    serve: ServeConfig = ServeConfig()
+
+    def cycle(self) -> CycleConfig:
+        """The cycle's config alone, with the fields this one had set (so an epoch budget
+        the file did not name stays unset: flows.recovery.take_epochs)."""
+        return CycleConfig.model_validate(self.model_dump(exclude={"serve"}, exclude_unset=True))
