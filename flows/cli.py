@@ -593,13 +593,22 @@ def _matrix_table(title: str, pairs: list, fmt: str = "{:.4f}") -> Table:
     return table
 
 
+def _gate_cell(gate: dict) -> str:
+    """The gate's outcome in a word, with the targeted backfill's size."""
+    outcome = gate.get("outcome")
+    debt = (gate.get("targeted_backfill") or {}).get("items") or 0
+    if outcome == "promote-with-backfill":
+        return f"targeted {debt}"  # promoted, {debt} items re-embedded first
+    return outcome or "-"
+
+
 def _print_summary() -> None:
     from flows.report import build_report
     from store.lineage import Lineage
 
     rep = build_report(Lineage())
     gens = Table(title="Generations")
-    for col in ("id", "status", "accuracy", "architecture", "constraints"):
+    for col in ("id", "status", "accuracy", "gate", "architecture", "constraints"):
         gens.add_column(col)
     for g in rep["generations"]:
         cons = ", ".join(
@@ -611,6 +620,7 @@ def _print_summary() -> None:
             str(g["id"]) + (" ★" if g["champion"] else ""),
             g["status"],
             f"{g['accuracy']:.4f}" if g["accuracy"] is not None else "-",
+            _gate_cell(g.get("gate") or {}),
             f"{arch.get('kind')} w{arch.get('width')} d{arch.get('depth')}",
             cons or "-",
         )
