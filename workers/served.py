@@ -22,10 +22,11 @@ class's reference items, :func:`class_prototypes`) names the class of each store
 embedding.
 
 :func:`plan_targeted` puts them together for the gate (flows/gate.py): starting from no
-re-embedding, it adds the classes whose served search would be worse with evidence (or,
-when no single class is but the whole is, the worst class) until no class and not the
-whole is worse, or nothing is left to add. :func:`collection_selection` then finds the
-same classes' items in the real collection, from the stored embeddings alone.
+re-embedding, it adds one class at a time, the one whose served search is worst with
+evidence (or, when no single class is but the whole is, the lowest), and judges again,
+until no class and not the whole is worse, or nothing is left to add.
+:func:`collection_selection` then finds the same classes' items in the real collection,
+from the stored embeddings alone.
 
 Each piece has a hand-computed test (tests/unit/test_served.py).
 """
@@ -263,10 +264,14 @@ def plan_targeted(
                 int(lost.sum()),
                 int((lost & new).sum()),
             )
-        add = [d.cls for d in deltas if d.worse and d.cls in left]
-        if not add:  # no worse class can move, or only the whole is worse: the worst one
-            add = [min((d for d in deltas if d.cls in left), key=lambda d: d.delta).cls]
-        chosen += add
+        # one class at a time, the worst with evidence first (lowest upper bound): moving
+        # one class's items also moves what its queries and its neighbours' meet, so the
+        # next step is judged again (measured: fewer items than adding every worse class)
+        worse = [d for d in deltas if d.worse and d.cls in left]
+        if worse:
+            chosen.append(min(worse, key=lambda d: (d.hi, d.cls)).cls)
+        else:  # no worse class can move, or only the whole is worse: the lowest delta
+            chosen.append(min((d for d in deltas if d.cls in left), key=lambda d: d.delta).cls)
 
 
 def collection_selection(
