@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from urllib.parse import quote_plus
 
+LINEAGE_FILE = "lineage.db"  # the SQLite lineage under the home (without GRACEFUL_DB_URL)
+
 
 class StoreError(RuntimeError):
     """A problem with the store's location or contents; the message names it."""
@@ -26,6 +28,27 @@ def graceful_home(create: bool = True) -> Path:
         except OSError as exc:  # e.g. a parent is a file, or no permission
             raise StoreError(f"cannot create GRACEFUL_HOME={home}: {exc}") from exc
     return home
+
+
+class NoLineage(StoreError):
+    """A reading command pointed at a GRACEFUL_HOME that holds no lineage."""
+
+
+def require_lineage() -> None:
+    """Refuse (:class:`NoLineage`) when the lineage is the SQLite file under the home and
+    that file does not exist: a command that only reads (``report``, ``search``, ...) must
+    not create the home or an empty database where a mistyped GRACEFUL_HOME points.
+    A server database (``GRACEFUL_DB_URL``) is the user's own: it is opened as it is."""
+    if os.environ.get("GRACEFUL_DB_URL"):
+        return
+    home = graceful_home(create=False)
+    if not (home / LINEAGE_FILE).is_file():
+        what = "does not exist" if not home.exists() else f"holds no {LINEAGE_FILE}"
+        raise NoLineage(
+            f"no lineage at GRACEFUL_HOME={home}: the directory {what}; point "
+            "GRACEFUL_HOME at the directory `graceful run` or `graceful cycle` made, or run "
+            "one of them to start a lineage there"
+        )
 
 
 def subdir(name: str) -> Path:
@@ -67,4 +90,4 @@ def db_url() -> str:
     url = os.environ.get("GRACEFUL_DB_URL")
     if url:
         return url
-    return f"sqlite:///{graceful_home() / 'lineage.db'}"
+    return f"sqlite:///{graceful_home() / LINEAGE_FILE}"
