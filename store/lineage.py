@@ -18,7 +18,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from store.locks import CYCLE_LOCK, DatabaseLock
 from store.migrate import upgrade
-from store.settings import StoreError, db_url, redact_url
+from store.settings import StoreError, db_url, redact_url, sqlalchemy_url
 
 
 class GenerationStatus(StrEnum):
@@ -216,6 +216,11 @@ def engine_for(url: str) -> Engine:
             raise
         except Exception as exc:  # a wrong URL, an unreachable server, a failed migration
             why = " ".join(str(getattr(exc, "orig", None) or exc).split())  # the driver's own
+            if isinstance(exc, ModuleNotFoundError):  # a driver this install does not have
+                why = (
+                    f"its driver {exc.name} is not installed: write the URL as "
+                    "postgresql://... (graceful opens it with psycopg) or install the driver"
+                )
             raise StoreError(
                 f"cannot open the lineage database {redact_url(url)}: {redact_url(url, why)}"
             ) from None  # the driver's exception may quote the URL: not chained
@@ -231,7 +236,7 @@ class Lineage:
     """Typed access to the lineage; every method is one transaction."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = url or db_url()
+        self.url = sqlalchemy_url(url) if url else db_url()
 
     @property
     def engine(self) -> Engine:

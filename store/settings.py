@@ -85,9 +85,20 @@ def redact_url(url: str, text: str | None = None) -> str:
     return masked
 
 
+def sqlalchemy_url(url: str) -> str:
+    """A lineage URL as SQLAlchemy opens it. A plain ``postgresql://`` (or ``postgres://``)
+    URL, as libpq, ``psql`` and hosted databases write it, uses psycopg (version 3), the
+    driver graceful is tested with, not SQLAlchemy's default psycopg2; every other URL
+    (``postgresql+psycopg://``, ``postgresql+psycopg2://``, ``sqlite:///``) is kept."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("postgresql", "postgres"):
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
 def db_url() -> str:
     """The lineage database: ``GRACEFUL_DB_URL`` or SQLite under the home."""
     url = os.environ.get("GRACEFUL_DB_URL")
     if url:
-        return url
+        return sqlalchemy_url(url)
     return f"sqlite:///{graceful_home() / LINEAGE_FILE}"
