@@ -51,6 +51,38 @@ def require_lineage() -> None:
         )
 
 
+# -- paths the lineage records, relative to the home -----------------------------------------
+def home_relative(path: str | None) -> str | None:
+    """``path`` as the lineage stores it: relative to GRACEFUL_HOME when it lies under the
+    home (so a home moved or copied elsewhere keeps working), else as given (absolute)."""
+    if not path:
+        return path
+    p = Path(path) if Path(path).is_absolute() else Path(os.path.abspath(path))  # cwd's
+    home = _home_or_none()
+    if home is not None:
+        try:
+            return p.relative_to(home).as_posix()
+        except ValueError:  # outside the home: absolute, as it is
+            pass
+    return str(p)
+
+
+def home_resolved(stored: str | None) -> str | None:
+    """A path the lineage stored, as a path to open: a relative one resolved against the
+    GRACEFUL_HOME of this process, an absolute one (outside the home) as it is."""
+    if not stored or Path(stored).is_absolute():
+        return stored
+    home = _home_or_none()
+    return stored if home is None else str(home / stored)
+
+
+def _home_or_none() -> Path | None:
+    try:
+        return graceful_home(create=False)
+    except StoreError:  # GRACEFUL_HOME is a file: every command says so on its own
+        return None
+
+
 def subdir(name: str) -> Path:
     """A subdirectory of the home (checkpoints, gallery, reports, ...), created lazily."""
     path = graceful_home() / name
