@@ -4,6 +4,7 @@ serve, config."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -126,20 +127,25 @@ def _error_text(exc: BaseException) -> str:
 
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')} "
+            f"(got {e.get('input')!r})"
             for e in exc.errors()
         )
     return str(exc)
 
 
-def _check_inputs(dataset: str | None, training: bool = False) -> None:
-    """Reject bad input before anything is created or stored."""
-    from store.settings import StoreError, graceful_home
+def _check_inputs(dataset: str | None, training: bool = False, existing: bool = False) -> None:
+    """Reject bad input before anything is created or stored; ``existing``: the command
+    works on a lineage that must be there already (it never starts one: a missing
+    GRACEFUL_HOME, or one without a lineage, is bad input, and nothing is created)."""
+    from store.settings import StoreError, graceful_home, require_lineage
     from workers.datasets import DatasetError, parse_spec
     from workers.runtime import train_resources
 
     try:
         graceful_home(create=False)
+        if existing:
+            require_lineage()
         if dataset is not None:
             parse_spec(dataset)
         if training:
@@ -214,7 +220,23 @@ ArchitectureOpt = Annotated[
         'backbone: \'{"kind": "import", "factory": "mypkg.nets:build", "options": {}}\'',
     ),
 ]
-BudgetOpt = Annotated[float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")]
+
+
+def _budget(value: float) -> float:
+    """``--budget`` / ``--backfill-budget``: a finite number, at least 0 (``inf``, ``nan``
+    and ``-1`` are no budget: one error line naming the option, exit 2)."""
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(
+            f"{value} is no budget: give a fraction of the gallery from 0 to 1, or a count "
+            "of items (a whole number above 1), e.g. 0.3 or 500"
+        )
+    return value
+
+
+BudgetOpt = Annotated[
+    float,
+    typer.Option(callback=_budget, help="a fraction (0 to 1) or a count of items (> 1)"),
+]
 RetireOpt = Annotated[
     float,
     typer.Option(
@@ -636,9 +658,7 @@ def _print_summary() -> None:
 
 @app.command()
 def backfill(
-    budget: Annotated[
-        float, typer.Option(min=0.0, help="a fraction (<= 1) or a count (> 1)")
-    ] = 0.3,
+    budget: BudgetOpt = 0.3,
     policy: PolicyOpt = "representative",
     retire_share: RetireOpt = 0.1,
     batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
@@ -646,12 +666,9 @@ def backfill(
 ) -> None:
     """Re-embed part of the gallery with the champion (resumes an unfinished job)."""
     _env_defaults()
-    _check_inputs(None)
-    from flows.backfill import backfill_flow
     from flows.config import BackfillConfig
 
-    _quiet_known_failures()
-    try:
+    try:  # bad values (an unknown policy, a budget of inf) are bad input, before anything
         cfg = BackfillConfig(
             budget=budget,
             policy=policy,
@@ -659,6 +676,13 @@ def backfill(
             seed=seed,
             retire_share=retire_share,
         )
+    except _known_errors() as exc:
+        _fail(exc)
+    _check_inputs(None, existing=True)
+    from flows.backfill import backfill_flow
+
+    _quiet_known_failures()
+    try:
         result = backfill_flow(**cfg.model_dump())
     except _known_errors() as exc:
         _fail(exc, code=1)
@@ -669,8 +693,9 @@ def backfill(
 def report(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
-    """The lineage, every metric, the gallery and the backfills."""
-    _check_inputs(None)
+    """The lineage, every metric, the gallery and the backfills (it reads; it never writes:
+    a GRACEFUL_HOME without a lineage is an error, not an empty report)."""
+    _check_inputs(None, existing=True)
     from flows.report import build_report
     from store.lineage import Lineage
 
@@ -701,7 +726,7 @@ def index(
     """Add SPEC's new items to the collection, embedded by the champion; re-embed changed
     ones; with --prune remove the ones gone. A killed run resumes where it stopped."""
     _env_defaults()
-    _check_inputs(None)
+    _check_inputs(None, existing=True)
     from flows.collection import index_flow
     from flows.config import IndexConfig
     from workers.collection import CollectionError, parse_collection_spec
@@ -768,7 +793,7 @@ def search(
     if url and (file is None or file.suffix.lower() != ".npy"):
         hits = _search_remote(url, item, file, k)
     else:
-        _check_inputs(None)
+        _check_inputs(None, existing=True)
         from flows.query import search_file, search_item
         from store.gallery import GalleryError
         from store.lineage import Lineage
@@ -869,7 +894,7 @@ def search_server(
 @app.command()
 def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False) -> None:
     """Pin a generation: its constraint stays active even when its items left the gallery."""
-    _check_inputs(None)
+    _check_inputs(None, existing=True)
     from store.lineage import Lineage
 
     try:
@@ -888,7 +913,7 @@ def abandon(
 ) -> None:
     """Abandon an interrupted generation: recorded as failed with the reason, its resume
     file removed, so the next cycle trains a new generation instead of resuming it."""
-    _check_inputs(None)
+    _check_inputs(None, existing=True)
     from flows.recovery import abandon_generation
     from store.lineage import Lineage, UnknownGeneration
     from store.locks import LockHeld

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from workers.train import TrainSpec
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
 MAX_EPOCHS = 1000  # a generation's epoch budget is bounded: a runaway one cannot be asked for
+MAX_INTERVAL_MINUTES = 366 * 24 * 60  # a schedule fires at least once a year
 DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
 
 
@@ -201,11 +203,26 @@ class BackfillConfig(BaseModel):
         "evaluation gallery only: a user's collection has no labelled queries against it)",
     )
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        """inf and nan (a TOML file's, a deployment run's "inf") are no budget."""
+        try:
+            finite = math.isfinite(float(v))
+        except (TypeError, ValueError, OverflowError):  # not a number: the type check says so
+            return v
+        if not finite:
+            raise ValueError(
+                "the budget must be a finite number: a fraction of the gallery (0 to 1) or "
+                "a count of items (a whole number above 1), e.g. 0.3 or 500"
+            )
+        return v
+
     @field_validator("budget")
     @classmethod
     def _whole_count(cls, v: float) -> float:
         if v > 1 and v != int(v):
-            raise ValueError(f"a budget above 1 is a count of items, got {v}")
+            raise ValueError("a budget above 1 is a count of items: give a whole number")
         return v
 
 
@@ -254,13 +271,41 @@ class ServeConfig(BaseModel):
     deployment's default collection (the ``[serve]`` section of a config file)."""
 
     interval_minutes: float = Field(
-        24 * 60, gt=0, description="the update cycle's schedule: one run every this many minutes"
+        24 * 60,
+        gt=0,
+        le=MAX_INTERVAL_MINUTES,
+        allow_inf_nan=False,
+        description="the update cycle's schedule: one run every this many minutes (above 0, "
+        "at most a year)",
     )
-    cron: str | None = Field(None, description="a cron schedule instead of the interval")
+    cron: str | None = Field(
+        None,
+        description="a cron schedule instead of the interval: five fields, minute hour "
+        "day-of-month month day-of-week, e.g. '0 3 * * *' (every day at 03:00)",
+    )
     name: str = Field("scheduled-update", min_length=1, description="the update cycle's name")
     collection: str | None = Field(
         None, description="the index deployment's default spec (images:DIR, parquet:PATH, ...)"
     )
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str | None) -> str | None:
+        """The cron string Prefect's scheduler takes, checked here: a bad one is one error
+        line before anything is served, not a traceback from the deployment."""
+        if v is None:
+            return v
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=v)
+        except ValidationError:
+            raise ValueError(
+                f"{v!r} is not a cron schedule: give five fields, minute hour day-of-month "
+                "month day-of-week, e.g. '0 3 * * *' (every day at 03:00) or '*/30 * * * *'"
+            ) from None
+        return v
 
 
 class GracefulConfig(CycleConfig):

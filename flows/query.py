@@ -229,14 +229,15 @@ class Searcher:
             label = reader.label_of(key)
         return self.embed(x)[0], label
 
-    def image_query(self, data: bytes, name: str = "upload") -> np.ndarray:
-        """The champion's embedding of an encoded image (PNG, JPEG, ...), decoded as the
-        collection's items are (EXIF orientation, cover and centre crop, the pixel limit
-        read from the header)."""
+    def image_query(self, data: bytes | Path, name: str = "upload") -> np.ndarray:
+        """The champion's embedding of an encoded image (PNG, JPEG, ...; its bytes, or a
+        file opened lazily), decoded as the collection's items are (EXIF orientation,
+        cover and centre crop, the pixel limit read from the header before any pixel:
+        an image above ``workers.datasets.MAX_IMAGE_PIXELS`` is refused as it stands)."""
         from workers.collection import input_format
         from workers.datasets import DatasetError, decode_images_as
 
-        if not data:
+        if isinstance(data, bytes) and not data:
             raise BadQuery("the upload is empty")
         fmt = input_format(self.input_shape)
         if fmt.mode is None:
@@ -265,8 +266,8 @@ class Searcher:
                 "image file (PNG, JPEG, ...) or a .npy"
             )
         suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
-            return self.image_query(path.read_bytes(), str(path))
+        if suffix in IMAGE_SUFFIXES:  # the file, not its bytes: the header is read first
+            return self.image_query(path, str(path))
         if suffix != ".npy":
             raise BadQuery(
                 f"unsupported query file {path}: use an image ({', '.join(IMAGE_SUFFIXES)}) "

@@ -14,11 +14,20 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Index, UniqueConstraint, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel.sql.sqltypes import AutoString
 
 from store.locks import CYCLE_LOCK, DatabaseLock
 from store.migrate import upgrade
-from store.settings import StoreError, db_url, redact_url
+from store.settings import (
+    StoreError,
+    db_url,
+    home_relative,
+    home_resolved,
+    redact_url,
+    sqlalchemy_url,
+)
 
 
 class GenerationStatus(StrEnum):
@@ -45,6 +54,23 @@ INTERRUPTED = "interrupted"  # the report's status for a run whose process is go
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class HomePath(TypeDecorator):
+    """A file path the lineage records (a checkpoint, a snapshot's keys): stored relative
+    to GRACEFUL_HOME when the file lies under it, read back as an absolute path under the
+    reading process's home, so a home moved or copied elsewhere keeps working (migration
+    0007 rewrote the rows recorded before). A path outside the home stays absolute. The
+    column is a plain string: the schema is unchanged."""
+
+    impl = AutoString
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return home_relative(value)
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        return home_resolved(value)
 
 
 class Generation(SQLModel, table=True):
@@ -78,7 +104,7 @@ class Generation(SQLModel, table=True):
     retired_reason: str | None = None
     accuracy: float | None = None
     train_seconds: float | None = None
-    checkpoint_path: str | None = None
+    checkpoint_path: str | None = Field(default=None, sa_type=HomePath)
     checkpoint_sha256: str | None = None
     gate_passed: bool | None = None
     gate_reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -103,7 +129,7 @@ class SnapshotRecord(SQLModel, table=True):
     classes: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     fingerprint: str = Field(index=True)
     eval_fingerprint: str
-    keys_path: str | None = None
+    keys_path: str | None = Field(default=None, sa_type=HomePath)
     # head rows every generation of the lineage reserves (set by the first snapshot)
     capacity: int | None = None
     # items of the source that could not be read: [{"key": ..., "reason": ...}], not trained on
@@ -216,6 +242,11 @@ def engine_for(url: str) -> Engine:
             raise
         except Exception as exc:  # a wrong URL, an unreachable server, a failed migration
             why = " ".join(str(getattr(exc, "orig", None) or exc).split())  # the driver's own
+            if isinstance(exc, ModuleNotFoundError):  # a driver this install does not have
+                why = (
+                    f"its driver {exc.name} is not installed: write the URL as "
+                    "postgresql://... (graceful opens it with psycopg) or install the driver"
+                )
             raise StoreError(
                 f"cannot open the lineage database {redact_url(url)}: {redact_url(url, why)}"
             ) from None  # the driver's exception may quote the URL: not chained
@@ -231,7 +262,7 @@ class Lineage:
     """Typed access to the lineage; every method is one transaction."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = url or db_url()
+        self.url = sqlalchemy_url(url) if url else db_url()
 
     @property
     def engine(self) -> Engine:

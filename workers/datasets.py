@@ -21,6 +21,7 @@ import gzip
 import io
 import os
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +320,9 @@ def _open_image(source: Path | bytes, name: str) -> Any:
 
     too_large = f"above graceful's limit of {MAX_IMAGE_PIXELS:,} pixels (Pillow's "
     too_large += "decompression-bomb threshold); scale it down"
+    # Pillow warns at this same limit (a second, multi-line message on stderr next to the
+    # one error line): the check below refuses such an image and says so itself
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice the limit
