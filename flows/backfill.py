@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import chain
+from flows import chain, text
 from flows.config import BackfillConfig, Policy
 from flows.cycle import resolve_dataset
+from flows.naming import artifact_key, backfill_run_name, number
 from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
@@ -37,6 +38,7 @@ def backfill_once(
     champion = lineage.champion()
     if champion is None:
         raise StoreError("no champion generation to backfill with")
+    before = lineage.gallery_counts()
     measure: dict[str, Any] = {}
     ds = None
     if info.scenario:
@@ -68,18 +70,61 @@ def backfill_once(
     return {
         "job": job.id,
         "generation": champion.id,
+        "policy": job.policy,
+        "budget": job.budget,
         "items_done": job.items_done,
         "items_total": job.total_items,
         "m_mix_before": job.m_mix_before,
         "m_mix_after": job.m_mix_after,
+        "curve": job.curve,
         "retired": retired,
+        "by_generation_before": before,
         "by_generation": lineage.gallery_counts(),
     }
 
 
+def log_backfill(log: Any, result: dict[str, Any]) -> None:
+    """What the backfill did, in the run's log: the items, the generations it moved them
+    from and to, the curve's start and end, M_mix before and after, what retired."""
+    before, after = result["by_generation_before"], result["by_generation"]
+    moved = sorted(g for g in before if g != result["generation"] and after.get(g, 0) < before[g])
+    log.info(
+        "backfill job %s (%s, budget %s): generation %s re-embedded %s of the job's %s "
+        "items%s; the collection holds %s",
+        result["job"],
+        result["policy"],
+        number(result["budget"]),
+        result["generation"],
+        f"{result['items_done']:,}",
+        f"{result['items_total']:,}",
+        f" (from {text.generations(moved)})" if moved else "",
+        f"{sum(after.values()):,}",
+    )
+    if result["m_mix_before"] is None and result["m_mix_after"] is None:
+        log.info("M_mix not measured: a user's collection has no labelled queries")
+    else:
+        log.info(
+            "M_mix %s before, %s after",
+            text.num(result["m_mix_before"]),
+            text.num(result["m_mix_after"]),
+        )
+    log.info("backfill curve: %s", text.curve(result["curve"]))
+    log.info(
+        "collection by generation: %s (before: %s)",
+        text.by_generation(after),
+        text.by_generation(before),
+    )
+    for gen_id, reason in result["retired"]:
+        log.info("retired generation %s from the constraint chain: %s", gen_id, reason)
+
+
 @task(name="backfill-gallery", cache_policy=NO_CACHE)
 def backfill_task(cfg: BackfillConfig) -> dict[str, Any]:
-    return backfill_once(Lineage(), cfg, progress=counter("backfill-progress"))
+    return backfill_once(
+        Lineage(),
+        cfg,
+        progress=counter(artifact_key("backfill-progress"), "backfill: items re-embedded"),
+    )
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -102,7 +147,7 @@ def backfill_config(config: BackfillConfig | None = None, **flat: Any) -> Backfi
     return BackfillConfig(**{**flat, **given})
 
 
-@flow(name="partial-backfill", log_prints=True)
+@flow(name="partial-backfill", flow_run_name=backfill_run_name, log_prints=True)
 def backfill_flow(
     budget: float = _default("budget"),
     policy: Policy = _default("policy"),
@@ -117,7 +162,8 @@ def backfill_flow(
     ``budget`` (a fraction <= 1 or a count of items) and ``policy`` are top-level
     parameters: ``prefect deployment run 'partial-backfill/on-demand-backfill' --param
     budget=0.2``. A whole ``config`` (BackfillConfig) is still taken; the fields it sets
-    win over the flat parameters.
+    win over the flat parameters. The run is named for them: ``backfill 0.2
+    representative``; its log says what it did (:func:`log_backfill`).
     """
     cfg = backfill_config(
         config,
@@ -130,5 +176,6 @@ def backfill_flow(
     )
     join_cluster()  # a RAY_ADDRESS that refuses this client fails before a job is recorded
     result = backfill_task(cfg)
+    log_backfill(get_run_logger(), result)
     publish_task(result)
     return result

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import IndexConfig
 from flows.cycle import eval_dataset
+from flows.naming import artifact_key, index_run_name, index_run_name_for, name_run, safe_spec
 from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
@@ -72,7 +73,9 @@ def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, A
 
 @task(name="index-collection", cache_policy=NO_CACHE)
 def index_task(cfg: IndexConfig) -> dict[str, Any]:
-    return index_once(Lineage(), cfg, progress=counter("index-progress"))
+    return index_once(
+        Lineage(), cfg, progress=counter(artifact_key("index-progress"), "index: items embedded")
+    )
 
 
 def update_search_index(lineage: Lineage) -> dict[str, Any]:
@@ -93,37 +96,29 @@ def search_index_task() -> dict[str, Any]:
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(result: dict[str, Any]) -> None:
-    from prefect.artifacts import create_markdown_artifact
+    from flows.publish import publish_index
 
-    lines = [
-        f"# Indexed {result['spec']} with generation {result['generation']}",
-        "",
-        "| added | re-embedded | pruned | unchanged | skipped (unreadable) | items |",
-        "|---|---|---|---|---|---|",
-        f"| {result['added']} | {result['reembedded']} | {result['pruned']} | "
-        f"{result['unchanged']} | {result['skipped']} | {result['items']} |",
-        "",
-        f"Collection by generation: {result['by_generation']}",
-        f"Search index: {result.get('index')}",
-    ]
-    for item in result["skipped_items"]:
-        lines.append(f"- skipped `{item['key']}`: {item['reason']}")
-    create_markdown_artifact("\n".join(lines), key="index-summary", description="indexing")
+    publish_index(result)
 
 
-@flow(name="index-collection", log_prints=True)
+@flow(name="index-collection", flow_run_name=index_run_name, log_prints=True)
 def index_flow(config: IndexConfig | None = None) -> dict[str, Any]:
-    """Embed the collection's new and changed items with the champion (and prune)."""
+    """Embed the collection's new and changed items with the champion (and prune).
+
+    The run is named ``index <spec>`` (a URL's password masked); without a spec, once the
+    collection's own is known."""
     cfg = config or IndexConfig()
     log = get_run_logger()
     join_cluster()  # a RAY_ADDRESS that refuses this client fails before anything is written
     result = index_task(cfg)
+    if cfg.spec is None:
+        name_run(index_run_name_for(result["spec"]))
     result["index"] = search_index_task()
     for item in result["skipped_items"]:
         log.warning("skipped unreadable item %s: %s", item["key"], item["reason"])
     log.info(
         "indexed %s: %d added, %d re-embedded, %d pruned, %d skipped; %d items",
-        result["spec"],
+        safe_spec(result["spec"]),
         result["added"],
         result["reembedded"],
         result["pruned"],

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import chain, targeted
+from flows import chain, targeted, text
 from flows.config import CycleConfig
 from flows.gate import (
     FirstEvidence,
@@ -30,6 +30,7 @@ from flows.gate import (
     evidence_rows,
     groups_from_metrics,
 )
+from flows.naming import artifact_key, cycle_run_name, name_run
 from flows.progress import StepProgress
 from flows.steps import Step
 from store.failpoints import failpoint
@@ -783,17 +784,44 @@ def retire_task() -> list:
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(state: CycleState) -> None:
+def publish_task(
+    state: CycleState, backfill: dict[str, Any] | None = None, retired: list | None = None
+) -> None:
     from flows.publish import publish_cycle
 
-    publish_cycle(Lineage(), state.generation.id)
+    publish_cycle(Lineage(), state.generation.id, backfill, retired)
 
 
-@flow(name="update-cycle", log_prints=True)
+def final_state(result: dict[str, Any]) -> Any:
+    """How the flow run ends, as the UI shows it: a promoted generation ``Completed``; a
+    rejected one a Completed state named ``Rejected`` with the gate's failing reasons as
+    its message; a skipped cycle ``Skipped`` with why. The result dict stays the flow's
+    return value (``update_cycle(cfg)`` returns it; ``return_state=True`` gives the state,
+    whose ``result()`` is that dict)."""
+    from prefect.states import Completed
+
+    if result.get("skipped"):
+        return Completed(name="Skipped", message=result["message"], data=result)
+    if not result.get("promoted"):
+        return Completed(name="Rejected", message=rejection(result), data=result)
+    return result
+
+
+def rejection(result: dict[str, Any]) -> str:
+    """``generation 4 rejected: <the gate's failing reasons>``."""
+    reasons = result.get("reasons") or []
+    fails = [r.removeprefix("FAIL ") for r in reasons if r.startswith("FAIL ")]
+    return f"generation {result['generation']} rejected: " + ("; ".join(fails or reasons) or "?")
+
+
+@flow(name="update-cycle", flow_run_name=cycle_run_name, log_prints=True)
 def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     """Train the next generation under the accumulated constraints and roll it out.
 
     Holds the lineage's cycle lock throughout; an interrupted cycle is resumed first.
+    The run is named ``generation g`` once its generation is recorded (``cycle on
+    <lineage>`` before); it ends ``Completed``, or ``Rejected`` or ``Skipped``
+    (:func:`final_state`), returning the cycle's result dict either way.
     """
     cfg = config or CycleConfig()
     log = get_run_logger()
@@ -805,23 +833,31 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     lock = Lineage().lock(CYCLE_LOCK)
     lock.acquire(wait=cfg.wait_for_lock, on_wait=waiting)
     try:
-        return _run_cycle(cfg, log)
+        result = _run_cycle(cfg, log)
     finally:
         lock.release()
+    return final_state(result)
 
 
 def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
     """The cycle's steps, in order, from where an interrupted one stopped (lock held)."""
-    progress = StepProgress("update-cycle-progress", total=8)
+    progress = StepProgress(
+        artifact_key("update-cycle-progress"), total=8, description="update cycle: steps done"
+    )
     state, resumed_backfill = recover_task(cfg)
     if resumed_backfill:
-        log.warning("finished the interrupted backfill: %s", resumed_backfill)
+        from flows.backfill import log_backfill  # it builds on this module
+
+        log.warning("finished the interrupted backfill job %s", resumed_backfill["job"])
+        log_backfill(log, resumed_backfill)
     unreadable: list[dict[str, str]] = []
     if state is None:
         plan = plan_task(cfg)
         if plan.eval_changed:
             measured = reevaluate_task(plan, cfg.backfill.batch_rows)
-            log.warning("the evaluation set changed: re-evaluated generations %s on it", measured)
+            log.warning(
+                "the evaluation set changed: re-evaluated %s on it", text.generations(measured)
+            )
         unreadable = plan.snapshot.skipped
         for item in unreadable[:20]:
             log.warning("skipped unreadable item %s: %s", item["key"], item["reason"])
@@ -840,6 +876,11 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
             message = f"skipped: no new data since generation {since}"
         if since is not None:
             log.info("%s (snapshot %s)", message, plan.snapshot.fingerprint[:12])
+            name_run(
+                f"skipped: generation {since} rejected on this snapshot"
+                if rejected is not None
+                else f"skipped: no new data since generation {since}"
+            )
             publish_skip_task(message)
             progress.step(message)
             return {
@@ -854,12 +895,13 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         state = start_task(cfg, plan)
     else:
         log.warning("%s", state.resumed)
+    name_run(f"generation {state.generation.id}")
     log.info(
         "generation %s: stage %s, %d training items, constraints against %s",
         state.generation.id,
         state.stage.index,
         state.train_items,
-        state.active or "nothing",
+        text.generations(state.active),
     )
     progress.step(
         f"generation {state.generation.id}: stage {state.stage.index}, "
@@ -897,12 +939,12 @@ def _run_cycle(cfg: CycleConfig, log: Any) -> dict[str, Any]:
         progress.step("not promoted")
         progress.step("no backfill")
     if backfill:
-        log.info("backfill: %s", backfill)
+        log.info("backfill: %s", text.cycle_backfill(backfill))
     retired = retire_task()
     for gen_id, reason in retired:
         log.info("retired generation %s from the constraint chain: %s", gen_id, reason)
     progress.step(f"retired {len(retired)}")
-    publish_task(state)
+    publish_task(state, backfill, retired)
     progress.step("published")
     g = state.generation
     log.info("generation %s: accuracy %.4f, %s", g.id, g.accuracy or 0.0, "; ".join(state.reasons))

@@ -16,13 +16,17 @@ def set_listener(listener: Callable[[str, float], None] | None) -> None:
 class StepProgress:
     """Reports (step name, fraction done) to the CLI and to a Prefect progress artifact."""
 
-    def __init__(self, key: str, total: int, use_prefect: bool = True) -> None:
+    def __init__(
+        self, key: str, total: int, use_prefect: bool = True, description: str | None = None
+    ) -> None:
         self.total, self.done = total, 0
         self.artifact_id = None
         if use_prefect:
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=key)
+            self.artifact_id = create_progress_artifact(
+                progress=0.0, key=key, description=description or key
+            )
 
     def step(self, name: str) -> None:
         self.done += 1
@@ -35,10 +39,10 @@ class StepProgress:
             _listener(name, pct)
 
 
-def counter(key: str) -> Callable[[int, int], None]:
+def counter(key: str, description: str | None = None) -> Callable[[int, int], None]:
     """A ``(done, total)`` callback that moves a Prefect progress artifact named ``key``
     (for work counted in items: a backfill, an indexing)."""
-    progress = StepProgress(key, total=100)
+    progress = StepProgress(key, total=100, description=description)
 
     def report(done: int, total: int) -> None:
         from prefect.artifacts import update_progress_artifact

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 
+from flows import text
+from flows.naming import artifact_key, lineage_label, safe_spec
 from flows.plots import curves, heatmap
 from flows.report import build_report
 from store.lineage import Lineage
@@ -11,17 +13,21 @@ from store.settings import subdir
 
 
 def matrix_rows(pairs: list[list[float]], ids: list[int]) -> list[dict[str, str]]:
-    """A square table (rows a, columns b) for a Prefect table artifact."""
+    """A square table (rows a, columns b) for a Prefect table artifact, the row label first.
+
+    The UI lays the columns out in its JavaScript objects' key order, which puts keys
+    that read as integers ("1", "2") before all others: the columns are named ``b=1``,
+    ``b=2``, ..., so the row label ``a \\ b`` stays the first column.
+    """
     value = {(int(a), int(b)): v for a, b, v in pairs}
     return [
         {"a \\ b": str(a)}
-        | {str(b): (f"{value[(a, b)]:.4f}" if (a, b) in value else "") for b in ids}
+        | {f"b={b}": (f"{value[(a, b)]:.4f}" if (a, b) in value else "") for b in ids}
         for a in ids
     ]
 
 
-def _num(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
+_num = text.num
 
 
 def _img(path) -> str:
@@ -29,10 +35,18 @@ def _img(path) -> str:
     return f"![{path.stem}](data:image/png;base64,{data})"
 
 
-def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
-    """Write plots under GRACEFUL_HOME/reports and create the cycle's artifacts."""
+def publish_cycle(
+    lineage: Lineage,
+    gen_id: int,
+    backfill: dict | None = None,
+    retired: list | None = None,
+) -> dict:
+    """Write plots under GRACEFUL_HOME/reports and create the cycle's artifacts (keyed by
+    this lineage: :func:`flows.naming.artifact_key`); ``backfill`` and ``retired`` are
+    what this cycle's backfill and retire steps did."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    label = lineage_label()
     rep = build_report(lineage)
     ids = [g["id"] for g in rep["generations"] if g["accuracy"] is not None]
     out = subdir("reports")
@@ -40,22 +54,28 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
     if rep["nfr"]:
         plots.append(heatmap(rep["nfr"], "NFR(a, b)", out / "nfr.png", cmap="magma"))
         create_table_artifact(
-            matrix_rows(rep["nfr"], ids), key="nfr-matrix", description="NFR(a, b)"
+            matrix_rows(rep["nfr"], ids),
+            key=artifact_key("nfr-matrix", label),
+            description=f"NFR(a, b) after generation {gen_id}",
         )
     if rep["compat_top1"]:
         plots.append(heatmap(rep["compat_top1"], "C[a][b] top-1", out / "compat_top1.png"))
         create_table_artifact(
-            matrix_rows(rep["compat_top1"], ids), key="compat-matrix", description="C[a][b] top-1"
+            matrix_rows(rep["compat_top1"], ids),
+            key=artifact_key("compat-matrix", label),
+            description=f"C[a][b] top-1 after generation {gen_id}",
         )
     jobs = [j for j in rep["backfills"] if j["curve"]]
     if jobs:
         series = {f"job {j['job_id']} ({j['policy']})": j["curve"] for j in jobs[-3:]}
         plots.append(curves(series, "Backfill curves", out / "backfill_curves.png"))
     gen = next(g for g in rep["generations"] if g["id"] == gen_id)
+    champion = rep["champion"] if rep["champion"] is not None else "none"
+    gallery = rep["gallery"] or {}
     lines = [
         f"# Generation {gen_id}: {gen['status']}",
         "",
-        f"accuracy **{gen['accuracy']:.4f}** · champion **{rep['champion']}** · "
+        f"accuracy **{_num(gen['accuracy'])}** · champion **{champion}** · "
         f"AC **{_num(rep['ac'])}** · AM **{_num(rep['am'])}** · M_mix **{_num(rep['m_mix'])}**",
         "",
         "## Gate",
@@ -66,16 +86,25 @@ def publish_cycle(lineage: Lineage, gen_id: int) -> dict:
         *_snapshot_lines(gen.get("snapshot")),
         "## Constraints",
         *[
-            f"- {c['kind']} → {c['target']} (w={c['weight']}, {c['status']})"
+            f"- {c['kind']} → {c['target']} (weight {c['weight']:g}, {c['status']})"
             for c in gen["constraints"]
         ],
+        *([] if gen["constraints"] else ["- none (a first generation)"]),
         "",
-        f"Gallery: {rep['gallery']}",
+        "## Collection",
+        f"- {int(gallery.get('items') or 0):,} items: "
+        f"{text.by_generation(gallery.get('by_generation'))}",
+        f"- this cycle's backfill: {text.cycle_backfill(backfill)}",
+        f"- retired from the constraint chain: {text.retired(retired)}",
+        "",
+        f"Lineage `{label}`.",
         "",
         *[_img(p) for p in plots],
     ]
     create_markdown_artifact(
-        "\n".join(lines), key="cycle-summary", description=f"generation {gen_id}"
+        "\n".join(lines),
+        key=artifact_key("cycle-summary", label),
+        description=f"generation {gen_id}: {gen['status']}",
     )
     return rep
 
@@ -152,7 +181,7 @@ def _gate_table(gate: dict | None) -> list[str]:
 def _snapshot_lines(snap: dict | None) -> list[str]:
     if not snap:
         return []
-    classes = ", ".join(f"{name} {n}" for name, n in snap["classes"].items())
+    classes = ", ".join(f"{name}: {n}" for name, n in snap["classes"].items())
     lines = [
         "## Snapshot",
         f"- source `{snap['source']}`: **{snap['items']}** items ({classes})",
@@ -167,16 +196,24 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
     """A markdown artifact with the job's numbers and the backfill curve."""
     from prefect.artifacts import create_markdown_artifact
 
+    label = lineage_label()
     rep = build_report(lineage)
     job = next(j for j in rep["backfills"] if j["job_id"] == result["job"])
+    budget = job["budget"]
     lines = [
-        f"# Backfill job {job['job_id']}: {job['policy']}, budget {job['budget']}",
+        f"# Backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
         "",
-        f"items {job['items_done']}/{job['items_total']} · M_mix {_num(job['m_mix_before'])} → "
-        f"{_num(job['m_mix_after'])} · area {_num(job['area'])} · no regret {job['no_regret']}",
+        f"items **{job['items_done']:,}**/{job['items_total']:,} re-embedded by generation "
+        f"{result['generation']} · M_mix {_num(job['m_mix_before'])} → "
+        f"{_num(job['m_mix_after'])} · area {_num(job['area'])} · "
+        f"no regret {text.yes_no(job['no_regret'])}",
         "",
-        f"Gallery by generation: {rep['gallery']['by_generation']}",
-        f"Retired: {result['retired']}",
+        f"- curve: {text.curve(job['curve'])}",
+        f"- collection before: {text.by_generation(result.get('by_generation_before'))}",
+        f"- collection after: {text.by_generation(rep['gallery']['by_generation'])}",
+        f"- retired from the constraint chain: {text.retired(result['retired'])}",
+        "",
+        f"Lineage `{label}`.",
     ]
     if job["curve"]:
         path = curves(
@@ -184,7 +221,9 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
         )
         lines += ["", _img(path)]
     create_markdown_artifact(
-        "\n".join(lines), key="backfill-summary", description="partial backfill"
+        "\n".join(lines),
+        key=artifact_key("backfill-summary", label),
+        description=f"backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
     )
 
 
@@ -192,9 +231,36 @@ def publish_skip(message: str) -> None:
     """The summary of a cycle that had nothing new to train on."""
     from prefect.artifacts import create_markdown_artifact
 
+    label = lineage_label()
     create_markdown_artifact(
-        key="cycle-summary",
+        key=artifact_key("cycle-summary", label),
         markdown=f"# Update cycle\n\n**{message}**: the training data's snapshot equals the "
-        "champion's, so no generation was trained. Add data, or run with `force`.",
+        "one that generation trained on, so no generation was trained. Add data, or run "
+        f"with `force`.\n\nLineage `{label}`.",
         description=message,
+    )
+
+
+def publish_index(result: dict) -> None:
+    """The index run's summary: what was added, re-embedded, pruned, skipped."""
+    from prefect.artifacts import create_markdown_artifact
+
+    label = lineage_label()
+    spec = safe_spec(result["spec"])
+    lines = [
+        f"# Indexed {spec} with generation {result['generation']}",
+        "",
+        "| added | re-embedded | pruned | unchanged | skipped (unreadable) | items |",
+        "|---|---|---|---|---|---|",
+        f"| {result['added']} | {result['reembedded']} | {result['pruned']} | "
+        f"{result['unchanged']} | {result['skipped']} | {result['items']} |",
+        "",
+        f"- collection: {text.by_generation(result['by_generation'])}",
+        f"- search index: {text.search_index(result.get('index'))}",
+    ]
+    for item in result["skipped_items"]:
+        lines.append(f"- skipped `{item['key']}`: {item['reason']}")
+    lines += ["", f"Lineage `{label}`."]
+    create_markdown_artifact(
+        "\n".join(lines), key=artifact_key("index-summary", label), description=f"index {spec}"
     )

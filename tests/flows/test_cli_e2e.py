@@ -136,12 +136,15 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
     from prefect.client.schemas import filters as F
     from prefect.client.schemas.sorting import ArtifactSort
 
+    from flows.naming import lineage_label
+
+    # artifact keys carry the lineage (its home's name and a hash of its database URL)
+    label = lineage_label(f"sqlite:///{home.resolve() / 'lineage.db'}")
+    keys = [f"{k}-{label}" for k in ("nfr-matrix", "cycle-summary", "backfill-summary")]
     with get_client(sync_client=True) as client:
         # every filter passed explicitly: this server version rejects null filter fields
         arts = client.read_artifacts(
-            artifact_filter=F.ArtifactFilter(
-                key=F.ArtifactFilterKey(any_=["nfr-matrix", "cycle-summary", "backfill-summary"])
-            ),
+            artifact_filter=F.ArtifactFilter(key=F.ArtifactFilterKey(any_=keys)),
             flow_run_filter=F.FlowRunFilter(),
             task_run_filter=F.TaskRunFilter(),
             sort=ArtifactSort.ID_DESC,
@@ -150,15 +153,23 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
         )
         kinds = sorted({(a.key, a.type) for a in arts})
         assert kinds == [
-            ("backfill-summary", "markdown"),
-            ("cycle-summary", "markdown"),
-            ("nfr-matrix", "table"),
+            (f"backfill-summary-{label}", "markdown"),
+            (f"cycle-summary-{label}", "markdown"),
+            (f"nfr-matrix-{label}", "table"),
         ]
-        assert sum(a.key == "cycle-summary" for a in arts) == 4  # one says skipped
+        assert sum(a.key == f"cycle-summary-{label}" for a in arts) == 4  # one says skipped
         assert any("skipped" in (a.description or "") for a in arts)
         runs = [client.read_flow_run(r) for r in {a.flow_run_id for a in arts}]
         assert len(runs) == 5  # four update cycles (one skipped) and one partial backfill
-        assert {r.state_name for r in runs} == {"Completed"}
+        assert sorted(r.state_name for r in runs) == ["Completed"] * 4 + ["Skipped"]
+        assert {r.state_type.value for r in runs} == {"COMPLETED"}
+        assert sorted(r.name for r in runs) == [
+            "backfill 1 oldest-first",
+            "generation 1",
+            "generation 2",
+            "generation 3",
+            "skipped: no new data since generation 3",
+        ]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import faiss
+import httpx
 import numpy as np
 import pytest
 from sources.data import champion, write_pngs
@@ -41,6 +42,13 @@ def test_index_killed_mid_way_resumes_and_search_answers_by_key(
     code, out, err = run(c, "index", spec, "--part-rows", "32")
     assert code == 0, err
     assert "128 added" in out and "160 items" in out
+    # the Prefect runs are named for what they index (the killed one and the rerun)
+    named = httpx.post(
+        f"{c.env['PREFECT_API_URL']}/flow_runs/filter",
+        json={"flow_runs": {"name": {"any_": [f"index {spec}"]}}},
+        timeout=30,
+    ).json()
+    assert "COMPLETED" in {r["state_type"] for r in named}, named
     gallery = Gallery(Lineage())
     keys = gallery.keys(["key", "item_id"])
     assert keys.num_rows == len(set(keys.column("key").to_pylist())) == 160

@@ -108,6 +108,9 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, s
 
         state = _wait(finished, 300, "the backfill run")
         assert state["type"] == "COMPLETED", state
+        # named for what it ran, from the parameters the UI's form sent
+        run_name = httpx.get(f"{api}/flow_runs/{created['id']}").json()["name"]
+        assert run_name == "backfill 1 oldest-first"
         report = subprocess.run(
             [*cli, "report", "--json"], env=env, cwd=ROOT, capture_output=True, text=True
         )
