@@ -145,6 +145,10 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_runs_a_flat_backfill(
     finally:
         stop_group(worker, timeout=30)
         log.close()
+        # the session's server is shared: later tests (graceful serve) register deployments
+        # of the same names and must not find these
+        for n in names:
+            httpx.delete(f"{api}/deployments/{deps[n]['id']}")
 
     rep = json.loads(sh(*graceful, "report", "--json").stdout)
     job = rep["backfills"][-1]

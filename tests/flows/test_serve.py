@@ -75,7 +75,11 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, s
             r = httpx.post(f"{api}/deployments/filter", json={"limit": 10})
             names = {d["name"]: d for d in r.json()} if r.status_code == 200 else {}
             wanted = {"scheduled-update", "on-demand-backfill", "on-demand-index"}
-            return names if wanted <= set(names) else None
+            if not wanted <= set(names):
+                return None
+            # registered by this serve (not an earlier test's of the same names on the
+            # session's server): the index deployment's parameters are serve's
+            return names if "config" in names["on-demand-index"]["parameters"] else None
 
         deps = _wait(deployments, 120, "the deployments")
         # the indexing deployment's form: the collection's spec and what to do with it
