@@ -425,7 +425,11 @@ class Gallery:
             raise GalleryError(
                 f"gallery part {path} has {rows} rows, the manifest records {part.rows}"
             )
-        if check_hash and file_sha256(path) != part.sha256:
+        try:
+            digest = file_sha256(path) if check_hash else part.sha256
+        except FileNotFoundError as exc:  # superseded and deleted between the checks
+            raise PartGone(f"gallery part {path} is missing (superseded)") from exc
+        if digest != part.sha256:
             raise GalleryError(
                 f"gallery part {path} was modified outside graceful: its sha256 differs from "
                 "the manifest's; nothing was read from it. Restore the file from a backup of "

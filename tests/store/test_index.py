@@ -109,6 +109,27 @@ def test_index_of_another_dimension_is_refused(gallery: Gallery) -> None:
         GalleryIndex(3).sync(gallery)
 
 
+def test_a_part_deleted_while_its_hash_is_read_is_gone_not_a_crash(
+    gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer may supersede and delete a part between the reader's existence check and
+    its sha256 read (the race the next test once lost: FileNotFoundError from the index's
+    sync); the reader must see PartGone, which makes the sync start over."""
+    import store.gallery as G
+    from store.gallery import PartGone
+
+    real = G.file_sha256
+    part = gallery.manifest()[0]
+
+    def deleted_first(path):
+        Path(path).unlink()  # the writer's delete lands here
+        return real(path)
+
+    monkeypatch.setattr(G, "file_sha256", deleted_first)
+    with pytest.raises(PartGone, match="superseded"):
+        gallery.check_part(part)
+
+
 def test_readers_see_whole_committed_parts_during_rewrites(gallery: Gallery) -> None:
     """A writer rewrites every part again and again; a reader that opens the index in a
     loop must always find every item once and each part entirely in one version."""
