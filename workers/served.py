@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from workers.metrics import retrieval_hits
 from workers.stats import PairedCounts, paired_bootstrap_ci_counts
 
 
@@ -68,9 +69,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def top1_hits(
     query_emb: np.ndarray, query_y: np.ndarray, ref_emb: np.ndarray, ref_y: np.ndarray
 ) -> np.ndarray:
-    """Per query: whether its nearest reference item (cosine) is of its class."""
-    nearest = np.argmax(_unit(query_emb) @ _unit(ref_emb).T, axis=1)
-    return np.asarray(ref_y)[nearest] == np.asarray(query_y)
+    """Per query: whether its nearest reference item (cosine) is of its class: the
+    evaluation's own retrieval hit (``workers.metrics.retrieval_hits``, faiss), so the
+    served state and C[a][b] count a hit the same way."""
+    return retrieval_hits(query_emb, query_y, ref_emb, ref_y)
 
 
 def mixed_reference(current: np.ndarray, candidate: np.ndarray, replaced: np.ndarray) -> np.ndarray:
