@@ -226,7 +226,7 @@ class GalleryIndex:
         drop = pc.is_in(self._table.column("item_id"), pa.array(ids))
         self._replace_rows(drop, [_lookup_table(ids, keys, labels, generations)])
 
-    def sync(self, gallery: Gallery, attempts: int = 8) -> bool:
+    def sync(self, gallery: Gallery, attempts: int = 64) -> bool:
         """Bring the index to the collection's committed manifest; True if anything changed.
 
         Only parts whose file changed since the index last saw them are read, each checked
@@ -263,7 +263,7 @@ class GalleryIndex:
                 if not self.trained:
                     self.train(_training_sample(gallery, TRAIN_PER_CELL * self.nlist))
                 self._replace_parts(gallery, stale)
-            except PartGone:
+            except PartGone:  # a writer committed meanwhile: start over from its manifest
                 continue
             return changed
         raise GalleryError(

@@ -133,7 +133,7 @@ def test_a_part_deleted_while_its_hash_is_read_is_gone_not_a_crash(
 def test_readers_see_whole_committed_parts_during_rewrites(gallery: Gallery) -> None:
     """A writer rewrites every part again and again; a reader that opens the index in a
     loop must always find every item once and each part entirely in one version."""
-    rounds = 6
+    rounds = 12  # long enough that the reader looks several times while it runs
     errors: list[BaseException] = []
 
     def writer() -> None:
