@@ -6,7 +6,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
-.PHONY: install demo test lint format bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong bench-search clean
+.PHONY: install demo test test-fast lint format readme-config bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong bench-search clean
 
 install: $(VENV)/.installed
 
@@ -25,11 +25,21 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
+# the fast tier: no Ray, no Prefect server or flow run, no real training, no kills
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -m "not slow"
+
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 format: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# the README's configuration table, generated from flows/config.py (tests/unit/test_readme.py)
+readme-config: install
+	$(BIN)/python -m flows.config_table README.md
 
 bench-compat: install
 	$(BIN)/python -m bench.compat

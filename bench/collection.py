@@ -86,9 +86,10 @@ class ActorPeak(threading.Thread):
 
 
 def train_champion(workdir: Path):
-    """One cycle through the flow's steps on a 20k-row source: the champion."""
+    """One update cycle (``flows.cycle.run_cycle``) on a 20k-row source: the champion."""
     from flows.config import CycleConfig, GateConfig, TrainConfig
-    from flows.cycle import evaluate_step, gate_step, plan_cycle, start_cycle, train_step
+    from flows.cycle import run_cycle
+    from flows.data import resolve_dataset
     from store.lineage import Lineage
 
     src = workdir / "train-source"
@@ -97,12 +98,8 @@ def train_champion(workdir: Path):
     cfg = CycleConfig(
         dataset=f"parquet:{src}", train=TrainConfig(epochs=2), gate=GateConfig(enabled=False)
     )
-    state = start_cycle(lin, cfg, plan_cycle(lin, cfg))
-    train_step(lin, state, cfg)
-    metrics = evaluate_step(lin, state)
-    gate_step(lin, state, metrics, cfg)
-    lin.promote(state.generation.id)
-    return lin, lin.champion(), state.dataset
+    assert run_cycle(lin, cfg)["promoted"]  # the gate is off: promoted
+    return lin, lin.champion(), resolve_dataset(lin, None)
 
 
 def search_figures(emb: np.ndarray, queries: np.ndarray, k: int = 10) -> dict[str, Any]:

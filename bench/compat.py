@@ -5,8 +5,8 @@
                            [--render] [--teacher-only]
 
 A method is a name and a ``flows.config.TrainConfig``. Each method's chain runs in its
-own ``GRACEFUL_HOME`` (a fresh SQLite lineage, gallery and checkpoints) through the plain
-functions that the Prefect flow ``flows.cycle.update_cycle`` calls, in its order:
+own ``GRACEFUL_HOME`` (a fresh SQLite lineage, gallery and checkpoints) through
+``flows.cycle.run_cycle``, the function the Prefect flow ``update_cycle`` wraps:
 ``start_cycle`` (snapshot, constraints against the active generations) -> ``train_step``
 (one Ray task on a local cluster) -> ``evaluate_step`` -> ``gate_step`` (gate disabled)
 -> ``promote_step`` -> ``backfill_step`` (budget 0: the first generation indexes the
@@ -48,16 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flows.chain import retire_unused
 from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
-from flows.cycle import (
-    backfill_step,
-    evaluate_step,
-    gate_step,
-    promote_step,
-    start_cycle,
-    train_step,
-)
+from flows.cycle import run_cycle
 from flows.report import build_report
 from store.lineage import Lineage
 from workers.constraints import (
@@ -76,7 +68,7 @@ from workers.train import ConstraintSpec, TrainSpec, train_generation
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "compat"
 DEFAULT_EPOCHS = 8
-CODE_PATH = "product cycle steps (flows.cycle)"
+CODE_PATH = "the product's update cycle (flows.cycle.run_cycle)"
 
 # The methods: a name and the TrainConfig the product's cycle trains under (epochs and
 # seed are set from the command line). Every method but the textbook one keeps the
@@ -196,7 +188,7 @@ def run_chain(
     ``observe(lineage, when)``, if given, is called with ``"before"`` and ``"after"`` each
     cycle (bench.lifelong measures the served state there).
 
-    Each generation runs the steps of ``flows.cycle._run_cycle`` in its order; with
+    Each generation is one ``flows.cycle.run_cycle`` (what the Prefect flow runs); with
     ``pin`` the new champion is pinned after the cycle (``graceful pin``) so that it stays
     active for every later generation; without, generations retire as the product
     retires them (once backfilled away). Returns the lineage and, per generation, what
@@ -209,24 +201,17 @@ def run_chain(
         cfg = cycle_config(dataset, generations, stage, train, gate, backfill)
         if observe is not None:
             observe(lin, "before")
-        state = start_cycle(lin, cfg)
-        result = train_step(lin, state)
-        metrics = evaluate_step(lin, state)
-        passed = gate_step(lin, state, metrics, cfg)
-        if passed:
-            promote_step(lin, state)
-            backfill_step(lin, state)
-        retired = retire_unused(lin)
+        cycle = run_cycle(lin, cfg)
         if observe is not None:
             observe(lin, "after")
-        gen_id = int(state.generation.id)  # type: ignore[arg-type]
+        gen_id, passed, result = int(cycle["generation"]), cycle["promoted"], cycle["train"]
         if passed and pin:
             lin.set_pinned(gen_id, True)  # every earlier generation stays in use
         runs[gen_id] = {
             "promoted": passed,
             "train_seconds_task": result["train_seconds"],
-            "active_ancestors": list(state.active),
-            "retired_after_cycle": retired,
+            "active_ancestors": cycle["active"],
+            "retired_after_cycle": cycle["retired"],
             "teacher_seconds": result["teacher_seconds"],
             "epoch_seconds": result["epoch_seconds"],
             "last_losses": result["history"][-1],
@@ -237,7 +222,7 @@ def run_chain(
         log(
             f"  [{name}] generation {gen_id}: acc {gen.accuracy:.4f}, "
             f"{gen.train_seconds:.1f}s, {len(lin.constraints(gen_id))} constraints against "
-            f"{state.active or 'nothing'}",
+            f"{cycle['active'] or 'nothing'}",
             flush=True,
         )
     return lin, runs
@@ -653,8 +638,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         + ".",
         "",
         "**Code path: the product's update cycle.** Each method's chain runs in its own "
-        "`GRACEFUL_HOME` (a fresh SQLite lineage, gallery and checkpoints) through the plain "
-        "functions of the Prefect flow `flows.cycle.update_cycle`, in its order: "
+        "`GRACEFUL_HOME` (a fresh SQLite lineage, gallery and checkpoints) through "
+        "`flows.cycle.run_cycle`, the function the Prefect flow `update_cycle` wraps: "
         "`start_cycle` (training snapshot, constraints planned against the active "
         "generations) → `train_step` (Ray) → `evaluate_step` → `gate_step` (gate disabled) "
         "→ `promote_step` → `backfill_step` (budget 0: generation 1 indexes the gallery, "

@@ -4,13 +4,14 @@
                              [--epochs 8] [--methods none,textbook,default]
                              [--train-per-class 600] [--out DIR] [--render]
 
-Each (data set, method) chain runs in its own ``GRACEFUL_HOME`` through the plain
-functions that the Prefect flow ``flows.cycle.update_cycle`` calls (``bench.compat.run_chain``:
-``start_cycle -> train_step (Ray) -> evaluate_step -> gate_step -> promote_step ->
-backfill_step -> retire_unused``), with the product's own gate and backfill at their
-defaults and **no pinning**: a generation stays a constraint target while the gallery
-holds items it embedded or it is champion, and retires once backfilled away. That is the
-deployment the issue asks about: constraints stay bounded as the chain grows.
+Each (data set, method) chain runs in its own ``GRACEFUL_HOME`` through
+``flows.cycle.run_cycle``, which the Prefect flow ``update_cycle`` wraps
+(``bench.compat.run_chain``: ``start_cycle -> train_step (Ray) -> evaluate_step ->
+gate_step -> promote_step -> backfill_step -> retire_unused``), with the product's own
+gate and backfill at their defaults and **no pinning**: a generation stays a constraint
+target while the gallery holds items it embedded or it is champion, and retires once
+backfilled away. That is the deployment the issue asks about: constraints stay bounded
+as the chain grows.
 
 Generation i is stage i - 1 of the growing scenario (workers/scenario.py): classes grow
 from 60% to all, data from half to all, the model widens and deepens. Every figure is
@@ -50,7 +51,7 @@ import numpy as np
 from bench.compat import METHODS as COMPAT_METHODS
 from bench.compat import _stop_ray, run_chain
 from flows.config import BackfillConfig, GateConfig, TrainConfig
-from flows.cycle import eval_dataset
+from flows.data import eval_dataset
 from flows.gate import GateOutcome
 from flows.report import build_report
 from store.gallery import Gallery
@@ -623,8 +624,9 @@ def render(report: dict[str, Any], out: Path) -> None:
         f"Produced by `python -m bench.lifelong` in {report['wall_seconds'] / 60:.1f} min: "
         f"{s['generations']}-generation chains of the growing scenario, epochs per generation "
         f"{s['epochs_per_dataset']}, seed 0; methods {', '.join(s['methods'])}. Code path: "
-        "the product's update cycle (`bench.compat.run_chain`: `start_cycle → train_step "
-        "(Ray) → evaluate_step → gate_step → promote_step → backfill_step → retire_unused`), "
+        "the product's update cycle (`flows.cycle.run_cycle` through `bench.compat.run_chain`: "
+        "`start_cycle → train_step (Ray) → evaluate_step → gate_step → promote_step → "
+        "backfill_step → retire_unused`), "
         "with the product's default gate (three outcomes, judged on the served state per "
         "class at 95%, targeted backfills up to `gate.max_backfill` of the collection) and "
         "the cycle's budgeted backfill set to 0, so that only the gate's plans re-embed; "

@@ -6,7 +6,7 @@ A ``parquet:`` source of feature rows (Fashion-MNIST images average-pooled to 7x
 features, each row a real image with a small per-row jitter so that millions of rows
 stay distinct; ``item_id`` keys, class-name labels, 64k-row row groups, 100k-row files)
 and a fixed evaluation set (the 10,000 test images). For each size, in a fresh process
-(fresh local Ray), two cycles through the flow's own steps (``flows.cycle``: plan_cycle
+(fresh local Ray), two cycles through the flow's own steps (``flows.cycle.run_cycle``: plan_cycle
 -> start_cycle -> train_step on Ray -> evaluate_step): generation 1 on the first half of
 the rows, then generation 2 on all of them under the default constraints against
 generation 1 (its teachers are precomputed to disk in one streamed pass). Measured for
@@ -91,7 +91,7 @@ def one_size(rows: int, epochs: int, workdir: Path) -> dict[str, Any]:
     os.environ["GRACEFUL_HOME"] = str(workdir / "home")
     os.environ.pop("GRACEFUL_DB_URL", None)
     from flows.config import CycleConfig, GateConfig, TrainConfig
-    from flows.cycle import evaluate_step, gate_step, plan_cycle, start_cycle, train_step
+    from flows.cycle import CycleStep, run_cycle
     from store.lineage import Lineage
 
     src = workdir / "source"
@@ -106,12 +106,15 @@ def one_size(rows: int, epochs: int, workdir: Path) -> dict[str, Any]:
         if gen == 2:
             _write_in_child(src, rows)  # the same files, grown (rewritten with more rows)
         t0 = time.perf_counter()
-        state = start_cycle(lin, cfg, plan_cycle(lin, cfg))
-        snapshot_s = time.perf_counter() - t0
-        result = train_step(lin, state, cfg)
-        metrics = evaluate_step(lin, state)
-        if gate_step(lin, state, metrics, cfg):
-            lin.promote(state.generation.id)
+        started: list[float] = []  # when the snapshot and the generation were recorded
+
+        def on_step(event, started=started) -> None:
+            if event.step == CycleStep.START:
+                started.append(time.perf_counter())
+
+        cycle = run_cycle(lin, cfg, on_step)
+        snapshot_s = started[0] - t0
+        result = cycle["train"]
         assert result["items"] == n
         out[f"gen{gen}"] = {
             "items": n,
@@ -122,7 +125,7 @@ def one_size(rows: int, epochs: int, workdir: Path) -> dict[str, Any]:
             "us_per_item": 1e6 * sum(result["epoch_seconds"]) / (epochs * n),
             "trainer_peak_rss_bytes": result["peak_rss_bytes"],
             "teachers": result["teachers"],
-            "accuracy": metrics[(state.generation.id, state.generation.id, "accuracy")],
+            "accuracy": cycle["accuracy"],
         }
     out["driver_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out

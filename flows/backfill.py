@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import chain, text
 from flows.config import BackfillConfig, Policy
-from flows.cycle import resolve_dataset
+from flows.data import resolve_dataset
 from flows.naming import artifact_key, backfill_run_name, number
 from flows.progress import counter
 from store.gallery import Gallery
@@ -17,6 +17,7 @@ from store.lineage import Lineage
 from store.settings import StoreError, subdir
 from workers.backfill import run_backfill
 from workers.evaluate import generation_outputs
+from workers.metric_names import Metric
 from workers.runtime import join_cluster
 
 
@@ -49,6 +50,7 @@ def backfill_once(
             "query_labels": ds.y_test[out.query_idx],
             "champion_gallery_emb": out.gallery_emb if cfg.curve else None,
         }
+    complete = chain.owed_backfill(lineage)
     job = run_backfill(
         lineage,
         gallery,
@@ -60,12 +62,12 @@ def backfill_once(
         progress=progress,
         crash_after_parts=crash_after_parts,
         retire_share=cfg.retire_share,
-        complete=chain.owed_backfill(lineage),
+        complete=complete,
         owed_items=chain.owed_items(lineage),
         **measure,
     )
     if job.m_mix_after is not None:
-        lineage.record_metrics([(champion.id, champion.id, "m_mix", job.m_mix_after)])
+        lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, job.m_mix_after)])
     retired = chain.retire_unused(lineage)
     return {
         "job": job.id,
@@ -77,6 +79,7 @@ def backfill_once(
         "m_mix_before": job.m_mix_before,
         "m_mix_after": job.m_mix_after,
         "curve": job.curve,
+        "completed": complete,
         "retired": retired,
         "by_generation_before": before,
         "by_generation": lineage.gallery_counts(),

@@ -10,6 +10,7 @@ from store.debts import load_debt
 from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, Lineage
 from workers.constraints import METHOD_KINDS, full_weights, parse_method
+from workers.metric_names import Metric
 
 
 def active_generations(lineage: Lineage) -> list[int]:
@@ -51,7 +52,7 @@ def plan_constraints(
     return [(k, kind.value, full[kind] * scale) for k in targets for kind in kinds]
 
 
-OWED = "backfill_owed"  # metric row (g, k, 1.0): g was promoted owing k a full backfill
+OWED = Metric.BACKFILL_OWED  # metric row (g, k, 1.0): g was promoted owing k a full backfill
 
 
 def owed_backfill(lineage: Lineage) -> list[int]:
@@ -68,7 +69,7 @@ def owed_backfill(lineage: Lineage) -> list[int]:
     )
 
 
-DEBT = "debt_items"  # metric row (g, g, n): g was promoted owing n items (store.debts)
+DEBT = Metric.DEBT_ITEMS  # metric row (g, g, n): g was promoted owing n items (store.debts)
 
 
 def owed_items(lineage: Lineage) -> np.ndarray:

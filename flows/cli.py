@@ -53,6 +53,17 @@ class _OneLineErrors(typer.core.TyperGroup):
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=_OneLineErrors)
+_debug = {"on": False}  # --debug: an error line comes after its traceback
+
+
+@app.callback()
+def _global(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="print the traceback behind an error line (contract)"),
+    ] = False,
+) -> None:
+    _debug["on"] = debug or os.environ.get("GRACEFUL_DEBUG", "") == "1"
 
 
 def _env_defaults() -> None:
@@ -115,6 +126,10 @@ def _quiet_known_failures() -> None:
 
 
 def _fail(problem: str | BaseException, code: int = 2) -> None:
+    if _debug["on"] and isinstance(problem, BaseException):
+        import traceback
+
+        err.print("".join(traceback.format_exception(problem)), markup=False, highlight=False)
     message = _error_text(problem) if isinstance(problem, BaseException) else problem
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, however long
@@ -157,7 +172,7 @@ def _check_inputs(dataset: str | None, training: bool = False, existing: bool = 
 def _exit_code(exc: BaseException) -> int:
     """2 for bad input (a data set, source or collection spec that cannot be used),
     1 for any other failure."""
-    from flows.cycle import LineageOptionError
+    from flows.data import LineageOptionError
     from workers.datasets import DatasetError
     from workers.sources import SourceUnreachable
 

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import IndexConfig
-from flows.cycle import eval_dataset
+from flows.data import eval_dataset
 from flows.naming import artifact_key, index_run_name, index_run_name_for, name_run, safe_spec
 from flows.progress import counter
 from store.gallery import Gallery

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from workers.constraints import ConstraintKind, TrainMethod, full_weights
-from workers.train import TrainSpec
+from workers.train import TrainSpec, spec_default
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
@@ -38,7 +38,7 @@ class GateConfig(BaseModel):
     queries, so a margin is only for accepting a real, bounded loss of compatibility.
     """
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: promote every generation (--no-gate)")
     accuracy_tolerance: float = Field(0.02, ge=0, description="accuracy >= champion's - this")
     require_ecc: bool = Field(
         True,
@@ -86,46 +86,99 @@ class GateConfig(BaseModel):
 class TrainConfig(BaseModel):
     """How one generation is trained."""
 
-    method: TrainMethod = TrainMethod.BCT_PCT_EMB  # best measured: bench/results/compat.md
-    against: Against = "all"
+    method: TrainMethod = Field(  # best measured: bench/results/compat.md
+        TrainMethod.BCT_PCT_EMB,
+        description="the constraint kinds every active ancestor gets (bct: influence, pct: "
+        "focal, emb: embedding, hoc: contrastive)",
+    )
+    against: Against = Field(
+        "all", description="constrain against every active ancestor, or the last one only"
+    )
     ancestor_weights: Literal["each", "share"] = Field(
         "share",
         description="each ancestor gets every kind's weight, or the ancestors share it "
         "equally (the constraints' total stays the same as the chain grows)",
     )
     epochs: int = Field(
-        15,
+        spec_default("epochs"),
         ge=1,
         le=MAX_EPOCHS,
         description=f"training epochs per generation (1 to {MAX_EPOCHS}; a kill resumes them)",
     )
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(2e-3, gt=0)
-    seed: int = 0
-    embed_dim: int = Field(64, ge=2)
+    batch_size: int = Field(
+        spec_default("batch_size"), ge=2, description="items per training batch"
+    )
+    lr: float = Field(
+        spec_default("lr"),
+        gt=0,
+        description="AdamW's learning rate, cosine-annealed over the epochs",
+    )
+    seed: int = Field(
+        spec_default("seed"), description="seed of the initialisation and of every epoch's order"
+    )
+    embed_dim: int = Field(
+        spec_default("embed_dim"), ge=2, description="dimension of the L2-normalised embedding"
+    )
     weights: dict[ConstraintKind, float] = Field(
         default_factory=full_weights,
         description="weight per constraint kind (one constraint per active ancestor and kind "
         "of the method); kinds left out keep their default",
     )
-    focal_alpha: float = Field(1.0, ge=0)
-    focal_beta: float = Field(5.0, ge=0)
-    focal_temperature: float = Field(2.0, gt=0)
+    focal_alpha: float = Field(
+        spec_default("focal_alpha"),
+        ge=0,
+        description="PCT focal distillation: every item's weight alpha + beta x "
+        "1[the ancestor was right]",
+    )
+    focal_beta: float = Field(
+        spec_default("focal_beta"), ge=0, description="PCT focal distillation: see focal_alpha"
+    )
+    focal_temperature: float = Field(
+        spec_default("focal_temperature"),
+        gt=0,
+        description="PCT focal distillation: temperature of both models' logits",
+    )
     contrastive_temperature: float = Field(
-        0.1, gt=0, description="temperature of the contrastive (d-Simplex-HOC) constraint"
+        spec_default("contrastive_temperature"),
+        gt=0,
+        description="temperature of the contrastive (d-Simplex-HOC) constraint",
+    )
+    weight_decay: float = Field(
+        spec_default("weight_decay"), ge=0, description="AdamW's weight decay"
+    )
+    influence_scale: float | None = Field(
+        spec_default("influence_scale"),
+        gt=0,
+        description="cosine scale of BCT's influence loss (default: the heads' own scale)",
+    )
+    bct_prototypes: bool = Field(
+        spec_default("bct_prototypes"),
+        description="BCT: an ancestor's rows for classes it never saw become the mean old "
+        "embedding of their items (false: those items are left out of its loss)",
+    )
+    embedding_scope: Literal["all", "known", "unknown"] = Field(
+        spec_default("embedding_scope"),
+        description="which items the embedding constraint pulls: all, those of classes the "
+        "ancestor saw, or of classes it never saw",
+    )
+    loader_workers: int = Field(
+        spec_default("loader_workers"),
+        ge=0,
+        description="DataLoader processes decoding a source's items (0: in the trainer)",
     )
     influence_head: Literal["centroids", "head"] = Field(
-        "centroids",
+        spec_default("influence_head"),
         description="BCT's frozen head: the ancestor's class centroids, or its own head rows",
     )
     warm_start: bool = Field(
-        True, description="start from the newest constrained ancestor's weights, expanded"
+        spec_default("warm_start"),
+        description="start from the newest constrained ancestor's weights, expanded",
     )
     architecture: dict | None = Field(
         None, description="keys that override the scenario's architecture (kind, width, head…)"
     )
     augment: Literal["auto", "none", "crop", "crop+flip"] = Field(
-        "auto",
+        spec_default("augment"),
         description="image augmentation in training: a random crop with zero padding and a "
         "horizontal flip; auto: the resnet's images are cropped, and also flipped for "
         "Fashion-MNIST, CIFAR and colour photographs (never grey images of unknown kind: a "
@@ -150,25 +203,12 @@ class TrainConfig(BaseModel):
     )
 
     def train_spec(self, generation: int, **data: Any) -> TrainSpec:
-        """The trainer's spec: every knob of this config, plus ``data`` (the items,
-        classes, architecture, constraints and where checkpoints go), so no caller copies
-        the knobs one by one."""
-        return TrainSpec(
-            generation=generation,
-            embed_dim=self.embed_dim,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=self.seed,
-            focal_alpha=self.focal_alpha,
-            focal_beta=self.focal_beta,
-            focal_temperature=self.focal_temperature,
-            contrastive_temperature=self.contrastive_temperature,
-            influence_head=self.influence_head,
-            warm_start=self.warm_start,
-            augment=self.augment,
-            **data,
-        )
+        """The trainer's spec: every knob this config shares with TrainSpec, plus ``data``
+        (the items, classes, architecture, constraints and where checkpoints go)."""
+        shared = set(TrainSpec.__dataclass_fields__) & set(type(self).model_fields)
+        shared.discard("architecture")  # here: overrides; the spec gets the whole one
+        knobs = {name: getattr(self, name) for name in shared}
+        return TrainSpec(generation=generation, **(knobs | data))
 
     @field_validator("architecture")
     @classmethod
@@ -190,7 +230,9 @@ class BackfillConfig(BaseModel):
     """A partial backfill: re-embed ``budget`` of the gallery with the champion."""
 
     budget: float = Field(0.3, ge=0, description="a fraction (<= 1) or a count of items (> 1)")
-    policy: Policy = DEFAULT_POLICY
+    policy: Policy = Field(
+        DEFAULT_POLICY, description="the order in which stale items are re-embedded"
+    )
     retire_share: float = Field(
         0.1,
         ge=0,
@@ -200,7 +242,7 @@ class BackfillConfig(BaseModel):
         "constrained against them: the constraints stay bounded as the chain grows",
     )
     batch_rows: int = Field(4096, ge=1, description="items re-embedded per committed batch")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the policy's order (random, k-means samples)")
     curve: bool = Field(
         True,
         description="measure the backfill curve (M_mix over beta; the scenario's labelled "

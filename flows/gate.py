@@ -40,6 +40,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from flows.config import GateConfig, OnIncompatible
+from workers.metric_names import Metric
 from workers.served import ServedPlan
 from workers.stats import PairedCounts, clopper_pearson, pair_evidence
 
@@ -304,10 +305,10 @@ def groups_from_metrics(
     """The ECC gaps by class group ``evaluate_against_ancestors`` stored for (g, k)."""
     out = {}
     for a, k, m in metrics:
-        if a == g and k != g and m == "ecc_unseen_queries" and metrics[(a, k, m)] is not None:
+        if a == g and k != g and m == Metric.ECC_UNSEEN_QUERIES and metrics[(a, k, m)] is not None:
             out[k] = ClassGroupGaps(
-                metrics.get((g, k, "ecc_gap_seen")),
-                metrics.get((g, k, "ecc_gap_unseen")),
+                metrics.get((g, k, Metric.ECC_GAP_SEEN)),
+                metrics.get((g, k, Metric.ECC_GAP_UNSEEN)),
                 int(round(metrics[(a, k, m)])),  # type: ignore[arg-type]
             )
     return out
@@ -330,9 +331,9 @@ def evidence_rows(
         ev = _evidence(ecc_counts.get(k), flip_counts.get(k), cfg)
         rows += [(g, k, name, value) for name, value in ev.items()]
     rows += [
-        (g, g, "evidence_confidence", cfg.confidence),
-        (g, g, "gate_ecc_margin", cfg.ecc_margin if cfg.require_ecc else None),
-        (g, g, "gate_max_nfr", cfg.max_nfr),
+        (g, g, Metric.EVIDENCE_CONFIDENCE, cfg.confidence),
+        (g, g, Metric.GATE_ECC_MARGIN, cfg.ecc_margin if cfg.require_ecc else None),
+        (g, g, Metric.GATE_MAX_NFR, cfg.max_nfr),
     ]
     return rows
 

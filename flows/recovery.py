@@ -21,16 +21,15 @@ from pydantic import ValidationError
 from flows import chain
 from flows.backfill import backfill_once
 from flows.config import BackfillConfig, CycleConfig
-from flows.cycle import (
+from flows.cycle_steps import (
     DEFAULT_STAGES,
     CycleState,
     cycle_config_path,
-    lineage_image_size,
-    resolve_dataset,
     save_snapshot,
     train_idx_path,
     verify_inputs,
 )
+from flows.data import lineage_image_size, resolve_dataset
 from flows.steps import Step, interrupted_step
 from store.files import CheckpointError, verify_checkpoint
 from store.gallery import Gallery

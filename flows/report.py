@@ -16,8 +16,18 @@ from store.lineage import (
 )
 from store.locks import CYCLE_LOCK
 from workers import metrics as M
+from workers.metric_names import Metric
 
-PAIR_METRICS = ("nfr", "pfr", "nfi", "btc", "bec", "compat_map100", "ecc", "update_gain")
+PAIR_METRICS = (
+    Metric.NFR,
+    Metric.PFR,
+    Metric.NFI,
+    Metric.BTC,
+    Metric.BEC,
+    Metric.COMPAT_MAP100,
+    Metric.ECC,
+    Metric.UPDATE_GAIN,
+)
 
 
 def _pairs(lineage: Lineage, metric: str, strict: bool) -> list[list[float]]:
@@ -56,32 +66,32 @@ def _snapshot(record: SnapshotRecord | None) -> dict[str, Any] | None:
 
 
 GATE_PAIR_METRICS = (
-    "ecc_delta",
-    "ecc_delta_lo",
-    "ecc_delta_hi",
-    "ecc_queries",
-    "nfr",
-    "nfr_lo",
-    "nfr_hi",
-    "flip_p",
-    "flip_neg",
-    "flip_pos",
-    "flip_items",
-    "ecc_gap_seen",
-    "ecc_gap_unseen",
-    "ecc_unseen_queries",
+    Metric.ECC_DELTA,
+    Metric.ECC_DELTA_LO,
+    Metric.ECC_DELTA_HI,
+    Metric.ECC_QUERIES,
+    Metric.NFR,
+    Metric.NFR_LO,
+    Metric.NFR_HI,
+    Metric.FLIP_P,
+    Metric.FLIP_NEG,
+    Metric.FLIP_POS,
+    Metric.FLIP_ITEMS,
+    Metric.ECC_GAP_SEEN,
+    Metric.ECC_GAP_UNSEEN,
+    Metric.ECC_UNSEEN_QUERIES,
 )
 GATE_OWN_METRICS = (
-    "evidence_confidence",
-    "gate_ecc_margin",
-    "gate_max_nfr",
-    "served_delta",
-    "served_delta_lo",
-    "served_delta_hi",
-    "served_regressed",
-    "served_recovered",
-    "debt_items",
-    "debt_share",
+    Metric.EVIDENCE_CONFIDENCE,
+    Metric.GATE_ECC_MARGIN,
+    Metric.GATE_MAX_NFR,
+    Metric.SERVED_DELTA,
+    Metric.SERVED_DELTA_LO,
+    Metric.SERVED_DELTA_HI,
+    Metric.SERVED_REGRESSED,
+    Metric.SERVED_RECOVERED,
+    Metric.DEBT_ITEMS,
+    Metric.DEBT_SHARE,
 )
 
 
@@ -224,14 +234,14 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
         ],
     }
     for metric in PAIR_METRICS:
-        report[metric] = _pairs(lineage, metric, strict=metric != "compat_map100")
-    report["nfr_any"] = [[a, v] for a, b, v in lineage.metric("nfr_any") if a == b]
-    top1 = {(a, b): v for a, b, v in lineage.metric("compat_top1") if a >= b and v is not None}
+        report[metric] = _pairs(lineage, metric, strict=metric != Metric.COMPAT_MAP100)
+    report["nfr_any"] = [[a, v] for a, b, v in lineage.metric(Metric.NFR_ANY) if a == b]
+    top1 = {(a, b): v for a, b, v in lineage.metric(Metric.COMPAT_TOP1) if a >= b and v is not None}
     report["compat_top1"] = [[a, b, v] for (a, b), v in sorted(top1.items())]
-    report["compat_map100"] = _pairs(lineage, "compat_map100", strict=False)
+    report["compat_map100"] = _pairs(lineage, Metric.COMPAT_MAP100, strict=False)
     report["ac"] = M.ac(top1) if any(a > b for a, b in top1) else None
     report["am"] = M.am(top1) if top1 else None
-    m_mix = [(a, v) for a, b, v in lineage.metric("m_mix") if a == champion]
+    m_mix = [(a, v) for a, b, v in lineage.metric(Metric.M_MIX) if a == champion]
     report["m_mix"] = m_mix[-1][1] if m_mix else None
     counts = lineage.gallery_counts()
     info = lineage.gallery_info()

@@ -29,6 +29,7 @@ from store.gallery import Gallery
 from store.lineage import Generation, Lineage
 from workers.datasets import Dataset
 from workers.evaluate import generation_outputs
+from workers.metric_names import Metric
 from workers.scenario import eval_split
 from workers.served import ServedPlan, ServedView, collection_selection, item_classes, plan_targeted
 
@@ -164,14 +165,14 @@ def record(lineage: Lineage, gen_id: int, j: Judgement, names: dict[int, str]) -
     owed = j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
     g = gen_id
     return [
-        (g, g, "served_delta", plan.overall.delta),
-        (g, g, "served_delta_lo", plan.overall.lo),
-        (g, g, "served_delta_hi", plan.overall.hi),
-        (g, g, "served_worse_classes", float(len(plan.worse))),
-        (g, g, "served_regressed", float(plan.regressed)),
-        (g, g, "served_recovered", float(plan.recovered)),
-        (g, g, "debt_items", float(len(j.debt)) if owed else 0.0),
-        (g, g, "debt_share", share if owed else 0.0),
+        (g, g, Metric.SERVED_DELTA, plan.overall.delta),
+        (g, g, Metric.SERVED_DELTA_LO, plan.overall.lo),
+        (g, g, Metric.SERVED_DELTA_HI, plan.overall.hi),
+        (g, g, Metric.SERVED_WORSE_CLASSES, float(len(plan.worse))),
+        (g, g, Metric.SERVED_REGRESSED, float(plan.regressed)),
+        (g, g, Metric.SERVED_RECOVERED, float(plan.recovered)),
+        (g, g, Metric.DEBT_ITEMS, float(len(j.debt)) if owed else 0.0),
+        (g, g, Metric.DEBT_SHARE, share if owed else 0.0),
     ]
 
 

@@ -48,16 +48,16 @@ def curve(points: Sequence[Sequence[float]] | None) -> str:
 
 
 def cycle_backfill(result: Mapping[str, Any] | None) -> str:
-    """What a cycle's backfill step did (``flows.cycle.backfill_step``'s result)."""
+    """What a cycle's backfill step did (``flows.cycle_steps.backfill_step``'s result)."""
     if not result:
         return "none (not promoted)"
     if "indexed" in result:
         return f"indexed the collection: {result['indexed']:,} items, M_mix {num(result['m_mix'])}"
     if result.get("collection", "") is None:
         return "no collection yet (`graceful index SPEC` makes one)"
-    line = f"job {result['job']}: re-embedded {result['items']:,} items"
-    if result.get("m_mix") is not None:
-        line += f", M_mix after {num(result['m_mix'])}"
+    line = f"job {result['job']}: re-embedded {result['items_done']:,} items"
+    if result.get("m_mix_after") is not None:
+        line += f", M_mix after {num(result['m_mix_after'])}"
     if result.get("completed"):
         line += f"; {generations(result['completed'])} re-embedded whole (owed)"
     return line

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,18 @@ from workers.models import LOGIT_SCALE
 
 _E = TypeVar("_E", bound=StrEnum)
 
-if TYPE_CHECKING:  # only for annotations: train.py imports this module
-    from workers.train import Teacher, TrainSpec
+
+class LossSettings(Protocol):
+    """The trainer's settings the losses read (``workers.train.TrainSpec`` has them)."""
+
+    bct_prototypes: bool
+    influence_head: str
+    influence_scale: float | None
+    focal_alpha: float
+    focal_beta: float
+    focal_temperature: float
+    contrastive_temperature: float
+    embedding_scope: str
 
 
 class ConstraintKind(StrEnum):
@@ -46,6 +56,19 @@ class ConstraintKind(StrEnum):
     FOCAL = "focal"  # PCT: focal distillation toward the ancestor's logits
     EMBEDDING = "embedding"  # 1 - cos(new embedding, ancestor's embedding)
     CONTRASTIVE = "contrastive"  # d-Simplex-HOC: InfoNCE to the ancestor's embeddings
+
+
+@dataclass
+class Teacher:
+    """A frozen earlier generation: its heads, the classes it knew, its weights."""
+
+    target: int
+    slot: int  # its index along the K axis of the precomputed embeddings
+    head: torch.Tensor  # (C, d): the influence head (centroids / BCT prototypes)
+    own_head: torch.Tensor  # (C, d): its cosine head, which gives its logits
+    known: torch.Tensor  # (C,) bool: classes in its training data
+    # summed weight per constraint kind against this ancestor (workers.constraints)
+    weights: dict[ConstraintKind, float] = field(default_factory=dict)
 
 
 class TrainMethod(StrEnum):
@@ -113,7 +136,7 @@ def _old_emb(s: Stack, b: StepInputs) -> torch.Tensor:
 
 # -- influence (BCT) -------------------------------------------------------------------
 def _stack_influence(
-    teachers: list[Teacher], spec: TrainSpec
+    teachers: list[Teacher], spec: LossSettings
 ) -> tuple[Tensors, torch.Tensor | None]:
     # without BCT prototypes an ancestor cannot judge classes it never saw
     judged_all = spec.bct_prototypes or spec.influence_head == "centroids"
@@ -121,19 +144,21 @@ def _stack_influence(
     return {"head": torch.stack([t.head for t in teachers])}, mask
 
 
-def _loss_influence(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
+def _loss_influence(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:
     scale = spec.influence_scale or LOGIT_SCALE
     return influence_loss(b.emb, s.tensors["head"], b.labels, scale, _item_mask(s, b))
 
 
 # -- focal distillation (PCT) ----------------------------------------------------------
-def _stack_focal(teachers: list[Teacher], spec: TrainSpec) -> tuple[Tensors, torch.Tensor | None]:
+def _stack_focal(
+    teachers: list[Teacher], spec: LossSettings
+) -> tuple[Tensors, torch.Tensor | None]:
     own = torch.stack([t.own_head for t in teachers])
     # its logits on classes it never saw lie: those items are masked out
     return {"own_head": own}, torch.stack([t.known for t in teachers])
 
 
-def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
+def _loss_focal(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:
     # the ancestor's logits: its cosine head on its (precomputed) embeddings, (K, n, C)
     old_logits = cosine_logits_stacked(_old_emb(s, b), s.tensors["own_head"])
     return focal_distillation_loss(
@@ -148,7 +173,7 @@ def _loss_focal(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
 
 
 # -- contrastive compatibility (d-Simplex-HOC): the embedding term's items, stacked alike
-def _loss_contrastive(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
+def _loss_contrastive(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:
     return contrastive_compatibility_loss(
         b.emb, _old_emb(s, b), b.labels, spec.contrastive_temperature, _item_mask(s, b)
     )
@@ -156,7 +181,7 @@ def _loss_contrastive(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
 
 # -- embedding distillation ------------------------------------------------------------
 def _stack_embedding(
-    teachers: list[Teacher], spec: TrainSpec
+    teachers: list[Teacher], spec: LossSettings
 ) -> tuple[Tensors, torch.Tensor | None]:
     mask = None
     if spec.embedding_scope == "known":
@@ -166,7 +191,7 @@ def _stack_embedding(
     return {}, mask
 
 
-def _loss_embedding(s: Stack, b: StepInputs, spec: TrainSpec) -> torch.Tensor:
+def _loss_embedding(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:
     return embedding_distillation_loss(b.emb, _old_emb(s, b), _item_mask(s, b))
 
 
@@ -181,8 +206,8 @@ class KindSpec:
 
     kind: ConstraintKind
     default_weight: float  # what bench/compat.py measured best (bench/results/compat.md)
-    stack: Callable[[list[Teacher], TrainSpec], tuple[Tensors, torch.Tensor | None]]
-    loss: Callable[[Stack, StepInputs, TrainSpec], torch.Tensor]  # (K,): one per ancestor
+    stack: Callable[[list[Teacher], LossSettings], tuple[Tensors, torch.Tensor | None]]
+    loss: Callable[[Stack, StepInputs, LossSettings], torch.Tensor]  # (K,): one per ancestor
 
 
 REGISTRY: dict[ConstraintKind, KindSpec] = {
@@ -227,7 +252,7 @@ def full_weights(weights: Mapping[str, float] | None = None) -> dict[ConstraintK
     return out
 
 
-def stack_teachers(teachers: list[Teacher], spec: TrainSpec) -> dict[ConstraintKind, Stack]:
+def stack_teachers(teachers: list[Teacher], spec: LossSettings) -> dict[ConstraintKind, Stack]:
     """One stack per kind, holding only the teachers with a non-zero weight of that kind."""
     stacks: dict[ConstraintKind, Stack] = {}
     for kind, entry in REGISTRY.items():
@@ -242,7 +267,7 @@ def stack_teachers(teachers: list[Teacher], spec: TrainSpec) -> dict[ConstraintK
 
 
 def constraint_losses(
-    stacks: dict[ConstraintKind, Stack], inputs: StepInputs, spec: TrainSpec
+    stacks: dict[ConstraintKind, Stack], inputs: StepInputs, spec: LossSettings
 ) -> dict[ConstraintKind, torch.Tensor]:
     """Each kind's weighted sum over its ancestors, for one mini-batch (zero when absent)."""
     zero = torch.zeros((), device=inputs.emb.device)

@@ -18,6 +18,7 @@ from workers import metrics as M
 from workers import stats as S
 from workers.datasets import Dataset
 from workers.embed import Outputs, forward
+from workers.metric_names import Metric
 from workers.models import load_model
 from workers.scenario import eval_split
 
@@ -78,12 +79,14 @@ def evaluate_against_ancestors(
     y = ds.y_test
     new = generation_outputs(gen, ds, cache_dir)
     g = int(gen.id)  # type: ignore[arg-type]
-    rows: list[tuple[int, int, str, float]] = [(g, g, "accuracy", M.accuracy(new.prediction, y))]
+    rows: list[tuple[int, int, str, float]] = [
+        (g, g, Metric.ACCURACY, M.accuracy(new.prediction, y))
+    ]
     g_idx, q_idx = new.gallery_idx, new.query_idx
     qy, gy = y[q_idx], y[g_idx]
 
     own = M.compat_matrix({g: new.query_emb}, {g: new.gallery_emb}, qy, gy)[(g, g)]
-    rows += [(g, g, "compat_top1", own["top1"]), (g, g, "compat_map100", own["map100"])]
+    rows += [(g, g, Metric.COMPAT_TOP1, own["top1"]), (g, g, Metric.COMPAT_MAP100, own["map100"])]
 
     olds_active = []
     for anc in ancestors:
@@ -97,16 +100,16 @@ def evaluate_against_ancestors(
         c_gk = cross[(g, k)]
         c_kk = cross[(k, k)]["top1"]
         rows += [
-            (g, k, "compat_top1", c_gk["top1"]),
-            (g, k, "compat_map100", c_gk["map100"]),
-            (g, k, "ecc", float(M.ecc(c_gk["top1"], c_kk))),
-            (g, k, "update_gain", M.update_gain(c_gk["top1"], c_kk, own["top1"])),
+            (g, k, Metric.COMPAT_TOP1, c_gk["top1"]),
+            (g, k, Metric.COMPAT_MAP100, c_gk["map100"]),
+            (g, k, Metric.ECC, float(M.ecc(c_gk["top1"], c_kk))),
+            (g, k, Metric.UPDATE_GAIN, M.update_gain(c_gk["top1"], c_kk, own["top1"])),
         ]
         # a generation recorded without its classes (an older lineage) has no split
         evidence = gate_evidence(new, old, y, anc.classes or None)
         rows += [(g, k, name, value) for name, value in evidence.items()]
-    rows.append((g, g, "nfr_any", M.nfr_any(new.prediction, olds_active, y)))
-    rows.append((g, g, "evidence_confidence", S.DEFAULT_CONFIDENCE))
+    rows.append((g, g, Metric.NFR_ANY, M.nfr_any(new.prediction, olds_active, y)))
+    rows.append((g, g, Metric.EVIDENCE_CONFIDENCE, S.DEFAULT_CONFIDENCE))
     return rows
 
 

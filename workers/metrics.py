@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from workers.metric_names import Metric
+
 __all__ = [
     "ac",
     "accuracy",
@@ -179,11 +181,11 @@ def nfr_any(new: np.ndarray, olds: Sequence[np.ndarray], y: np.ndarray) -> float
 def flip_metrics(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """All pairwise flip metrics: {"nfr", "pfr", "nfi", "btc", "bec"}."""
     return {
-        "nfr": nfr(new, old, y),
-        "pfr": pfr(new, old, y),
-        "nfi": nfi(new, old, y),
-        "btc": btc(new, old, y),
-        "bec": bec(new, old, y),
+        Metric.NFR: nfr(new, old, y),
+        Metric.PFR: pfr(new, old, y),
+        Metric.NFI: nfi(new, old, y),
+        Metric.BTC: btc(new, old, y),
+        Metric.BEC: bec(new, old, y),
     }
 
 

@@ -52,6 +52,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from workers.metric_names import Metric
+
 __all__ = [
     "DEFAULT_CONFIDENCE",
     "DEFAULT_RESAMPLES",
@@ -267,22 +269,22 @@ def pair_evidence(
         q = _check_counts(queries)
         ci = paired_bootstrap_ci_counts(q, confidence=confidence, resamples=resamples, seed=seed)
         out |= {
-            "ecc_queries": q.n,
-            "ecc_gain": q.gain,
-            "ecc_loss": q.loss,
-            "ecc_delta": ci.estimate,
-            "ecc_delta_lo": ci.lo,
-            "ecc_delta_hi": ci.hi,
+            Metric.ECC_QUERIES: q.n,
+            Metric.ECC_GAIN: q.gain,
+            Metric.ECC_LOSS: q.loss,
+            Metric.ECC_DELTA: ci.estimate,
+            Metric.ECC_DELTA_LO: ci.lo,
+            Metric.ECC_DELTA_HI: ci.hi,
         }
     if items is not None:
         f = _check_counts(items)
         lo, hi = clopper_pearson(f.loss, f.n, confidence)
         out |= {
-            "flip_items": f.n,
-            "flip_neg": f.loss,
-            "flip_pos": f.gain,
-            "nfr_lo": lo,
-            "nfr_hi": hi,
-            "flip_p": mcnemar_exact(f.loss, f.gain, "greater"),
+            Metric.FLIP_ITEMS: f.n,
+            Metric.FLIP_NEG: f.loss,
+            Metric.FLIP_POS: f.gain,
+            Metric.NFR_LO: lo,
+            Metric.NFR_HI: hi,
+            Metric.FLIP_P: mcnemar_exact(f.loss, f.gain, "greater"),
         }
     return out

@@ -54,6 +54,7 @@ from workers.constraints import (
     REGISTRY,
     ConstraintKind,
     StepInputs,
+    Teacher,
     constraint_losses,
     parse_kind,
     received_weights,
@@ -125,6 +126,12 @@ class SourceItems:
 
 @dataclass
 class TrainSpec:
+    """One generation's training: its items, head, architecture, constraints and knobs.
+
+    The knobs' defaults are written here once: ``flows.config.TrainConfig`` reads them
+    (:func:`spec_default`) and ``TrainConfig.train_spec`` passes every knob it shares.
+    """
+
     generation: int
     x: np.ndarray | None  # in-memory items (the scenario), or None with ``source``
     y: np.ndarray | None
@@ -132,7 +139,7 @@ class TrainSpec:
     classes: list[int]
     architecture: dict[str, Any]
     embed_dim: int = 64
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -178,6 +185,12 @@ class TrainSpec:
     stop_after_epochs: int | None = None
 
 
+def spec_default(name: str) -> Any:
+    """A TrainSpec knob's default (the one place it is written)."""
+    f = TrainSpec.__dataclass_fields__[name]
+    return f.default
+
+
 def check_spec(spec: TrainSpec) -> None:
     """Refuse unknown constraint kinds and options before any work is done."""
     for c in spec.constraints:
@@ -197,19 +210,6 @@ def check_spec(spec: TrainSpec) -> None:
         )
     if (spec.x is None) == (spec.source is None):
         raise ValueError("give the training items as x and y, or as a source, not both")
-
-
-@dataclass
-class Teacher:
-    """A frozen earlier generation: its heads, the classes it knew, its weights."""
-
-    target: int
-    slot: int  # its index along the K axis of the precomputed embeddings
-    head: torch.Tensor  # (C, d): the influence head (centroids / BCT prototypes)
-    own_head: torch.Tensor  # (C, d): its cosine head, which gives its logits
-    known: torch.Tensor  # (C,) bool: classes in its training data
-    # summed weight per constraint kind against this ancestor (workers.constraints)
-    weights: dict[ConstraintKind, float] = field(default_factory=dict)
 
 
 def teacher_head(

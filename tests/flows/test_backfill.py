@@ -94,6 +94,7 @@ def test_streamed_policy_orders_equal_the_in_memory_orders(tiny) -> None:
     assert sorted(whole.tolist()) == rows.item_id.tolist()
 
 
+@pytest.mark.slow  # starts the local Ray cluster (an embedding actor)
 def test_a_budgeted_backfill_re_embeds_the_policy_head(tiny) -> None:
     lin, gallery, g1, g2 = tiny
     head, _ = policy_order(gallery, g2.id, "representative", seed=0, num_classes=10)
@@ -115,6 +116,7 @@ def test_a_budgeted_backfill_re_embeds_the_policy_head(tiny) -> None:
     assert lin.gallery_counts() == {g1.id: 54, g2.id: 216}
 
 
+@pytest.mark.slow  # Ray embedding actors, twice
 def test_killed_mid_way_and_resumed_nothing_lost_nothing_duplicated(tiny) -> None:
     lin, gallery, g1, g2 = tiny
     seen: list[tuple[int, int]] = []
@@ -144,6 +146,7 @@ def test_killed_mid_way_and_resumed_nothing_lost_nothing_duplicated(tiny) -> Non
     assert [d for d, _ in seen[3:]] == [64, 96, 128, 160, 192, 224, 256, 270]
 
 
+@pytest.mark.slow  # Ray, and a SIGKILL of a backfill process
 def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
     import ray
 
@@ -255,11 +258,12 @@ def test_parquet_feature_sources_stream_the_evaluation_split(tmp_path: Path) -> 
         src.take(np.array([len(expected)]))
 
 
+@pytest.mark.slow  # two training cycles and a backfill on Ray
 def test_full_backfill_retires_the_constraint_on_the_old_generation(home: Path) -> None:
     from flows import chain
     from flows.backfill import backfill_once
     from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
-    from flows.cycle import backfill_step, evaluate_step, gate_step, start_cycle, train_step
+    from flows.cycle import run_cycle
 
     lin = Lineage()
     cfg = CycleConfig(
@@ -271,12 +275,9 @@ def test_full_backfill_retires_the_constraint_on_the_old_generation(home: Path) 
     )
     gens = []
     for _ in range(2):
-        state = start_cycle(lin, cfg)
-        train_step(lin, state, cfg)
-        gate_step(lin, state, evaluate_step(lin, state), cfg)
-        lin.promote(state.generation.id)
-        backfill_step(lin, state, cfg)
-        gens.append(state.generation.id)
+        result = run_cycle(lin, cfg)
+        assert result["promoted"]
+        gens.append(result["generation"])
     g1, g2 = gens
     assert chain.retire_unused(lin) == []  # generation 1 still has every gallery item
     assert [(c.target_id, c.status) for c in lin.constraints(g2)] == [(g1, "active")]
@@ -329,6 +330,7 @@ def test_a_swapped_champion_checkpoint_is_refused_before_any_job(tiny) -> None:
     assert lin.backfill_jobs() == [] and _state(gallery) == before  # no job left running
 
 
+@pytest.mark.slow  # Ray, and a backfill process killed at a failpoint
 def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
     from flows.report import build_report
     from workers.runtime import ensure_ray

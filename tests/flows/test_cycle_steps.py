@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
-from flows.cycle import backfill_step, evaluate_step, gate_step, start_cycle, train_step
+from flows.cycle import run_cycle
+from flows.cycle_steps import evaluate_step, gate_step, start_cycle, train_step
 from store.lineage import Lineage
 from workers.datasets import load_dataset
 
@@ -18,14 +19,8 @@ SETUP_GATE = GateConfig(first_above_chance=False)
 
 
 def _cycle(lineage: Lineage, cfg: CycleConfig) -> tuple[int, bool]:
-    state = start_cycle(lineage, cfg)
-    train_step(lineage, state, cfg)
-    metrics = evaluate_step(lineage, state)
-    passed = gate_step(lineage, state, metrics, cfg)
-    if passed:
-        lineage.promote(state.generation.id)
-        backfill_step(lineage, state, cfg)
-    return state.generation.id, passed
+    result = run_cycle(lineage, cfg)
+    return result["generation"], result["promoted"]
 
 
 @pytest.mark.slow
@@ -165,7 +160,7 @@ def test_a_swapped_champion_checkpoint_stops_the_cycle_before_anything_starts(ho
 
 
 def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> None:
-    from flows.cycle import Step, cycle_config_path
+    from flows.cycle_steps import Step, cycle_config_path
     from flows.recovery import recover_generations
 
     lin = Lineage()
@@ -188,7 +183,7 @@ def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> No
     assert "cycle config" in gone.error
     assert recover_generations(lin) is None  # nothing left mid-cycle
     # no gallery yet, but the lineage knows its source: no --dataset needed
-    from flows.cycle import plan_cycle
+    from flows.cycle_steps import plan_cycle
 
     assert lin.gallery_info() is None
     assert plan_cycle(lin, CycleConfig(train=TrainConfig(epochs=1))).dataset.spec == "digits"
@@ -199,7 +194,7 @@ def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
     import numpy as np
     from sqlmodel import Session
 
-    from flows.cycle import plan_cycle, unchanged_since
+    from flows.cycle_steps import plan_cycle, unchanged_since
     from flows.report import build_report
     from store.lineage import SnapshotRecord
     from store.settings import StoreError
@@ -243,7 +238,7 @@ def test_a_lineage_keeps_its_backbone_kind(home) -> None:
     """A new scenario lineage on images gets the residual CNN; one whose generations are
     MLPs (made before the CNN was the default) goes on with the MLP, which it can warm
     start from."""
-    from flows.cycle import plan_cycle
+    from flows.cycle_steps import plan_cycle
 
     lin = Lineage()
     cfg = CycleConfig(dataset="digits", stages=3)

@@ -13,7 +13,7 @@ import pytest
 from flows import chain
 from flows.backfill import backfill_once
 from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
-from flows.cycle import backfill_step, evaluate_step, gate_step, start_cycle, train_step
+from flows.cycle_steps import backfill_step, evaluate_step, gate_step, start_cycle, train_step
 from flows.gate import GateOutcome
 from flows.recovery import recover
 from flows.report import build_report

@@ -10,16 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.config import CycleConfig, GateConfig, TrainConfig
-from flows.cycle import (
-    backfill_step,
-    evaluate_step,
-    gate_step,
-    plan_cycle,
-    reevaluate,
-    start_cycle,
-    train_step,
-    unchanged_since,
-)
+from flows.cycle import run_cycle
+from flows.cycle_steps import plan_cycle, start_cycle, train_step
 from flows.report import build_report
 from sources.data import digits, parquet_rows, write_images, write_parquet
 from store.lineage import Lineage
@@ -33,25 +25,14 @@ CFG = dict(train=TrainConfig(epochs=8, batch_size=32), gate=GateConfig(enabled=F
 
 
 def cycle(lin: Lineage, spec: str | None, **kw) -> int | None:
-    """One cycle through the flow's steps; None when it would be skipped."""
-    cfg = CycleConfig(dataset=spec, **(CFG | kw))
-    plan = plan_cycle(lin, cfg)
-    if plan.eval_changed:
-        reevaluate(lin, plan)
-    if not cfg.force and unchanged_since(lin, plan) is not None:
-        return None
-    state = start_cycle(lin, cfg, plan)
-    train_step(lin, state, cfg)
-    metrics = evaluate_step(lin, state)
-    if gate_step(lin, state, metrics, cfg):
-        lin.promote(state.generation.id)
-        backfill_step(lin, state, cfg)
-    return int(state.generation.id)
+    """One update cycle (the flow's own sequence); None when it was skipped."""
+    result = run_cycle(lin, CycleConfig(dataset=spec, **(CFG | kw)))
+    return None if result.get("skipped") else int(result["generation"])
 
 
 def class_accuracy(lin: Lineage, gen_id: int, name: str) -> float:
     """Generation gen_id's accuracy on the evaluation items of class ``name``."""
-    from flows.cycle import resolve_dataset
+    from flows.data import resolve_dataset
 
     ds = resolve_dataset(lin, None)
     gen = lin.generation(gen_id)

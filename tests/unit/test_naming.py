@@ -88,7 +88,7 @@ def test_summaries_say_numbers_and_collections_plainly() -> None:
     )
     assert text.curve([]) == "not measured"
     said = [
-        text.cycle_backfill({"job": 3, "items": 54, "m_mix": 0.61, "completed": [1]}),
+        text.cycle_backfill({"job": 3, "items_done": 54, "m_mix_after": 0.61, "completed": [1]}),
         text.cycle_backfill({"indexed": 270, "m_mix": 0.5}),
         text.cycle_backfill({"collection": None}),
         text.cycle_backfill({}),

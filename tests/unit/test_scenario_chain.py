@@ -60,7 +60,7 @@ def test_every_stage_can_inherit_the_last_ones_function(shape) -> None:
 
 
 def test_source_architecture_picks_the_backbone_by_input_shape() -> None:
-    from flows.cycle import source_architecture
+    from flows.cycle_steps import source_architecture
 
     assert source_architecture((1, 28, 28))["kind"] == "resnet"
     assert source_architecture([3, 64, 64]) == stage_plan(10, 3, 2, (3, 64, 64)).architecture

@@ -1,0 +1,586 @@
+"""The update cycle's steps as plain functions: plan (snapshot) -> start (generation and
+its constraints) -> train (Ray) -> evaluate (against every ancestor) -> gate -> promote ->
+backfill. :func:`flows.cycle.run_cycle` runs them in order; tests call them one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flows import chain, targeted
+from flows.backfill import backfill_once
+from flows.config import CycleConfig
+from flows.data import (
+    last_snapshot,
+    lineage_image_size,
+    resolve_dataset,
+    resolve_spec,
+    scenario_gallery,
+    source_mode,
+)
+from flows.gate import (
+    FirstEvidence,
+    GateOutcome,
+    backfill_owed,
+    counts_from_metrics,
+    decide,
+    evidence_rows,
+    groups_from_metrics,
+)
+from flows.steps import Step
+from store.failpoints import failpoint
+from store.files import verify_checkpoint
+from store.gallery import Gallery, GalleryRows
+from store.lineage import Generation, GenerationStatus, Lineage
+from store.settings import StoreError, subdir
+from workers.backfill import close_interrupted_jobs
+from workers.datasets import Dataset
+from workers.evaluate import evaluate_against_ancestors, generation_outputs
+from workers.metric_names import Metric
+from workers.models import EmbeddingNet
+from workers.runtime import run_placed, task_resources, train_resources
+from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
+from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
+from workers.sources import SourceError, describe_change, load_eval, scan_source
+from workers.train import ConstraintSpec, SourceItems, train_generation
+
+
+@dataclass
+class CycleState:
+    """What one cycle carries from step to step."""
+
+    dataset: Dataset  # the scenario's data set, or a source's evaluation set
+    stage: Stage
+    generation: Generation
+    train_idx: np.ndarray | None  # the scenario's training rows; None for a source
+    active: list[int]
+    config: CycleConfig  # the one its generation trains under (a resumed one: its own)
+    champion: int | None  # the champion when the cycle began: the gate compares against it
+    step: Step = Step.TRAIN
+    result: dict[str, Any] = field(default_factory=dict)
+    promoted: bool = False
+    reasons: list[str] = field(default_factory=list)
+    resumed: str | None = None  # how an interrupted cycle was picked up, if it was
+    source: SourceItems | None = None  # a source's snapshot, streamed by the trainer
+    capacity: int | None = None  # head rows (a source's lineage reserves them up front)
+
+    @property
+    def train_items(self) -> int:
+        return int(self.generation.train_samples or 0)
+
+
+def cycle_config_path(gen_id: int) -> Path:
+    """The config a generation trains under, kept so an interrupted cycle can resume."""
+    return subdir("snapshots") / f"gen-{gen_id}-cycle.json"
+
+
+def train_idx_path(gen_id: int) -> Path:
+    return subdir("snapshots") / f"gen-{gen_id}-train-idx.npy"
+
+
+def verify_inputs(lineage: Lineage, generations: list[int]) -> None:
+    """The checkpoints a cycle reads (champion, ancestors) match the lineage, before work."""
+    by_id = {g.id: g for g in lineage.generations()}
+    for gen_id in generations:
+        gen = by_id[gen_id]
+        verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
+
+
+DEFAULT_STAGES = 3  # the scenario's stage count when neither the config nor the lineage says
+
+
+@dataclass
+class CyclePlan:
+    """Step 1: the next cycle's training data, before anything is recorded."""
+
+    dataset: Dataset
+    stage: Stage
+    train_idx: np.ndarray | None
+    snapshot: Snapshot
+    source: SourceItems | None = None
+    capacity: int | None = None
+    eval_changed: bool = False  # the evaluation set changed and is to be re-evaluated on
+
+
+def source_architecture(input_shape: tuple[int, ...]) -> dict:
+    """A source's model: the scenario's last-stage one for its inputs (a residual CNN for
+    images, the MLP for feature vectors; workers.scenario.default_architecture)."""
+    return default_architecture(tuple(input_shape), grow=1.0)
+
+
+def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
+    """The next snapshot (a source's, or the scenario's next stage); refuses an
+    evaluation set that changed under the lineage."""
+    spec = resolve_spec(lineage, cfg.dataset)
+    if source_mode(lineage, spec, cfg.stages):
+        plan = plan_source(lineage, cfg, spec)
+    else:
+        plan = plan_scenario(lineage, cfg, spec)
+    if cfg.reevaluate:
+        plan.eval_changed = eval_set_changed(lineage, plan.snapshot)
+    else:
+        check_eval_set(lineage, plan.snapshot)
+    return plan
+
+
+def eval_items_path(fingerprint: str) -> Path:
+    return subdir("snapshots") / f"eval-{fingerprint[:24]}.parquet"
+
+
+def eval_set_changed(lineage: Lineage, snap: Snapshot) -> bool:
+    first = next((r for _, r in sorted(lineage.snapshots().items())), None)
+    return first is not None and first.eval_fingerprint != snap.eval_fingerprint
+
+
+def check_eval_set(lineage: Lineage, snap: Snapshot) -> None:
+    """Refuse an evaluation set other than the one the lineage's first generation had."""
+    first = next((r for _, r in sorted(lineage.snapshots().items())), None)
+    if first is None or first.eval_fingerprint == snap.eval_fingerprint:
+        return
+    what = f"fingerprint {first.eval_fingerprint[:12]} -> {snap.eval_fingerprint[:12]}"
+    old = eval_items_path(first.eval_fingerprint)
+    if snap.eval_items is not None and old.exists():
+        what = describe_change(pq.read_table(old), snap.eval_items)
+    raise StoreError(
+        f"the evaluation set of {snap.source!r} changed since generation "
+        f"{first.generation_id}: {what}; every generation here was measured on the old one: "
+        "restore it, or pass --reevaluate to measure every kept generation on the new one"
+    )
+
+
+def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list[int]:
+    """Measure every kept generation again on the plan's (new) evaluation set.
+
+    Every metric against every ancestor is recomputed and replaces the old value; the
+    snapshots' evaluation fingerprint moves to the new set; the gallery, which indexes
+    the evaluation set's gallery half, is built again by the champion. Returns the
+    generations measured.
+    """
+    ds = plan.dataset
+    for stale in subdir("cache").glob("eval-*.npz"):  # outputs on the old set
+        stale.unlink(missing_ok=True)
+    kept = [g for g in lineage.generations() if g.status in chain.EVALUATED and g.checkpoint_path]
+    for gen in kept:
+        active = sorted({c.target_id for c in lineage.constraints(gen.id)})
+        ancestors = chain.ancestors_of(lineage, int(gen.id))  # type: ignore[arg-type]
+        rows = evaluate_against_ancestors(gen, ancestors, active, ds, subdir("cache"))
+        lineage.record_metrics(rows)
+        acc = next(v for a, b, m, v in rows if m == Metric.ACCURACY)
+        lineage.update_generation(gen.id, accuracy=acc)
+    if plan.snapshot.eval_items is not None:
+        _write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
+    lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
+    gallery = Gallery(lineage)
+    champion = lineage.champion()
+    if scenario_gallery(lineage) is not None:  # a user's collection does not change
+        close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
+        gallery.drop()
+        if champion is not None:
+            index_gallery(lineage, ds, champion, part_rows)
+    return [int(g.id) for g in kept]  # type: ignore[arg-type]
+
+
+def lineage_kind(existing: list[Generation]) -> str | None:
+    """The backbone kind of the newest of ``existing`` generations (None: there is none)."""
+    kinds = [g.architecture.get("kind") for g in existing if g.architecture]
+    return kinds[-1] if kinds else None
+
+
+def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
+    """The scenario's next stage over a data set loaded whole."""
+    ds = resolve_dataset(lineage, spec, cfg.stages or DEFAULT_STAGES, cfg.train.image_size)
+    snapshots = lineage.snapshots()
+    known = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
+    stages = cfg.stages or (known[-1] if known else DEFAULT_STAGES)
+    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
+    index = cfg.stage if cfg.stage is not None else len(existing)
+    # a lineage keeps its backbone kind (a warm start cannot cross kinds): one begun with
+    # the MLP on images, before the residual CNN was the default, goes on with the MLP
+    shape = ds.input_shape if lineage_kind(existing) in (None, "resnet") else None
+    stage = stage_plan(ds.num_classes, stages, min(index, stages - 1), shape)
+    train_idx = stage_indices(ds.y_train, stage, seed=0)
+    return CyclePlan(ds, stage, train_idx, scenario_snapshot(ds, stage, stages, train_idx))
+
+
+def class_capacity(lineage: Lineage, cfg: CycleConfig, n_classes: int) -> int:
+    """Head rows of a source's lineage: fixed by its first snapshot, room to grow."""
+    last = last_snapshot(lineage)
+    if last is not None and last.capacity:
+        return int(last.capacity)
+    return cfg.train.class_capacity or max(cfg.train.embed_dim, 2 * n_classes)
+
+
+def plan_source(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
+    """A snapshot of the source as it is now; new classes get the next free head rows."""
+    last = last_snapshot(lineage)
+    previous = None
+    known_files = last.keys_path if last is not None and spec.startswith("imagefolder") else None
+    if known_files and Path(known_files).exists():  # spares re-hashing unchanged files
+        previous = pq.read_table(known_files, columns=["key", "size", "mtime_ns", "sha256"])
+    scan = scan_source(spec, previous)
+    if scan.skipped and cfg.strict:
+        first = scan.skipped[0]
+        raise SourceError(
+            f"{len(scan.skipped)} unreadable item(s) in {spec} (first: {first['key']}: "
+            f"{first['reason']}); fix or remove them, or run without --strict to skip them"
+        )
+    ev = load_eval(spec, lineage_image_size(lineage, cfg.train.image_size))
+    counts = scan.class_counts()
+    names = sorted(set(counts) | set(ev.labels))
+    capacity = class_capacity(lineage, cfg, len(names))
+    known = lineage.vocabulary()
+    vocab = lineage.extend_vocabulary(
+        sorted(set(names) - set(known)), capacity
+    )  # earlier classes keep their rows
+    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
+    trained = tuple(sorted(vocab[n] for n in counts))
+    architecture = source_architecture(ev.input_format.shape)
+    if lineage_kind(existing) not in (None, architecture["kind"]):
+        architecture = dict(existing[-1].architecture)  # the lineage keeps its backbone
+    stage = Stage(len(existing), trained, 1.0, architecture)
+    snap = source_snapshot(scan, ev, vocab)
+    items = SourceItems(
+        spec=spec,
+        keys_path="",  # set when the snapshot's keys are saved (start_cycle)
+        vocabulary=vocab,
+        input_format=ev.input_format.as_dict(),
+        fingerprint=snap.fingerprint,
+    )
+    return CyclePlan(ev.dataset(spec, vocab), stage, None, snap, items, capacity)
+
+
+def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
+    """The champion, if it trained on exactly this snapshot (then a cycle has nothing new)."""
+    champion = lineage.champion()
+    if champion is None:
+        return None
+    record = lineage.snapshots().get(int(champion.id))  # type: ignore[arg-type]
+    if record is not None and record.fingerprint == plan.snapshot.fingerprint:
+        return int(champion.id)  # type: ignore[arg-type]
+    return None
+
+
+def rejected_before(lineage: Lineage, plan: CyclePlan, cfg: CycleConfig) -> tuple[int, str] | None:
+    """A generation already trained and rejected on exactly this snapshot, under the same
+    training and gate configuration, against the same champion and (where it was
+    constrained) the same ancestors, so a new one would repeat it; with the reason it
+    failed. None when there is none."""
+    active = sorted(chain.active_generations(lineage))
+    snapshots = lineage.snapshots()
+    champion = lineage.champion()
+    for gen in reversed(lineage.generations()):
+        if champion is not None and champion.id > gen.id:  # type: ignore[operator]
+            break  # a newer champion since: the update would be judged against it
+        record = snapshots.get(int(gen.id))  # type: ignore[arg-type]
+        path = cycle_config_path(int(gen.id))  # type: ignore[arg-type]
+        if (
+            gen.status != GenerationStatus.REJECTED
+            or record is None
+            or record.fingerprint != plan.snapshot.fingerprint
+            or not path.exists()
+        ):
+            continue
+        old = CycleConfig.model_validate_json(path.read_text())
+        targets = sorted({c.target_id for c in lineage.constraints(gen.id)})
+        if old.train == cfg.train and old.gate == cfg.gate and (not targets or targets == active):
+            fails = [r.removeprefix("FAIL ") for r in gen.gate_reasons or [] if "FAIL" in r]
+            return int(gen.id), "; ".join(fails) or "rejected"  # type: ignore[arg-type]
+    return None
+
+
+def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = None) -> CycleState:
+    """Steps 1-2: record the snapshot and the generation with its active constraints."""
+    plan = plan or plan_cycle(lineage, cfg)
+    ds, stage, train_idx, snap = plan.dataset, plan.stage, plan.train_idx, plan.snapshot
+    cfg = cfg.model_copy(update={"stages": snap.stages})  # what a resumed cycle must reuse
+    champion = lineage.champion()
+    active = chain.active_generations(lineage)
+    verify_inputs(lineage, active)  # a swapped file fails here, before anything is recorded
+    t = cfg.train
+    planned = chain.plan_constraints(active, t.method, t.against, t.weights, t.ancestor_weights)
+    keys_path = save_keys(snap)
+    if snap.eval_items is not None:
+        _write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
+    source = plan.source
+    if source is not None:
+        source.keys_path = str(keys_path)
+    architecture = dict(stage.architecture) | (t.architecture or {})
+    size = lineage_image_size(lineage, t.image_size)
+    if size:
+        architecture["image_size"] = size
+    # a model that cannot be built (a factory that does not import or maps inputs to the
+    # wrong shape) is refused here, before anything is recorded
+    EmbeddingNet(ds.input_shape, plan.capacity or ds.num_classes, t.embed_dim, architecture)
+    gen = lineage.start_generation(
+        planned,
+        snapshot={
+            "source": snap.source,
+            "stage": snap.stage,
+            "stages": snap.stages,
+            "items": snap.items,
+            "classes": snap.classes,
+            "fingerprint": snap.fingerprint,
+            "eval_fingerprint": snap.eval_fingerprint,
+            "keys_path": str(keys_path),
+            "capacity": plan.capacity,
+            "skipped": snap.skipped,
+        },
+        dataset=ds.spec,
+        stage=stage.index,
+        architecture=architecture,
+        embed_dim=t.embed_dim,
+        classes=list(stage.classes),
+        train_samples=snap.items,
+        epochs=t.epochs,
+        seed=t.seed,
+        method=t.method.value,
+    )
+    save_snapshot(int(gen.id), train_idx, cfg)  # type: ignore[arg-type]
+    state = CycleState(ds, stage, gen, train_idx, active, cfg, champion.id if champion else None)
+    state.source, state.capacity = source, plan.capacity
+    return state
+
+
+def save_keys(snap: Snapshot) -> Path:
+    """The snapshot's items (keys, labels, what locates them) as Parquet, named by its
+    fingerprint (written once, atomically)."""
+    path = subdir("snapshots") / f"keys-{snap.fingerprint[:24]}.parquet"
+    table = snap.table
+    if table is None:
+        table = pa.table({"key": snap.keys, "label": np.asarray(snap.labels, dtype=np.int64)})
+    _write_once(path, table)
+    return path
+
+
+def _write_once(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` atomically unless it exists (names are fingerprints)."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+
+
+def save_snapshot(gen_id: int, train_idx: np.ndarray | None, cfg: CycleConfig) -> None:
+    """What the generation trains on and under which config, each written atomically."""
+    if train_idx is not None:  # the scenario's rows (a source's are its keys file)
+        idx_path = train_idx_path(gen_id)
+        tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
+        np.save(tmp, train_idx)
+        tmp.replace(idx_path)
+    cfg_path = cycle_config_path(gen_id)
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(cfg.model_dump_json(indent=1))
+    tmp.replace(cfg_path)
+
+
+def train_step(
+    lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
+) -> dict[str, Any]:
+    """Step 3: train on a Ray worker; a failure marks the generation failed.
+
+    An interrupted training of this generation continues from its resume file.
+    """
+    gen, t = state.generation, (cfg or state.config).train
+    by_id = {g.id: g for g in lineage.generations()}
+    constraints = [
+        ConstraintSpec(
+            c.target_id,
+            c.kind,  # check_spec turns the name into the enum
+            c.weight,
+            by_id[c.target_id].checkpoint_path,
+            by_id[c.target_id].checkpoint_sha256,
+            list(by_id[c.target_id].classes),
+        )
+        for c in lineage.constraints(gen.id)
+    ]
+    in_memory = state.source is None
+    custom = train_resources()  # GRACEFUL_TRAIN_RESOURCES: the nodes it may train on
+    spec = t.train_spec(
+        int(gen.id),  # type: ignore[arg-type]
+        x=state.dataset.x_train[state.train_idx] if in_memory else None,
+        y=state.dataset.y_train[state.train_idx] if in_memory else None,
+        source=state.source,
+        num_classes=state.capacity or state.dataset.num_classes,
+        classes=list(state.stage.classes),
+        architecture=gen.architecture,
+        constraints=constraints,
+        dataset=state.dataset.spec,
+        checkpoint_dir=str(subdir("checkpoints")),
+        threads=int(task_resources(custom).get("num_cpus", 1)),
+    )
+    failpoint("train")  # the kill tests stop here: recorded, no epoch trained yet
+    try:
+        placed = run_placed(train_generation, (spec,), custom=custom)
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc  # Ray wraps the task's exception
+        lineage.update_generation(gen.id, status=GenerationStatus.FAILED, error=str(cause)[:2000])
+        raise RuntimeError(f"training generation {gen.id} failed: {cause}") from exc
+    result = dict(placed.value, ray_node=placed.node_id, ray_node_ip=placed.node_ip)
+    state.generation = lineage.update_generation(
+        gen.id,
+        status=GenerationStatus.TRAINED,
+        checkpoint_path=result["checkpoint"],
+        checkpoint_sha256=result["sha256"],
+        train_seconds=result["train_seconds"],
+    )
+    state.result = result
+    return result
+
+
+def evaluate_step(lineage: Lineage, state: CycleState) -> dict[tuple[int, int, str], float]:
+    """Step 4: every metric against every earlier generation, stored in the lineage."""
+    gen = state.generation
+    rows = evaluate_against_ancestors(
+        gen, chain.ancestors_of(lineage, gen.id), state.active, state.dataset, subdir("cache")
+    )
+    lineage.record_metrics(rows)
+    failpoint("evaluate")  # the kill tests stop here: metrics stored, not yet gated
+    acc = next(v for a, b, m, v in rows if m == Metric.ACCURACY)
+    state.generation = lineage.update_generation(gen.id, accuracy=acc)
+    return {(a, b, m): v for a, b, m, v in rows}
+
+
+def gate_step(
+    lineage: Lineage,
+    state: CycleState,
+    metrics: dict[tuple[int, int, str], float],
+    cfg: CycleConfig,
+) -> bool:
+    """Step 5: the promotion decision and its reasons, stored on the generation.
+
+    The gate decides on the paired evidence the evaluation stored (counts per ancestor)
+    and records the intervals it used, at its own confidence, as metric rows.
+    """
+    g = state.generation.id
+    champion = lineage.generation(state.champion) if state.champion is not None else None
+    own = {(a, b): v for (a, b, m), v in lineage_pairs(lineage, Metric.COMPAT_TOP1).items()}
+    compat = {k: (metrics[(g, k, Metric.COMPAT_TOP1)], own[(k, k)]) for k in state.active}
+    nfr = {k: metrics[(g, k, Metric.NFR)] for k in state.active}
+    ecc_counts, flip_counts = counts_from_metrics(metrics, g)  # the paired per-case evidence
+    pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
+    accuracy = metrics[(g, g, Metric.ACCURACY)]
+    y = np.asarray(state.dataset.y_test)
+    first = FirstEvidence(
+        round(accuracy * len(y)), len(y), float(np.bincount(y).max() / len(y)) if len(y) else 1
+    )
+    passed, reasons = decide(
+        accuracy,
+        champion.accuracy if champion else None,
+        compat,
+        nfr,
+        cfg.gate,
+        ecc_counts=ecc_counts,
+        flip_counts=flip_counts,
+        ecc_groups=groups_from_metrics(metrics, g),
+        pinned=pinned,
+        first=first if len(y) else None,
+    )
+    if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
+        lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
+    owed = backfill_owed(compat, cfg.gate, ecc_counts, pinned) if passed else []
+    outcome = GateOutcome.PROMOTE if passed else GateOutcome.REJECT
+    served = None
+    if passed and cfg.gate.enabled and champion is not None:  # what users will meet
+        names = class_names(lineage, state.dataset)
+        judged = targeted.judge(
+            lineage,
+            state.dataset,
+            state.generation,
+            champion,
+            cfg.gate,
+            num_classes=state.capacity or state.dataset.num_classes,
+            cache_dir=subdir("cache"),
+            pinned=pinned,
+            owed_full=owed,
+            names=names,
+        )
+        outcome, passed = judged.outcome, judged.outcome != GateOutcome.REJECT
+        reasons = reasons + judged.reasons
+        if not passed:  # a deferred ECC failure is a failure again
+            reasons = [
+                "FAIL " + r.removeprefix("TARGETED ") if r.startswith("TARGETED ") else r
+                for r in reasons
+            ]
+        # recorded before promotion: a kill after it still leaves the debt on record
+        lineage.record_metrics(targeted.record(lineage, g, judged, names))
+        served = targeted.served_rows(judged.plan, names)
+    if passed:
+        lineage.record_metrics([(g, k, chain.OWED, 1.0) for k in owed])
+    state.reasons = reasons
+    state.generation = lineage.update_generation(
+        g,
+        gate_passed=passed,
+        gate_reasons=reasons,
+        gate_outcome=outcome.value,
+        gate_served=served,
+        status=GenerationStatus.TRAINED if passed else GenerationStatus.REJECTED,
+    )
+    return passed
+
+
+def class_names(lineage: Lineage, ds: Dataset) -> dict[int, str]:
+    """Head row -> class name: the lineage's vocabulary, else the data set's names."""
+    vocab = lineage.vocabulary()
+    if vocab:
+        return {i: n for n, i in vocab.items()}
+    return {i: str(n) for i, n in enumerate(ds.class_names)}
+
+
+def promote_step(lineage: Lineage, state: CycleState) -> None:
+    """Step 6: move the champion alias, if it is still the one the gate compared against."""
+    failpoint("promote")  # the kill tests stop here: gated, not yet promoted
+    lineage.promote(int(state.generation.id), expected_champion=state.champion)  # type: ignore[arg-type]
+    state.generation = lineage.generation(int(state.generation.id))  # type: ignore[arg-type]
+    state.promoted = True
+
+
+def lineage_pairs(lineage: Lineage, metric: str) -> dict[tuple[int, int, str], float]:
+    return {(a, b, metric): v for a, b, v in lineage.metric(metric)}
+
+
+def index_gallery(
+    lineage: Lineage, ds: Dataset, champion: Generation, part_rows: int
+) -> dict[str, Any]:
+    """The first gallery: the evaluation set's gallery half, embedded by the champion."""
+    from workers.backfill import m_mix
+
+    gallery = Gallery(lineage)
+    out = generation_outputs(champion, ds, subdir("cache"))
+    rows = GalleryRows(
+        item_id=out.gallery_idx.astype(np.int64),
+        label=ds.y_test[out.gallery_idx],
+        generation=np.full(len(out.gallery_idx), champion.id, np.int32),
+        margin=out.outputs.margin[out.gallery_idx],
+        embedding=out.gallery_emb,
+    )
+    gallery.create(ds.spec, rows, part_rows=part_rows)
+    value = m_mix(out.query_emb, ds.y_test[out.query_idx], gallery.read_all())
+    lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, value)])
+    return {"indexed": len(rows), "m_mix": value}
+
+
+def backfill_step(
+    lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
+) -> dict[str, Any]:
+    """Step 7: backfill the collection within budget (the backfill flow's own function,
+    :func:`flows.backfill.backfill_once`).
+
+    The scenario's first generation indexes the evaluation set's gallery half as the
+    collection (keyed by position) and every later one measures M_mix on it. On a user's
+    source the collection is the user's own (``graceful index``): it is backfilled by
+    key from its source when there is one, and a cycle without one backfills nothing.
+    """
+    cfg = cfg or state.config
+    champion = lineage.champion()
+    assert champion is not None
+    if Gallery(lineage).info() is None:
+        if state.source is not None:
+            return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
+        return index_gallery(lineage, state.dataset, champion, cfg.backfill.batch_rows)
+    return backfill_once(lineage, cfg.backfill)
