@@ -195,20 +195,30 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         help="none | bct | pct | bct+pct | bct+pct+emb | hoc | bct+hoc | bct+pct+hoc | "
-        "bct+pct+emb+hoc"
+        "bct+pct+emb+hoc",
+        rich_help_panel="Training",
     ),
 ]
 AncestorWeightsOpt = Annotated[
     str,
     typer.Option(
-        help="each: every ancestor gets each kind's weight; share: the ancestors share it"
+        help="each: every ancestor gets each kind's weight; share: the ancestors share it",
+        rich_help_panel="Training",
+        hidden=True,
     ),
 ]
 AgainstOpt = Annotated[
-    str, typer.Option(help="all | last: constrain against every active ancestor or the last")
+    str,
+    typer.Option(
+        help="all | last: constrain against every active ancestor or the last",
+        rich_help_panel="Training",
+    ),
 ]
 PolicyOpt = Annotated[
-    str, typer.Option(help="random | oldest-first | uncertainty | representative")
+    str,
+    typer.Option(
+        help="random | oldest-first | uncertainty | representative", rich_help_panel="Backfill"
+    ),
 ]
 
 
@@ -219,6 +229,7 @@ EpochsOpt = Annotated[
         max=1000,  # flows.config.MAX_EPOCHS
         help="training epochs per generation (1-1000); an interrupted generation resumed by "
         "this cycle takes a changed value if no epoch of it finished, else keeps its own",
+        rich_help_panel="Training",
     ),
 ]
 ImageSizeOpt = Annotated[
@@ -226,6 +237,7 @@ ImageSizeOpt = Annotated[
     typer.Option(
         help="side of the square images are decoded to (default: the first evaluation "
         "image's size, at most 32 a side); a lineage keeps the size it began with",
+        rich_help_panel="Data",
     ),
 ]
 ArchitectureOpt = Annotated[
@@ -233,6 +245,8 @@ ArchitectureOpt = Annotated[
     typer.Option(
         help="JSON keys over the default architecture, e.g. '{\"width\": 24}' or your own "
         'backbone: \'{"kind": "import", "factory": "mypkg.nets:build", "options": {}}\'',
+        rich_help_panel="Training",
+        hidden=True,
     ),
 ]
 
@@ -250,7 +264,11 @@ def _budget(value: float) -> float:
 
 BudgetOpt = Annotated[
     float,
-    typer.Option(callback=_budget, help="a fraction (0 to 1) or a count of items (> 1)"),
+    typer.Option(
+        callback=_budget,
+        help="a fraction (0 to 1) or a count of items (> 1)",
+        rich_help_panel="Backfill",
+    ),
 ]
 RetireOpt = Annotated[
     float,
@@ -259,31 +277,66 @@ RetireOpt = Annotated[
         max=1.0,
         help="backfill first the generations holding at most this share of the gallery, "
         "so they retire",
+        rich_help_panel="Backfill",
+        hidden=True,
     ),
 ]
-NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="promote every generation")]
-MaxNfrOpt = Annotated[
-    float, typer.Option(min=0.0, max=1.0, help="gate: reject NFR above this beyond doubt")
+SeedOpt = Annotated[
+    int, typer.Option(help="seed of initialisation and epoch order", rich_help_panel="Training")
 ]
-TolOpt = Annotated[float, typer.Option(min=0.0, help="gate: accuracy >= champion's - this")]
+NoGateOpt = Annotated[
+    bool, typer.Option("--no-gate", help="promote every generation", rich_help_panel="Gate")
+]
+MaxNfrOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=1.0, help="gate: reject NFR above this beyond doubt", rich_help_panel="Gate"
+    ),
+]
+TolOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0, help="gate: accuracy >= champion's - this", rich_help_panel="Gate", hidden=True
+    ),
+]
 EccOpt = Annotated[
-    bool, typer.Option(help="gate: reject when C(g,k) - C(k,k) < -ecc-margin beyond doubt")
+    bool,
+    typer.Option(
+        help="gate: reject when C(g,k) - C(k,k) < -ecc-margin beyond doubt",
+        rich_help_panel="Gate",
+        hidden=True,
+    ),
 ]
 EccMarginOpt = Annotated[
-    float, typer.Option(min=0.0, max=1.0, help="gate: C(g,k) may trail C(k,k) by this")
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="gate: C(g,k) may trail C(k,k) by this",
+        rich_help_panel="Gate",
+        hidden=True,
+    ),
 ]
 ConfidenceOpt = Annotated[
     float,
-    typer.Option("--gate-confidence", min=0.5, max=0.9999, help="gate: level of its intervals"),
+    typer.Option(
+        "--gate-confidence",
+        min=0.5,
+        max=0.9999,
+        help="gate: level of its intervals",
+        rich_help_panel="Gate",
+        hidden=True,
+    ),
 ]
 IncompatibleOpt = Annotated[
     str,
     typer.Option(
         "--gate-on-incompatible",
-        help="targeted: a generation not compatible with an ancestor holding collection "
-        "items is promoted if re-embedding only the items of the classes that would regress "
-        "(at most --gate-max-backfill) leaves no class's search worse; backfill: every item "
-        "of that ancestor is re-embedded; reject: it is rejected",
+        help="targeted | backfill | reject: an update not compatible with an ancestor "
+        "holding collection items is promoted re-embedding only the classes that would "
+        "regress (at most gate.max_backfill of the collection), or all that ancestor's "
+        "items, or rejected",
+        rich_help_panel="Gate",
     ),
 ]
 MaxBackfillOpt = Annotated[
@@ -293,13 +346,24 @@ MaxBackfillOpt = Annotated[
         min=0.0,
         max=1.0,
         help="gate: the most a targeted backfill may re-embed (share of the collection)",
+        rich_help_panel="Gate",
+        hidden=True,
     ),
 ]
 ResamplesOpt = Annotated[
-    int, typer.Option(min=100, help="gate: paired bootstrap resamples for C(g,k) - C(k,k)")
+    int,
+    typer.Option(
+        min=100,
+        help="gate: paired bootstrap resamples for C(g,k) - C(k,k)",
+        rich_help_panel="Gate",
+        hidden=True,
+    ),
 ]
 NoWaitOpt = Annotated[
-    bool, typer.Option("--no-wait", help="refuse, instead of waiting, while a cycle runs")
+    bool,
+    typer.Option(
+        "--no-wait", help="refuse, instead of waiting, while a cycle runs", rich_help_panel="Run"
+    ),
 ]
 WeightOpt = Annotated[
     list[str] | None,
@@ -307,9 +371,16 @@ WeightOpt = Annotated[
         "--weight",
         help="KIND=W, repeatable: a constraint kind's weight (influence, focal, embedding); "
         "kinds not given keep their default",
+        rich_help_panel="Training",
+        hidden=True,
     ),
 ]
-BatchRowsOpt = Annotated[int, typer.Option(min=1, help="backfill: items per committed part")]
+BatchRowsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1, help="backfill: items per committed part", rich_help_panel="Backfill", hidden=True
+    ),
+]
 
 
 def _weights(items: list[str] | None) -> dict[str, float]:
@@ -343,9 +414,11 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="a TOML file of the typed config: top-level keys (dataset, ...) and [train], "
-        "[gate], [backfill], [serve]; options given on the command line override it "
-        "(`graceful config --show` prints every key)",
+        help="a TOML file of the typed config: top-level keys (dataset, ...) and \\[train], "
+        "\\[gate], \\[backfill], \\[serve]; options given on the command line override it; "
+        "every setting is a key there, options hidden from this help included "
+        "(`graceful config --show` prints them all)",
+        rich_help_panel="Run",
     ),
 ]
 
@@ -450,14 +523,16 @@ def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed)
 def run(
     ctx: typer.Context,
     dataset: Annotated[
-        str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist")
+        str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist", rich_help_panel="Data")
     ] = "digits",
-    generations: Annotated[int, typer.Option(min=1, help="cycles to run (>= 1)")] = 3,
+    generations: Annotated[
+        int, typer.Option(min=1, help="cycles to run (>= 1)", rich_help_panel="Run")
+    ] = 3,
     method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
     ancestor_weights: AncestorWeightsOpt = "share",
     epochs: EpochsOpt = 15,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     backfill_budget: BudgetOpt = 0.3,
     backfill_policy: PolicyOpt = "representative",
     backfill_retire_share: RetireOpt = 0.1,
@@ -492,16 +567,26 @@ def run(
 @app.command()
 def cycle(
     ctx: typer.Context,
-    dataset: Annotated[str | None, typer.Option(help="default: the gallery's data set")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="imagefolder:DIR, parquet:PATH, or a scenario's data set (default: the lineage's)",
+            rich_help_panel="Data",
+        ),
+    ] = None,
     stages: Annotated[
         int | None,
-        typer.Option(min=1, help="stages of the scenario (default: the lineage's, else 3)"),
+        typer.Option(
+            min=1,
+            help="stages of the scenario (default: the lineage's, else 3)",
+            rich_help_panel="Data",
+        ),
     ] = None,
     method: MethodOpt = "bct+pct+emb",
     against: AgainstOpt = "all",
     ancestor_weights: AncestorWeightsOpt = "share",
     epochs: EpochsOpt = 15,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     backfill_budget: BudgetOpt = 0.3,
     backfill_policy: PolicyOpt = "representative",
     backfill_retire_share: RetireOpt = 0.1,
@@ -518,16 +603,28 @@ def cycle(
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="train even if nothing changed since the champion")
+        bool,
+        typer.Option(
+            "--force",
+            help="train even if nothing changed since the champion",
+            rich_help_panel="Run",
+        ),
     ] = False,
     strict: Annotated[
         bool,
-        typer.Option("--strict", help="refuse a source with unreadable items (else: skip them)"),
+        typer.Option(
+            "--strict",
+            help="refuse a source with unreadable items (else: skip them)",
+            rich_help_panel="Data",
+        ),
     ] = False,
     class_capacity: Annotated[
         int | None,
         typer.Option(
-            min=2, help="head rows a new source lineage reserves (default max(64, 2 x classes))"
+            min=2,
+            help="head rows a new source lineage reserves (default max(64, 2 x classes))",
+            rich_help_panel="Training",
+            hidden=True,
         ),
     ] = None,
     image_size: ImageSizeOpt = None,
@@ -537,6 +634,7 @@ def cycle(
         typer.Option(
             "--reevaluate",
             help="if the evaluation set changed: measure every kept generation on the new one",
+            rich_help_panel="Data",
         ),
     ] = False,
     config: ConfigOpt = None,
@@ -677,7 +775,7 @@ def backfill(
     policy: PolicyOpt = "representative",
     retire_share: RetireOpt = 0.1,
     batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
-    seed: int = 0,
+    seed: SeedOpt = 0,
 ) -> None:
     """Re-embed part of the gallery with the champion (resumes an unfinished job)."""
     _env_defaults()

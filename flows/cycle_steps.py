@@ -28,10 +28,8 @@ from flows.gate import (
     FirstEvidence,
     GateOutcome,
     backfill_owed,
-    counts_from_metrics,
     decide,
     evidence_rows,
-    groups_from_metrics,
 )
 from flows.steps import Step
 from store.failpoints import failpoint
@@ -41,7 +39,7 @@ from store.lineage import Generation, GenerationStatus, Lineage
 from store.settings import StoreError, subdir
 from workers.backfill import close_interrupted_jobs
 from workers.datasets import Dataset
-from workers.evaluate import evaluate_against_ancestors, generation_outputs
+from workers.evaluate import Evaluation, evaluate_against_ancestors, generation_outputs
 from workers.metric_names import Metric
 from workers.models import EmbeddingNet
 from workers.runtime import run_placed, task_resources, train_resources
@@ -169,10 +167,9 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     for gen in kept:
         active = sorted({c.target_id for c in lineage.constraints(gen.id)})
         ancestors = chain.ancestors_of(lineage, int(gen.id))  # type: ignore[arg-type]
-        rows = evaluate_against_ancestors(gen, ancestors, active, ds, subdir("cache"))
-        lineage.record_metrics(rows)
-        acc = next(v for a, b, m, v in rows if m == Metric.ACCURACY)
-        lineage.update_generation(gen.id, accuracy=acc)
+        ev = evaluate_against_ancestors(gen, ancestors, active, ds, subdir("cache"))
+        lineage.record_metrics(ev.rows)
+        lineage.update_generation(gen.id, accuracy=ev.accuracy)
     if plan.snapshot.eval_items is not None:
         _write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
     lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
@@ -433,42 +430,35 @@ def train_step(
     return result
 
 
-def evaluate_step(lineage: Lineage, state: CycleState) -> dict[tuple[int, int, str], float]:
-    """Step 4: every metric against every earlier generation, stored in the lineage."""
+def evaluate_step(lineage: Lineage, state: CycleState) -> Evaluation:
+    """Step 4: every metric against every earlier generation, stored in the lineage; the
+    typed evidence goes on to the gate."""
     gen = state.generation
-    rows = evaluate_against_ancestors(
+    ev = evaluate_against_ancestors(
         gen, chain.ancestors_of(lineage, gen.id), state.active, state.dataset, subdir("cache")
     )
-    lineage.record_metrics(rows)
+    lineage.record_metrics(ev.rows)
     failpoint("evaluate")  # the kill tests stop here: metrics stored, not yet gated
-    acc = next(v for a, b, m, v in rows if m == Metric.ACCURACY)
-    state.generation = lineage.update_generation(gen.id, accuracy=acc)
-    return {(a, b, m): v for a, b, m, v in rows}
+    state.generation = lineage.update_generation(gen.id, accuracy=ev.accuracy)
+    return ev
 
 
-def gate_step(
-    lineage: Lineage,
-    state: CycleState,
-    metrics: dict[tuple[int, int, str], float],
-    cfg: CycleConfig,
-) -> bool:
+def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleConfig) -> bool:
     """Step 5: the promotion decision and its reasons, stored on the generation.
 
-    The gate decides on the paired evidence the evaluation stored (counts per ancestor)
-    and records the intervals it used, at its own confidence, as metric rows.
+    The gate decides on the evaluation's paired evidence (counts per ancestor) and
+    records the intervals it used, at its own confidence, as metric rows.
     """
-    g = state.generation.id
+    g = ev.generation
     champion = lineage.generation(state.champion) if state.champion is not None else None
-    own = {(a, b): v for (a, b, m), v in lineage_pairs(lineage, Metric.COMPAT_TOP1).items()}
-    compat = {k: (metrics[(g, k, Metric.COMPAT_TOP1)], own[(k, k)]) for k in state.active}
-    nfr = {k: metrics[(g, k, Metric.NFR)] for k in state.active}
-    ecc_counts, flip_counts = counts_from_metrics(metrics, g)  # the paired per-case evidence
+    compat = {k: (ev.pairs[k].compat, ev.pairs[k].own) for k in state.active}
+    nfr = {k: ev.pairs[k].nfr for k in state.active}
+    ecc_counts = {k: p.queries for k, p in ev.pairs.items()}  # the paired per-case evidence
+    flip_counts = {k: p.items for k, p in ev.pairs.items()}
+    groups = {k: p.groups for k, p in ev.pairs.items() if p.groups is not None}
     pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
-    accuracy = metrics[(g, g, Metric.ACCURACY)]
-    y = np.asarray(state.dataset.y_test)
-    first = FirstEvidence(
-        round(accuracy * len(y)), len(y), float(np.bincount(y).max() / len(y)) if len(y) else 1
-    )
+    accuracy = ev.accuracy
+    first = FirstEvidence(ev.hits, ev.items, ev.chance)
     passed, reasons = decide(
         accuracy,
         champion.accuracy if champion else None,
@@ -477,9 +467,9 @@ def gate_step(
         cfg.gate,
         ecc_counts=ecc_counts,
         flip_counts=flip_counts,
-        ecc_groups=groups_from_metrics(metrics, g),
+        ecc_groups=groups,
         pinned=pinned,
-        first=first if len(y) else None,
+        first=first if ev.items else None,
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
@@ -538,10 +528,6 @@ def promote_step(lineage: Lineage, state: CycleState) -> None:
     lineage.promote(int(state.generation.id), expected_champion=state.champion)  # type: ignore[arg-type]
     state.generation = lineage.generation(int(state.generation.id))  # type: ignore[arg-type]
     state.promoted = True
-
-
-def lineage_pairs(lineage: Lineage, metric: str) -> dict[tuple[int, int, str], float]:
-    return {(a, b, metric): v for a, b, v in lineage.metric(metric)}
 
 
 def index_gallery(

@@ -42,7 +42,7 @@ from typing import NamedTuple
 from flows.config import GateConfig, OnIncompatible
 from workers.metric_names import Metric
 from workers.served import ServedPlan
-from workers.stats import PairedCounts, clopper_pearson, pair_evidence
+from workers.stats import ClassGroupGaps, PairedCounts, clopper_pearson, pair_evidence
 
 
 class GateOutcome(StrEnum):
@@ -54,14 +54,6 @@ class GateOutcome(StrEnum):
 
 
 EPS = 1e-12  # a bound equal to its threshold is not beyond it
-
-
-class ClassGroupGaps(NamedTuple):
-    """C[g][k] - C[k][k] on the classes k trained on and on the others (None: no queries)."""
-
-    seen: float | None
-    unseen: float | None
-    unseen_queries: int
 
 
 def _level(cfg: GateConfig) -> str:
@@ -186,8 +178,8 @@ def decide(
     ``compat[k] = (C[g][k], C[k][k])`` and ``nfr[k] = NFR(g, k)`` for each active ancestor
     k; ``ecc_counts[k]`` the paired top-1 hits of generation-g vs generation-k queries on
     the k-gallery, ``flip_counts[k]`` the paired classification outcomes (loss = negative
-    flips) — :func:`counts_from_metrics` reads both from the evaluation's metrics;
-    ``ecc_groups[k]`` (:func:`groups_from_metrics`) only adds to the reasons where the ECC
+    flips) — both from the evaluation (``workers.evaluate.PairEvidence``);
+    ``ecc_groups[k]`` only adds to the reasons where the ECC
     gap lies, on the classes k trained on or on the others; it does not change a verdict.
     With ``cfg.on_incompatible == "backfill"`` an ECC failure against k does not reject
     g unless k is ``pinned`` (kept on purpose): if g is promoted its reason starts
@@ -277,41 +269,6 @@ def backfill_owed(
         return []
     checks = _ecc_checks(compat, cfg, ecc_counts or {})
     return [k for k, (passed, _) in checks.items() if not passed and k not in pinned]
-
-
-def counts_from_metrics(
-    metrics: Mapping[tuple[int, int, str], float | None], g: int
-) -> tuple[dict[int, PairedCounts], dict[int, PairedCounts]]:
-    """The paired counts ``evaluate_against_ancestors`` stored for (g, k): (queries, items)."""
-
-    def counts(n: str, gain: str, loss: str) -> dict[int, PairedCounts]:
-        out = {}
-        for a, k, m in metrics:
-            if a == g and k != g and m == n:
-                values = [metrics.get((g, k, name)) for name in (n, gain, loss)]
-                if all(v is not None for v in values):
-                    out[k] = PairedCounts(*(int(round(v)) for v in values))  # type: ignore[arg-type]
-        return out
-
-    return (
-        counts("ecc_queries", "ecc_gain", "ecc_loss"),
-        counts("flip_items", "flip_pos", "flip_neg"),
-    )
-
-
-def groups_from_metrics(
-    metrics: Mapping[tuple[int, int, str], float | None], g: int
-) -> dict[int, ClassGroupGaps]:
-    """The ECC gaps by class group ``evaluate_against_ancestors`` stored for (g, k)."""
-    out = {}
-    for a, k, m in metrics:
-        if a == g and k != g and m == Metric.ECC_UNSEEN_QUERIES and metrics[(a, k, m)] is not None:
-            out[k] = ClassGroupGaps(
-                metrics.get((g, k, Metric.ECC_GAP_SEEN)),
-                metrics.get((g, k, Metric.ECC_GAP_UNSEEN)),
-                int(round(metrics[(a, k, m)])),  # type: ignore[arg-type]
-            )
-    return out
 
 
 def evidence_rows(

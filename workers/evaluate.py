@@ -62,14 +62,53 @@ def generation_outputs(gen: Generation, ds: Dataset, cache_dir: Path) -> EvalOut
     return EvalOutputs(out, g_idx, q_idx)
 
 
+@dataclass(frozen=True)
+class PairEvidence:
+    """What the gate weighs for the pair (g, k), measured on the same evaluation cases."""
+
+    compat: float  # C[g][k]: g's queries against k's gallery, top-1
+    own: float  # C[k][k]
+    nfr: float
+    queries: S.PairedCounts  # per query: g's top-1 hit vs k's, both against k's gallery
+    items: S.PairedCounts  # per evaluation item: g right vs k right
+    groups: S.ClassGroupGaps | None = None  # where the gap lies (k's classes known)
+
+    def rows(self, g: int, k: int) -> list[tuple[int, int, str, float | None]]:
+        """The evidence as stored metric rows, at the default confidence."""
+        rows = [
+            (g, k, name, value) for name, value in S.pair_evidence(self.queries, self.items).items()
+        ]
+        if self.groups is not None:
+            rows += [
+                (g, k, Metric.ECC_GAP_SEEN, self.groups.seen),
+                (g, k, Metric.ECC_GAP_UNSEEN, self.groups.unseen),
+                (g, k, Metric.ECC_UNSEEN_QUERIES, self.groups.unseen_queries),
+            ]
+        return rows
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Generation g against every earlier generation: the typed evidence the gate decides
+    on, and the metric rows the lineage stores (the same numbers)."""
+
+    generation: int
+    accuracy: float
+    hits: int  # evaluation items g classifies right
+    items: int
+    chance: float  # the largest class's share: what always answering it scores
+    pairs: dict[int, PairEvidence]  # per earlier generation k
+    rows: list[tuple[int, int, str, float | None]]
+
+
 def evaluate_against_ancestors(
     gen: Generation,
     ancestors: Sequence[Generation],
     active: Sequence[int],
     ds: Dataset,
     cache_dir: Path,
-) -> list[tuple[int, int, str, float]]:
-    """Every metric of ``gen`` against every earlier generation: rows (a, b, metric, value).
+) -> Evaluation:
+    """Every metric of ``gen`` against every earlier generation, typed and as rows.
 
     Besides the contract's metrics, each pair (g, k) gets the gate's paired evidence
     (:func:`gate_evidence`: discordant counts, C[g][k] - C[k][k] with its bootstrap
@@ -79,9 +118,8 @@ def evaluate_against_ancestors(
     y = ds.y_test
     new = generation_outputs(gen, ds, cache_dir)
     g = int(gen.id)  # type: ignore[arg-type]
-    rows: list[tuple[int, int, str, float]] = [
-        (g, g, Metric.ACCURACY, M.accuracy(new.prediction, y))
-    ]
+    accuracy = M.accuracy(new.prediction, y)
+    rows: list[tuple[int, int, str, float | None]] = [(g, g, Metric.ACCURACY, accuracy)]
     g_idx, q_idx = new.gallery_idx, new.query_idx
     qy, gy = y[q_idx], y[g_idx]
 
@@ -89,11 +127,12 @@ def evaluate_against_ancestors(
     rows += [(g, g, Metric.COMPAT_TOP1, own["top1"]), (g, g, Metric.COMPAT_MAP100, own["map100"])]
 
     olds_active = []
+    pairs: dict[int, PairEvidence] = {}
     for anc in ancestors:
         k = int(anc.id)  # type: ignore[arg-type]
         old = generation_outputs(anc, ds, cache_dir)
-        for name, value in M.flip_metrics(new.prediction, old.prediction, y).items():
-            rows.append((g, k, name, value))
+        flips = M.flip_metrics(new.prediction, old.prediction, y)
+        rows += [(g, k, name, value) for name, value in flips.items()]
         if k in active:
             olds_active.append(old.prediction)
         cross = M.compat_matrix({g: new.query_emb, k: old.query_emb}, {k: old.gallery_emb}, qy, gy)
@@ -106,35 +145,36 @@ def evaluate_against_ancestors(
             (g, k, Metric.UPDATE_GAIN, M.update_gain(c_gk["top1"], c_kk, own["top1"])),
         ]
         # a generation recorded without its classes (an older lineage) has no split
-        evidence = gate_evidence(new, old, y, anc.classes or None)
-        rows += [(g, k, name, value) for name, value in evidence.items()]
+        pair = gate_evidence(new, old, y, anc.classes or None)
+        pairs[k] = PairEvidence(c_gk["top1"], c_kk, flips[Metric.NFR], *pair)
+        rows += pairs[k].rows(g, k)
     rows.append((g, g, Metric.NFR_ANY, M.nfr_any(new.prediction, olds_active, y)))
     rows.append((g, g, Metric.EVIDENCE_CONFIDENCE, S.DEFAULT_CONFIDENCE))
-    return rows
+    hits = int((new.prediction == y).sum())
+    chance = float(np.bincount(y).max() / len(y)) if len(y) else 1.0
+    return Evaluation(g, accuracy, hits, len(y), chance, pairs, rows)
 
 
 def gate_evidence(
     new: EvalOutputs, old: EvalOutputs, y: np.ndarray, old_classes: Sequence[int] | None = None
-) -> dict[str, float | None]:
-    """The gate's paired evidence for (new, old) on the same cases (``stats.pair_evidence``).
+) -> tuple[S.PairedCounts, S.PairedCounts, S.ClassGroupGaps | None]:
+    """The gate's paired evidence for (new, old) on the same cases: (queries, items,
+    groups).
 
     Retrieval: per query, the top-1 hit of the new generation's query and of the old one's,
     both against the old generation's gallery (their means are C[g][k] and C[k][k]).
     Classification: per evaluation item, whether each generation predicts its label.
-    Intervals at the default confidence; the gate records its own level's over them.
     With ``old_classes`` (the classes the old generation trained on) also C[g][k] - C[k][k]
-    on the queries of those classes (``ecc_gap_seen``) and of the others
-    (``ecc_gap_unseen``, over ``ecc_unseen_queries``): where compatibility is lost.
+    on the queries of those classes (``seen``) and of the others (``unseen``, over
+    ``unseen_queries``): where compatibility is lost.
     """
     qy, gy = y[new.query_idx], y[new.gallery_idx]
     new_hits = M.retrieval_hits(new.query_emb, qy, old.gallery_emb, gy)
     old_hits = M.retrieval_hits(old.query_emb, qy, old.gallery_emb, gy)
     queries = S.paired_counts(new_hits, old_hits)
     items = S.paired_counts(new.prediction == y, old.prediction == y)
-    out: dict[str, float | None] = dict(S.pair_evidence(queries, items))
+    groups = None
     if old_classes is not None:
-        groups = M.ecc_gap_by_class_group(new_hits, old_hits, qy, old_classes)
-        out["ecc_gap_seen"] = groups["seen"]
-        out["ecc_gap_unseen"] = groups["unseen"]
-        out["ecc_unseen_queries"] = groups["unseen_queries"]
-    return out
+        gaps = M.ecc_gap_by_class_group(new_hits, old_hits, qy, old_classes)
+        groups = S.ClassGroupGaps(gaps["seen"], gaps["unseen"], int(gaps["unseen_queries"]))
+    return queries, items, groups

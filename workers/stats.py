@@ -80,6 +80,14 @@ class Interval(NamedTuple):
     hi: float
 
 
+class ClassGroupGaps(NamedTuple):
+    """C[g][k] - C[k][k] on the classes k trained on and on the others (None: no queries)."""
+
+    seen: float | None
+    unseen: float | None
+    unseen_queries: int
+
+
 class PairedCounts(NamedTuple):
     """Paired binary outcomes of a new and an old model on the same n cases."""
 

@@ -9,11 +9,10 @@ from flows.gate import (
     ClassGroupGaps,
     FirstEvidence,
     backfill_owed,
-    counts_from_metrics,
     decide,
     evidence_rows,
-    groups_from_metrics,
 )
+from workers.evaluate import PairEvidence
 from workers.stats import PairedCounts, clopper_pearson, pair_evidence
 
 
@@ -197,20 +196,20 @@ def test_a_pinned_ancestor_is_never_backfilled_away() -> None:
     assert backfill_owed(compat, off, counts) == []
 
 
-def test_groups_round_trip_through_metric_rows() -> None:
-    metrics = {
-        (3, 1, "ecc_gap_seen"): 0.01,
-        (3, 1, "ecc_gap_unseen"): -0.3,
-        (3, 1, "ecc_unseen_queries"): 120.0,
-        (3, 2, "ecc_gap_seen"): 0.02,
-        (3, 2, "ecc_gap_unseen"): None,
-        (3, 2, "ecc_unseen_queries"): 0.0,
-        (2, 1, "ecc_unseen_queries"): 200.0,  # another generation's pair
-    }
-    assert groups_from_metrics(metrics, 3) == {
-        1: ClassGroupGaps(0.01, -0.3, 120),
-        2: ClassGroupGaps(0.02, None, 0),
-    }
+def test_the_typed_evidence_is_what_the_rows_store() -> None:
+    """The gate reads PairEvidence; the lineage stores its rows: the same numbers."""
+    q, f = PairedCounts(400, 10, 50), PairedCounts(540, 10, 100)
+    pair = PairEvidence(0.3, 0.4, 100 / 540, q, f, ClassGroupGaps(0.01, -0.3, 120))
+    rows = {(a, b, m): v for a, b, m, v in pair.rows(3, 1)}
+    assert rows[(3, 1, "ecc_gap_seen")] == 0.01 and rows[(3, 1, "ecc_gap_unseen")] == -0.3
+    assert rows[(3, 1, "ecc_unseen_queries")] == 120
+    assert rows[(3, 1, "ecc_queries")] == 400 and rows[(3, 1, "ecc_gain")] == 10
+    assert rows[(3, 1, "ecc_loss")] == 50 and rows[(3, 1, "ecc_delta")] == -0.1
+    assert rows[(3, 1, "flip_items")] == 540 and rows[(3, 1, "flip_neg")] == 100
+    assert rows[(3, 1, "flip_pos")] == 10
+    # no class split known (an older lineage): no group rows
+    bare = PairEvidence(0.3, 0.4, 0.0, q, f)
+    assert not any(m.startswith("ecc_gap") for _, _, m, _ in bare.rows(3, 1))
 
 
 def test_a_clear_ecc_regression_is_still_rejected() -> None:
@@ -287,15 +286,15 @@ def test_disabled_gate_promotes() -> None:
     assert ok and "disabled" in reasons[0]
 
 
-def test_counts_round_trip_through_metric_rows_and_evidence_matches_reasons() -> None:
+def test_stored_evidence_matches_the_gate_reasons() -> None:
     g = 3
     queries = {1: PairedCounts(400, 10, 50), 2: PairedCounts(400, 30, 31)}
     items = {1: PairedCounts(540, 10, 100), 2: PairedCounts(540, 20, 25)}
-    metrics = {(g, g, "accuracy"): 0.9}
-    for k in (1, 2):
-        for name, value in pair_evidence(queries[k], items[k]).items():
-            metrics[(g, k, name)] = value
-    assert counts_from_metrics(metrics, g) == (queries, items)
+    for k in (1, 2):  # what the evaluation stores for the pair, from the same counts
+        stored = {
+            m: v for _, _, m, v in PairEvidence(0.5, 0.5, 0.0, queries[k], items[k]).rows(g, k)
+        }
+        assert stored == pair_evidence(queries[k], items[k])
 
     cfg = GateConfig(confidence=0.9, ecc_margin=0.02, on_incompatible="reject")
     rows = {(a, b, m): v for a, b, m, v in evidence_rows(g, queries, items, cfg)}
