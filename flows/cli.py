@@ -369,7 +369,8 @@ WeightOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--weight",
-        help="KIND=W, repeatable: a constraint kind's weight (influence, focal, embedding); "
+        help="KIND=W, repeatable: a constraint kind's weight (influence, focal, embedding, "
+        "contrastive); "
         "kinds not given keep their default",
         rich_help_panel="Training",
         hidden=True,
