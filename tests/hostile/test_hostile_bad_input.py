@@ -53,6 +53,7 @@ def _refused(c, *args: str) -> str:
     return error_line(err)
 
 
+@pytest.mark.slow  # the session's Prefect server (cli), three `graceful cycle` runs
 def test_bad_parquet_sources_are_bad_input(tmp_path: Path, cli) -> None:
     c = cli(tmp_path / "home")
     garbage = tmp_path / "garbage.parquet"
@@ -70,6 +71,7 @@ def test_bad_parquet_sources_are_bad_input(tmp_path: Path, cli) -> None:
     assert Lineage(c.db_url).generations() == []  # nothing recorded
 
 
+@pytest.mark.slow  # the session's Prefect server (cli)
 def test_an_index_of_the_wrong_kind_is_bad_input(home: Path, tmp_path: Path, cli) -> None:
     champion(Lineage(), 0)
     album = tmp_path / "album"
@@ -94,6 +96,7 @@ def test_an_index_of_the_wrong_kind_is_bad_input(home: Path, tmp_path: Path, cli
     assert gallery.require().items == 4
 
 
+@pytest.mark.slow  # the session's Prefect server (cli)
 def test_an_images_collection_indexed_from_parquet_is_bad_input(
     home: Path, tmp_path: Path, cli
 ) -> None:

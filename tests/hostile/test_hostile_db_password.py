@@ -8,6 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from hostile_helpers import error_line
 
 SECRET = "Hostile-Pw-7c1e9"
@@ -38,6 +39,7 @@ def _prefect_rows(db: Path) -> list[str]:
         conn.close()
 
 
+@pytest.mark.slow  # the session's Prefect server and flow runs
 def test_a_wrong_password_is_masked_in_errors_and_in_prefects_database(
     tmp_path: Path, cli, pg_password_server, prefect_server
 ) -> None:

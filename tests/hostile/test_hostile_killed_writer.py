@@ -45,6 +45,7 @@ def _append(home: Path, failpoint: str | None = None) -> int:
     return proc.returncode
 
 
+@pytest.mark.slow  # a writer process killed at a failpoint
 def test_an_append_killed_before_its_commit_is_cleaned_by_the_next_writer(home: Path) -> None:
     gallery = Gallery(Lineage())
     collection(gallery, "images:/album", parts=2, per_part=20, generation=1)

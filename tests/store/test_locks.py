@@ -65,6 +65,7 @@ def test_second_holder_waits_or_refuses_naming_the_first(url: str) -> None:
     second.release()
 
 
+@pytest.mark.slow  # a SIGKILL of the holder process
 def test_a_killed_holder_frees_the_lock(url: str) -> None:
     lin = Lineage(url)
     proc = _holder_process(url, "update-cycle")
@@ -84,6 +85,7 @@ def test_a_killed_holder_frees_the_lock(url: str) -> None:
             proc.kill()
 
 
+@pytest.mark.slow  # a kill -9 of the holder process
 def test_a_waiter_takes_the_lock_when_the_holder_dies(url: str) -> None:
     lin = Lineage(url)
     proc = _holder_process(url, "update-cycle")

@@ -341,6 +341,7 @@ print("trained")
 """
 
 
+@pytest.mark.slow  # trains in a subprocess: ~10 s on 2 cores
 def test_cropped_one_channel_batches_have_standard_strides_and_train() -> None:
     """A one-channel crop once came back permuted, with a channel stride of 1: oneDNN's
     two-thread convolution backward then aborted with "double free or corruption"."""

@@ -119,6 +119,7 @@ train_generation(TrainSpec(generation=1, x=z["x"], y=z["y"], num_classes=4,
 """
 
 
+@pytest.mark.slow  # a SIGKILL of a training process, then two 400-epoch trainings
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     """A real kill: SIGKILL the training process once a resume file exists, resume here."""
     epochs = 400  # long enough that the kill lands mid-training
@@ -268,6 +269,7 @@ def test_unknown_constraint_kind(tmp_path: Path) -> None:
         train_generation(spec(tmp_path, generation=2, constraints=bad))
 
 
+@pytest.mark.slow  # four trainings of 6 epochs on digits
 def test_constraints_across_architecture_changes(tmp_path: Path) -> None:
     """digits: mlp w32 d1 (classes 0-5) -> mlp w64 d2 -> cnn; embed_dim stays 16 and the
     constraints bind across the changes: the cnn's queries retrieve from the first mlp's
