@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain, text
 from flows.config import BackfillConfig, Policy
 from flows.data import resolve_dataset
-from flows.naming import artifact_key, backfill_run_name, number
+from flows.naming import artifact_key, backfill_run_name, number, tag_run
 from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
@@ -177,6 +177,7 @@ def backfill_flow(
         seed=seed,
         curve=curve,
     )
+    tag_run()
     join_cluster()  # a RAY_ADDRESS that refuses this client fails before a job is recorded
     result = backfill_task(cfg)
     log_backfill(get_run_logger(), result)

@@ -14,7 +14,14 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import IndexConfig
 from flows.data import eval_dataset
-from flows.naming import artifact_key, index_run_name, index_run_name_for, name_run, safe_spec
+from flows.naming import (
+    artifact_key,
+    index_run_name,
+    index_run_name_for,
+    name_run,
+    safe_spec,
+    tag_run,
+)
 from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
@@ -109,6 +116,7 @@ def index_flow(config: IndexConfig | None = None) -> dict[str, Any]:
     collection's own is known."""
     cfg = config or IndexConfig()
     log = get_run_logger()
+    tag_run()
     join_cluster()  # a RAY_ADDRESS that refuses this client fails before anything is written
     result = index_task(cfg)
     if cfg.spec is None:

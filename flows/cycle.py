@@ -36,7 +36,7 @@ from flows.cycle_steps import (
     train_step,
     unchanged_since,
 )
-from flows.naming import artifact_key, cycle_run_name, name_run
+from flows.naming import artifact_key, cycle_run_name, name_run, tag_run
 from flows.progress import StepProgress
 from flows.recovery import recover
 from flows.steps import Step
@@ -297,6 +297,7 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
     (:func:`final_state`), returning the cycle's result dict either way.
     """
     cfg = config or CycleConfig()
+    tag_run()
     progress = StepProgress(
         artifact_key("update-cycle-progress"), total=8, description="update cycle: steps done"
     )

@@ -144,3 +144,34 @@ def name_run(name: str) -> None:
         from prefect import get_run_logger
 
         get_run_logger().debug("could not rename the flow run: %s", type(exc).__name__)
+
+
+def lineage_tag() -> str:
+    """``lineage:<label>``: the tag every flow run of this lineage carries, so the UI's
+    Tags filter selects one lineage's runs on a shared server."""
+    return f"lineage:{lineage_label()}"
+
+
+def tag_run() -> None:
+    """Add :func:`lineage_tag` to the current flow run (a run started by the CLI, a
+    deployment or a schedule alike). Outside a flow run, or if the API refuses, nothing
+    happens."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    tags = list(ctx.flow_run.tags or [])
+    if lineage_tag() in tags:
+        return
+    tags.append(lineage_tag())
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, tags=tags)
+        ctx.flow_run.tags = tags
+    except Exception as exc:  # a tag is never worth failing a run
+        from prefect import get_run_logger
+
+        get_run_logger().debug("could not tag the flow run: %s", type(exc).__name__)

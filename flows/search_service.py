@@ -37,7 +37,7 @@ from fastapi import Request
 from flows.query import MAX_K, BadQuery, NotReady, Searcher, UnknownKey, check_k, check_key
 from store.gallery import Gallery
 from store.lineage import Lineage
-from store.settings import StoreError
+from store.settings import NoLineage, StoreError, require_lineage
 
 log = logging.getLogger("uvicorn.error")  # shown with the server's own lines
 
@@ -70,8 +70,8 @@ def is_loopback(host: str) -> bool:
 class ServedState:
     """The current :class:`Searcher` (or why there is none), swapped whole by a watcher."""
 
-    def __init__(self, lineage: Lineage, poll_seconds: float = POLL_SECONDS) -> None:
-        self.lineage = lineage
+    def __init__(self, lineage: Lineage | None, poll_seconds: float = POLL_SECONDS) -> None:
+        self.lineage = lineage  # None: opened once one exists (reading never creates one)
         self.poll_seconds = poll_seconds
         self.searcher: Searcher | None = None
         self.version = 0  # bumped at every swap; answers carry it
@@ -95,6 +95,8 @@ class ServedState:
         with self._lock:
             cur = self.searcher
             try:
+                if self.lineage is None:
+                    self.lineage = _existing_lineage()
                 if cur is None:
                     nxt = Searcher.open(self.lineage).load()
                 else:
@@ -141,6 +143,16 @@ class ServedState:
                 self.refresh()
             except Exception as exc:  # a database hiccup: the served state stays, try again
                 log.warning("search state refresh failed: %s", exc)
+
+
+def _existing_lineage() -> Lineage:
+    """The lineage, once there is one: a server started on a home that holds none yet
+    waits (503) and creates neither the home nor a database."""
+    try:
+        require_lineage()
+    except NoLineage as exc:
+        raise NotReady(f"no champion generation yet: {exc}") from None
+    return Lineage()
 
 
 # -- metrics ----------------------------------------------------------------------------
@@ -242,7 +254,7 @@ def create_app(
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException
 
-    state = ServedState(lineage or Lineage(), poll_seconds)
+    state = ServedState(lineage, poll_seconds)
     metrics = Metrics()
 
     @asynccontextmanager

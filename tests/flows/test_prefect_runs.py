@@ -91,6 +91,14 @@ def test_runs_states_keys_and_summaries_of_two_lineages(tmp_path: Path, cli) -> 
     runs_b = _runs(api, arts_b)
     assert set(runs_b) == {"generation 1", "generation 2", "backfill 0.2 representative"}
     assert {r["state_name"] for r in runs_b.values()} == {"Completed"}
+    # the UI's Tags filter selects one lineage's runs
+    for label, runs in ((label_a, runs_a), (label_b, runs_b)):
+        tagged = _post(
+            api,
+            "/flow_runs/filter",
+            {"flow_runs": {"tags": {"all_": [f"lineage:{label}"]}}, "limit": 200},
+        )
+        assert {r["id"] for r in tagged} == {r["id"] for r in runs.values()}
 
     # lineage-scoped keys: each lineage keeps its own history under its own keys
     def versions(arts: list[dict], kind: str, label: str) -> list[dict]:

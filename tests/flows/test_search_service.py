@@ -201,6 +201,27 @@ def test_no_champion_is_503_then_the_first_one_is_picked_up(
         time.sleep(0.2)
 
 
+def test_a_server_on_a_home_without_a_lineage_waits_and_creates_nothing(
+    tmp_path: Path, search_server, monkeypatch
+) -> None:
+    """Reading never writes: no home, no database until a cycle makes them; then the
+    first champion is served without a restart."""
+    home = tmp_path / "not-yet"
+    srv = search_server(home)
+    status, body = srv.search(key="x.png")
+    assert status == 503 and "no champion generation yet" in body["error"]
+    assert "no lineage at GRACEFUL_HOME" in body["error"]
+    time.sleep(1.0)  # the watcher polls twice a second: still nothing created
+    assert not home.exists()
+    monkeypatch.setenv("GRACEFUL_HOME", str(home))
+    gen = champion(Lineage(), 0)
+    build_album(Lineage(), tmp_path / "album", gen, 0, 10)
+    deadline = time.monotonic() + 60
+    while srv.search(key="shelf-0/0000.png")[0] != 200:
+        assert time.monotonic() < deadline, "the lineage made later was not picked up"
+        time.sleep(0.2)
+
+
 def test_an_open_bind_needs_a_token_and_every_request_but_health_checks_it(
     album, home: Path, search_server
 ) -> None:
