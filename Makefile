@@ -6,7 +6,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Ray keeps token auth on (RAY_AUTH_MODE is left to the user): see deploy/CLUSTER.md
 
-.PHONY: install demo test test-fast lint format readme-config bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong bench-search clean
+.PHONY: install demo test test-fast lint format readme-config bench-compat bench-backfill bench-stream bench-models bench-collection bench-lifelong bench-search bench-ddp clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,9 @@ bench-search: install
 
 bench-models: install
 	$(BIN)/python -m bench.models
+
+bench-ddp: install
+	$(BIN)/python -m bench.ddp
 
 clean:
 	rm -rf .graceful .pytest_cache

@@ -109,15 +109,16 @@ def product_run(spec_str: str, order: str, epochs: int) -> dict[str, Any]:
     }
 
 
-def plain_loop(spec_str: str, order: str, epochs: int, augment: str) -> dict[str, Any]:
-    """The reference: the same model trained by a plain loop over in-memory tensors."""
+def train_plain(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, spec: Any, epochs: int, augment: str
+) -> tuple[Any, list[float], float]:
+    """The plain PyTorch reference loop: ``spec``'s model, AdamW with a cosine schedule,
+    cross-entropy, the product's crop/flip augmentation written out by hand. Returns the
+    model, the seconds of each epoch and of all of them."""
     from workers.models import EmbeddingNet
 
-    ds, idx = _items(spec_str, order)
-    spec = _spec(ds, idx, epochs, ".")
     torch.manual_seed(spec.seed)
-    x, y = torch.from_numpy(ds.x_train[idx].copy()), torch.from_numpy(ds.y_train[idx].copy())
-    model = EmbeddingNet(tuple(x.shape[1:]), ds.num_classes, spec.embed_dim, spec.architecture)
+    model = EmbeddingNet(tuple(x.shape[1:]), num_classes, spec.embed_dim, spec.architecture)
     if x.ndim == 4:  # per-channel statistics of the training images, as the product sets
         model.set_input_stats(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)))
     opt = torch.optim.AdamW(
@@ -151,7 +152,15 @@ def plain_loop(spec_str: str, order: str, epochs: int, augment: str) -> dict[str
             opt.step()
         sched.step()
         epoch_seconds.append(time.perf_counter() - t_epoch)
-    seconds = time.perf_counter() - t0
+    return model, epoch_seconds, time.perf_counter() - t0
+
+
+def plain_loop(spec_str: str, order: str, epochs: int, augment: str) -> dict[str, Any]:
+    """The reference: the same model trained by a plain loop over in-memory tensors."""
+    ds, idx = _items(spec_str, order)
+    spec = _spec(ds, idx, epochs, ".")
+    x, y = torch.from_numpy(ds.x_train[idx].copy()), torch.from_numpy(ds.y_train[idx].copy())
+    model, epoch_seconds, seconds = train_plain(x, y, ds.num_classes, spec, epochs, augment)
     return {
         "accuracy": _test_accuracy(model, ds),
         "seconds": seconds,

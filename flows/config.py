@@ -6,7 +6,7 @@ import math
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from workers.constraints import ConstraintKind, TrainMethod, full_weights
 from workers.train import TrainSpec, spec_default
@@ -166,6 +166,13 @@ class TrainConfig(BaseModel):
         ge=0,
         description="DataLoader processes decoding a source's items (0: in the trainer)",
     )
+    workers: int = Field(
+        spec_default("workers"),
+        ge=1,
+        description="data-parallel training processes (Ray Train, DDP: gloo on CPUs, NCCL with "
+        "a GPU each); every batch is split among them, so batch_size must be at least 2 x "
+        "workers; 1: one process, no Ray Train (deploy/CLUSTER.md)",
+    )
     influence_head: Literal["centroids", "head"] = Field(
         spec_default("influence_head"),
         description="BCT's frozen head: the ancestor's class centroids, or its own head rows",
@@ -224,6 +231,16 @@ class TrainConfig(BaseModel):
     @classmethod
     def _every_kind(cls, v: dict | None) -> dict[ConstraintKind, float]:
         return full_weights(v)
+
+    @model_validator(mode="after")
+    def _a_share_per_worker(self) -> TrainConfig:
+        """Each worker takes its share of every batch: two items at least (BatchNorm)."""
+        if self.batch_size < 2 * self.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} leaves fewer than 2 items of a batch to each "
+                f"of {self.workers} workers: raise batch_size or lower workers"
+            )
+        return self
 
 
 class BackfillConfig(BaseModel):

@@ -37,6 +37,13 @@ from store.files import verify_checkpoint
 from store.gallery import Gallery, GalleryRows
 from store.lineage import Generation, GenerationStatus, Lineage
 from store.settings import StoreError, subdir
+from store.snapshots import (
+    cycle_config_path,
+    eval_items_path,
+    keys_path,
+    save_generation_inputs,
+    write_once,
+)
 from workers.backfill import close_interrupted_jobs
 from workers.datasets import Dataset
 from workers.evaluate import Evaluation, evaluate_against_ancestors, generation_outputs
@@ -71,15 +78,6 @@ class CycleState:
     @property
     def train_items(self) -> int:
         return int(self.generation.train_samples or 0)
-
-
-def cycle_config_path(gen_id: int) -> Path:
-    """The config a generation trains under, kept so an interrupted cycle can resume."""
-    return subdir("snapshots") / f"gen-{gen_id}-cycle.json"
-
-
-def train_idx_path(gen_id: int) -> Path:
-    return subdir("snapshots") / f"gen-{gen_id}-train-idx.npy"
 
 
 def verify_inputs(lineage: Lineage, generations: list[int]) -> None:
@@ -127,10 +125,6 @@ def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     return plan
 
 
-def eval_items_path(fingerprint: str) -> Path:
-    return subdir("snapshots") / f"eval-{fingerprint[:24]}.parquet"
-
-
 def eval_set_changed(lineage: Lineage, snap: Snapshot) -> bool:
     first = next((r for _, r in sorted(lineage.snapshots().items())), None)
     return first is not None and first.eval_fingerprint != snap.eval_fingerprint
@@ -171,7 +165,7 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
         lineage.record_metrics(ev.rows)
         lineage.update_generation(gen.id, accuracy=ev.accuracy)
     if plan.snapshot.eval_items is not None:
-        _write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
+        write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
     lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
     gallery = Gallery(lineage)
     champion = lineage.champion()
@@ -303,7 +297,7 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     planned = chain.plan_constraints(active, t.method, t.against, t.weights, t.ancestor_weights)
     keys_path = save_keys(snap)
     if snap.eval_items is not None:
-        _write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
+        write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
     source = plan.source
     if source is not None:
         source.keys_path = str(keys_path)
@@ -347,39 +341,24 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
 def save_keys(snap: Snapshot) -> Path:
     """The snapshot's items (keys, labels, what locates them) as Parquet, named by its
     fingerprint (written once, atomically)."""
-    path = subdir("snapshots") / f"keys-{snap.fingerprint[:24]}.parquet"
+    path = keys_path(snap.fingerprint)
     table = snap.table
     if table is None:
         table = pa.table({"key": snap.keys, "label": np.asarray(snap.labels, dtype=np.int64)})
-    _write_once(path, table)
+    write_once(path, table)
     return path
 
 
-def _write_once(path: Path, table: pa.Table) -> None:
-    """Write ``table`` to ``path`` atomically unless it exists (names are fingerprints)."""
-    if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-
-
 def save_snapshot(gen_id: int, train_idx: np.ndarray | None, cfg: CycleConfig) -> None:
-    """What the generation trains on and under which config, each written atomically."""
-    if train_idx is not None:  # the scenario's rows (a source's are its keys file)
-        idx_path = train_idx_path(gen_id)
-        tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
-        np.save(tmp, train_idx)
-        tmp.replace(idx_path)
-    cfg_path = cycle_config_path(gen_id)
-    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-    tmp.write_text(cfg.model_dump_json(indent=1))
-    tmp.replace(cfg_path)
+    """What the generation trains on and under which config (store.snapshots)."""
+    save_generation_inputs(gen_id, train_idx, cfg.model_dump_json(indent=1))
 
 
 def train_step(
     lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
 ) -> dict[str, Any]:
-    """Step 3: train on a Ray worker; a failure marks the generation failed.
+    """Step 3: train on a Ray worker (``train.workers`` > 1: that many, with Ray Train); a
+    failure marks the generation failed.
 
     An interrupted training of this generation continues from its resume file.
     """
@@ -413,7 +392,12 @@ def train_step(
     )
     failpoint("train")  # the kill tests stop here: recorded, no epoch trained yet
     try:
-        placed = run_placed(train_generation, (spec,), custom=custom)
+        if spec.workers > 1:  # Ray Train places the workers itself, from this driver
+            from workers.train import train_distributed
+
+            placed = train_distributed(spec, custom)
+        else:
+            placed = run_placed(train_generation, (spec,), custom=custom)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # Ray wraps the task's exception
         lineage.update_generation(gen.id, status=GenerationStatus.FAILED, error=str(cause)[:2000])

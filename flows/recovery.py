@@ -21,14 +21,7 @@ from pydantic import ValidationError
 from flows import chain
 from flows.backfill import backfill_once
 from flows.config import BackfillConfig, CycleConfig
-from flows.cycle_steps import (
-    DEFAULT_STAGES,
-    CycleState,
-    cycle_config_path,
-    save_snapshot,
-    train_idx_path,
-    verify_inputs,
-)
+from flows.cycle_steps import DEFAULT_STAGES, CycleState, save_snapshot, verify_inputs
 from flows.data import lineage_image_size, resolve_dataset
 from flows.steps import Step, interrupted_step
 from store.files import CheckpointError, verify_checkpoint
@@ -36,6 +29,7 @@ from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.locks import CYCLE_LOCK, LockHeld
 from store.settings import StoreError, subdir
+from store.snapshots import cycle_config_path, train_idx_path
 from workers.backfill import close_interrupted_jobs
 from workers.datasets import DatasetError
 from workers.scenario import Stage, stage_plan

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -273,6 +274,36 @@ def task_resources(custom: Mapping[str, float] | None = None) -> dict[str, Any]:
         return {"num_gpus": 1, "num_cpus": 1, **extra}
     cpus = max(r.get("CPU", 1) for r in fits)
     return {"num_cpus": max(1, min(4, int(cpus))), **extra}
+
+
+def ddp_resources(workers: int, custom: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Ray Train's ``ScalingConfig`` arguments for ``workers`` data-parallel workers on the
+    nodes that have ``custom``: ``use_gpu`` and a GPU each where those nodes hold one per
+    worker, else CPUs (as many each as the nodes allow, at most 4, the same for all);
+    ``custom`` divided among the workers, so the group asks what one training task asks.
+
+    A cluster that cannot place them all is a :class:`RayUnavailable` now (Ray Train would
+    wait for them)."""
+    import ray
+
+    ensure_ray()
+    custom = dict(custom or {})
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [r for r in nodes if all(r.get(k, 0) >= v for k, v in custom.items())]
+    # a share of a custom resource, rounded down to what Ray keeps (4 decimals)
+    share = {k: math.floor(v / workers * 1e4) / 1e4 for k, v in custom.items()}
+    if sum(int(r.get("GPU", 0)) for r in fits) >= workers:
+        return {"use_gpu": True, "resources_per_worker": {"CPU": 1.0, "GPU": 1.0, **share}}
+    most = min(4, max(1, int(sum(r.get("CPU", 0) for r in fits)) // workers))
+    for cpus in range(most, 0, -1):  # the most CPUs each that still places every worker
+        if sum(int(r.get("CPU", 0) // cpus) for r in fits) >= workers:
+            return {"use_gpu": False, "resources_per_worker": {"CPU": float(cpus), **share}}
+    have = sum(int(r.get("CPU", 0)) for r in fits)
+    where = f"the nodes with {custom} ({TRAIN_RESOURCES_ENV})" if custom else "the Ray nodes"
+    raise RayUnavailable(
+        f"{workers} training workers need a CPU each; {where} offer {have}: "
+        "lower train.workers or add nodes"
+    )
 
 
 @dataclass(frozen=True)

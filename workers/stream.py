@@ -220,6 +220,12 @@ class ShuffledItems(IterableDataset):
     Yields dicts ``pos`` (positions), ``x``, ``y`` and, with a teacher store,
     ``teacher`` ``(K, n, d)``. The order depends only on (seed, epoch): a resumed run
     repeats it. Batches of one item are dropped (BatchNorm needs two).
+
+    In a data-parallel training of ``world_size`` processes, each batch of that order is
+    split: rank ``r`` takes its every ``world_size``-th item from the ``r``-th on. The
+    ranks' batches of one step are the batch a single process takes, every rank takes
+    as many steps (the gradients' all-reduce needs that), and over the ranks an epoch is
+    every item once. A batch too short to leave each rank two items is dropped by all.
     """
 
     def __init__(
@@ -230,12 +236,17 @@ class ShuffledItems(IterableDataset):
         seed: int,
         epoch: int,
         store: TeacherStore | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
         self.items, self.batch_size, self.store = items, batch_size, store
         # whole batches per window, so only the epoch's last batch may be short
         self.window = max(1, window // batch_size) * batch_size
         self.seed, self.epoch = seed, epoch
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -246,14 +257,23 @@ class ShuffledItems(IterableDataset):
             yield from self._window(order[at : at + self.window])
 
     def _window(self, chunk: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
-        ascending = np.sort(chunk)  # read by position, then serve in the random order
+        # this rank's share of each batch of the window (a single process: the batch)
+        parts = [
+            chunk[at : at + self.batch_size][self.rank :: self.world_size]
+            for at in range(0, len(chunk), self.batch_size)
+            if len(chunk[at : at + self.batch_size]) >= 2 * self.world_size
+        ]
+        if not parts:
+            return
+        mine = np.concatenate(parts)
+        ascending = np.sort(mine)  # read by position, then serve in the random order
         x, y = self.items.take(ascending)
         t = self.store.take(ascending) if self.store is not None else None
-        local = np.searchsorted(ascending, chunk)
-        for at in range(0, len(local), self.batch_size):
-            idx = local[at : at + self.batch_size]
-            if len(idx) < 2:
-                continue
+        local = np.searchsorted(ascending, mine)
+        at = 0
+        for part in parts:
+            idx = local[at : at + len(part)]
+            at += len(part)
             out = {
                 "pos": torch.from_numpy(ascending[idx]),
                 "x": torch.from_numpy(np.ascontiguousarray(x[idx])),

@@ -34,13 +34,24 @@ shifted or mirrored image toward it. On a GPU the loop runs
 under autocast (bfloat16, or float16 with a gradient scaler), convolutional models and
 their inputs in channels-last layout, batches pinned and copied without blocking; on a
 CPU none of that applies.
+
+With ``workers`` > 1 the same loop runs in that many processes under Ray Train
+(:func:`train_distributed`: ``TorchTrainer``, DDP over gloo on CPUs, NCCL on GPUs). Each
+batch of the epoch's order is split across the ranks (:class:`workers.stream.ShuffledItems`),
+so a step sees the items a single process would, with the gradient averaged over the ranks;
+every rank prepares its own teachers from all items (the same heads, its own rows), and
+rank 0 alone writes the resume file and the checkpoint. Ray Train's own run directory is
+made under the checkpoint directory and removed; a worker's exception is raised as itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import resource
+import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +78,7 @@ from workers.models import (
     load_model,
     save_model,
 )
+from workers.runtime import Placed, ddp_resources, ensure_ray, train_resources
 from workers.sources import ArrayReader, InputFormat, label_indices, open_reader
 from workers.stream import (
     Items,
@@ -183,6 +195,24 @@ class TrainSpec:
     # test hook: raise TrainingInterrupted after this many epochs of this call, once the
     # resume file is written, as if the process had been killed there
     stop_after_epochs: int | None = None
+    # data-parallel training processes (Ray Train, DDP); each takes batch_size / workers
+    # items of every batch. 1: the single process, no Ray Train.
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Replica:
+    """This process's place in a data-parallel training: rank 0 of 1 is the single process.
+
+    ``device`` None picks CUDA when there is one; ``wrap`` turns the model into the one the
+    steps call (``ray.train.torch.prepare_model``: DDP), the bare model is what is saved.
+    With ``world_size`` > 1, ``torch.distributed`` is initialised (Ray Train does it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
 def spec_default(name: str) -> Any:
@@ -207,6 +237,11 @@ def check_spec(spec: TrainSpec) -> None:
     if spec.epochs < 1 or spec.batch_size < 2:
         raise ValueError(
             f"need epochs >= 1 and batch_size >= 2, got {spec.epochs}, {spec.batch_size}"
+        )
+    if spec.workers < 1 or spec.batch_size < 2 * spec.workers:
+        raise ValueError(
+            f"need workers >= 1 and batch_size >= 2 x workers (each takes its share of a "
+            f"batch), got workers={spec.workers}, batch_size={spec.batch_size}"
         )
     if (spec.x is None) == (spec.source is None):
         raise ValueError("give the training items as x and y, or as a source, not both")
@@ -314,9 +349,11 @@ def augment_batch(
     return x
 
 
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """The augmentation's random numbers for one epoch: a resumed epoch redraws them."""
-    state = np.random.SeedSequence([seed, epoch, 0xA06]).generate_state(1, dtype=np.uint64)
+def _epoch_generator(seed: int, epoch: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """The augmentation's random numbers for one epoch: a resumed epoch redraws them.
+    Each rank of a data-parallel training draws its own (rank 0 those of a single one)."""
+    entropy = [seed, epoch, 0xA06] + ([rank] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return torch.Generator(device=device).manual_seed(int(state[0]) >> 1)
 
 
@@ -344,6 +381,7 @@ def build_teachers(
     store_path: Path,
     device: torch.device,
     keep_models: bool = False,
+    items_path: Path | None = None,
 ) -> tuple[list[Teacher], TeacherStore | None, np.ndarray, Items, Prepared, list[EmbeddingNet]]:
     """Load each constrained ancestor once; one pass over the snapshot decodes every item
     into an on-disk store (unless the items are in memory already) and embeds it with
@@ -353,7 +391,8 @@ def build_teachers(
     the warm start's BatchNorm statistics), the items as an epoch reads them, what the
     pass measured (channel statistics for the input normalisation) and, with
     ``keep_models``, the frozen ancestors in teacher-slot order (the loop embeds each
-    augmented batch with them; no embedding is stored then).
+    augmented batch with them; no embedding is stored then). ``items_path``: where the
+    decoded items go (default :func:`_scratch`'s).
     """
     check_spec(spec)
     models: dict[int, EmbeddingNet] = {}
@@ -380,7 +419,9 @@ def build_teachers(
         if sum(len(s) for s in sample) < 4096:
             sample.append(x[:4096])
 
-    items: Items = reader if isinstance(reader, ArrayReader) else _item_store(spec, reader)
+    items: Items = (
+        reader if isinstance(reader, ArrayReader) else _item_store(spec, reader, items_path)
+    )
     store = None
     if models and not keep_models:
         store = TeacherStore(store_path, len(reader), len(models), spec.embed_dim)
@@ -415,9 +456,9 @@ def build_teachers(
     return list(teachers.values()), store, np.concatenate(sample)[:4096], items, prepared, frozen
 
 
-def _item_store(spec: TrainSpec, reader: Reader) -> ItemStore:
+def _item_store(spec: TrainSpec, reader: Reader, path: Path | None = None) -> ItemStore:
     """Where a streamed snapshot's decoded items are kept during the training."""
-    path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.items.bin"
+    path = path or _scratch(spec, "items.bin")
     fmt = InputFormat.from_dict(spec.source.input_format) if spec.source else None
     shape = fmt.shape if fmt is not None else ()
     # decoded images are v / 255 of 8-bit pixels: kept as bytes, a quarter of the disk
@@ -428,21 +469,44 @@ def _resume_path(spec: TrainSpec) -> Path:
     return Path(spec.checkpoint_dir) / f"gen-{spec.generation}.resume.pt"
 
 
+def _scratch(spec: TrainSpec, name: str, replica: Replica = Replica()) -> Path:
+    """A file the training keeps until it ends; one per rank of a data-parallel training
+    (the ranks of one node, or of a shared GRACEFUL_HOME, must not write each other's)."""
+    rank = f"rank-{replica.rank}." if replica.world_size > 1 else ""
+    return Path(spec.checkpoint_dir) / f"gen-{spec.generation}.{rank}{name}"
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train_generation(spec: TrainSpec) -> dict[str, Any]:
-    """Train generation ``spec.generation``; returns its checkpoint, hash and history."""
+    """Train generation ``spec.generation``; returns its checkpoint, hash and history.
+
+    ``spec.workers`` > 1: the same loop on that many Ray Train workers, started from here
+    (:func:`train_distributed`; Ray is joined or started first).
+    """
+    if spec.workers > 1:
+        return train_distributed(spec).value
+    return train_replica(spec)
+
+
+def train_replica(spec: TrainSpec, replica: Replica = Replica()) -> dict[str, Any]:
+    """The training loop, in one process of ``replica.world_size`` (the only one: 1).
+
+    Rank 0 writes the resume file and the checkpoint; every rank returns the result,
+    the others with ``checkpoint`` and ``sha256`` None.
+    """
     if spec.threads:
         torch.set_num_threads(spec.threads)
     started = time.perf_counter()
     check_spec(spec)
     torch.manual_seed(spec.seed)
-    # the Ray task got a GPU only if the cluster has one
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the Ray task got a GPU only if the cluster has one (a Ray Train worker: its own)
+    device = replica.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    lead, parallel = replica.rank == 0, replica.world_size > 1
     reader, input_shape = _reader(spec)
     dataset = spec.dataset if spec.dataset is not None else getattr(spec.source, "spec", None)
     augment = resolve_augment(spec.augment, input_shape, spec.architecture, dataset)
@@ -454,9 +518,14 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     fingerprint = _fingerprint(spec, len(reader), augment)
 
     t0 = time.perf_counter()
-    store_path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.teachers.f32"
+    store_path = _scratch(spec, "teachers.f32", replica)
     teachers, store, sample, items, prepared, frozen = build_teachers(
-        spec, reader, store_path, device, keep_models=on_the_fly
+        spec,
+        reader,
+        store_path,
+        device,
+        keep_models=on_the_fly,
+        items_path=_scratch(spec, "items.bin", replica),
     )
     stacks = stack_teachers(teachers, spec)
     if prepared.channel_mean is not None:  # a warm start replaces them with its ancestor's
@@ -491,6 +560,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     first_epoch = 0
     resume = _resume_path(spec)
+    # every rank reads rank 0's resume file: each holds the optimizer's state itself
     if resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)
         if state.get("fingerprint") != fingerprint:
@@ -506,6 +576,10 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         history = [dict(h) for h in state["history"]]
         first_epoch = int(state["epoch"]) + 1
+    if parallel:
+        _same_on_every_rank(first_epoch, "the epoch to resume from", resume, device)
+    # the steps call the wrapped model (DDP all-reduces its gradients); ``model`` is saved
+    net = replica.wrap(model) if replica.wrap is not None else model
 
     window = window_items(input_shape, spec.batch_size, store.row_bytes if store else 0)
     epoch_seconds: list[float] = []
@@ -514,13 +588,24 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         t_epoch = time.perf_counter()
         model.train()
         # the order depends on (seed, epoch) only: a resumed epoch sees what it would have
-        epoch_items = ShuffledItems(items, spec.batch_size, window, spec.seed, epoch, store)
+        epoch_items = ShuffledItems(
+            items,
+            spec.batch_size,
+            window,
+            spec.seed,
+            epoch,
+            store,
+            rank=replica.rank,
+            world_size=replica.world_size,
+        )
         loader = DataLoader(
             epoch_items, batch_size=None, num_workers=spec.loader_workers, pin_memory=cuda
         )
         sums = {"loss": 0.0, "ce": 0.0} | {kind.value: 0.0 for kind in REGISTRY}
         steps = 0
-        gen = _epoch_generator(spec.seed, epoch, device) if augment != "none" else None
+        gen = (
+            _epoch_generator(spec.seed, epoch, device, replica.rank) if augment != "none" else None
+        )
         for step, batch in enumerate(loader):
             xb = batch["x"].to(device, non_blocking=True)
             yb = batch["y"].to(device, non_blocking=True)
@@ -533,10 +618,10 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
                     teacher_emb = torch.stack([m.embed(xb).float() for m in frozen])
             if amp_dtype is not None:
                 with torch.autocast("cuda", dtype=amp_dtype):
-                    emb, logits = model(xb)
+                    emb, logits = net(xb)
                 emb, logits = emb.float(), logits.float()  # the losses in float32
             else:
-                emb, logits = model(xb)
+                emb, logits = net(xb)
 
             ce = F.cross_entropy(logits, yb)
             terms = constraint_losses(stacks, StepInputs(emb, logits, yb, teacher_emb), spec)
@@ -565,9 +650,14 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
             for kind, term in terms.items():
                 sums[kind.value] += float(term.detach())
         sched.step()
+        if parallel:  # the epoch's means over every rank's steps
+            sums, steps = _sum_over_ranks(sums, steps, device)
         history.append({k: v / max(1, steps) for k, v in sums.items()} | {"epoch": epoch})
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        _write_resume(resume, model, opt, sched, history, epoch, fingerprint, scaler)
+        if lead:
+            _write_resume(resume, model, opt, sched, history, epoch, fingerprint, scaler)
+        if parallel:  # no rank stops (or is stopped) before rank 0's resume file is whole
+            torch.distributed.barrier()
         done = epoch - first_epoch + 1
         stop = spec.stop_after_epochs
         if stop is not None and done >= stop and epoch < spec.epochs - 1:
@@ -577,13 +667,19 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
             )
 
     path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.pt"
-    sha = save_model(model.cpu().to(memory_format=torch.contiguous_format), path)
-    resume.unlink(missing_ok=True)
+    sha = None
+    if lead:
+        sha = save_model(model.cpu().to(memory_format=torch.contiguous_format), path)
+        resume.unlink(missing_ok=True)
     store_path.unlink(missing_ok=True)
     if isinstance(items, ItemStore):
         items.path.unlink(missing_ok=True)
+    peak_rss = peak_rss_bytes()
+    if parallel:  # every rank's items; the largest process
+        items_seen = int(_reduce(float(items_seen), device, "sum"))
+        peak_rss = int(_reduce(float(peak_rss), device, "max"))
     return {
-        "checkpoint": str(path),
+        "checkpoint": str(path) if lead else None,
         "sha256": sha,
         "history": history,
         "train_seconds": time.perf_counter() - started,
@@ -591,7 +687,7 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         "epoch_seconds": epoch_seconds,
         "items": len(reader),
         "items_seen": items_seen,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "resumed_from_epoch": first_epoch,
         "teachers": [t.target for t in teachers],
         # what the loop applied: {kind: {ancestor: weight}}, from the stacks themselves
@@ -603,7 +699,115 @@ def train_generation(spec: TrainSpec) -> dict[str, Any]:
         "teachers_per_batch": bool(frozen),
         "device": device.type,
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None,
+        "workers": replica.world_size,
     }
+
+
+def train_distributed(
+    spec: TrainSpec, custom: Mapping[str, float] | None = None
+) -> Placed[dict[str, Any]]:
+    """Train ``spec`` on ``spec.workers`` Ray Train workers; rank 0's result and node.
+
+    ``custom``: the Ray resources the training needs (default ``GRACEFUL_TRAIN_RESOURCES``),
+    shared among the workers. The result has every key of the single process's;
+    ``train_seconds`` is measured here (it includes starting the workers).
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    ensure_ray()  # before the trainer, which would otherwise start a Ray of its own
+    scaling = ddp_resources(spec.workers, train_resources() if custom is None else custom)
+    threads = int(scaling["resources_per_worker"]["CPU"])
+    storage = (Path(spec.checkpoint_dir) / f"gen-{spec.generation}.ray-train").resolve()
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"spec": dataclasses.replace(spec, threads=threads)},
+        scaling_config=ScalingConfig(num_workers=spec.workers, **scaling),
+        run_config=RunConfig(
+            name="run",
+            storage_path=str(storage),
+            # a failed worker fails the training, as a failed task does; a retry is a resume
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        outcome = trainer.fit()
+    except Exception as exc:
+        cause = _worker_error(exc)
+        if cause is exc:
+            raise
+        raise cause from exc
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    done = outcome.return_value
+    result = dict(done["result"], train_seconds=time.perf_counter() - started)
+    return Placed(result, done["node_id"], done["node_ip"])
+
+
+def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """One Ray Train worker: the loop with its rank; rank 0 returns the result."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    replica = Replica(ctx.get_world_rank(), ctx.get_world_size(), device, wrap)
+    result = train_replica(config["spec"], replica)
+    if replica.rank != 0:
+        return None
+    node = ray.get_runtime_context().get_node_id()
+    return {"result": result, "node_id": node, "node_ip": ray.util.get_node_ip_address()}
+
+
+def _worker_error(exc: Exception) -> Exception:
+    """The exception a worker raised (the lowest rank's), or ``exc`` itself."""
+    failures: dict[int, BaseException] = getattr(exc, "worker_failures", None) or {}
+    for _, error in sorted(failures.items()):
+        # a rank stopped because another failed shows Ray's error, not the cause
+        if isinstance(error, Exception) and not type(error).__module__.startswith("ray."):
+            return error
+    return exc
+
+
+def _reduce(value: float, device: torch.device, op: str) -> float:
+    """``value`` summed (``sum``) or maximised (``max``) over the ranks."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _sum_over_ranks(
+    sums: dict[str, float], steps: int, device: torch.device
+) -> tuple[dict[str, float], int]:
+    """One epoch's loss sums and step count, added up over the ranks (one all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([*sums.values(), float(steps)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    values = t.tolist()
+    return dict(zip(sums, values[:-1], strict=True)), int(values[-1])
+
+
+def _same_on_every_rank(value: int, what: str, resume: Path, device: torch.device) -> None:
+    """Refuse to train when the ranks disagree (they would wait on each other forever)."""
+    low = -_reduce(-float(value), device, "max")
+    high = _reduce(float(value), device, "max")
+    if low != high:
+        raise RuntimeError(
+            f"the training workers disagree on {what} ({low:.0f} to {high:.0f}): some "
+            f"cannot read {resume}; put GRACEFUL_HOME on storage every node mounts "
+            "(deploy/CLUSTER.md)"
+        )
 
 
 def _arch_name(architecture: dict[str, Any]) -> str:

@@ -160,8 +160,9 @@ def test_a_swapped_champion_checkpoint_stops_the_cycle_before_anything_starts(ho
 
 
 def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> None:
-    from flows.cycle_steps import Step, cycle_config_path
     from flows.recovery import recover_generations
+    from flows.steps import Step
+    from store.snapshots import cycle_config_path
 
     lin = Lineage()
     cfg = CycleConfig(dataset="digits", train=TrainConfig(epochs=1))

@@ -1,0 +1,56 @@
+"""The files a cycle keeps beside the lineage, under ``GRACEFUL_HOME/snapshots``: what each
+generation trained on (its snapshot's keys, or the scenario's rows), the config it trained
+under (so an interrupted cycle resumes as it began), and the evaluation items. Each is
+written atomically; files named by a fingerprint are written once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.settings import subdir
+
+
+def cycle_config_path(gen_id: int) -> Path:
+    """The config a generation trains under, kept so an interrupted cycle can resume."""
+    return subdir("snapshots") / f"gen-{gen_id}-cycle.json"
+
+
+def train_idx_path(gen_id: int) -> Path:
+    """The scenario's training rows of a generation (a source's are its keys file)."""
+    return subdir("snapshots") / f"gen-{gen_id}-train-idx.npy"
+
+
+def eval_items_path(fingerprint: str) -> Path:
+    """The evaluation set's items, named by its fingerprint."""
+    return subdir("snapshots") / f"eval-{fingerprint[:24]}.parquet"
+
+
+def keys_path(fingerprint: str) -> Path:
+    """A snapshot's items (keys, labels, what locates them), named by its fingerprint."""
+    return subdir("snapshots") / f"keys-{fingerprint[:24]}.parquet"
+
+
+def write_once(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` atomically unless it exists (names are fingerprints)."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+
+
+def save_generation_inputs(gen_id: int, train_idx: np.ndarray | None, config_json: str) -> None:
+    """What generation ``gen_id`` trains on and the config it trains under (as JSON), each
+    written atomically."""
+    if train_idx is not None:
+        idx_path = train_idx_path(gen_id)
+        tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
+        np.save(tmp, train_idx)
+        tmp.replace(idx_path)
+    cfg_path = cycle_config_path(gen_id)
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(config_json)
+    tmp.replace(cfg_path)
