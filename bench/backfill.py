@@ -7,7 +7,7 @@
    update cycle (``flows.cycle.run_cycle``: bct+pct, the growing scenario, gate off so
    all three are promoted); after generation 2 a 30% random backfill, so the gallery
    mixes generations 1 and 2 when generation 3 becomes champion. For every policy, its
-   order over the real gallery (``workers.backfill.policy_order``, the streaming code a
+   order over the real gallery (``workers.collection.backfill.policy_order``, the streaming code a
    job uses), the backfill curve M_mix(beta), beta = 0, 0.1, ..., 1, its area M~,
    no-regret and the recovery at beta = 0.2: (M(0.2) - M(0)) / (M(1) - M(0)).
    Robustness: the same over other starting galleries (all items by generation 1, all
@@ -64,7 +64,7 @@ def _rec(curve: list[tuple[float, float]]) -> float:
 
 
 def _summary(curve: list[tuple[float, float]]) -> dict[str, Any]:
-    from workers import metrics as M
+    from workers.measuring import metrics as M
 
     return {
         "curve": [[b, round(v, 6)] for b, v in curve],
@@ -112,10 +112,10 @@ def curves(home: Path) -> dict[str, Any]:
     from store.gallery import Gallery
     from store.lineage import Lineage
     from store.settings import subdir
-    from workers.backfill import backfill_curve, policy_order
-    from workers.datasets import load_dataset
-    from workers.evaluate import generation_outputs
-    from workers.policies import POLICIES, backfill_order, n_strata, strata_of
+    from workers.collection.backfill import backfill_curve, policy_order
+    from workers.collection.policies import POLICIES, backfill_order, n_strata, strata_of
+    from workers.data.datasets import load_dataset
+    from workers.measuring.evaluate import generation_outputs
 
     _set_home(home)
     lin = Lineage()
@@ -248,7 +248,7 @@ def _write_fmnist_features(path: Path, copies: int = 1, n_train_extra: int = 10)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workers.datasets import load_dataset
+    from workers.data.datasets import load_dataset
 
     ds = load_dataset(DATASET)
     x = np.concatenate([ds.x_test, ds.x_train]).reshape(-1, 784)
@@ -285,9 +285,9 @@ def _index_gallery(dataset: str, gen, n: int, part_rows: int = 4096) -> None:
     """Index the first ``n`` source items with ``gen``, streaming (one part at a time)."""
     from store.gallery import Gallery, GalleryRows
     from store.lineage import Lineage
-    from workers.backfill import open_source
-    from workers.embed import forward
-    from workers.models import load_model
+    from workers.collection.backfill import open_source
+    from workers.learning.embed import forward
+    from workers.learning.models import load_model
 
     model = load_model(gen.checkpoint_path, gen.checkpoint_sha256)
     source = open_source(dataset)
@@ -327,9 +327,9 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
 
     from store.gallery import Gallery
     from store.lineage import Lineage
-    from workers.backfill import EmbedActor, open_source, run_backfill
-    from workers.embed import forward
-    from workers.models import load_model
+    from workers.collection.backfill import EmbedActor, open_source, run_backfill
+    from workers.learning.embed import forward
+    from workers.learning.models import load_model
     from workers.runtime import task_resources
 
     _set_home(chain_home)
@@ -497,7 +497,7 @@ def memory_setup(home: Path, n: int) -> None:
 
     from store.lineage import Lineage
     from store.settings import subdir
-    from workers.models import EmbeddingNet, save_model
+    from workers.learning.models import EmbeddingNet, save_model
 
     _set_home(home)
     data = home / "features.parquet"
@@ -531,7 +531,7 @@ def memory_child(home: Path, what: str) -> dict[str, Any]:
     """In a fresh process: a full backfill (or an index sync); report peak RSS."""
     from store.gallery import Gallery
     from store.lineage import Lineage
-    from workers.backfill import peak_rss_bytes, run_backfill
+    from workers.collection.backfill import peak_rss_bytes, run_backfill
 
     _set_home(home)
     lin = Lineage()

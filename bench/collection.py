@@ -7,7 +7,7 @@ For each size, in a fresh process (fresh local Ray): a ``parquet:`` collection o
 rows (Fashion-MNIST images pooled to 7x7 = 49 features with a small per-row jitter, as in
 bench/stream.py; ``item_id`` keys, no labels needed) is indexed by a champion trained by
 one cycle through the flow's own steps on a 20k-row source. The indexing is the
-product's own ``workers.indexing.run_index`` (what ``graceful index`` runs): listing and
+product's own ``workers.collection.indexing.run_index`` (what ``graceful index`` runs): listing and
 fingerprinting the rows, embedding through Ray Data (an actor reading rows by key),
 writing and committing Parquet parts, building the persisted faiss index.
 
@@ -182,10 +182,10 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
 
     from store.gallery import Gallery
     from store.lineage import Lineage
-    from workers.collection import FileReader, input_format
-    from workers.datasets import load_dataset
-    from workers.embed import forward
-    from workers.indexing import run_index
+    from workers.collection.indexing import run_index
+    from workers.collection.items import FileReader, input_format
+    from workers.data.datasets import load_dataset
+    from workers.learning.embed import forward
     from workers.runtime import task_resources
 
     ds = load_dataset("fashion-mnist")
@@ -229,9 +229,9 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     import torch
 
     from store.gallery import Gallery
-    from workers.embed import forward
-    from workers.indexing import run_index
-    from workers.models import load_model
+    from workers.collection.indexing import run_index
+    from workers.learning.embed import forward
+    from workers.learning.models import load_model
     from workers.runtime import task_resources
 
     lin, champion, evalset = train_champion(workdir)
@@ -312,11 +312,11 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     moved = forward(other, xs, batch_size=8192).embedding
     out["drift"] = drift_figures(emb, moved, forward(other, evalset.x_test[:n_queries]).embedding)
     del xs, moved, emb
-    # the same items re-embedded by the hand-built backfill pipeline (workers.backfill: a
+    # the same items re-embedded by the hand-built backfill pipeline (workers.collection.backfill: a
     # Ray actor reading by key, parts in flight), against the Ray Data indexing above
     from store.settings import subdir
-    from workers.backfill import run_backfill
-    from workers.models import save_model
+    from workers.collection.backfill import run_backfill
+    from workers.learning.models import save_model
 
     path = subdir("checkpoints") / "moved.pt"
     gen2 = lin.add_generation(
@@ -372,7 +372,8 @@ def report(results: list[dict[str, Any]], images: dict[str, Any]) -> None:
         "",
         "Produced by `python -m bench.collection` (2 cores, no GPU). A `parquet:` collection "
         "of Fashion-MNIST feature rows (49 features, jittered) indexed by "
-        "`workers.indexing.run_index` (what `graceful index` runs) with a champion trained "
+        "`workers.collection.indexing.run_index` (what `graceful index` runs) with a champion "
+        "trained "
         "by one cycle of the flow's steps; search over the collection's stored embeddings "
         "with 1000 held-out query images embedded by the champion, one query at a time.",
         "",
@@ -445,7 +446,7 @@ def report(results: list[dict[str, Any]], images: dict[str, Any]) -> None:
         "## Ray Data (indexing) against the hand-built actor pipeline (backfill)",
         "",
         "The same items re-embedded from the source by key: indexing streams them through "
-        "Ray Data, a full backfill through workers.backfill's actor pipeline.",
+        "Ray Data, a full backfill through workers.collection.backfill's actor pipeline.",
         "",
         "| items | indexing embed+write items/s | backfill pipeline items/s | backfill end to "
         "end items/s |",
@@ -539,8 +540,8 @@ def record_image_model(lin, dataset: str, shape: tuple[int, ...], seed: int, nam
     import torch
 
     from store.settings import subdir
-    from workers.models import EmbeddingNet, save_model
-    from workers.scenario import default_architecture
+    from workers.data.scenario import default_architecture
+    from workers.learning.models import EmbeddingNet, save_model
 
     arch = default_architecture(shape)
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ own ``GRACEFUL_HOME`` (a fresh SQLite lineage, gallery and checkpoints) through
 (one Ray task on a local cluster) -> ``evaluate_step`` -> ``gate_step`` (gate disabled)
 -> ``promote_step`` -> ``backfill_step`` (budget 0: the first generation indexes the
 gallery, later ones re-embed nothing) -> ``flows.chain.retire_unused``. Generation i is
-stage i - 1 of the growing scenario (workers/scenario.py: the first generation sees 60%
+stage i - 1 of the growing scenario (workers/data/scenario.py: the first generation sees 60%
 of the classes and half the data, the last all of both; the MLP grows wider and deeper).
 
 The product constrains a new generation against *active* generations only (promoted
@@ -24,8 +24,9 @@ Every figure is read back from the product: ``flows.report.build_report`` (accur
 NFR/PFR/NFI/BTC/BEC, NFR_any, C[a][b], ECC, update gain, AC, AM) and the lineage
 (architecture, classes, training items and seconds, the constraints recorded with their
 weights); no metric is computed here. A micro-benchmark of
-``workers.train.train_generation`` and of the losses of ``workers.constraints`` measures
-what constraints against ten ancestors cost per epoch next to one.
+``workers.learning.train.train_generation`` and of the losses of
+``workers.learning.constraints`` measures what constraints against ten ancestors cost per
+epoch next to one.
 
 Writes ``bench/results/compat.md`` (tables, heat maps ``compat_*.png``) and
 ``bench/results/compat.json`` (every figure under stable keys).
@@ -52,7 +53,9 @@ from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 from flows.cycle import run_cycle
 from flows.report import build_report
 from store.lineage import Lineage
-from workers.constraints import (
+from workers.data.datasets import Dataset, load_dataset
+from workers.data.scenario import stage_indices, stage_plan
+from workers.learning.constraints import (
     DEFAULT_WEIGHTS,
     METHOD_KINDS,
     ConstraintKind,
@@ -61,9 +64,7 @@ from workers.constraints import (
     TrainMethod,
     constraint_losses,
 )
-from workers.datasets import Dataset, load_dataset
-from workers.scenario import stage_indices, stage_plan
-from workers.train import ConstraintSpec, TrainSpec, train_generation
+from workers.learning.train import ConstraintSpec, TrainSpec, train_generation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "compat"
@@ -72,7 +73,7 @@ CODE_PATH = "the product's update cycle (flows.cycle.run_cycle)"
 
 # The methods: a name and the TrainConfig the product's cycle trains under (epochs and
 # seed are set from the command line). Every method but the textbook one keeps the
-# product's defaults: the constraint weights of workers.constraints.DEFAULT_WEIGHTS, BCT
+# product's defaults: the constraint weights of workers.learning.constraints.DEFAULT_WEIGHTS, BCT
 # influence on a head of the ancestor's class centroids, warm start, the scenario's
 # stationary head; each ancestor gets every kind's weight, as when these results were
 # measured (sharing it among the ancestors, bench/lifelong.py, became the default later).
@@ -322,7 +323,7 @@ def teacher_cost(
     kinds_list: tuple[tuple[ConstraintKind, ...], ...] = COST_KINDS,
     log=print,
 ) -> dict[str, Any]:
-    """Per-epoch time of one generation (``workers.train.train_generation``, in this
+    """Per-epoch time of one generation (``workers.learning.train.train_generation``, in this
     process) with 0, 1 and ``n_many`` constrained ancestors (e.g. bct+pct: influence and
     focal against each, at the default weights), on the same data and seed."""
     n = ds.num_classes
@@ -368,7 +369,7 @@ def loss_step_cost(
     num_classes: int, n_many: int, threads: int | None, steps: int = 300
 ) -> dict[str, dict[str, float]]:
     """Milliseconds per step of one constraint kind's loss and its backward pass
-    (``workers.constraints.constraint_losses``), against 1 and ``n_many`` stacked
+    (``workers.learning.constraints.constraint_losses``), against 1 and ``n_many`` stacked
     ancestors (batch 128, d 64; the teachers' embeddings of the batch as the loop reads them)."""
     if threads:
         torch.set_num_threads(threads)
@@ -657,14 +658,14 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "backfill, generation g would be constrained against generation 1, whose items fill "
         "the gallery, and the champion g - 1 only: the others are retired.)",
         "",
-        "**Evaluation** (`workers.evaluate.evaluate_against_ancestors`, run by "
+        "**Evaluation** (`workers.measuring.evaluate.evaluate_against_ancestors`, run by "
         "`evaluate_step` once a generation has trained): generation g against every earlier "
         "generation that trained, on the data set's test split (10,000 items). Accuracy and "
         "the flip metrics (NFR, PFR, NFI, BTC, BEC) over all 10,000 test items; NFR_any "
         "against the active ancestors (here: all of them). C[a][b] (top-1 and mAP@100, "
         "cosine nearest neighbours): the odd-indexed test items are the queries, embedded "
         "by a, the even-indexed ones the gallery, embedded by b "
-        "(`workers.scenario.eval_split`). ECC(a, b): C[a][b] > C[b][b]; AC: the share of "
+        "(`workers.data.scenario.eval_split`). ECC(a, b): C[a][b] > C[b][b]; AC: the share of "
         "pairs a > b where ECC holds; AM: the mean of C[a][b] over b <= a. Definitions: "
         "DESIGN.md.",
         "",
@@ -681,7 +682,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "",
         "Every method but the textbook row runs with the `TrainConfig` defaults: weights "
         + ", ".join(f"{k} {v:g}" for k, v in s["constraint_weights"].items())
-        + " (`workers.constraints.DEFAULT_WEIGHTS`), the scenario's stationary (`fixed`) "
+        + " (`workers.learning.constraints.DEFAULT_WEIGHTS`), the scenario's stationary (`fixed`) "
         "head, warm start from the newest constrained ancestor, influence on a head of the "
         "ancestor's class centroids. `none` trains each generation from scratch without "
         "constraints. The textbook row is BCT+PCT as the papers state it: learned heads, "
@@ -745,7 +746,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         md += [
             "## Cost of many constraints (teachers precomputed once)",
             "",
-            "A micro-benchmark of `workers.train.train_generation` (called directly in the "
+            "A micro-benchmark of `workers.learning.train.train_generation` (called directly in "
+            "the "
             f"benchmark's process, {tc.get('threads') or 'default'} torch thread(s)): one "
             f"generation, {tc['train_samples']} items, {tc['architecture']}, "
             f"{tc['epochs']} epochs, constrained against 0, 1 and {n} frozen ancestors at "
@@ -785,7 +787,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
             step_ms = 1e3 * first_run["ancestors_0"]["median_epoch_seconds"] / steps
             md += [
                 "",
-                "The constraint terms alone (`workers.constraints.constraint_losses`: loss + "
+                "The constraint terms alone (`workers.learning.constraints.constraint_losses`: "
+                "loss + "
                 "backward per step, batch 128, 60,000 precomputed items), in milliseconds, "
                 f"against one full training step of about {step_ms:.1f} ms:",
                 "",

@@ -4,7 +4,7 @@
                         [--models resnet,mlp]
 
 Per model (``resnet``: the scenario's last-stage image model,
-``workers.scenario.default_architecture``, compute-bound; ``mlp``: width 256, 2 layers,
+``workers.data.scenario.default_architecture``, compute-bound; ``mlp``: width 256, 2 layers,
 few FLOPs per weight, so the gradients' all-reduce weighs more), on the first ``--items``
 training items of the data set (Fashion-MNIST where ``/usr/share/datasets/fashion-mnist``
 is installed, else scikit-learn's digits), each run in a fresh process:
@@ -12,7 +12,7 @@ is installed, else scikit-learn's digits), each run in a fresh process:
 - ``plain``: the reference, a plain single-process PyTorch loop (the same
   ``EmbeddingNet``, AdamW at the same rate, cosine schedule, batch 128, a uniform shuffle
   every epoch, the same augmentation with plain tensor ops) on all of the machine's cores;
-- ``product w=1``: ``workers.train.train_generation`` with ``workers=1`` (the single
+- ``product w=1``: ``workers.learning.train.train_generation`` with ``workers=1`` (the single
   process, as every other benchmark measured it), on all the cores, and again on 1 thread;
 - ``product w=2``: the same call with ``workers=2``: Ray Train's ``TorchTrainer``, 2 DDP
   workers over gloo, a CPU (one thread) each on this machine.
@@ -47,14 +47,14 @@ RUNS = (("product w=1", 1, None), ("product w=1, 1 thread", 1, 1), ("product w=2
 
 
 def _data(dataset: str, items: int):
-    from workers.datasets import load_dataset
+    from workers.data.datasets import load_dataset
 
     ds = load_dataset(dataset)
     return ds, np.arange(min(items, len(ds.y_train)))
 
 
 def _architecture(model: str, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    from workers.scenario import default_architecture
+    from workers.data.scenario import default_architecture
 
     if model == "mlp":
         return dict(MLP)
@@ -81,8 +81,8 @@ def _spec(dataset: str, items: int, epochs: int, model: str, tmp: str, workers: 
 
 
 def _accuracy(model: Any, dataset: str) -> float:
-    from workers.embed import forward
-    from workers.metrics import accuracy
+    from workers.learning.embed import forward
+    from workers.measuring.metrics import accuracy
 
     ds, _ = _data(dataset, 0)
     return accuracy(forward(model, ds.x_test).prediction, ds.y_test)
@@ -94,8 +94,8 @@ def product_run(
     """One generation through the product's ``train_generation`` (in a fresh process)."""
     import torch
 
-    from workers.models import load_model
-    from workers.train import train_generation
+    from workers.learning.models import load_model
+    from workers.learning.train import train_generation
 
     if threads:
         torch.set_num_threads(threads)

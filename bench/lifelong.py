@@ -13,10 +13,10 @@ target while the gallery holds items it embedded or it is champion, and retires 
 backfilled away. That is the deployment the issue asks about: constraints stay bounded
 as the chain grows.
 
-Generation i is stage i - 1 of the growing scenario (workers/scenario.py): classes grow
+Generation i is stage i - 1 of the growing scenario (workers/data/scenario.py): classes grow
 from 60% to all, data from half to all, the model widens and deepens. Every figure is
 read from ``flows.report.build_report`` and the lineage; AC and AM "so far" are the
-product's ``workers.metrics.ac``/``am`` on the pairs among the first g generations.
+product's ``workers.measuring.metrics.ac``/``am`` on the pairs among the first g generations.
 
 Fashion-MNIST is used as images (the default residual CNN), on a stratified subset of
 its training split (``--train-per-class``, default 600 a class: 2 CPU cores train it in
@@ -57,12 +57,12 @@ from flows.report import build_report
 from store.gallery import Gallery
 from store.lineage import Lineage
 from store.settings import subdir
-from workers.datasets import DEFAULT_FASHION_MNIST_DIR, load_dataset
-from workers.evaluate import generation_outputs
-from workers.metrics import ac as ac_metric
-from workers.metrics import am as am_metric
-from workers.metrics import ecc_on_classes, retrieval_hits
-from workers.served import overall_delta, served_by_class, top1_hits
+from workers.data.datasets import DEFAULT_FASHION_MNIST_DIR, load_dataset
+from workers.measuring.evaluate import generation_outputs
+from workers.measuring.metrics import ac as ac_metric
+from workers.measuring.metrics import am as am_metric
+from workers.measuring.metrics import ecc_on_classes, retrieval_hits
+from workers.measuring.served import overall_delta, served_by_class, top1_hits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "lifelong"
@@ -204,7 +204,7 @@ def class_group_gaps(rep: dict[str, Any]) -> list[list[Any]]:
     """Per pair a > b: C[a][b] - C[b][b] on classes b trained on and on the others.
 
     Rows ``[a, b, seen gap, unseen gap, unseen queries]``, as the product's evaluation
-    stored them with the gate's evidence (``workers.evaluate.gate_evidence``).
+    stored them with the gate's evidence (``workers.measuring.evaluate.gate_evidence``).
     """
     rows = []
     for g in rep["generations"]:
@@ -233,7 +233,7 @@ def _group_summary(rows: list[list[Any]]) -> dict[str, Any]:
 class ServedWatch:
     """What users meet before and after each cycle, measured on the real collection: the
     champion's queries (the evaluation set's query half) against the collection's stored
-    embeddings, per class (``workers.served``); a cycle regresses a class when its
+    embeddings, per class (``workers.measuring.served``); a cycle regresses a class when its
     served hit rate after is below before with evidence (Bonferroni over the classes)."""
 
     def __init__(self) -> None:
@@ -259,7 +259,7 @@ class ServedWatch:
         after = self.hits(lin)
         if self.before is None or after is None:
             return
-        qy = self.ds.y_test[1::2]  # the query half (workers.scenario.eval_split)
+        qy = self.ds.y_test[1::2]  # the query half (workers.data.scenario.eval_split)
         deltas = served_by_class(after, self.before, qy)
         whole = overall_delta(after, self.before)
         self.cycles.append(

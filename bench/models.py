@@ -3,12 +3,12 @@
     python -m bench.models [--datasets photos=imagefolder:DIR,fashion-mnist,digits]
                            [--epochs 15] [--stages 4] [--parts ratio,scenario]
 
-Per data set (the product's own loader, ``workers.datasets.load_dataset``):
+Per data set (the product's own loader, ``workers.data.datasets.load_dataset``):
 
 - **ratio**: one unconstrained generation on all training items, through the product's
-  training function ``workers.train.train_generation`` with a ``TrainSpec`` built from
+  training function ``workers.learning.train.train_generation`` with a ``TrainSpec`` built from
   the ``TrainConfig`` defaults and the scenario's last-stage architecture
-  (``workers.scenario.default_architecture``), against a plain 40-line loop
+  (``workers.data.scenario.default_architecture``), against a plain 40-line loop
   (:func:`plain_loop`: the same ``EmbeddingNet``, AdamW at the same rate, cosine
   schedule, batch 128, a uniform shuffle of all items every epoch, the same augmentation
   done with plain tensor ops), on the same items in two orders: ``class-sorted`` (as an
@@ -54,7 +54,7 @@ ACC_TARGETS = {"photos": 0.65, "fashion-mnist": 0.92, "digits": 0.97}
 
 def _items(spec: str, order: str) -> tuple[Any, np.ndarray]:
     """The data set and its training positions in ``order``."""
-    from workers.datasets import load_dataset
+    from workers.data.datasets import load_dataset
 
     ds = load_dataset(spec)
     if order == "class-sorted":
@@ -66,7 +66,7 @@ def _items(spec: str, order: str) -> tuple[Any, np.ndarray]:
 
 def _spec(ds: Any, idx: np.ndarray, epochs: int, tmp: str):
     from flows.config import TrainConfig
-    from workers.scenario import default_architecture
+    from workers.data.scenario import default_architecture
 
     return TrainConfig(epochs=epochs).train_spec(
         1,
@@ -82,16 +82,16 @@ def _spec(ds: Any, idx: np.ndarray, epochs: int, tmp: str):
 
 
 def _test_accuracy(model: Any, ds: Any) -> float:
-    from workers.embed import forward
-    from workers.metrics import accuracy
+    from workers.learning.embed import forward
+    from workers.measuring.metrics import accuracy
 
     return accuracy(forward(model, ds.x_test).prediction, ds.y_test)
 
 
 def product_run(spec_str: str, order: str, epochs: int) -> dict[str, Any]:
     """One generation through ``train_generation`` (in a fresh process)."""
-    from workers.models import load_model
-    from workers.train import train_generation
+    from workers.learning.models import load_model
+    from workers.learning.train import train_generation
 
     ds, idx = _items(spec_str, order)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +115,7 @@ def train_plain(
     """The plain PyTorch reference loop: ``spec``'s model, AdamW with a cosine schedule,
     cross-entropy, the product's crop/flip augmentation written out by hand. Returns the
     model, the seconds of each epoch and of all of them."""
-    from workers.models import EmbeddingNet
+    from workers.learning.models import EmbeddingNet
 
     torch.manual_seed(spec.seed)
     model = EmbeddingNet(tuple(x.shape[1:]), num_classes, spec.embed_dim, spec.architecture)
@@ -205,7 +205,7 @@ def scenario_part(
     """The growing scenario through the product's cycle, unconstrained and default."""
     from bench.compat import _stop_ray, run_chain
     from flows.config import TrainConfig
-    from workers.constraints import TrainMethod
+    from workers.learning.constraints import TrainMethod
 
     out: dict[str, Any] = {}
     for method in methods:
@@ -239,10 +239,10 @@ def source_run(spec_str: str, epochs: int) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from flows.config import TrainConfig
-    from workers.models import load_model
-    from workers.scenario import default_architecture
-    from workers.sources import load_eval, scan_source
-    from workers.train import SourceItems, train_generation
+    from workers.data.scenario import default_architecture
+    from workers.data.sources import load_eval, scan_source
+    from workers.learning.models import load_model
+    from workers.learning.train import SourceItems, train_generation
 
     t0 = time.perf_counter()
     scan = scan_source(spec_str)
@@ -266,8 +266,8 @@ def source_run(spec_str: str, epochs: int) -> dict[str, Any]:
         )
         result = train_generation(spec)
         model = load_model(result["checkpoint"], result["sha256"])
-    from workers.embed import forward
-    from workers.metrics import accuracy
+    from workers.learning.embed import forward
+    from workers.measuring.metrics import accuracy
 
     y = np.asarray([vocab[n] for n in ev.labels])
     full = 0

@@ -55,8 +55,8 @@ def build(home: Path, items: int, seed: int = 0) -> dict:
     from bench.collection import record_image_model
     from store.gallery import Gallery, GalleryRows
     from store.lineage import Lineage
-    from workers.collection import open_reader
-    from workers.embed import forward
+    from workers.collection.items import open_reader
+    from workers.learning.embed import forward
 
     rng = np.random.default_rng(seed)
     base = (load_digits().images * 16).clip(0, 255).astype(np.uint8)  # 0..255

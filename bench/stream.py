@@ -51,7 +51,7 @@ def write_source(root: Path, rows: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workers.datasets import FASHION_MNIST_CLASSES, load_dataset
+    from workers.data.datasets import FASHION_MNIST_CLASSES, load_dataset
 
     ds = load_dataset("fashion-mnist")
     names = np.asarray(FASHION_MNIST_CLASSES, dtype=object)

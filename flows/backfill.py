@@ -15,9 +15,9 @@ from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
 from store.settings import StoreError, subdir
-from workers.backfill import run_backfill
-from workers.evaluate import generation_outputs
-from workers.metric_names import Metric
+from workers.collection.backfill import run_backfill
+from workers.measuring.evaluate import generation_outputs
+from workers.measuring.metric_names import Metric
 from workers.runtime import join_cluster
 
 

@@ -9,8 +9,8 @@ import numpy as np
 from store.debts import load_debt
 from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, Lineage
-from workers.constraints import METHOD_KINDS, full_weights, parse_method
-from workers.metric_names import Metric
+from workers.learning.constraints import METHOD_KINDS, full_weights, parse_method
+from workers.measuring.metric_names import Metric
 
 
 def active_generations(lineage: Lineage) -> list[int]:
@@ -34,7 +34,7 @@ def plan_constraints(
 ) -> list[tuple[int, str, float]]:
     """(target, kind, weight) for each constraint of the next generation.
 
-    ``weights`` maps kinds to weights (workers.constraints); kinds left out keep their
+    ``weights`` maps kinds to weights (workers.learning.constraints); kinds left out keep their
     default, so every kind the method uses gets a weight. ``ancestor_weights``: "each"
     ancestor gets the kind's weight, or they "share" it equally (the constraints' sum
     then stays the same however many ancestors there are).

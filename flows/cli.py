@@ -154,7 +154,7 @@ def _check_inputs(dataset: str | None, training: bool = False, existing: bool = 
     works on a lineage that must be there already (it never starts one: a missing
     GRACEFUL_HOME, or one without a lineage, is bad input, and nothing is created)."""
     from store.settings import StoreError, graceful_home, require_lineage
-    from workers.datasets import DatasetError, parse_spec
+    from workers.data.datasets import DatasetError, parse_spec
     from workers.runtime import train_resources
 
     try:
@@ -173,8 +173,8 @@ def _exit_code(exc: BaseException) -> int:
     """2 for bad input (a data set, source or collection spec that cannot be used),
     1 for any other failure."""
     from flows.data import LineageOptionError
-    from workers.datasets import DatasetError
-    from workers.sources import SourceUnreachable
+    from workers.data.datasets import DatasetError
+    from workers.data.sources import SourceUnreachable
 
     if isinstance(exc, SourceUnreachable):  # the store is down: retry, not fix the input
         return 1
@@ -185,8 +185,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from store.settings import StoreError
-    from workers.datasets import DatasetError
-    from workers.models import CheckpointError
+    from workers.data.datasets import DatasetError
+    from workers.learning.models import CheckpointError
 
     return (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, RuntimeError)
 
@@ -843,9 +843,9 @@ def index(
     _check_inputs(None, existing=True)
     from flows.collection import index_flow
     from flows.config import IndexConfig
-    from workers.collection import CollectionError, parse_collection_spec
-    from workers.datasets import DatasetError
-    from workers.sources import SourceError
+    from workers.collection.items import CollectionError, parse_collection_spec
+    from workers.data.datasets import DatasetError
+    from workers.data.sources import SourceError
 
     try:
         if spec is not None:

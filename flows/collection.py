@@ -2,7 +2,7 @@
 
 ``graceful index SPEC`` runs it: the champion embeds the items of SPEC the collection
 does not hold yet and those whose content changed (``--prune`` also removes the ones
-gone), streamed through Ray Data and committed a part at a time (workers.indexing).
+gone), streamed through Ray Data and committed a part at a time (workers.collection.indexing).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from flows.progress import counter
 from store.gallery import Gallery
 from store.lineage import Lineage
 from store.settings import StoreError
-from workers.collection import CollectionError
-from workers.indexing import run_index
+from workers.collection.indexing import run_index
+from workers.collection.items import CollectionError
 from workers.runtime import join_cluster
 
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from workers.constraints import ConstraintKind, TrainMethod, full_weights
-from workers.train import TrainSpec, spec_default
+from workers.learning.constraints import ConstraintKind, TrainMethod, full_weights
+from workers.learning.train import TrainSpec, spec_default
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
@@ -28,7 +28,8 @@ class OnIncompatible(StrEnum):
 
 
 class GateConfig(BaseModel):
-    """Promotion thresholds, decided on paired evidence (``flows/gate.py``, ``workers/stats.py``).
+    """Promotion thresholds, decided on paired evidence (``flows/gate.py``,
+    ``workers/measuring/stats.py``).
 
     A check fails only when its whole interval at ``confidence`` lies on the bad side of
     its threshold; a generation that fails one is rejected, with the reasons and intervals.
@@ -191,7 +192,7 @@ class TrainConfig(BaseModel):
         "Fashion-MNIST, CIFAR and colour photographs (never grey images of unknown kind: a "
         "mirrored 'b' is a 'd'; pass crop where your photos' classes are not "
         "mirror-symmetric); ancestors distilled per item embed each augmented batch; "
-        "feature vectors never (workers.train.resolve_augment)",
+        "feature vectors never (workers.learning.train.resolve_augment)",
     )
     image_size: int | None = Field(
         None,
@@ -222,7 +223,7 @@ class TrainConfig(BaseModel):
     def _factory_imports(cls, v: dict | None) -> dict | None:
         """A team's own backbone factory must import where the config is read."""
         if v and v.get("kind") == "import":
-            from workers.models import import_factory
+            from workers.learning.models import import_factory
 
             import_factory(str(v.get("factory", "")))
         return v

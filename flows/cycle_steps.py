@@ -44,16 +44,16 @@ from store.snapshots import (
     save_generation_inputs,
     write_once,
 )
-from workers.backfill import close_interrupted_jobs
-from workers.datasets import Dataset
-from workers.evaluate import Evaluation, evaluate_against_ancestors, generation_outputs
-from workers.metric_names import Metric
-from workers.models import EmbeddingNet
+from workers.collection.backfill import close_interrupted_jobs
+from workers.data.datasets import Dataset
+from workers.data.scenario import Stage, default_architecture, stage_indices, stage_plan
+from workers.data.snapshot import Snapshot, scenario_snapshot, source_snapshot
+from workers.data.sources import SourceError, describe_change, load_eval, scan_source
+from workers.learning.models import EmbeddingNet
+from workers.learning.train import ConstraintSpec, SourceItems, train_generation
+from workers.measuring.evaluate import Evaluation, evaluate_against_ancestors, generation_outputs
+from workers.measuring.metric_names import Metric
 from workers.runtime import run_placed, task_resources, train_resources
-from workers.scenario import Stage, default_architecture, stage_indices, stage_plan
-from workers.snapshot import Snapshot, scenario_snapshot, source_snapshot
-from workers.sources import SourceError, describe_change, load_eval, scan_source
-from workers.train import ConstraintSpec, SourceItems, train_generation
 
 
 @dataclass
@@ -106,7 +106,7 @@ class CyclePlan:
 
 def source_architecture(input_shape: tuple[int, ...]) -> dict:
     """A source's model: the scenario's last-stage one for its inputs (a residual CNN for
-    images, the MLP for feature vectors; workers.scenario.default_architecture)."""
+    images, the MLP for feature vectors; workers.data.scenario.default_architecture)."""
     return default_architecture(tuple(input_shape), grow=1.0)
 
 
@@ -393,7 +393,7 @@ def train_step(
     failpoint("train")  # the kill tests stop here: recorded, no epoch trained yet
     try:
         if spec.workers > 1:  # Ray Train places the workers itself, from this driver
-            from workers.train import train_distributed
+            from workers.learning.train import train_distributed
 
             placed = train_distributed(spec, custom)
         else:
@@ -518,7 +518,7 @@ def index_gallery(
     lineage: Lineage, ds: Dataset, champion: Generation, part_rows: int
 ) -> dict[str, Any]:
     """The first gallery: the evaluation set's gallery half, embedded by the champion."""
-    from workers.backfill import m_mix
+    from workers.collection.backfill import m_mix
 
     gallery = Gallery(lineage)
     out = generation_outputs(champion, ds, subdir("cache"))

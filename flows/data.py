@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from store.lineage import Lineage
 from store.settings import StoreError
-from workers.datasets import Dataset, load_dataset, parse_spec
-from workers.sources import is_source, load_eval
+from workers.data.datasets import Dataset, load_dataset, parse_spec
+from workers.data.sources import is_source, load_eval
 
 
 def last_snapshot(lineage: Lineage):

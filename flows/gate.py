@@ -1,7 +1,7 @@
 """The promotion gate: a pure decision on paired evidence, with its reasons.
 
 Generation g and each active ancestor k are measured on the same queries and the same
-evaluation items, so each check is a paired test (``workers/stats.py``) at the
+evaluation items, so each check is a paired test (``workers/measuring/stats.py``) at the
 two-sided level ``cfg.confidence``; a check fails only when its whole interval lies on
 the bad side of its threshold:
 
@@ -18,7 +18,7 @@ and the reason says so. Every reason carries its interval; failures start with `
 Three outcomes (``GateOutcome``; ``on_incompatible = "targeted"``, the default): an
 ECC failure against an ancestor does not reject by itself. What users will meet decides
 (:func:`judge_served`): the served state after the cycle, simulated on the evaluation set
-(``workers/served.py``), must be no worse in any class than now, with evidence (paired,
+(``workers/measuring/served.py``), must be no worse in any class than now, with evidence (paired,
 Bonferroni-corrected over the classes). If the candidate needs no re-embedding for that it
 is promoted (``promote``); if it needs the items of some classes re-embedded, and those
 are at most ``max_backfill`` of the collection, it is promoted owing exactly those items
@@ -40,9 +40,9 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from flows.config import GateConfig, OnIncompatible
-from workers.metric_names import Metric
-from workers.served import ServedPlan
-from workers.stats import ClassGroupGaps, PairedCounts, clopper_pearson, pair_evidence
+from workers.measuring.metric_names import Metric
+from workers.measuring.served import ServedPlan
+from workers.measuring.stats import ClassGroupGaps, PairedCounts, clopper_pearson, pair_evidence
 
 
 class GateOutcome(StrEnum):
@@ -178,7 +178,7 @@ def decide(
     ``compat[k] = (C[g][k], C[k][k])`` and ``nfr[k] = NFR(g, k)`` for each active ancestor
     k; ``ecc_counts[k]`` the paired top-1 hits of generation-g vs generation-k queries on
     the k-gallery, ``flip_counts[k]`` the paired classification outcomes (loss = negative
-    flips) — both from the evaluation (``workers.evaluate.PairEvidence``);
+    flips) — both from the evaluation (``workers.measuring.evaluate.PairEvidence``);
     ``ecc_groups[k]`` only adds to the reasons where the ECC
     gap lies, on the classes k trained on or on the others; it does not change a verdict.
     With ``cfg.on_incompatible == "backfill"`` an ECC failure against k does not reject
@@ -307,7 +307,7 @@ def judge_served(
     names: Mapping[int, str] | None = None,
 ) -> tuple[GateOutcome, list[str]]:
     """The outcome for a generation that passed :func:`decide`, from the served state it
-    leaves (``plan``, ``workers.served.plan_targeted``) and what its targeted backfill
+    leaves (``plan``, ``workers.measuring.served.plan_targeted``) and what its targeted backfill
     re-embeds (``cost`` of the ``collection``'s items); reasons as :func:`decide`'s.
 
     With ``on_incompatible`` other than ``targeted`` there is no targeted backfill: the

@@ -160,7 +160,7 @@ class Searcher:
     def model(self) -> Any:
         with self._lock:
             if self._model is None:
-                from workers.models import load_model
+                from workers.learning.models import load_model
 
                 g = self.generation
                 self._model = load_model(g.checkpoint_path, g.checkpoint_sha256)
@@ -177,7 +177,7 @@ class Searcher:
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """The champion's embeddings of model inputs ``x`` (one per row)."""
-        from workers.embed import forward
+        from workers.learning.embed import forward
 
         shape = self.input_shape
         if math.prod(x.shape[1:]) != math.prod(shape):
@@ -189,7 +189,7 @@ class Searcher:
         return forward(self.model, x).embedding
 
     def _source(self) -> Any:
-        from workers.collection import open_reader
+        from workers.collection.items import open_reader
 
         with self._lock:
             if self._reader is None:
@@ -199,7 +199,7 @@ class Searcher:
     # -- queries -------------------------------------------------------------------------
     def key_query(self, key: str) -> tuple[np.ndarray, int | None]:
         """The champion's embedding of the collection's item ``key``, and its label."""
-        from workers.collection import CollectionError, UnreadableItem
+        from workers.collection.items import CollectionError, UnreadableItem
 
         key = check_key(key)
         item = self.index.id_of(key)
@@ -233,9 +233,9 @@ class Searcher:
         """The champion's embedding of an encoded image (PNG, JPEG, ...; its bytes, or a
         file opened lazily), decoded as the collection's items are (EXIF orientation,
         cover and centre crop, the pixel limit read from the header before any pixel:
-        an image above ``workers.datasets.MAX_IMAGE_PIXELS`` is refused as it stands)."""
-        from workers.collection import input_format
-        from workers.datasets import DatasetError, decode_images_as
+        an image above ``workers.data.datasets.MAX_IMAGE_PIXELS`` is refused as it stands)."""
+        from workers.collection.items import input_format
+        from workers.data.datasets import DatasetError, decode_images_as
 
         if isinstance(data, bytes) and not data:
             raise BadQuery("the upload is empty")

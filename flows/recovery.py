@@ -30,11 +30,11 @@ from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.locks import CYCLE_LOCK, LockHeld
 from store.settings import StoreError, subdir
 from store.snapshots import cycle_config_path, train_idx_path
-from workers.backfill import close_interrupted_jobs
-from workers.datasets import DatasetError
-from workers.scenario import Stage, stage_plan
-from workers.sources import load_eval
-from workers.train import SourceItems
+from workers.collection.backfill import close_interrupted_jobs
+from workers.data.datasets import DatasetError
+from workers.data.scenario import Stage, stage_plan
+from workers.data.sources import load_eval
+from workers.learning.train import SourceItems
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
 
@@ -46,7 +46,7 @@ def close_generation(lineage: Lineage, gen_id: int, why: str) -> None:
 
 
 def resume_file(gen_id: int) -> Path:
-    """Generation ``gen_id``'s per-epoch resume file (as workers.train names it)."""
+    """Generation ``gen_id``'s per-epoch resume file (as workers.learning.train names it)."""
     return subdir("checkpoints") / f"gen-{gen_id}.resume.pt"
 
 

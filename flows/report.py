@@ -15,8 +15,8 @@ from store.lineage import (
     SnapshotRecord,
 )
 from store.locks import CYCLE_LOCK
-from workers import metrics as M
-from workers.metric_names import Metric
+from workers.measuring import metrics as M
+from workers.measuring.metric_names import Metric
 
 PAIR_METRICS = (
     Metric.NFR,

@@ -456,7 +456,7 @@ async def _read_body(request, limit: int) -> bytes:
 
 
 def _max_pixels() -> int:
-    from workers.datasets import MAX_IMAGE_PIXELS
+    from workers.data.datasets import MAX_IMAGE_PIXELS
 
     return MAX_IMAGE_PIXELS
 
@@ -498,8 +498,8 @@ def _nearest(s: Searcher, query: np.ndarray, k: int, label: int | None) -> list[
 def _thumbnail(s: Searcher, key: str) -> bytes:
     """An image file of the collection: read inside its folder only (the key is checked
     and must be the collection's); other sources: the item's model input as a picture."""
-    from workers.collection import CollectionError, parse_collection_spec
-    from workers.datasets import DatasetError, array_png, thumbnail_png
+    from workers.collection.items import CollectionError, parse_collection_spec
+    from workers.data.datasets import DatasetError, array_png, thumbnail_png
 
     kind, where = parse_collection_spec(s.dataset)
     try:

@@ -9,8 +9,8 @@ holding generations in the collection's proportions (a seeded deal). Where nothi
 indexed yet, the collection will be indexed by whichever generation is champion, so the
 candidate is compared in full with the champion in full.
 
-:func:`judge` runs ``workers.served.plan_targeted`` under the gate's mode, finds the plan's
-classes in the real collection from its stored embeddings (``collection_selection``),
+:func:`judge` runs ``workers.measuring.served.plan_targeted`` under the gate's mode, finds
+the plan's classes in the real collection from its stored embeddings (``collection_selection``),
 and lets ``flows.gate.judge_served`` decide; :func:`record` stores the served state per
 class on the generation and the debt (``store.debts``) before the promotion.
 """
@@ -27,11 +27,17 @@ from flows.gate import GateOutcome, judge_served
 from store.debts import save_debt
 from store.gallery import Gallery
 from store.lineage import Generation, Lineage
-from workers.datasets import Dataset
-from workers.evaluate import generation_outputs
-from workers.metric_names import Metric
-from workers.scenario import eval_split
-from workers.served import ServedPlan, ServedView, collection_selection, item_classes, plan_targeted
+from workers.data.datasets import Dataset
+from workers.data.scenario import eval_split
+from workers.measuring.evaluate import generation_outputs
+from workers.measuring.metric_names import Metric
+from workers.measuring.served import (
+    ServedPlan,
+    ServedView,
+    collection_selection,
+    item_classes,
+    plan_targeted,
+)
 
 DEAL_SEED = 0  # the deal of reference items to a user's collection's generations
 

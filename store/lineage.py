@@ -116,7 +116,7 @@ class Generation(SQLModel, table=True):
 
 
 class SnapshotRecord(SQLModel, table=True):
-    """What generation ``generation_id`` trained on (workers.snapshot), recorded with it."""
+    """What generation ``generation_id`` trained on (workers.data.snapshot), recorded with it."""
 
     __tablename__ = "snapshot"
 

@@ -22,9 +22,9 @@ from store.gallery import UNLABELLED, Gallery
 from store.index import INDEX_FILE, GalleryIndex
 from store.lineage import Lineage
 from store.settings import StoreError
-from workers.backfill import run_backfill
-from workers.collection import CollectionError, list_items
-from workers.indexing import plan_index, run_index
+from workers.collection.backfill import run_backfill
+from workers.collection.indexing import plan_index, run_index
+from workers.collection.items import CollectionError, list_items
 
 DIM = 8
 PART = 64
@@ -52,7 +52,7 @@ def test_plan_index_by_hand() -> None:
             "fingerprint": ["1", "9", "5"],
         }
     )
-    from workers.collection import Listing
+    from workers.collection.items import Listing
 
     plan = plan_index(Listing("images:/x", listing_table), held)
     assert plan.new.column("key").to_pylist() == ["c", "e"]
@@ -151,8 +151,8 @@ def test_a_parquet_directory_collection_grows_and_is_pruned(home: Path, tmp_path
     check_once(gallery, {f"sku-{i}" for i in range(350) if not 150 <= i < 170})
 
     # the stored embedding of an item is its features embedded by the champion
-    from workers.embed import forward
-    from workers.models import load_model
+    from workers.learning.embed import forward
+    from workers.learning.models import load_model
 
     model = load_model(gen.checkpoint_path, gen.checkpoint_sha256)
     want = forward(model, (images[[200]].reshape(1, 1, 8, 8) / 255.0).astype(np.float32))
@@ -315,7 +315,7 @@ def test_the_index_file_survives_a_prune_after_reload(home: Path, tmp_path: Path
 def test_parquet_rows_are_read_by_key(tmp_path: Path) -> None:
     """Keys located once (fixed-width UTF-8), rows read from their row groups in the
     order asked; a key that is only a prefix or an extension of a stored one is absent."""
-    from workers.collection import ParquetKeyReader, fixed_bytes
+    from workers.collection.items import ParquetKeyReader, fixed_bytes
 
     assert fixed_bytes(pa.array(["ab", "é", ""])).tolist() == [b"ab", "é".encode(), b""]
     keys = ["b-2", "ab", "été", "a", "zz-10"]

@@ -19,9 +19,9 @@ def build_album(lin, root: Path, gen, start: int, stop: int, part_rows: int = 32
     from sources.data import write_pngs
 
     from store.gallery import UNLABELLED, Gallery, GalleryRows
-    from workers.collection import open_reader
-    from workers.embed import forward
-    from workers.models import load_model
+    from workers.collection.items import open_reader
+    from workers.learning.embed import forward
+    from workers.learning.models import load_model
 
     write_pngs(root, start, stop)
     keys = [f"shelf-{i % 3}/{i:04d}.png" for i in range(start, stop)]

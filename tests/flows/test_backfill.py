@@ -23,12 +23,12 @@ from store.gallery import Gallery, GalleryError, GalleryRows
 from store.index import INDEX_FILE, GalleryIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
-from workers.backfill import ParquetSource, open_source, policy_order, run_backfill
-from workers.datasets import load_dataset
-from workers.embed import forward
-from workers.models import load_model
-from workers.policies import backfill_order
-from workers.scenario import eval_split
+from workers.collection.backfill import ParquetSource, open_source, policy_order, run_backfill
+from workers.collection.policies import backfill_order
+from workers.data.datasets import load_dataset
+from workers.data.scenario import eval_split
+from workers.learning.embed import forward
+from workers.learning.models import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -159,7 +159,7 @@ def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
         import time
         from store.gallery import Gallery
         from store.lineage import Lineage
-        from workers.backfill import run_backfill
+        from workers.collection.backfill import run_backfill
         lin = Lineage()
         run_backfill(lin, Gallery(lin), None, lin.champion(), "uncertainty", 1.0,
                      progress=lambda done, total: time.sleep(0.5))
@@ -341,7 +341,7 @@ def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
         """
         from store.gallery import Gallery
         from store.lineage import Lineage
-        from workers.backfill import run_backfill
+        from workers.collection.backfill import run_backfill
         lin = Lineage()
         run_backfill(lin, Gallery(lin), None, lin.champion(), "oldest-first", 1.0)
         """

@@ -117,8 +117,8 @@ def test_run_report_backfill_end_to_end(tmp_path: Path) -> None:
     found = json.loads(graceful(home, "search", "--item", "1", "--k", "3", "--json").stdout)
     assert len(found) == 3 and all(h["generation"] == 3 for h in found)
     assert [h["score"] for h in found] == sorted((h["score"] for h in found), reverse=True)
-    from workers.datasets import load_dataset
-    from workers.scenario import eval_split
+    from workers.data.datasets import load_dataset
+    from workers.data.scenario import eval_split
 
     gallery_half = {str(int(i)) for i in eval_split(len(load_dataset("digits").y_test))[0]}
     assert {h["key"] for h in found} <= gallery_half

@@ -11,7 +11,7 @@ from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
 from flows.cycle import run_cycle
 from flows.cycle_steps import evaluate_step, gate_step, start_cycle, train_step
 from store.lineage import Lineage
-from workers.datasets import load_dataset
+from workers.data.datasets import load_dataset
 
 # a first generation trained an epoch or two for a test of later steps: not judged
 # against chance (the chance rule has its own test)
@@ -116,7 +116,7 @@ def test_cycle_without_dataset_on_empty_home_names_the_problem(home) -> None:
 @pytest.mark.slow
 def test_each_method_trains_every_kind_at_its_configured_weight(home) -> None:
     """From the config to the lineage to the loss: the default's embedding term once got 0."""
-    from workers.constraints import METHOD_KINDS, TrainMethod
+    from workers.learning.constraints import METHOD_KINDS, TrainMethod
 
     lin = Lineage()
     first = CycleConfig(
@@ -199,7 +199,7 @@ def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
     from flows.report import build_report
     from store.lineage import SnapshotRecord
     from store.settings import StoreError
-    from workers.datasets import load_dataset
+    from workers.data.datasets import load_dataset
 
     lin = Lineage()
     train = TrainConfig(method="none", epochs=1)

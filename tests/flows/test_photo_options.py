@@ -58,7 +58,7 @@ def test_image_size_is_kept_by_the_lineage_and_a_bad_factory_refused(tmp_path: P
     assert r.returncode == 0, r.stderr[-2000:]
     gens = json.loads(_run(c, "report", "--json").stdout)["generations"]
     assert gens[0]["architecture"]["image_size"] == 20
-    from workers.models import load_model
+    from workers.learning.models import load_model
 
     home = tmp_path / "home"
     ckpt = next((home / "checkpoints").glob("gen-1.pt"))

@@ -272,9 +272,9 @@ def test_new_parts_and_a_new_champion_are_served_without_a_restart_or_an_error(
         g2 = champion(lin, 1)  # a promotion
         time.sleep(1.0)
         gallery = Gallery(lin)  # a backfill: part by part, re-embedded by generation 2
-        from workers.collection import open_reader
-        from workers.embed import forward
-        from workers.models import load_model
+        from workers.collection.items import open_reader
+        from workers.learning.embed import forward
+        from workers.learning.models import load_model
 
         model = load_model(g2.checkpoint_path, g2.checkpoint_sha256)
         reader = open_reader(f"images:{root}", (1, 8, 8))
@@ -329,7 +329,7 @@ def test_searches_answer_through_a_real_cycle_that_promotes_and_backfills(
     _, err = first.communicate(timeout=900)
     assert first.returncode == 0, err
     srv = search_server(home)
-    from workers.datasets import load_dataset
+    from workers.data.datasets import load_dataset
 
     x = load_dataset("digits").x_test[1][0]
     buf = io.BytesIO()

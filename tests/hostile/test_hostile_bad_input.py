@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from flows import cli as graceful
 from store.gallery import Gallery, GalleryRows
 from store.lineage import Lineage
-from workers.sources import SourceError, load_eval
+from workers.data.sources import SourceError, load_eval
 
 
 def _parquet(path: Path, test_ids: list[str]) -> Path:

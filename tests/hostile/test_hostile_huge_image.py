@@ -1,5 +1,5 @@
 """`graceful search --file` on an image whose header claims more pixels than graceful
-decodes (workers.datasets.MAX_IMAGE_PIXELS, about 89 MP): refused from the header, before a
+decodes (workers.data.datasets.MAX_IMAGE_PIXELS, about 89 MP): refused from the header, before a
 pixel is decoded and without reading the file into memory; one `error:` line, exit 2."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flows import cli as graceful
 from flows.query import BadQuery, Searcher
 from store.gallery import Gallery
 from store.lineage import Lineage
-from workers.datasets import MAX_IMAGE_PIXELS
+from workers.data.datasets import MAX_IMAGE_PIXELS
 
 
 def png_header(width: int, height: int) -> bytes:

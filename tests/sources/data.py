@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from workers.datasets import load_dataset
+from workers.data.datasets import load_dataset
 
 ARCH = {"kind": "mlp", "width": 16, "depth": 1}
 
@@ -57,7 +57,7 @@ def champion(lin, seed: int, input_shape=(1, 8, 8), embed_dim: int = 8):
     import torch
 
     from store.settings import subdir
-    from workers.models import EmbeddingNet, save_model
+    from workers.learning.models import EmbeddingNet, save_model
 
     torch.manual_seed(seed)
     model = EmbeddingNet(input_shape, 10, embed_dim, ARCH).eval()

@@ -16,9 +16,9 @@ from flows.report import build_report
 from sources.data import digits, parquet_rows, write_images, write_parquet
 from store.lineage import Lineage
 from store.settings import StoreError
-from workers.embed import forward
-from workers.models import load_model
-from workers.sources import SourceError
+from workers.data.sources import SourceError
+from workers.learning.embed import forward
+from workers.learning.models import load_model
 
 OLD, NEW = [0, 1, 2, 3], 4
 CFG = dict(train=TrainConfig(epochs=8, batch_size=32), gate=GateConfig(enabled=False))

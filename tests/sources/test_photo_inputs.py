@@ -1,4 +1,4 @@
-"""Photos as users have them: any mode, orientation and size (workers.datasets decoding)."""
+"""Photos as users have them: any mode, orientation and size (workers.data.datasets decoding)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.datasets import MAX_IMAGE_PIXELS, DatasetError, auto_size, decode_images_as
-from workers.sources import scan_source
+from workers.data.datasets import MAX_IMAGE_PIXELS, DatasetError, auto_size, decode_images_as
+from workers.data.sources import scan_source
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -101,7 +101,7 @@ def test_oversized_and_single_pixel_photos_are_recorded_skips(tmp_path: Path) ->
 def test_symlink_loop_and_non_utf8_names_are_recorded_skips(tmp_path: Path) -> None:
     import os
 
-    from workers.collection import list_items
+    from workers.collection.items import list_items
 
     root = tmp_path / "photos"
     for split in ("train", "test"):

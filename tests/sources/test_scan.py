@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import workers.sources as src
+import workers.data.sources as src
 from sources.data import digits, parquet_rows, write_images
-from workers.datasets import DatasetError
-from workers.sources import (
+from workers.data.datasets import DatasetError
+from workers.data.sources import (
     ArrayReader,
     SourceError,
     describe_change,
@@ -21,7 +21,7 @@ from workers.sources import (
     open_reader,
     scan_source,
 )
-from workers.stream import ShuffledItems, TeacherStore, window_items
+from workers.data.stream import ShuffledItems, TeacherStore, window_items
 
 
 @pytest.fixture(scope="module")

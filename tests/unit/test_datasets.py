@@ -1,4 +1,4 @@
-"""Tests for workers.datasets using real files written into tmp_path."""
+"""Tests for workers.data.datasets using real files written into tmp_path."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from workers import datasets
-from workers.datasets import Dataset, DatasetError, load_dataset, parse_spec
+from workers.data import datasets
+from workers.data.datasets import Dataset, DatasetError, load_dataset, parse_spec
 
 U8 = np.uint8
 

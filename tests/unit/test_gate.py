@@ -12,8 +12,8 @@ from flows.gate import (
     decide,
     evidence_rows,
 )
-from workers.evaluate import PairEvidence
-from workers.stats import PairedCounts, clopper_pearson, pair_evidence
+from workers.measuring.evaluate import PairEvidence
+from workers.measuring.stats import PairedCounts, clopper_pearson, pair_evidence
 
 
 def _fails(reasons: list[str]) -> list[str]:
@@ -333,7 +333,7 @@ def test_targeted_defers_an_ecc_failure_to_the_served_state() -> None:
 def _plan(deltas, classes=(), feasible=True, regressed=0, recovered=0):
     import numpy as np
 
-    from workers.served import ClassDelta, ServedPlan
+    from workers.measuring.served import ClassDelta, ServedPlan
 
     rows = [ClassDelta(c, d, lo, hi, 50, 0, 0) for c, d, lo, hi in deltas]
     whole = ClassDelta(-1, -0.01, -0.03, 0.01, 100, 0, 0)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import workers.stream as stream_mod
-from workers.datasets import load_dataset
-from workers.sources import ArrayReader
-from workers.stream import ItemStore, ShuffledItems
-from workers.train import TrainSpec, train_generation
+import workers.data.stream as stream_mod
+from workers.data.datasets import load_dataset
+from workers.data.sources import ArrayReader
+from workers.data.stream import ItemStore, ShuffledItems
+from workers.learning.train import TrainSpec, train_generation
 
 
 def _classes_per_batch(batches: list[dict]) -> float:
@@ -90,7 +90,7 @@ def test_class_sorted_folder_trains_as_well_as_a_shuffled_copy(
             checkpoint_dir=str(tmp_path / order),
             threads=1,
         )
-        from workers.models import load_model
+        from workers.learning.models import load_model
 
         model = load_model(train_generation(spec)["checkpoint"])
         import torch
@@ -105,7 +105,7 @@ def test_class_sorted_folder_trains_as_well_as_a_shuffled_copy(
 def test_channel_statistics_by_hand(tmp_path: Path) -> None:
     import torch
 
-    from workers.stream import prepare
+    from workers.data.stream import prepare
 
     # 2 images, 2 channels, 1 x 2 pixels; channel 0 holds 0, 1, 1, 0: mean 0.5, std 0.5;
     # channel 1 is constant (0.2): its std is left at 1 (nothing to scale)

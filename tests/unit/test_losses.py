@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from workers.losses import (
+from workers.learning.losses import (
     contrastive_compatibility_loss,
     embedding_distillation_loss,
     focal_distillation_loss,
     influence_loss,
 )
-from workers.models import LOGIT_SCALE
+from workers.learning.models import LOGIT_SCALE
 
 E = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two new embeddings, on the axes
 HEAD = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # old head rows along the axes (norm ignored)

@@ -1,4 +1,4 @@
-"""Hand-computed checks for workers.metrics."""
+"""Hand-computed checks for workers.measuring.metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from workers.metrics import (
+from workers.measuring.metrics import (
     ac,
     accuracy,
     am,
@@ -369,7 +369,7 @@ def test_empty_curve() -> None:
 
 
 def test_ecc_on_a_partition_of_the_classes_by_hand() -> None:
-    from workers.metrics import ecc_on_classes
+    from workers.measuring.metrics import ecc_on_classes
 
     # 6 queries: classes 0, 0, 1, 1, 2, 2. Class 0: a's queries hit 2 of 2, b's own 1 of 2
     # (1.0 > 0.5: ECC holds); class 1: 1 of 2 each (0.5 > 0.5 fails: strict); class 2: 0

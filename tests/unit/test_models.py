@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.models import (
+from workers.learning.models import (
     BasicBlock,
     CheckpointError,
     EmbeddingNet,
@@ -19,7 +19,7 @@ from workers.models import (
     resnet_channels,
     save_model,
 )
-from workers.train import augment_batch, crop_padding, resolve_augment
+from workers.learning.train import augment_batch, crop_padding, resolve_augment
 
 SHAPE = (1, 4, 4)
 
@@ -325,8 +325,8 @@ def test_augmentation_keeps_shapes_and_leaves_features_alone() -> None:
 
 CROP_TRAINING = """
 import torch, torch.nn.functional as F
-from workers.models import EmbeddingNet
-from workers.train import augment_batch
+from workers.learning.models import EmbeddingNet
+from workers.learning.train import augment_batch
 torch.set_num_threads(2)
 torch.manual_seed(0)
 m = EmbeddingNet((1, 28, 28), 20, 64, {"kind": "resnet", "width": 12, "depth": 3})

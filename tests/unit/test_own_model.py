@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from workers.constraints import ConstraintKind
-from workers.embed import forward
-from workers.models import EmbeddingNet, inherit_weights, load_model
-from workers.train import ConstraintSpec, TrainSpec, train_generation
+from workers.learning.constraints import ConstraintKind
+from workers.learning.embed import forward
+from workers.learning.models import EmbeddingNet, inherit_weights, load_model
+from workers.learning.train import ConstraintSpec, TrainSpec, train_generation
 
 FACTORY = "tests.unit.own_backbones:tiny_conv"
 

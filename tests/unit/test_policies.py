@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.policies import (
+from workers.collection.policies import (
     POLICIES,
     backfill_order,
     budget_items,

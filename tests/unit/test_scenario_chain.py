@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from flows.chain import plan_constraints
-from workers.constraints import DEFAULT_WEIGHTS, METHOD_KINDS, REGISTRY, ConstraintKind
-from workers.models import EmbeddingNet, inherit_weights
-from workers.scenario import default_architecture, eval_split, stage_indices, stage_plan
+from workers.data.scenario import default_architecture, eval_split, stage_indices, stage_plan
+from workers.learning.constraints import DEFAULT_WEIGHTS, METHOD_KINDS, REGISTRY, ConstraintKind
+from workers.learning.models import EmbeddingNet, inherit_weights
 
 
 def test_stages_grow_in_classes_data_and_width() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.served import (
+from workers.measuring.served import (
     class_prototypes,
     mixed_reference,
     served_by_class,
@@ -58,7 +58,7 @@ def _two_class_view(candidate_class1_query: tuple[float, float]):
     """Generation 1 holds 4 reference items (2 a class) and is the champion; 20 queries a
     class. The candidate keeps class 0 where generation 1 put it and moves class 1 from
     (0, 1) to (1, -1)."""
-    from workers.served import ServedView
+    from workers.measuring.served import ServedView
 
     ref_y = np.array([0, 0, 1, 1])
     old_ref = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
@@ -70,7 +70,7 @@ def _two_class_view(candidate_class1_query: tuple[float, float]):
 
 
 def test_plan_targeted_re_embeds_only_the_class_that_would_regress() -> None:
-    from workers.served import plan_targeted
+    from workers.measuring.served import plan_targeted
 
     # Nothing re-embedded: a class-1 query by the candidate, (1, -1), is nearest (cos 0.71)
     # to the class-0 items (1, 0) and (1, 0.1): all 20 class-1 queries are lost
@@ -91,7 +91,7 @@ def test_plan_targeted_re_embeds_only_the_class_that_would_regress() -> None:
 
 
 def test_plan_targeted_rejects_what_no_backfill_can_mend() -> None:
-    from workers.served import plan_targeted
+    from workers.measuring.served import plan_targeted
 
     # The candidate's class-1 query, (1, 0.2), is nearer the class-0 items than its own
     # class's even in its own space: re-embedding class 1, then class 0 too, mends nothing.
@@ -102,14 +102,14 @@ def test_plan_targeted_rejects_what_no_backfill_can_mend() -> None:
 
 
 def test_plan_targeted_full_replacement_of_an_owed_generation() -> None:
-    from workers.served import plan_targeted
+    from workers.measuring.served import plan_targeted
 
     plan = plan_targeted(_two_class_view((1.0, -1.0)), [1], 2, greedy=False, replace_gens=[1])
     assert plan.replaced.all() and plan.classes == [] and plan.feasible
 
 
 def test_collection_selection_from_stored_embeddings() -> None:
-    from workers.served import collection_selection
+    from workers.measuring.served import collection_selection
 
     # generation 1's prototypes: class 0 along x, class 1 along y
     protos = {1: class_prototypes(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), 2)}

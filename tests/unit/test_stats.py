@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from workers import metrics as M
-from workers import stats as S
+from workers.measuring import metrics as M
+from workers.measuring import stats as S
 
 
 def test_paired_counts_by_hand() -> None:

@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-import workers.train as train_mod
-from workers.constraints import cosine_logits_stacked
-from workers.datasets import load_dataset
-from workers.embed import forward
-from workers.metrics import retrieval_top1
-from workers.models import EmbeddingNet, load_model
-from workers.scenario import eval_split
-from workers.sources import ArrayReader
-from workers.stream import TeacherStore, prepare
-from workers.train import (
+import workers.learning.train as train_mod
+from workers.data.datasets import load_dataset
+from workers.data.scenario import eval_split
+from workers.data.sources import ArrayReader
+from workers.data.stream import TeacherStore, prepare
+from workers.learning.constraints import cosine_logits_stacked
+from workers.learning.embed import forward
+from workers.learning.models import EmbeddingNet, load_model
+from workers.learning.train import (
     ConstraintSpec,
     TrainingDiverged,
     TrainingInterrupted,
@@ -32,6 +31,7 @@ from workers.train import (
     teacher_head,
     train_generation,
 )
+from workers.measuring.metrics import retrieval_top1
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = {"kind": "mlp", "width": 16, "depth": 1}
@@ -111,7 +111,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
 KILL_SCRIPT = """
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from workers.train import TrainSpec, train_generation
+from workers.learning.train import TrainSpec, train_generation
 z = np.load({data!r})
 train_generation(TrainSpec(generation=1, x=z["x"], y=z["y"], num_classes=4,
     classes=[0, 1, 2, 3], architecture={arch!r}, embed_dim=8, epochs={epochs},

@@ -12,9 +12,9 @@ import pytest
 from pydantic import ValidationError
 
 from flows.config import TrainConfig
-from workers.sources import ArrayReader
-from workers.stream import ShuffledItems
-from workers.train import (
+from workers.data.sources import ArrayReader
+from workers.data.stream import ShuffledItems
+from workers.learning.train import (
     ConstraintSpec,
     TrainingDiverged,
     TrainingInterrupted,
@@ -90,7 +90,7 @@ def test_workers_need_two_items_each_of_a_batch() -> None:
 # -- Ray Train: 2 gloo workers on this machine's CPUs -------------------------------------
 @pytest.fixture(scope="module")
 def digits():
-    from workers.datasets import load_dataset
+    from workers.data.datasets import load_dataset
 
     return load_dataset("digits")
 
@@ -115,9 +115,9 @@ def _spec(ds, tmp: Path, **kw) -> TrainSpec:
 
 
 def _accuracy(result: dict, ds) -> float:
-    from workers.embed import forward
-    from workers.metrics import accuracy
-    from workers.models import load_model
+    from workers.learning.embed import forward
+    from workers.learning.models import load_model
+    from workers.measuring.metrics import accuracy
 
     # load_model checks the recorded sha256 and loads with weights_only=True
     model = load_model(result["checkpoint"], result["sha256"])
@@ -125,7 +125,7 @@ def _accuracy(result: dict, ds) -> float:
 
 
 def _train(spec: TrainSpec) -> dict:
-    from workers.train import train_generation
+    from workers.learning.train import train_generation
 
     return train_generation(spec)
 
@@ -209,8 +209,8 @@ def _digits_folder(root: Path) -> None:
 def test_two_workers_stream_a_source_as_one_does(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from workers.sources import load_eval, scan_source
-    from workers.train import SourceItems
+    from workers.data.sources import load_eval, scan_source
+    from workers.learning.train import SourceItems
 
     _digits_folder(tmp_path / "digits")
     source = f"imagefolder:{tmp_path / 'digits'}"
@@ -243,9 +243,9 @@ def test_two_workers_stream_a_source_as_one_does(tmp_path: Path) -> None:
         )
         result = _train(spec)
         assert result["items"] == scan.items and result["workers"] == workers
-        from workers.embed import forward
-        from workers.metrics import accuracy
-        from workers.models import load_model
+        from workers.learning.embed import forward
+        from workers.learning.models import load_model
+        from workers.measuring.metrics import accuracy
 
         model = load_model(result["checkpoint"], result["sha256"])
         acc[workers] = accuracy(forward(model, ev.x).prediction, y_test)

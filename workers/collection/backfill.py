@@ -53,12 +53,8 @@ from store.lineage import (
     Lineage,
 )
 from store.settings import StoreError, subdir
-from workers import metrics as M
-from workers.collection import parse_collection_spec
-from workers.datasets import Dataset, load_dataset, parse_spec
-from workers.embed import forward
-from workers.models import load_model
-from workers.policies import (
+from workers.collection.items import parse_collection_spec
+from workers.collection.policies import (
     EMBEDDING_POLICIES,
     SAMPLE_PER_STRATUM,
     assign_strata,
@@ -69,6 +65,10 @@ from workers.policies import (
     n_strata,
     train_strata,
 )
+from workers.data.datasets import Dataset, load_dataset, parse_spec
+from workers.learning.embed import forward
+from workers.learning.models import load_model
+from workers.measuring import metrics as M
 
 BETAS = tuple(round(0.1 * i, 1) for i in range(11))
 SCAN_ROWS = 8192  # rows per streamed batch
@@ -141,7 +141,7 @@ class EmbedActor:
         if spec is not None and scenario:
             self.source = open_source(spec, mode=source)
         elif spec is not None:
-            from workers.collection import open_reader
+            from workers.collection.items import open_reader
 
             self.source = open_reader(spec, tuple(self.model.config["input_shape"]))
         self.seconds = 0.0
@@ -292,7 +292,7 @@ class ArraySource:
 class ParquetSource:
     """The evaluation split of a ``parquet:`` feature data set, streamed in row batches.
 
-    Item ``i`` is the ``i``-th ``split == "test"`` row, as in :mod:`workers.datasets`.
+    Item ``i`` is the ``i``-th ``split == "test"`` row, as in :mod:`workers.data.datasets`.
     Requests in increasing id order (parts are id ranges) read the file once, forward;
     memory is one batch.
     """
@@ -308,7 +308,7 @@ class ParquetSource:
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
-        # the order workers.datasets and workers.sources read them in: files by path
+        # the order workers.data.datasets and workers.data.sources read them in: files by path
         for frag in sorted(self.dataset.get_fragments(), key=lambda f: f.path):
             batches = pads.Scanner.from_fragment(
                 frag,
@@ -410,7 +410,7 @@ def open_source(spec: str, ds: Dataset | None = None, mode: str = "auto"):
         return ArraySource(ds.x_test)
     kind, path = parse_spec(spec)
     if kind == "imagefolder" and mode != "stream":
-        from workers.sources import load_eval  # its evaluation set alone, as load_dataset's
+        from workers.data.sources import load_eval  # its evaluation set alone, as load_dataset's
 
         return ArraySource(load_eval(spec).x)
     if kind == "parquet" and path is not None and mode != "memory":

@@ -27,7 +27,7 @@ from store.files import verify_checkpoint
 from store.gallery import UNLABELLED, Gallery, GalleryError, GalleryRows
 from store.lineage import Generation, Lineage
 from store.settings import StoreError
-from workers.collection import (
+from workers.collection.items import (
     CollectionError,
     Listing,
     list_items,
@@ -49,7 +49,7 @@ class EmbedByKey:
     ) -> None:
         import torch
 
-        from workers.models import load_model
+        from workers.learning.models import load_model
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -57,7 +57,7 @@ class EmbedByKey:
         self.reader = open_reader(spec, tuple(self.model.config["input_shape"]))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from workers.embed import forward
+        from workers.learning.embed import forward
 
         keys = [str(k) for k in batch["key"]]
         x, bad = self.reader.take_each(keys)

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.datasets import IMAGE_SUFFIXES, DatasetError, load_dataset, parse_spec
-from workers.scenario import eval_split
-from workers.sources import (
+from workers.data.datasets import IMAGE_SUFFIXES, DatasetError, load_dataset, parse_spec
+from workers.data.scenario import eval_split
+from workers.data.sources import (
     InputFormat,
     SourceError,
     _class_names,
@@ -113,7 +113,7 @@ def _walk_images(
 ) -> list[tuple[str, str | None, Any]]:
     """(key, class name or None, stat) of every image under ``root`` (or ``root/below``,
     whose first level of folders names the classes), in key order; files that cannot be
-    items are recorded in ``skipped`` (workers.sources.file_entry)."""
+    items are recorded in ``skipped`` (workers.data.sources.file_entry)."""
     base = root / below if below else root
     out = []
     for dirpath, dirnames, filenames in os.walk(base):

@@ -13,7 +13,7 @@ A *scan* lists a source's training items (key, class name, and what identifies t
 content: size, mtime and a content hash for files; file, row group and statistics for
 Parquet) without reading their pixels or features, and fingerprints the whole list. A
 *reader* yields the items of a scan in contiguous position ranges ("units": blocks of
-files, Parquet row groups), which workers.stream shuffles within a bounded window: memory
+files, Parquet row groups), which workers.data.stream shuffles within a bounded window: memory
 does not grow with the source. Every bad input raises :class:`SourceError`.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.datasets import (
+from workers.data.datasets import (
     IMAGE_SUFFIXES,
     Dataset,
     DatasetError,
@@ -219,7 +219,7 @@ def _image_files(
 
 def _check_image(path: Path) -> str | None:
     """None if the file decodes as an image of a size graceful takes, else why not."""
-    from workers.datasets import _open_image
+    from workers.data.datasets import _open_image
 
     try:
         with _open_image(path, str(path.name)) as img:
@@ -295,7 +295,7 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
 
 
 def _eval_imagefolder(root: Path, size: tuple[int, int] | None = None) -> EvalSet:
-    from workers.datasets import _decode_images
+    from workers.data.datasets import _decode_images
 
     test = root / "test"
     if not test.is_dir():
@@ -533,7 +533,7 @@ def _eval_parquet(path: str, size: tuple[int, int] | None = None) -> EvalSet:
         )
     cols = _scan_columns(ds, name_col) + [column]
     test = pads.field("split") == "test"
-    try:  # in the order of the files (by path) and their rows, as workers.datasets reads
+    try:  # in the order of the files (by path) and their rows, as workers.data.datasets reads
         parts = [
             pads.Scanner.from_fragment(f, schema=ds.schema, columns=cols, filter=test).to_table()
             for f in sorted(ds.get_fragments(), key=lambda f: f.path)
@@ -565,7 +565,7 @@ def _parquet_inputs(
 ) -> tuple[np.ndarray, InputFormat]:
     """A Parquet input column as float32 inputs (features as they are, images decoded;
     without ``fmt``, to ``size`` or the automatic size)."""
-    from workers.datasets import _decode_images, _parquet_features, _parquet_image_items
+    from workers.data.datasets import _decode_images, _parquet_features, _parquet_image_items
 
     if name == "image":
         items = _parquet_image_items(col, Path(redact(path)))
@@ -608,9 +608,9 @@ def scan_source(spec: str, previous: pa.Table | None = None) -> Scan:
 
 def load_eval(spec: str, image_size: int | None = None) -> EvalSet:
     """The source's evaluation set, decoded, with its fingerprint. Images are decoded to
-    squares of ``image_size`` (None: workers.datasets.auto_size of the first one); its
+    squares of ``image_size`` (None: workers.data.datasets.auto_size of the first one); its
     shape is the input format of every training item."""
-    from workers.datasets import image_size_of
+    from workers.data.datasets import image_size_of
 
     kind, path = _local(spec)
     size = image_size_of(image_size)

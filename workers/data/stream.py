@@ -1,13 +1,13 @@
 """Streaming a snapshot through training: a uniform shuffle, bounded memory.
 
-A reader (workers.sources) yields a snapshot's items as contiguous position ranges in
+A reader (workers.data.sources) yields a snapshot's items as contiguous position ranges in
 "units" (a block of image files, a Parquet row group). Before the first epoch, one pass
 over them (:func:`prepare`) decodes every item once into an on-disk :class:`ItemStore`
 (one fixed-size row per position; pixels as bytes), computes every frozen ancestor's
 embedding of it into a :class:`TeacherStore`, and sums what the model and the
 constraints need (per-class embedding sums for BCT's centroid head, per-channel pixel
 statistics for the input normalisation). Items already in memory (the scenario's
-arrays, :class:`workers.sources.ArrayReader`) are not copied.
+arrays, :class:`workers.data.sources.ArrayReader`) are not copied.
 
 Each epoch, :class:`ShuffledItems` draws a uniform random permutation of *all* positions,
 as a plain training loop does, and cuts it into windows of a bounded number of items
@@ -133,7 +133,7 @@ class ItemStore(RowFile):
     def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         x = super().take(positions)
         if self.dtype == np.uint8:
-            x = x.astype(np.float32) / np.float32(255.0)  # as workers.datasets decodes
+            x = x.astype(np.float32) / np.float32(255.0)  # as workers.data.datasets decodes
         return x, self.y[positions]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.models import EmbeddingNet, is_convolutional
+from workers.learning.models import EmbeddingNet, is_convolutional
 
 # rows per forward batch, measured on 2 cores:
 # a CNN's activations outgrow the caches past a few hundred images (256: 3.3k images/s,

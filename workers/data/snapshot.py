@@ -4,7 +4,7 @@ A snapshot names its source, the keys of its items, how many items each class ha
 a fingerprint of all of it (keys, labels and the items' content), plus the fingerprint of
 the evaluation set every generation is measured on. Two snapshots with one fingerprint
 are the same training data: a cycle whose snapshot equals the champion's has nothing new
-to learn and is skipped. The growing scenario (workers.scenario) is one data provider:
+to learn and is skipped. The growing scenario (workers.data.scenario) is one data provider:
 stage s of a fixed data set is one snapshot, keyed ``train/<row>``.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from workers.datasets import Dataset
-from workers.scenario import Stage
-from workers.sources import EvalSet, Scan, label_indices
+from workers.data.datasets import Dataset
+from workers.data.scenario import Stage
+from workers.data.sources import EvalSet, Scan, label_indices
 
 _CHUNK = 4096  # rows hashed at a time: no copy of a whole split
 

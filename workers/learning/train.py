@@ -7,7 +7,7 @@ The loop is literal: for each mini-batch,
          + sum_k v_k * focal(new logits, old logits k)        # PCT, one per ancestor
          + sum_k u_k * (1 - cos(new embedding, old emb. k))   # embedding distillation
 
-The items stream (workers.stream): units of the snapshot in a random order, shuffled
+The items stream (workers.data.stream): units of the snapshot in a random order, shuffled
 within a bounded window, so memory does not grow with the source. Earlier generations
 are frozen; their embeddings of every training item are computed once, before the first
 epoch, kept on disk and read back with each window (their logits are their cosine heads
@@ -37,7 +37,7 @@ CPU none of that applies.
 
 With ``workers`` > 1 the same loop runs in that many processes under Ray Train
 (:func:`train_distributed`: ``TorchTrainer``, DDP over gloo on CPUs, NCCL on GPUs). Each
-batch of the epoch's order is split across the ranks (:class:`workers.stream.ShuffledItems`),
+batch of the epoch's order is split across the ranks (:class:`workers.data.stream.ShuffledItems`),
 so a step sees the items a single process would, with the gradient averaged over the ranks;
 every rank prepares its own teachers from all items (the same heads, its own rows), and
 rank 0 alone writes the resume file and the checkpoint. Ray Train's own run directory is
@@ -61,26 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from workers.constraints import (
-    REGISTRY,
-    ConstraintKind,
-    StepInputs,
-    Teacher,
-    constraint_losses,
-    parse_kind,
-    received_weights,
-    stack_teachers,
-)
-from workers.models import (
-    EmbeddingNet,
-    inherit_weights,
-    is_convolutional,
-    load_model,
-    save_model,
-)
-from workers.runtime import Placed, ddp_resources, ensure_ray, train_resources
-from workers.sources import ArrayReader, InputFormat, label_indices, open_reader
-from workers.stream import (
+from workers.data.sources import ArrayReader, InputFormat, label_indices, open_reader
+from workers.data.stream import (
     Items,
     ItemStore,
     Prepared,
@@ -90,6 +72,24 @@ from workers.stream import (
     prepare,
     window_items,
 )
+from workers.learning.constraints import (
+    REGISTRY,
+    ConstraintKind,
+    StepInputs,
+    Teacher,
+    constraint_losses,
+    parse_kind,
+    received_weights,
+    stack_teachers,
+)
+from workers.learning.models import (
+    EmbeddingNet,
+    inherit_weights,
+    is_convolutional,
+    load_model,
+    save_model,
+)
+from workers.runtime import Placed, ddp_resources, ensure_ray, train_resources
 
 EXPLODING_LOSS = 1e4
 EMBEDDING_SCOPES = ("all", "known", "unknown")
@@ -130,9 +130,9 @@ class SourceItems:
     """A snapshot of a source, as the worker streams it (instead of in-memory arrays)."""
 
     spec: str
-    keys_path: str  # the snapshot's items (workers.sources.Scan.table) as Parquet
+    keys_path: str  # the snapshot's items (workers.data.sources.Scan.table) as Parquet
     vocabulary: dict[str, int]  # class name -> head row
-    input_format: dict[str, Any]  # workers.sources.InputFormat.as_dict()
+    input_format: dict[str, Any]  # workers.data.sources.InputFormat.as_dict()
     fingerprint: str  # the snapshot's
 
 
@@ -181,7 +181,7 @@ class TrainSpec:
     # temperature of the contrastive (d-Simplex-HOC) term: 0.1 as in the paper (mu = 10)
     contrastive_temperature: float = 0.1
     # start from the newest constrained ancestor's weights, expanded to this architecture
-    # without changing its function (workers.models.inherit_weights), when it allows that
+    # without changing its function (workers.learning.models.inherit_weights), when it allows that
     # (an mlp, or a resnet with as many stages, as wide and deep or more); otherwise, and
     # without constraints, start fresh.
     # The largest single gain in AC: classes no generation has seen keep their place.
@@ -385,7 +385,7 @@ def build_teachers(
 ) -> tuple[list[Teacher], TeacherStore | None, np.ndarray, Items, Prepared, list[EmbeddingNet]]:
     """Load each constrained ancestor once; one pass over the snapshot decodes every item
     into an on-disk store (unless the items are in memory already) and embeds it with
-    every ancestor (workers.stream.prepare).
+    every ancestor (workers.data.stream.prepare).
 
     Returns the teachers, the store of their embeddings, up to 4096 training inputs (for
     the warm start's BatchNorm statistics), the items as an epoch reads them, what the

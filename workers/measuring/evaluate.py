@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from store.lineage import Generation
-from workers import metrics as M
-from workers import stats as S
-from workers.datasets import Dataset
-from workers.embed import Outputs, forward
-from workers.metric_names import Metric
-from workers.models import load_model
-from workers.scenario import eval_split
+from workers.data.datasets import Dataset
+from workers.data.scenario import eval_split
+from workers.learning.embed import Outputs, forward
+from workers.learning.models import load_model
+from workers.measuring import metrics as M
+from workers.measuring import stats as S
+from workers.measuring.metric_names import Metric
 
 
 @dataclass

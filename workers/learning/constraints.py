@@ -10,7 +10,7 @@ builds one stack per kind from those rows through :data:`REGISTRY`. A new kind i
 entry here; nothing else names kinds one by one.
 
 Each kind stacks its K teachers along a leading dimension, so one batched operation per
-step covers every ancestor it constrains against (workers.losses). What varies per item
+step covers every ancestor it constrains against (workers.learning.losses). What varies per item
 (the ancestors' embeddings of the batch) arrives with the batch; what does not (heads,
 the classes each ancestor knew) is stacked once.
 """
@@ -25,19 +25,19 @@ from typing import Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
-from workers.losses import (
+from workers.learning.losses import (
     contrastive_compatibility_loss,
     embedding_distillation_loss,
     focal_distillation_loss,
     influence_loss,
 )
-from workers.models import LOGIT_SCALE
+from workers.learning.models import LOGIT_SCALE
 
 _E = TypeVar("_E", bound=StrEnum)
 
 
 class LossSettings(Protocol):
-    """The trainer's settings the losses read (``workers.train.TrainSpec`` has them)."""
+    """The trainer's settings the losses read (``workers.learning.train.TrainSpec`` has them)."""
 
     bct_prototypes: bool
     influence_head: str
@@ -67,7 +67,7 @@ class Teacher:
     head: torch.Tensor  # (C, d): the influence head (centroids / BCT prototypes)
     own_head: torch.Tensor  # (C, d): its cosine head, which gives its logits
     known: torch.Tensor  # (C,) bool: classes in its training data
-    # summed weight per constraint kind against this ancestor (workers.constraints)
+    # summed weight per constraint kind against this ancestor (workers.learning.constraints)
     weights: dict[ConstraintKind, float] = field(default_factory=dict)
 
 

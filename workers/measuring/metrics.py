@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
-from workers.metric_names import Metric
+from workers.measuring.metric_names import Metric
 
 __all__ = [
     "ac",

@@ -157,7 +157,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if "://" in raw_path:
         if kind != "parquet":
             raise DatasetError(f"spec {spec!r}: only parquet: reads from a URI (s3://...)")
-        return kind, raw_path  # reached when read (workers.sources), not here
+        return kind, raw_path  # reached when read (workers.data.sources), not here
     path = os.path.abspath(os.path.expanduser(raw_path))
     if not os.path.exists(path):
         raise DatasetError(f"spec {spec!r}: path {path} does not exist{hint}")
@@ -430,7 +430,7 @@ def _decode_split_images(
     """Decode the evaluation split, then the training split to its mode and size.
 
     The evaluation split alone fixes the input format, so it decodes the same whether a
-    data set is loaded whole or streamed as a source (workers.sources).
+    data set is loaded whole or streamed as a source (workers.data.sources).
     """
     x_te = _decode_images(test, size)
     mode = "L" if x_te.shape[1] == 1 else "RGB"

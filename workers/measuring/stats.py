@@ -52,7 +52,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from workers.metric_names import Metric
+from workers.measuring.metric_names import Metric
 
 __all__ = [
     "DEFAULT_CONFIDENCE",

@@ -1,7 +1,7 @@
 """The names of the metric rows a lineage stores, (a, b, name, value): one place, one enum.
 
 A ``StrEnum``: a member is its stored string (``Metric.ACCURACY == "accuracy"``), so rows
-written before the enum read back unchanged. Definitions: DESIGN.md and workers.metrics.
+written before the enum read back unchanged. Definitions: DESIGN.md and workers.measuring.metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from enum import StrEnum
 class Metric(StrEnum):
     """Every metric row name, grouped by who writes it."""
 
-    # evaluation (workers.evaluate): the contract's metrics
+    # evaluation (workers.measuring.evaluate): the contract's metrics
     ACCURACY = "accuracy"  # (g, g)
     COMPAT_TOP1 = "compat_top1"  # C[a][b], top-1
     COMPAT_MAP100 = "compat_map100"  # C[a][b], mAP@100
@@ -24,7 +24,7 @@ class Metric(StrEnum):
     BTC = "btc"
     BEC = "bec"
     NFR_ANY = "nfr_any"  # (g, g): against every active ancestor
-    # the gate's paired evidence per (g, k) (workers.stats.pair_evidence)
+    # the gate's paired evidence per (g, k) (workers.measuring.stats.pair_evidence)
     ECC_QUERIES = "ecc_queries"
     ECC_GAIN = "ecc_gain"
     ECC_LOSS = "ecc_loss"

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.metrics import retrieval_hits
-from workers.stats import PairedCounts, paired_bootstrap_ci_counts
+from workers.measuring.metrics import retrieval_hits
+from workers.measuring.stats import PairedCounts, paired_bootstrap_ci_counts
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def top1_hits(
     query_emb: np.ndarray, query_y: np.ndarray, ref_emb: np.ndarray, ref_y: np.ndarray
 ) -> np.ndarray:
     """Per query: whether its nearest reference item (cosine) is of its class: the
-    evaluation's own retrieval hit (``workers.metrics.retrieval_hits``, faiss), so the
+    evaluation's own retrieval hit (``workers.measuring.metrics.retrieval_hits``, faiss), so the
     served state and C[a][b] count a hit the same way."""
     return retrieval_hits(query_emb, query_y, ref_emb, ref_y)
 

@@ -8,7 +8,7 @@ The model grows with the stages (:func:`default_architecture`): images, ``(C, H,
 inputs, get a small residual CNN that widens with every stage (width 12 to 16) and
 gains a residual block in the second half (3 to 4 blocks); feature vectors an MLP
 (width 128 to 256, 2 to 3 layers). Each growth is one a generation can inherit its
-ancestor's function across (workers.models.inherit_weights).
+ancestor's function across (workers.learning.models.inherit_weights).
 """
 
 from __future__ import annotations

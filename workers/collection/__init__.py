@@ -1,0 +1,2 @@
+"""The collection users search: listing and reading items by key, indexing, backfill and
+its policies."""

@@ -1,0 +1,1 @@
+"""Training a generation: the models, the constraint losses, the training loop, embedding."""

@@ -1,0 +1,1 @@
+"""Measuring generations: metrics and their names, statistics, evaluation, the served state."""
