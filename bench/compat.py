@@ -55,16 +55,10 @@ from flows.report import build_report
 from store.lineage import Lineage
 from workers.data.datasets import Dataset, load_dataset
 from workers.data.scenario import stage_indices, stage_plan
-from workers.learning.constraints import (
-    DEFAULT_WEIGHTS,
-    METHOD_KINDS,
-    ConstraintKind,
-    Stack,
-    StepInputs,
-    TrainMethod,
-    constraint_losses,
-)
-from workers.learning.train import ConstraintSpec, TrainSpec, train_generation
+from workers.learning.constraints import Stack, StepInputs, constraint_losses
+from workers.learning.kinds import DEFAULT_WEIGHTS, METHOD_KINDS, ConstraintKind, TrainMethod
+from workers.learning.spec import ConstraintSpec, TrainSpec
+from workers.learning.train import train_generation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "compat"
@@ -73,7 +67,7 @@ CODE_PATH = "the product's update cycle (flows.cycle.run_cycle)"
 
 # The methods: a name and the TrainConfig the product's cycle trains under (epochs and
 # seed are set from the command line). Every method but the textbook one keeps the
-# product's defaults: the constraint weights of workers.learning.constraints.DEFAULT_WEIGHTS, BCT
+# product's defaults: the constraint weights of workers.learning.kinds.DEFAULT_WEIGHTS, BCT
 # influence on a head of the ancestor's class centroids, warm start, the scenario's
 # stationary head; each ancestor gets every kind's weight, as when these results were
 # measured (sharing it among the ancestors, bench/lifelong.py, became the default later).
@@ -682,7 +676,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "",
         "Every method but the textbook row runs with the `TrainConfig` defaults: weights "
         + ", ".join(f"{k} {v:g}" for k, v in s["constraint_weights"].items())
-        + " (`workers.learning.constraints.DEFAULT_WEIGHTS`), the scenario's stationary (`fixed`) "
+        + " (`workers.learning.kinds.DEFAULT_WEIGHTS`), the scenario's stationary (`fixed`) "
         "head, warm start from the newest constrained ancestor, influence on a head of the "
         "ancestor's class centroids. `none` trains each generation from scratch without "
         "constraints. The textbook row is BCT+PCT as the papers state it: learned heads, "

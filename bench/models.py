@@ -205,7 +205,7 @@ def scenario_part(
     """The growing scenario through the product's cycle, unconstrained and default."""
     from bench.compat import _stop_ray, run_chain
     from flows.config import TrainConfig
-    from workers.learning.constraints import TrainMethod
+    from workers.learning.kinds import TrainMethod
 
     out: dict[str, Any] = {}
     for method in methods:
@@ -242,7 +242,8 @@ def source_run(spec_str: str, epochs: int) -> dict[str, Any]:
     from workers.data.scenario import default_architecture
     from workers.data.sources import load_eval, scan_source
     from workers.learning.models import load_model
-    from workers.learning.train import SourceItems, train_generation
+    from workers.learning.spec import SourceItems
+    from workers.learning.train import train_generation
 
     t0 = time.perf_counter()
     scan = scan_source(spec_str)

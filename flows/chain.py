@@ -9,7 +9,7 @@ import numpy as np
 from store.debts import load_debt
 from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, Lineage
-from workers.learning.constraints import METHOD_KINDS, full_weights, parse_method
+from workers.learning.kinds import METHOD_KINDS, full_weights, parse_method
 from workers.measuring.metric_names import Metric
 
 

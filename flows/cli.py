@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.config import BackfillConfig, GateConfig, IndexConfig, ServeConfig, TrainConfig
+
 try:  # typer vendors its own click (0.2x); older ones use click itself
     from typer._click import exceptions as _click_errors
     from typer._click.core import ParameterSource
@@ -25,6 +27,9 @@ except ImportError:  # pragma: no cover
 
 err = Console(stderr=True)
 out = Console()
+
+# the options' defaults are the typed configs' (flows.config: no torch, cheap to import)
+_TRAIN, _GATE, _BACKFILL, _SERVE = TrainConfig(), GateConfig(), BackfillConfig(), ServeConfig()
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -529,24 +534,24 @@ def run(
     generations: Annotated[
         int, typer.Option(min=1, help="cycles to run (>= 1)", rich_help_panel="Run")
     ] = 3,
-    method: MethodOpt = "bct+pct+emb",
-    against: AgainstOpt = "all",
-    ancestor_weights: AncestorWeightsOpt = "share",
-    epochs: EpochsOpt = 15,
-    seed: SeedOpt = 0,
-    backfill_budget: BudgetOpt = 0.3,
-    backfill_policy: PolicyOpt = "representative",
-    backfill_retire_share: RetireOpt = 0.1,
+    method: MethodOpt = str(_TRAIN.method),
+    against: AgainstOpt = _TRAIN.against,
+    ancestor_weights: AncestorWeightsOpt = _TRAIN.ancestor_weights,
+    epochs: EpochsOpt = _TRAIN.epochs,
+    seed: SeedOpt = _TRAIN.seed,
+    backfill_budget: BudgetOpt = _BACKFILL.budget,
+    backfill_policy: PolicyOpt = str(_BACKFILL.policy),
+    backfill_retire_share: RetireOpt = _BACKFILL.retire_share,
     no_gate: NoGateOpt = False,
-    max_nfr: MaxNfrOpt = 0.10,
-    accuracy_tolerance: TolOpt = 0.02,
-    require_ecc: EccOpt = True,
-    ecc_margin: EccMarginOpt = 0.0,
-    confidence: ConfidenceOpt = 0.95,
-    bootstrap_resamples: ResamplesOpt = 10_000,
-    on_incompatible: IncompatibleOpt = "targeted",
-    max_backfill: MaxBackfillOpt = 0.7,
-    backfill_batch_rows: BatchRowsOpt = 4096,
+    max_nfr: MaxNfrOpt = _GATE.max_nfr,
+    accuracy_tolerance: TolOpt = _GATE.accuracy_tolerance,
+    require_ecc: EccOpt = _GATE.require_ecc,
+    ecc_margin: EccMarginOpt = _GATE.ecc_margin,
+    confidence: ConfidenceOpt = _GATE.confidence,
+    bootstrap_resamples: ResamplesOpt = _GATE.bootstrap_resamples,
+    on_incompatible: IncompatibleOpt = str(_GATE.on_incompatible),
+    max_backfill: MaxBackfillOpt = _GATE.max_backfill,
+    backfill_batch_rows: BatchRowsOpt = _BACKFILL.batch_rows,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
     image_size: ImageSizeOpt = None,
@@ -583,24 +588,24 @@ def cycle(
             rich_help_panel="Data",
         ),
     ] = None,
-    method: MethodOpt = "bct+pct+emb",
-    against: AgainstOpt = "all",
-    ancestor_weights: AncestorWeightsOpt = "share",
-    epochs: EpochsOpt = 15,
-    seed: SeedOpt = 0,
-    backfill_budget: BudgetOpt = 0.3,
-    backfill_policy: PolicyOpt = "representative",
-    backfill_retire_share: RetireOpt = 0.1,
+    method: MethodOpt = str(_TRAIN.method),
+    against: AgainstOpt = _TRAIN.against,
+    ancestor_weights: AncestorWeightsOpt = _TRAIN.ancestor_weights,
+    epochs: EpochsOpt = _TRAIN.epochs,
+    seed: SeedOpt = _TRAIN.seed,
+    backfill_budget: BudgetOpt = _BACKFILL.budget,
+    backfill_policy: PolicyOpt = str(_BACKFILL.policy),
+    backfill_retire_share: RetireOpt = _BACKFILL.retire_share,
     no_gate: NoGateOpt = False,
-    max_nfr: MaxNfrOpt = 0.10,
-    accuracy_tolerance: TolOpt = 0.02,
-    require_ecc: EccOpt = True,
-    ecc_margin: EccMarginOpt = 0.0,
-    confidence: ConfidenceOpt = 0.95,
-    bootstrap_resamples: ResamplesOpt = 10_000,
-    on_incompatible: IncompatibleOpt = "targeted",
-    max_backfill: MaxBackfillOpt = 0.7,
-    backfill_batch_rows: BatchRowsOpt = 4096,
+    max_nfr: MaxNfrOpt = _GATE.max_nfr,
+    accuracy_tolerance: TolOpt = _GATE.accuracy_tolerance,
+    require_ecc: EccOpt = _GATE.require_ecc,
+    ecc_margin: EccMarginOpt = _GATE.ecc_margin,
+    confidence: ConfidenceOpt = _GATE.confidence,
+    bootstrap_resamples: ResamplesOpt = _GATE.bootstrap_resamples,
+    on_incompatible: IncompatibleOpt = str(_GATE.on_incompatible),
+    max_backfill: MaxBackfillOpt = _GATE.max_backfill,
+    backfill_batch_rows: BatchRowsOpt = _BACKFILL.batch_rows,
     no_wait: NoWaitOpt = False,
     weight: WeightOpt = None,
     force: Annotated[
@@ -772,11 +777,11 @@ def _print_summary() -> None:
 
 @app.command()
 def backfill(
-    budget: BudgetOpt = 0.3,
-    policy: PolicyOpt = "representative",
-    retire_share: RetireOpt = 0.1,
-    batch_rows: Annotated[int, typer.Option(min=1)] = 4096,
-    seed: SeedOpt = 0,
+    budget: BudgetOpt = _BACKFILL.budget,
+    policy: PolicyOpt = str(_BACKFILL.policy),
+    retire_share: RetireOpt = _BACKFILL.retire_share,
+    batch_rows: Annotated[int, typer.Option(min=1)] = _BACKFILL.batch_rows,
+    seed: SeedOpt = _BACKFILL.seed,
 ) -> None:
     """Re-embed part of the gallery with the champion (resumes an unfinished job)."""
     _env_defaults()
@@ -835,7 +840,9 @@ def index(
     strict: Annotated[
         bool, typer.Option("--strict", help="refuse unreadable items instead of skipping them")
     ] = False,
-    part_rows: Annotated[int, typer.Option(min=1, help="items per committed part")] = 4096,
+    part_rows: Annotated[
+        int, typer.Option(min=1, help="items per committed part")
+    ] = IndexConfig().part_rows,
 ) -> None:
     """Add SPEC's new items to the collection, embedded by the champion; re-embed changed
     ones; with --prune remove the ones gone. A killed run resumes where it stopped."""
@@ -1049,15 +1056,15 @@ def abandon(
 @app.command()
 def serve(
     ctx: typer.Context,
-    interval_minutes: Annotated[float, typer.Option(help="schedule of the update cycle")] = 24 * 60,
+    interval_minutes: Annotated[
+        float, typer.Option(help="schedule of the update cycle")
+    ] = _SERVE.interval_minutes,
     cron: Annotated[str | None, typer.Option(help="cron schedule instead of an interval")] = None,
     dataset: Annotated[
         str, typer.Option(help="the source (imagefolder:DIR, parquet:PATH) or data set")
     ] = "digits",
-    epochs: EpochsOpt = 15,
-    name: Annotated[str, typer.Option(help="the update cycle deployment's name")] = (
-        "scheduled-update"
-    ),
+    epochs: EpochsOpt = _TRAIN.epochs,
+    name: Annotated[str, typer.Option(help="the update cycle deployment's name")] = _SERVE.name,
     collection: Annotated[
         str | None,
         typer.Option(help="the on-demand index deployment's default spec (images:DIR, ...)"),

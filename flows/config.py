@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from workers.learning.constraints import ConstraintKind, TrainMethod, full_weights
-from workers.learning.train import TrainSpec, spec_default
+from workers.learning.kinds import ConstraintKind, TrainMethod, full_weights
+from workers.learning.spec import TrainSpec, spec_default
 
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]

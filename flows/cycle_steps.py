@@ -50,7 +50,8 @@ from workers.data.scenario import Stage, default_architecture, stage_indices, st
 from workers.data.snapshot import Snapshot, scenario_snapshot, source_snapshot
 from workers.data.sources import SourceError, describe_change, load_eval, scan_source
 from workers.learning.models import EmbeddingNet
-from workers.learning.train import ConstraintSpec, SourceItems, train_generation
+from workers.learning.spec import ConstraintSpec, SourceItems
+from workers.learning.train import train_generation
 from workers.measuring.evaluate import Evaluation, evaluate_against_ancestors, generation_outputs
 from workers.measuring.metric_names import Metric
 from workers.runtime import run_placed, task_resources, train_resources

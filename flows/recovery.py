@@ -34,7 +34,7 @@ from workers.collection.backfill import close_interrupted_jobs
 from workers.data.datasets import DatasetError
 from workers.data.scenario import Stage, stage_plan
 from workers.data.sources import load_eval
-from workers.learning.train import SourceItems
+from workers.learning.spec import SourceItems
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
 

@@ -116,7 +116,7 @@ def test_cycle_without_dataset_on_empty_home_names_the_problem(home) -> None:
 @pytest.mark.slow
 def test_each_method_trains_every_kind_at_its_configured_weight(home) -> None:
     """From the config to the lineage to the loss: the default's embedding term once got 0."""
-    from workers.learning.constraints import METHOD_KINDS, TrainMethod
+    from workers.learning.kinds import METHOD_KINDS, TrainMethod
 
     lin = Lineage()
     first = CycleConfig(

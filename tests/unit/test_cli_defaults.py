@@ -1,4 +1,5 @@
-"""The CLI's literal defaults are the typed configs' (what the benchmarks measured)."""
+"""The CLI's defaults are the typed configs' (what the benchmarks measured): read from the
+models, checked here against them."""
 
 from __future__ import annotations
 

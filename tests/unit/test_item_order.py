@@ -18,7 +18,8 @@ import workers.data.stream as stream_mod
 from workers.data.datasets import load_dataset
 from workers.data.sources import ArrayReader
 from workers.data.stream import ItemStore, ShuffledItems
-from workers.learning.train import TrainSpec, train_generation
+from workers.learning.spec import TrainSpec
+from workers.learning.train import train_generation
 
 
 def _classes_per_batch(batches: list[dict]) -> float:

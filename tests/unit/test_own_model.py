@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from workers.learning.constraints import ConstraintKind
 from workers.learning.embed import forward
+from workers.learning.kinds import ConstraintKind
 from workers.learning.models import EmbeddingNet, inherit_weights, load_model
-from workers.learning.train import ConstraintSpec, TrainSpec, train_generation
+from workers.learning.spec import ConstraintSpec, TrainSpec
+from workers.learning.train import train_generation
 
 FACTORY = "tests.unit.own_backbones:tiny_conv"
 

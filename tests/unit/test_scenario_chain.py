@@ -6,7 +6,8 @@ import torch
 
 from flows.chain import plan_constraints
 from workers.data.scenario import default_architecture, eval_split, stage_indices, stage_plan
-from workers.learning.constraints import DEFAULT_WEIGHTS, METHOD_KINDS, REGISTRY, ConstraintKind
+from workers.learning.constraints import REGISTRY
+from workers.learning.kinds import DEFAULT_WEIGHTS, METHOD_KINDS, ConstraintKind
 from workers.learning.models import EmbeddingNet, inherit_weights
 
 

@@ -23,11 +23,10 @@ from workers.data.stream import TeacherStore, prepare
 from workers.learning.constraints import cosine_logits_stacked
 from workers.learning.embed import forward
 from workers.learning.models import EmbeddingNet, load_model
+from workers.learning.spec import ConstraintSpec, TrainSpec
 from workers.learning.train import (
-    ConstraintSpec,
     TrainingDiverged,
     TrainingInterrupted,
-    TrainSpec,
     teacher_head,
     train_generation,
 )

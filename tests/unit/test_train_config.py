@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from flows.config import TrainConfig
-from workers.learning.train import TrainSpec
+from workers.learning.spec import TrainSpec
 
 # what a cycle supplies per generation (items, head, constraints, where files go), not
 # knobs; stop_after_epochs is a test hook

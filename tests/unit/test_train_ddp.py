@@ -14,11 +14,10 @@ from pydantic import ValidationError
 from flows.config import TrainConfig
 from workers.data.sources import ArrayReader
 from workers.data.stream import ShuffledItems
+from workers.learning.spec import ConstraintSpec, TrainSpec
 from workers.learning.train import (
-    ConstraintSpec,
     TrainingDiverged,
     TrainingInterrupted,
-    TrainSpec,
     check_spec,
 )
 
@@ -210,7 +209,7 @@ def test_two_workers_stream_a_source_as_one_does(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     from workers.data.sources import load_eval, scan_source
-    from workers.learning.train import SourceItems
+    from workers.learning.spec import SourceItems
 
     _digits_folder(tmp_path / "digits")
     source = f"imagefolder:{tmp_path / 'digits'}"

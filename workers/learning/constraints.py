@@ -1,13 +1,13 @@
-"""The vocabulary of compatibility constraints: one registry, kind -> loss, teacher tensors,
-default weight.
+"""The losses of compatibility constraints: one registry, kind -> loss, teacher tensors.
 
 A constraint says "generation g stays compatible with generation k". Its *kind* names the
 loss that enforces it; its *weight* scales that loss. The kinds, the methods the CLI
-offers (which kinds a method uses) and the default weights live here and nowhere else:
+offers (which kinds a method uses) and the default weights live in
+``workers.learning.kinds`` and nowhere else, the losses here:
 the typed config (``flows.config.TrainConfig.weights``) carries one ``{kind: weight}``
 mapping, the lineage stores one row per (ancestor, kind, weight), and the training loop
 builds one stack per kind from those rows through :data:`REGISTRY`. A new kind is one
-entry here; nothing else names kinds one by one.
+entry there and one here; nothing else names kinds one by one.
 
 Each kind stacks its K teachers along a leading dimension, so one batched operation per
 step covers every ancestor it constrains against (workers.learning.losses). What varies per item
@@ -17,14 +17,16 @@ the classes each ancestor knew) is stacked once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from workers.learning.kinds import (
+    ConstraintKind,
+)
 from workers.learning.losses import (
     contrastive_compatibility_loss,
     embedding_distillation_loss,
@@ -32,8 +34,6 @@ from workers.learning.losses import (
     influence_loss,
 )
 from workers.learning.models import LOGIT_SCALE
-
-_E = TypeVar("_E", bound=StrEnum)
 
 
 class LossSettings(Protocol):
@@ -49,15 +49,6 @@ class LossSettings(Protocol):
     embedding_scope: str
 
 
-class ConstraintKind(StrEnum):
-    """What a constraint against an ancestor enforces."""
-
-    INFLUENCE = "influence"  # BCT: the ancestor's (centroid) head judges the new embedding
-    FOCAL = "focal"  # PCT: focal distillation toward the ancestor's logits
-    EMBEDDING = "embedding"  # 1 - cos(new embedding, ancestor's embedding)
-    CONTRASTIVE = "contrastive"  # d-Simplex-HOC: InfoNCE to the ancestor's embeddings
-
-
 @dataclass
 class Teacher:
     """A frozen earlier generation: its heads, the classes it knew, its weights."""
@@ -69,33 +60,6 @@ class Teacher:
     known: torch.Tensor  # (C,) bool: classes in its training data
     # summed weight per constraint kind against this ancestor (workers.learning.constraints)
     weights: dict[ConstraintKind, float] = field(default_factory=dict)
-
-
-class TrainMethod(StrEnum):
-    """The recipes ``--method`` offers: which constraint kinds each ancestor gets."""
-
-    NONE = "none"
-    BCT = "bct"
-    PCT = "pct"
-    BCT_PCT = "bct+pct"
-    BCT_PCT_EMB = "bct+pct+emb"
-    HOC = "hoc"
-    BCT_HOC = "bct+hoc"
-    BCT_PCT_HOC = "bct+pct+hoc"
-    BCT_PCT_EMB_HOC = "bct+pct+emb+hoc"
-
-
-# each "+"-separated part of a method's name is one kind, in that order
-METHOD_PARTS: dict[str, ConstraintKind] = {
-    "bct": ConstraintKind.INFLUENCE,
-    "pct": ConstraintKind.FOCAL,
-    "emb": ConstraintKind.EMBEDDING,
-    "hoc": ConstraintKind.CONTRASTIVE,
-}
-METHOD_KINDS: dict[TrainMethod, tuple[ConstraintKind, ...]] = {
-    m: () if m is TrainMethod.NONE else tuple(METHOD_PARTS[p] for p in m.value.split("+"))
-    for m in TrainMethod
-}
 
 
 @dataclass
@@ -205,7 +169,6 @@ class KindSpec:
     """How one constraint kind is trained."""
 
     kind: ConstraintKind
-    default_weight: float  # what bench/compat.py measured best (bench/results/compat.md)
     stack: Callable[[list[Teacher], LossSettings], tuple[Tensors, torch.Tensor | None]]
     loss: Callable[[Stack, StepInputs, LossSettings], torch.Tensor]  # (K,): one per ancestor
 
@@ -213,43 +176,12 @@ class KindSpec:
 REGISTRY: dict[ConstraintKind, KindSpec] = {
     s.kind: s
     for s in (
-        KindSpec(ConstraintKind.INFLUENCE, 1.0, _stack_influence, _loss_influence),
-        KindSpec(ConstraintKind.FOCAL, 0.3, _stack_focal, _loss_focal),
-        KindSpec(ConstraintKind.EMBEDDING, 2.0, _stack_embedding, _loss_embedding),
-        KindSpec(ConstraintKind.CONTRASTIVE, 1.0, _stack_embedding, _loss_contrastive),
+        KindSpec(ConstraintKind.INFLUENCE, _stack_influence, _loss_influence),
+        KindSpec(ConstraintKind.FOCAL, _stack_focal, _loss_focal),
+        KindSpec(ConstraintKind.EMBEDDING, _stack_embedding, _loss_embedding),
+        KindSpec(ConstraintKind.CONTRASTIVE, _stack_embedding, _loss_contrastive),
     )
 }
-
-DEFAULT_WEIGHTS: dict[ConstraintKind, float] = {k: s.default_weight for k, s in REGISTRY.items()}
-
-
-def _parse(enum: type[_E], value: str, what: str) -> _E:
-    try:
-        return enum(value)
-    except ValueError:
-        known = ", ".join(m.value for m in enum)
-        raise ValueError(f"unknown {what} {value!r}; choose one of {known}") from None
-
-
-def parse_kind(value: str) -> ConstraintKind:
-    """A kind from its name, or a ValueError naming the known ones."""
-    return _parse(ConstraintKind, value, "constraint kind")
-
-
-def parse_method(value: str) -> TrainMethod:
-    """A method from its name, or a ValueError naming the known ones."""
-    return _parse(TrainMethod, value, "method")
-
-
-def full_weights(weights: Mapping[str, float] | None = None) -> dict[ConstraintKind, float]:
-    """Every kind's weight: the defaults, overridden by ``weights`` (checked)."""
-    out = dict(DEFAULT_WEIGHTS)
-    for name, value in (weights or {}).items():
-        kind = parse_kind(str(name))
-        if not float(value) >= 0:
-            raise ValueError(f"constraint weight must be >= 0, got {value} ({kind.value})")
-        out[kind] = float(value)
-    return out
 
 
 def stack_teachers(teachers: list[Teacher], spec: LossSettings) -> dict[ConstraintKind, Stack]:
