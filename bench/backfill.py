@@ -109,7 +109,7 @@ def build_chain(home: Path, epochs: int, seed: int) -> dict[str, Any]:
 
 
 def curves(home: Path) -> dict[str, Any]:
-    from store.gallery import Gallery
+    from store.collection import Collection
     from store.lineage import Lineage
     from store.settings import subdir
     from workers.collection.backfill import backfill_curve, policy_order
@@ -119,7 +119,7 @@ def curves(home: Path) -> dict[str, Any]:
 
     _set_home(home)
     lin = Lineage()
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     champion = lin.champion()
     ds = load_dataset(gallery.require().dataset)
     gens = {g.id: g for g in lin.generations() if g.status == "promoted"}
@@ -154,9 +154,9 @@ def curves(home: Path) -> dict[str, Any]:
         margin = np.array([outs[g].outputs.margin[i] for g, i in pairs])
         q = outs[tgt].query_emb
         new = outs[tgt].gallery_emb
-        from store.gallery import GalleryRows
+        from store.collection import CollectionRows
 
-        state = GalleryRows(rows.item_id, rows.label, gen_of.astype(np.int32), margin, emb)
+        state = CollectionRows(rows.item_id, rows.label, gen_of.astype(np.int32), margin, emb)
         robust[name] = {}
         for policy in POLICIES:
             seeds = SEEDS if policy != "uncertainty" else (0,)  # margins order it alone
@@ -283,7 +283,7 @@ def _write_fmnist_features(path: Path, copies: int = 1, n_train_extra: int = 10)
 
 def _index_gallery(dataset: str, gen, n: int, part_rows: int = 4096) -> None:
     """Index the first ``n`` source items with ``gen``, streaming (one part at a time)."""
-    from store.gallery import Gallery, GalleryRows
+    from store.collection import Collection, CollectionRows
     from store.lineage import Lineage
     from workers.collection.backfill import open_source
     from workers.learning.embed import forward
@@ -296,7 +296,7 @@ def _index_gallery(dataset: str, gen, n: int, part_rows: int = 4096) -> None:
         for start in range(0, n, part_rows):
             ids = np.arange(start, min(n, start + part_rows), dtype=np.int64)
             out = forward(model, source.take(ids))
-            yield GalleryRows(
+            yield CollectionRows(
                 ids,
                 np.zeros(len(ids), np.int64),
                 np.full(len(ids), gen.id, np.int32),
@@ -304,7 +304,7 @@ def _index_gallery(dataset: str, gen, n: int, part_rows: int = 4096) -> None:
                 out.embedding,
             )
 
-    Gallery(Lineage()).create_from_batches(dataset, gen.embed_dim, batches(), part_rows)
+    Collection(Lineage()).create_from_batches(dataset, gen.embed_dim, batches(), part_rows)
 
 
 def _register(lin, gen, dataset: str):
@@ -325,7 +325,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     import ray
     import torch
 
-    from store.gallery import Gallery
+    from store.collection import Collection
     from store.lineage import Lineage
     from workers.collection.backfill import EmbedActor, open_source, run_backfill
     from workers.learning.embed import forward
@@ -349,7 +349,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     # two generation rows for the champion's checkpoint: each round promotes the other
     # one, so every round is a full backfill with the same model
     twins = [_register(lin, champion, dataset), _register(lin, champion, dataset)]
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     batches = [
         np.asarray(gallery.read_part(n, columns=["item_id"]).column(0).to_numpy())
         for n in gallery.part_names()
@@ -529,13 +529,13 @@ def memory_setup(home: Path, n: int) -> None:
 
 def memory_child(home: Path, what: str) -> dict[str, Any]:
     """In a fresh process: a full backfill (or an index sync); report peak RSS."""
-    from store.gallery import Gallery
+    from store.collection import Collection
     from store.lineage import Lineage
     from workers.collection.backfill import peak_rss_bytes, run_backfill
 
     _set_home(home)
     lin = Lineage()
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     base = peak_rss_bytes()
     t = time.perf_counter()
     out: dict[str, Any] = {"items": gallery.require().items, "baseline_rss": base}
@@ -565,9 +565,9 @@ def memory_child(home: Path, what: str) -> dict[str, Any]:
             actor_rss_shmem=stats.get("actor_rss_shmem"),
         )
     else:
-        from store.index import GalleryIndex
+        from store.index import CollectionIndex
 
-        out["ntotal"] = GalleryIndex.open(gallery).ntotal
+        out["ntotal"] = CollectionIndex.open(gallery).ntotal
     out["seconds"] = time.perf_counter() - t
     out["peak_rss"] = peak_rss_bytes()
     return out
@@ -744,7 +744,7 @@ def markdown(result: dict[str, Any]) -> str:
         "generation 3: all), bct+pct against all active ancestors, "
         f"{result['epochs']} epochs, trained through `flows.cycle.run_cycle`, gate "
         "off. After generation 2 a 30% random backfill; generation 3 is the champion. "
-        f"Gallery before the measured backfill: {c['gallery_by_generation']} "
+        f"Collection before the measured backfill: {c['gallery_by_generation']} "
         "(5,000 items; 5,000 disjoint queries).",
         "",
         "| generation | classes | train items | accuracy | architecture |",

@@ -21,7 +21,7 @@ Measured:
   IVF (``store.index``: sqrt(n) cells) over a range of ``nprobe``;
 - drift: an IVF index trained on one generation's embeddings, then every item
   re-embedded by another generation (a full backfill) without retraining, against the
-  same index retrained: the recall drop that makes ``GalleryIndex.open`` retrain.
+  same index retrained: the recall drop that makes ``CollectionIndex.open`` retrain.
 
 Writes ``bench/results/collection.md`` (tables, PNG plots) and ``collection.json``.
 """
@@ -104,11 +104,11 @@ def train_champion(workdir: Path):
 
 def search_figures(emb: np.ndarray, queries: np.ndarray, k: int = 10) -> dict[str, Any]:
     """Latency (one query at a time) and recall@k, flat and IVF over nprobe."""
-    from store.index import GalleryIndex, IndexKind, ivf_cells
+    from store.index import CollectionIndex, IndexKind, ivf_cells
 
     n = len(emb)
     ids = np.arange(n, dtype=np.int64)
-    flat = GalleryIndex(emb.shape[1])
+    flat = CollectionIndex(emb.shape[1])
     flat.upsert(ids, emb, np.zeros(n, np.int64))
     exact = flat.search(queries, k)[1]
 
@@ -131,7 +131,7 @@ def search_figures(emb: np.ndarray, queries: np.ndarray, k: int = 10) -> dict[st
     found, p50, p99 = timed(flat)
     out: dict[str, Any] = {"flat": {"p50_ms": p50, "p99_ms": p99, "recall@10": recall(found)}}
     nlist = ivf_cells(n)
-    ivf = GalleryIndex(emb.shape[1], IndexKind.IVF, nlist)
+    ivf = CollectionIndex(emb.shape[1], IndexKind.IVF, nlist)
     t = time.perf_counter()
     rng = np.random.default_rng(0)
     ivf.train(emb[rng.choice(n, min(n, 64 * nlist), replace=False)])
@@ -149,17 +149,17 @@ def search_figures(emb: np.ndarray, queries: np.ndarray, k: int = 10) -> dict[st
 def drift_figures(old: np.ndarray, new: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
     """Recall@10 at the default nprobe: IVF trained on ``old``, all items then replaced by
     ``new`` (a full backfill) without retraining, against retrained on ``new``."""
-    from store.index import GalleryIndex, IndexKind, ivf_cells
+    from store.index import CollectionIndex, IndexKind, ivf_cells
 
     n = len(old)
     ids = np.arange(n, dtype=np.int64)
     nlist = ivf_cells(n)
     rng = np.random.default_rng(0)
     sample = rng.choice(n, min(n, 64 * nlist), replace=False)
-    stale = GalleryIndex(old.shape[1], IndexKind.IVF, nlist)
+    stale = CollectionIndex(old.shape[1], IndexKind.IVF, nlist)
     stale.train(old[sample])
     stale.upsert(ids, new, np.zeros(n, np.int64))
-    fresh = GalleryIndex(old.shape[1], IndexKind.IVF, nlist)
+    fresh = CollectionIndex(old.shape[1], IndexKind.IVF, nlist)
     fresh.train(new[sample])
     fresh.upsert(ids, new, np.zeros(n, np.int64))
     probe = new[rng.choice(n, 256, replace=False)]
@@ -180,7 +180,7 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from store.gallery import Gallery
+    from store.collection import Collection
     from store.lineage import Lineage
     from workers.collection.indexing import run_index
     from workers.collection.items import FileReader, input_format
@@ -201,7 +201,7 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
     lin = Lineage()
     gen, model = record_image_model(lin, "images", shape, 0, "default-image")
     lin.promote(gen.id)
-    result = run_index(lin, Gallery(lin), f"images:{root}", lin.champion(), {})
+    result = run_index(lin, Collection(lin), f"images:{root}", lin.champion(), {})
     assert result.added == n
     decoded = FileReader(str(root), input_format(shape)).take(keys)
     threads = int(task_resources().get("num_cpus", 1))
@@ -228,7 +228,7 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     import pyarrow.dataset as pads
     import torch
 
-    from store.gallery import Gallery
+    from store.collection import Collection
     from workers.collection.indexing import run_index
     from workers.learning.embed import forward
     from workers.learning.models import load_model
@@ -242,7 +242,7 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     peak.start()
     before = _vm_hwm()
     # the flow's two steps (flows.collection): indexing, then the search index
-    result = run_index(lin, Gallery(lin), spec, champion, {}, update_index=False)
+    result = run_index(lin, Collection(lin), spec, champion, {}, update_index=False)
     driver_peak = _vm_hwm()
     peak.stop.set()
     peak.join()
@@ -284,7 +284,7 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     emb = np.concatenate(
         [
             b.column(0).flatten().to_numpy().reshape(b.num_rows, -1)
-            for _, b in Gallery(lin).iter_batches(["embedding"])
+            for _, b in Collection(lin).iter_batches(["embedding"])
         ]
     )
     q = forward(model, evalset.x_test[:n_queries]).embedding
@@ -332,7 +332,7 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     lin.promote(gen2.id)
     stats: dict[str, Any] = {}
     t = time.perf_counter()
-    job = run_backfill(lin, Gallery(lin), None, lin.champion(), "oldest-first", 1.0, stats=stats)
+    job = run_backfill(lin, Collection(lin), None, lin.champion(), "oldest-first", 1.0, stats=stats)
     seconds = time.perf_counter() - t
     assert job.items_done == rows
     out["backfill"] = {

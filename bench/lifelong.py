@@ -54,7 +54,7 @@ from flows.config import BackfillConfig, GateConfig, TrainConfig
 from flows.data import eval_dataset
 from flows.gate import GateOutcome
 from flows.report import build_report
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import subdir
 from workers.data.datasets import DEFAULT_FASHION_MNIST_DIR, load_dataset
@@ -242,7 +242,7 @@ class ServedWatch:
         self.ds: Any = None  # the lineage's evaluation set, loaded once
 
     def hits(self, lin: Lineage) -> np.ndarray | None:
-        champion, gallery = lin.champion(), Gallery(lin)
+        champion, gallery = lin.champion(), Collection(lin)
         if self.ds is None and champion is not None:
             self.ds = eval_dataset(lin)
         ds = self.ds

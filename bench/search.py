@@ -53,7 +53,7 @@ def build(home: Path, items: int, seed: int = 0) -> dict:
     from sklearn.datasets import load_digits
 
     from bench.collection import record_image_model
-    from store.gallery import Gallery, GalleryRows
+    from store.collection import Collection, CollectionRows
     from store.lineage import Lineage
     from workers.collection.items import open_reader
     from workers.learning.embed import forward
@@ -84,7 +84,7 @@ def build(home: Path, items: int, seed: int = 0) -> dict:
     lin.promote(gens[0][0].id)
     reader = open_reader(spec, shape)
     keys = table.column("item_id").to_pylist()
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     t0 = time.perf_counter()
     part = 8192
     for a in range(0, items, part):
@@ -92,7 +92,7 @@ def build(home: Path, items: int, seed: int = 0) -> dict:
         out = forward(gens[0][1], reader.take_keys(keys[a:b]))
         gallery.append(
             spec,
-            GalleryRows(
+            CollectionRows(
                 item_id=np.arange(a, b),
                 label=np.asarray(labels[a:b]),
                 generation=np.full(b - a, gens[0][0].id, np.int32),

@@ -12,7 +12,7 @@ from flows.config import BackfillConfig, Policy
 from flows.data import resolve_dataset
 from flows.naming import artifact_key, backfill_run_name, number, tag_run
 from flows.progress import counter
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import StoreError, subdir
 from workers.collection.backfill import run_backfill
@@ -34,7 +34,7 @@ def backfill_once(
     curve; a user's collection is read by key from its source, and M_mix, which needs
     labelled queries against it, is not measured.
     """
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     info = gallery.require()
     champion = lineage.champion()
     if champion is None:

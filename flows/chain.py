@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from store.collection import Collection
 from store.debts import load_debt
-from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, Lineage
 from workers.learning.kinds import METHOD_KINDS, full_weights, parse_method
 from workers.measuring.metric_names import Metric
@@ -85,7 +85,7 @@ def owed_items(lineage: Lineage) -> np.ndarray:
     if not n:
         return none
     debt = load_debt(int(champion.id), expected=int(round(n)))  # type: ignore[arg-type]
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     if gallery.info() is None:
         return none
     stale = []

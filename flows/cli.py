@@ -107,7 +107,7 @@ _SUBCLASSES = (
     "LockHeld",
     "ChampionChanged",
     "UnknownGeneration",
-    "GalleryError",
+    "CollectionStoreError",
     "TrainingDiverged",
     "RayUnavailable",
 )
@@ -261,7 +261,7 @@ def _budget(value: float) -> float:
     and ``-1`` are no budget: one error line naming the option, exit 2)."""
     if not math.isfinite(value) or value < 0:
         raise typer.BadParameter(
-            f"{value} is no budget: give a fraction of the gallery from 0 to 1, or a count "
+            f"{value} is no budget: give a fraction of the collection from 0 to 1, or a count "
             "of items (a whole number above 1), e.g. 0.3 or 500"
         )
     return value
@@ -280,7 +280,7 @@ RetireOpt = Annotated[
     typer.Option(
         min=0.0,
         max=1.0,
-        help="backfill first the generations holding at most this share of the gallery, "
+        help="backfill first the generations holding at most this share of the collection, "
         "so they retire",
         rich_help_panel="Backfill",
         hidden=True,
@@ -768,7 +768,7 @@ def _print_summary() -> None:
     out.print(gens)
     if rep["nfr"]:
         out.print(_matrix_table("NFR(a, b)", rep["nfr"]))
-    out.print(_matrix_table("C[a][b] top-1 (a queries, b gallery)", rep["compat_top1"]))
+    out.print(_matrix_table("C[a][b] top-1 (a: queries, b: reference)", rep["compat_top1"]))
     out.print(
         f"AC={rep['ac']}  AM={rep['am']}  M_mix={rep['m_mix']}  "
         f"gallery={rep['gallery']['by_generation']}"
@@ -783,7 +783,7 @@ def backfill(
     batch_rows: Annotated[int, typer.Option(min=1)] = _BACKFILL.batch_rows,
     seed: SeedOpt = _BACKFILL.seed,
 ) -> None:
-    """Re-embed part of the gallery with the champion (resumes an unfinished job)."""
+    """Re-embed part of the collection with the champion (resumes an unfinished job)."""
     _env_defaults()
     from flows.config import BackfillConfig
 
@@ -812,7 +812,7 @@ def backfill(
 def report(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
-    """The lineage, every metric, the gallery and the backfills (it reads; it never writes:
+    """The lineage, every metric, the collection and the backfills (it reads; it never writes:
     a GRACEFUL_HOME without a lineage is an error, not an empty report)."""
     _check_inputs(None, existing=True)
     from flows.report import build_report
@@ -916,14 +916,16 @@ def search(
     else:
         _check_inputs(None, existing=True)
         from flows.query import search_file, search_item
-        from store.gallery import GalleryError
+        from store.collection import CollectionStoreError
         from store.lineage import Lineage
 
         try:
             found = (
                 search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
             )
-        except GalleryError as exc:  # a collection that cannot be read: a failure, not bad input
+        except (
+            CollectionStoreError
+        ) as exc:  # a collection that cannot be read: a failure, not bad input
             _fail(exc, code=1)
         except _known_errors() as exc:
             _fail(exc)
@@ -1014,7 +1016,7 @@ def search_server(
 
 @app.command()
 def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False) -> None:
-    """Pin a generation: its constraint stays active even when its items left the gallery."""
+    """Pin a generation: its constraint stays active even when its items left the collection."""
     _check_inputs(None, existing=True)
     from store.lineage import Lineage
 

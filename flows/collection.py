@@ -23,7 +23,7 @@ from flows.naming import (
     tag_run,
 )
 from flows.progress import counter
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import StoreError
 from workers.collection.indexing import run_index
@@ -43,7 +43,7 @@ def class_vocabulary(lineage: Lineage) -> dict[str, int]:
 
 def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, Any]:
     """Index ``cfg.spec`` (default: the collection's own spec) with the champion."""
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     spec = cfg.spec
     if spec is None:
         info = gallery.info()
@@ -87,12 +87,12 @@ def index_task(cfg: IndexConfig) -> dict[str, Any]:
 
 def update_search_index(lineage: Lineage) -> dict[str, Any]:
     """Bring the persisted faiss index up to the committed collection (flat or IVF)."""
-    from store.index import GalleryIndex
+    from store.index import CollectionIndex
 
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     if not gallery.exists():
         return {"kind": None, "items": 0}
-    idx = GalleryIndex.open(gallery)
+    idx = CollectionIndex.open(gallery)
     return {"kind": idx.kind.value, "items": idx.ntotal, "recall": idx.recall}
 
 

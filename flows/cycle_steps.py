@@ -32,9 +32,9 @@ from flows.gate import (
     evidence_rows,
 )
 from flows.steps import Step
+from store.collection import Collection, CollectionRows
 from store.failpoints import failpoint
 from store.files import verify_checkpoint
-from store.gallery import Gallery, GalleryRows
 from store.lineage import Generation, GenerationStatus, Lineage
 from store.settings import StoreError, subdir
 from store.snapshots import (
@@ -168,7 +168,7 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     if plan.snapshot.eval_items is not None:
         write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
     lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     champion = lineage.champion()
     if scenario_gallery(lineage) is not None:  # a user's collection does not change
         close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
@@ -521,9 +521,9 @@ def index_gallery(
     """The first gallery: the evaluation set's gallery half, embedded by the champion."""
     from workers.collection.backfill import m_mix
 
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     out = generation_outputs(champion, ds, subdir("cache"))
-    rows = GalleryRows(
+    rows = CollectionRows(
         item_id=out.gallery_idx.astype(np.int64),
         label=ds.y_test[out.gallery_idx],
         generation=np.full(len(out.gallery_idx), champion.id, np.int32),
@@ -550,7 +550,7 @@ def backfill_step(
     cfg = cfg or state.config
     champion = lineage.champion()
     assert champion is not None
-    if Gallery(lineage).info() is None:
+    if Collection(lineage).info() is None:
         if state.source is not None:
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
         return index_gallery(lineage, state.dataset, champion, cfg.backfill.batch_rows)

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from store.gallery import UNLABELLED, Gallery
-from store.index import GalleryIndex
-from store.lineage import GalleryInfo, Generation, Lineage
+from store.collection import UNLABELLED, Collection
+from store.index import CollectionIndex
+from store.lineage import CollectionInfo, Generation, Lineage
 from store.settings import StoreError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -79,12 +79,12 @@ def check_k(k: Any) -> int:
 
 
 def search_embedding(
-    lineage: Lineage, query: np.ndarray, k: int = 5, index: GalleryIndex | None = None
+    lineage: Lineage, query: np.ndarray, k: int = 5, index: CollectionIndex | None = None
 ) -> list[dict[str, Any]]:
     """The ``k`` nearest committed collection items to one query embedding (``index``:
     the collection's index, already opened)."""
     if index is None:
-        index = GalleryIndex.open(Gallery(lineage))
+        index = CollectionIndex.open(Collection(lineage))
     scores, ids = index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
     found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
     hits = []
@@ -113,8 +113,8 @@ class Searcher:
         self,
         lineage: Lineage,
         champion: Generation,
-        index: GalleryIndex,
-        info: GalleryInfo,
+        index: CollectionIndex,
+        info: CollectionInfo,
         model: Any = None,
     ) -> None:
         self.lineage = lineage
@@ -133,17 +133,17 @@ class Searcher:
     def open(cls, lineage: Lineage, save: bool = True) -> Searcher:
         """The champion and the persisted index brought up to the committed collection."""
         champion = _champion(lineage)
-        gallery = Gallery(lineage)
+        gallery = Collection(lineage)
         info = gallery.info()
         if info is None:
             raise NotReady("the collection is empty: `graceful index SPEC` adds items")
-        return cls(lineage, champion, GalleryIndex.open(gallery, save=save), info)
+        return cls(lineage, champion, CollectionIndex.open(gallery, save=save), info)
 
     def advance(self, champion: Generation, manifest: list[str]) -> Searcher:
         """The next state: the encoder of ``champion`` (kept when it did not change) and
         a copy of the index synced to the committed manifest (this one is left as it is,
         for the requests still using it)."""
-        gallery = Gallery(self.lineage)
+        gallery = Collection(self.lineage)
         info = gallery.require()
         index = self.index
         if tuple(sorted(manifest)) != self.manifest:
@@ -151,7 +151,7 @@ class Searcher:
                 index = self.index.clone()
                 index.sync(gallery)
             except StoreError:  # another dimension or kind: the persisted index, rebuilt
-                index = GalleryIndex.open(gallery, save=False)
+                index = CollectionIndex.open(gallery, save=False)
         same = champion.id == self.champion
         return Searcher(self.lineage, champion, index, info, self._model if same else None)
 

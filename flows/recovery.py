@@ -24,8 +24,8 @@ from flows.config import BackfillConfig, CycleConfig
 from flows.cycle_steps import DEFAULT_STAGES, CycleState, save_snapshot, verify_inputs
 from flows.data import lineage_image_size, resolve_dataset
 from flows.steps import Step, interrupted_step
+from store.collection import Collection
 from store.files import CheckpointError, verify_checkpoint
-from store.gallery import Gallery
 from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.locks import CYCLE_LOCK, LockHeld
 from store.settings import StoreError, subdir
@@ -193,7 +193,7 @@ def recover_generations(
 def recover_backfill(lineage: Lineage, cfg: CycleConfig) -> dict[str, Any] | None:
     """Finish the champion's killed backfill job; close killed jobs of other generations."""
     running = [j for j in lineage.backfill_jobs() if j.status == JobStatus.RUNNING]
-    if not running or Gallery(lineage).writer_active():
+    if not running or Collection(lineage).writer_active():
         return None  # nothing was killed, or a backfill is writing right now
     champion = lineage.champion()
     mine = [j for j in running if champion is not None and j.generation_id == champion.id]
@@ -215,7 +215,7 @@ def recover(lineage: Lineage, cfg: CycleConfig) -> tuple[CycleState | None, dict
     state = recover_generations(lineage, cfg)
     backfill = recover_backfill(lineage, cfg)
     owes = bool(chain.owed_backfill(lineage)) or len(chain.owed_items(lineage)) > 0
-    if backfill is None and owes and Gallery(lineage).info():
+    if backfill is None and owes and Collection(lineage).info():
         # a cycle was killed after promoting past an incompatible ancestor, before its
         # backfill began: pay that debt before anything new is trained against it
         backfill = backfill_once(lineage, cfg.backfill)

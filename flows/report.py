@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.steps import interrupted_step
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import (
     INTERRUPTED,
     BackfillJob,
@@ -190,7 +190,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
     gens = lineage.generations()
     snapshots = lineage.snapshots()
     cycle_running = lineage.lock(CYCLE_LOCK).holder() is not None
-    writer_running = Gallery(lineage).writer_active()
+    writer_running = Collection(lineage).writer_active()
     constraints = lineage.constraints()
     champion = next((g.id for g in gens if g.is_champion), None)
     gate = _gate(lineage, gens)

@@ -35,7 +35,7 @@ import numpy as np
 from fastapi import Request
 
 from flows.query import MAX_K, BadQuery, NotReady, Searcher, UnknownKey, check_k, check_key
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import NoLineage, StoreError, require_lineage
 
@@ -101,7 +101,7 @@ class ServedState:
                     nxt = Searcher.open(self.lineage).load()
                 else:
                     champion = self.lineage.champion()
-                    names = [p.name for p in Gallery(self.lineage).manifest()]
+                    names = [p.name for p in Collection(self.lineage).manifest()]
                     if champion is None or (
                         champion.id == cur.champion and tuple(sorted(names)) == cur.manifest
                     ):

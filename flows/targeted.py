@@ -24,8 +24,8 @@ import numpy as np
 
 from flows.config import GateConfig, OnIncompatible
 from flows.gate import GateOutcome, judge_served
+from store.collection import Collection
 from store.debts import save_debt
-from store.gallery import Gallery
 from store.lineage import Generation, Lineage
 from workers.data.datasets import Dataset
 from workers.data.scenario import eval_split
@@ -53,7 +53,9 @@ class Judgement:
     collection: int = 0
 
 
-def _holders(lineage: Lineage, gallery: Gallery, ref_idx: np.ndarray, fallback: int) -> np.ndarray:
+def _holders(
+    lineage: Lineage, gallery: Collection, ref_idx: np.ndarray, fallback: int
+) -> np.ndarray:
     """Per reference item, the generation whose embedding of it users meet now."""
     info = gallery.info()
     held = np.full(len(ref_idx), fallback, dtype=np.int64)
@@ -91,7 +93,7 @@ def served_view(
     """The evaluation set as users would meet it (module docstring), and the generations
     that hold items now."""
     ref_idx, q_idx = eval_split(len(ds.y_test))
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     held = _holders(lineage, gallery, ref_idx, int(champion.id))  # type: ignore[arg-type]
     by_id = {int(g.id): g for g in lineage.generations()}  # type: ignore[arg-type]
     new = generation_outputs(candidate, ds, cache_dir)
@@ -131,7 +133,7 @@ def judge(
 ) -> Judgement:
     """The served-state outcome of a candidate that passed the other checks."""
     view, holders = served_view(lineage, ds, candidate, champion, cache_dir)
-    gallery = Gallery(lineage)
+    gallery = Collection(lineage)
     kw = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples}
     targeted = cfg.on_incompatible == OnIncompatible.TARGETED
     if not holders:  # nothing indexed yet: it will be indexed whole by the champion

@@ -17,7 +17,7 @@ The index is a derived cache of the committed collection. It records which part 
 each slot it reflects (the manifest state) and is persisted as one file,
 ``GRACEFUL_HOME/gallery/index.faiss`` (each item's id, key, label and generation; that
 manifest state; then the faiss index as faiss writes it), written under a temporary
-name, fsynced and renamed. :meth:`GalleryIndex.open` loads it and brings it up to the
+name, fsynced and renamed. :meth:`CollectionIndex.open` loads it and brings it up to the
 current committed manifest by re-reading only the parts that changed, so a search
 during a backfill or an indexing answers from the committed state: parts committed so
 far in their new version, the rest in their old one, never half a part.
@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store.gallery import Gallery, GalleryError, PartGone, slot_of
+from store.collection import Collection, CollectionStoreError, PartGone, slot_of
 
 INDEX_FILE = "index.faiss"
 MAGIC = b"graceful-index\n"
@@ -97,7 +97,7 @@ def _lookup_table(ids, keys=None, labels=None, generations=None, slot: int = -1)
     )
 
 
-class GalleryIndex:
+class CollectionIndex:
     """Nearest-neighbour search over collection items."""
 
     def __init__(self, dim: int, kind: IndexKind = IndexKind.FLAT, nlist: int = 0) -> None:
@@ -106,7 +106,7 @@ class GalleryIndex:
         self.nlist = int(nlist)
         if self.kind is IndexKind.IVF:
             if self.nlist < 1:
-                raise GalleryError("an IVF index needs nlist >= 1")
+                raise CollectionStoreError("an IVF index needs nlist >= 1")
             quantizer = faiss.IndexFlatIP(self.dim)
             inner = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
             self._quantizer = quantizer  # faiss does not own it from Python: keep it alive
@@ -124,13 +124,13 @@ class GalleryIndex:
 
     # -- building ----------------------------------------------------------------------
     @classmethod
-    def for_collection(cls, dim: int, items: int) -> GalleryIndex:
+    def for_collection(cls, dim: int, items: int) -> CollectionIndex:
         """An empty index of the kind a collection of ``items`` items gets."""
         kind = wanted_kind(items)
         return cls(dim, kind, ivf_cells(items) if kind is IndexKind.IVF else 0)
 
     @classmethod
-    def from_gallery(cls, gallery: Gallery) -> GalleryIndex:
+    def from_gallery(cls, gallery: Collection) -> CollectionIndex:
         """Build from the committed collection, part by part (not persisted)."""
         info = gallery.require()
         idx = cls.for_collection(info.embed_dim, int(info.items))
@@ -138,7 +138,9 @@ class GalleryIndex:
         return idx
 
     @classmethod
-    def open(cls, gallery: Gallery, path: Path | None = None, save: bool = True) -> GalleryIndex:
+    def open(
+        cls, gallery: Collection, path: Path | None = None, save: bool = True
+    ) -> CollectionIndex:
         """The persisted index, brought up to the committed collection (saved if it moved).
 
         A missing, unreadable or mismatched index file is rebuilt from the collection; so
@@ -173,7 +175,7 @@ class GalleryIndex:
     def _check(self, emb: np.ndarray) -> np.ndarray:
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"embedding dim mismatch: the index has dim {self.dim}, got shape {emb.shape}"
             )
         emb = emb.copy()
@@ -199,7 +201,7 @@ class GalleryIndex:
             return
         sample = self._check(sample)
         if len(sample) < self.nlist:
-            raise GalleryError(f"{len(sample)} training vectors for {self.nlist} IVF cells")
+            raise CollectionStoreError(f"{len(sample)} training vectors for {self.nlist} IVF cells")
         self.index.train(sample)
         self.trainings += 1
 
@@ -215,9 +217,11 @@ class GalleryIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         emb = self._check(emb)
         if len(np.unique(ids)) != len(ids):
-            raise GalleryError("duplicate item ids in one upsert")
+            raise CollectionStoreError("duplicate item ids in one upsert")
         if len(labels) != len(ids) or len(emb) != len(ids):
-            raise GalleryError(f"{len(ids)} ids but {len(emb)} embeddings, {len(labels)} labels")
+            raise CollectionStoreError(
+                f"{len(ids)} ids but {len(emb)} embeddings, {len(labels)} labels"
+            )
         if not self.trained:
             self.train(emb)
         if self.index.ntotal:
@@ -226,7 +230,7 @@ class GalleryIndex:
         drop = pc.is_in(self._table.column("item_id"), pa.array(ids))
         self._replace_rows(drop, [_lookup_table(ids, keys, labels, generations)])
 
-    def sync(self, gallery: Gallery, attempts: int = 64) -> bool:
+    def sync(self, gallery: Collection, attempts: int = 64) -> bool:
         """Bring the index to the collection's committed manifest; True if anything changed.
 
         Only parts whose file changed since the index last saw them are read, each checked
@@ -237,7 +241,7 @@ class GalleryIndex:
         """
         info = gallery.require()
         if info.embed_dim != self.dim:
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"embedding dim mismatch: the index has dim {self.dim}, "
                 f"the collection stores dim {info.embed_dim}"
             )
@@ -266,7 +270,7 @@ class GalleryIndex:
             except PartGone:  # a writer committed meanwhile: start over from its manifest
                 continue
             return changed
-        raise GalleryError(
+        raise CollectionStoreError(
             "the collection kept changing while the index was read; try the search again"
         )
 
@@ -280,7 +284,7 @@ class GalleryIndex:
             self.parts.pop(s, None)
         self._replace_rows(mask, [])
 
-    def _replace_parts(self, gallery: Gallery, stale: list[tuple[int, str]]) -> None:
+    def _replace_parts(self, gallery: Collection, stale: list[tuple[int, str]]) -> None:
         info = gallery.require()
         # out go the ids the index holds for these slots (a pruned part holds fewer now)
         # and the ids the new versions hold (wherever the index had them)
@@ -337,10 +341,10 @@ class GalleryIndex:
         self.recall = hits / float(len(q) * k)
         return self.recall
 
-    def clone(self) -> GalleryIndex:
+    def clone(self) -> CollectionIndex:
         """An independent copy (faiss index and lookup): a reader keeps searching this one
         while the copy is synced, then the copy replaces it (copy-on-write)."""
-        twin = GalleryIndex(self.dim, self.kind, self.nlist)
+        twin = CollectionIndex(self.dim, self.kind, self.nlist)
         twin.index = faiss.clone_index(self.index)
         twin.nprobe, twin.recall, twin.trainings = self.nprobe, self.recall, self.trainings
         twin.parts = dict(self.parts)
@@ -398,7 +402,7 @@ class GalleryIndex:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> GalleryIndex | None:
+    def load(cls, path: Path, dim: int) -> CollectionIndex | None:
         """The saved index, or None when there is none or it cannot be used."""
         if not path.exists():
             return None
@@ -438,9 +442,9 @@ class GalleryIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, item ids) of the k nearest items for each query."""
         if self.ntotal == 0:
-            raise GalleryError("the index is empty")
+            raise CollectionStoreError("the index is empty")
         if k < 1:
-            raise GalleryError(f"k must be >= 1, got {k}")
+            raise CollectionStoreError(f"k must be >= 1, got {k}")
         q = queries if normalised else self._check(queries)
         params = None
         if self.kind is IndexKind.IVF:
@@ -460,12 +464,12 @@ class GalleryIndex:
         flat = np.asarray(ids, dtype=np.int64).ravel()
         if len(known) == 0:
             if len(flat):
-                raise GalleryError(f"item ids not in the index: {flat[:10].tolist()}")
+                raise CollectionStoreError(f"item ids not in the index: {flat[:10].tolist()}")
             return np.zeros(0, np.int64)
         pos = np.searchsorted(known, flat)
         ok = (pos < len(known)) & (known[np.minimum(pos, len(known) - 1)] == flat)
         if not ok.all():
-            raise GalleryError(f"item ids not in the index: {flat[~ok][:10].tolist()}")
+            raise CollectionStoreError(f"item ids not in the index: {flat[~ok][:10].tolist()}")
         return pos
 
     def label_of(self, ids: np.ndarray) -> np.ndarray:
@@ -485,7 +489,7 @@ class GalleryIndex:
         return None if hit < 0 else int(table.column("item_id")[hit].as_py())
 
 
-def _training_sample(gallery: Gallery, n: int, seed: int = 0) -> np.ndarray:
+def _training_sample(gallery: Collection, n: int, seed: int = 0) -> np.ndarray:
     """About ``n`` embeddings of the committed collection, a seeded even sample."""
     info = gallery.require()
     share = min(1.0, n / max(1, int(info.items)))

@@ -194,8 +194,10 @@ class BackfillJob(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
-class GalleryPart(SQLModel, table=True):
-    """The manifest of the Parquet gallery: one row per committed part file."""
+class CollectionPart(SQLModel, table=True):
+    """The manifest of the Parquet collection: one row per committed part file."""
+
+    __tablename__ = "gallerypart"  # the table's name since the first lineage
 
     name: str = Field(primary_key=True)
     rows: int
@@ -204,8 +206,10 @@ class GalleryPart(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=_now)
 
 
-class GalleryInfo(SQLModel, table=True):
+class CollectionInfo(SQLModel, table=True):
     """What the collection indexes: the spec of its items' source, and its size."""
+
+    __tablename__ = "galleryinfo"  # the table's name since the first lineage
 
     id: int = Field(default=1, primary_key=True)
     dataset: str  # the collection's spec (a source, images:DIR, or the scenario's data set)
@@ -479,13 +483,13 @@ class Lineage:
             return list(s.exec(select(BackfillJob).order_by(BackfillJob.id)))
 
     # -- gallery manifest --------------------------------------------------------------
-    def gallery_info(self) -> GalleryInfo | None:
+    def gallery_info(self) -> CollectionInfo | None:
         with self.session() as s:
-            return s.get(GalleryInfo, 1)
+            return s.get(CollectionInfo, 1)
 
-    def gallery_parts(self) -> list[GalleryPart]:
+    def gallery_parts(self) -> list[CollectionPart]:
         with self.session() as s:
-            return list(s.exec(select(GalleryPart).order_by(GalleryPart.name)))
+            return list(s.exec(select(CollectionPart).order_by(CollectionPart.name)))
 
     def gallery_counts(self) -> dict[int, int]:
         """Items per generation over the committed gallery (from the manifest)."""

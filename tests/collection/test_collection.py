@@ -18,8 +18,8 @@ from sources.data import champion, digits, write_pngs
 from flows.collection import index_once
 from flows.config import BackfillConfig, IndexConfig
 from flows.query import search_file, search_item
-from store.gallery import UNLABELLED, Gallery
-from store.index import INDEX_FILE, GalleryIndex
+from store.collection import UNLABELLED, Collection
+from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Lineage
 from store.settings import StoreError
 from workers.collection.backfill import run_backfill
@@ -30,12 +30,12 @@ DIM = 8
 PART = 64
 
 
-def check_once(gallery: Gallery, expected: set[str]) -> None:
+def check_once(gallery: Collection, expected: set[str]) -> None:
     """Every expected key once in the Parquet parts and once in faiss, nothing else."""
     keys = gallery.keys(["key", "item_id"])
     got = keys.column("key").to_pylist()
     assert len(got) == len(set(got)) and set(got) == expected
-    idx = GalleryIndex.open(gallery)
+    idx = CollectionIndex.open(gallery)
     in_faiss = faiss.vector_to_array(idx.index.id_map)
     assert len(in_faiss) == len(set(in_faiss.tolist())) == len(expected)
     assert set(in_faiss.tolist()) == set(keys.column("item_id").to_pylist())
@@ -72,7 +72,7 @@ def test_an_image_folder_collection_grows_and_is_pruned(home: Path, tmp_path: Pa
     # imagefolder: train/<class>/..., labelled by folder
     write_pngs(root / "train", 0, 300, folder=lambda i: f"digit-{digits()[1][i]}")
     spec = f"imagefolder:{root}"
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     r = run_index(lin, gallery, spec, gen, vocab, part_rows=PART)
     assert (r.added, r.reembedded, r.pruned, r.items) == (300, 0, 0, 300)
     keys = {f"train/digit-{digits()[1][i]}/{i:04d}.png" for i in range(300)}
@@ -135,7 +135,7 @@ def test_a_parquet_directory_collection_grows_and_is_pruned(home: Path, tmp_path
     write("a.parquet", range(0, 150))
     write("b.parquet", range(150, 300))
     spec = f"parquet:{data}"
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     r = run_index(lin, gallery, spec, gen, {}, part_rows=PART)
     assert (r.added, r.items) == (300, 300)
     check_once(gallery, {f"sku-{i}" for i in range(300)})
@@ -184,10 +184,10 @@ def test_unlabelled_images_are_indexed_searched_and_backfilled(home: Path, tmp_p
 
     # a new champion: backfill half the collection by key from its source
     g2 = champion(lin, 1)
-    job = run_backfill(lin, Gallery(lin), None, g2, "representative", 0.5)
+    job = run_backfill(lin, Collection(lin), None, g2, "representative", 0.5)
     assert job.items_done == 100 and job.m_mix_after is None  # no labels: no M_mix
     assert lin.gallery_counts() == {g1.id: 100, g2.id: 100}
-    check_once(Gallery(lin), {p.relative_to(root).as_posix() for p in root.rglob("*.png")})
+    check_once(Collection(lin), {p.relative_to(root).as_posix() for p in root.rglob("*.png")})
     hits = search_file(lin, root / probe, k=1)["neighbors"]
     assert hits[0]["key"] == probe  # still itself: the item kept its key through backfill
     from flows.backfill import backfill_once
@@ -198,7 +198,7 @@ def test_unlabelled_images_are_indexed_searched_and_backfilled(home: Path, tmp_p
     g3 = champion(lin, 2)
     (root / probe).unlink()
     with pytest.raises(StoreError, match="graceful index SPEC --prune"):
-        run_backfill(lin, Gallery(lin), None, g3, "random", 1.0)
+        run_backfill(lin, Collection(lin), None, g3, "random", 1.0)
     assert index_once(lin, IndexConfig(prune=True))["pruned"] == 1  # the recorded spec
 
 
@@ -209,7 +209,7 @@ def test_bad_collection_input(home: Path, tmp_path: Path) -> None:
     root = tmp_path / "album"
     write_pngs(root, 0, 60)
     (root / "shelf-0" / "broken.png").write_bytes(b"not a png")
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     with pytest.raises(CollectionError, match=r"1 unreadable item\(s\).*shelf-0/broken.png"):
         run_index(lin, gallery, f"images:{root}", gen, {}, strict=True, part_rows=PART)
     assert not gallery.exists()  # nothing stored
@@ -262,17 +262,17 @@ def test_a_collection_in_an_s3_bucket(home: Path, s3, fresh_ray) -> None:
     pq.write_table(table.slice(0, 80), "photos/items/part-0.parquet", filesystem=fs)
     spec = "parquet:s3://photos/items"
     vocab = {f"digit-{c}": c for c in range(10)}
-    r = run_index(lin, Gallery(lin), spec, gen, vocab, part_rows=32)
+    r = run_index(lin, Collection(lin), spec, gen, vocab, part_rows=32)
     assert (r.added, r.items) == (80, 80)
     pq.write_table(table.slice(80, 40), "photos/items/part-1.parquet", filesystem=fs)
-    r = run_index(lin, Gallery(lin), spec, gen, vocab, part_rows=32)
+    r = run_index(lin, Collection(lin), spec, gen, vocab, part_rows=32)
     assert (r.added, r.items) == (40, 120)
-    check_once(Gallery(lin), {str(i) for i in range(120)})
-    labels = Gallery(lin).keys(["key", "label"])
+    check_once(Collection(lin), {str(i) for i in range(120)})
+    labels = Collection(lin).keys(["key", "label"])
     assert pc.min(labels.column("label")).as_py() >= 0  # labelled by the vocabulary
     # a backfill reads its items from the bucket by key
     g2 = champion(lin, 1)
-    job = run_backfill(lin, Gallery(lin), None, g2, "oldest-first", 1.0)
+    job = run_backfill(lin, Collection(lin), None, g2, "oldest-first", 1.0)
     assert job.items_done == 120 and lin.gallery_counts() == {g2.id: 120}
     hits = search_item(lin, "42", k=1)["neighbors"]
     assert hits[0]["key"] == "42"
@@ -280,14 +280,14 @@ def test_a_collection_in_an_s3_bucket(home: Path, s3, fresh_ray) -> None:
 
 def test_the_index_file_survives_a_prune_after_reload(home: Path, tmp_path: Path) -> None:
     """A persisted index loaded in a new process removes the ids of pruned parts."""
-    from store.gallery import GalleryRows
+    from store.collection import CollectionRows
 
     lin = Lineage()
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     for start in (0, 16, 32):
         ids = np.arange(start, start + 16, dtype=np.int64)
         emb = np.eye(DIM, dtype=np.float32)[ids % DIM]
-        rows = GalleryRows(
+        rows = CollectionRows(
             ids,
             np.full(16, UNLABELLED),
             np.ones(16, np.int32),
@@ -297,12 +297,12 @@ def test_the_index_file_survives_a_prune_after_reload(home: Path, tmp_path: Path
             np.asarray(["f"] * 16, dtype=object),
         )
         gallery.append("images:/x", rows)
-    GalleryIndex.open(gallery)
+    CollectionIndex.open(gallery)
     names = gallery.part_names()
     gallery.drop_part(names[1])  # ids 16..31
     part = gallery.read_rows(names[0])
     gallery.rewrite_part(names[0], part.take(np.arange(8)))  # ids 0..7 stay
-    idx = GalleryIndex.load(gallery.root / INDEX_FILE, DIM)  # as a new process would
+    idx = CollectionIndex.load(gallery.root / INDEX_FILE, DIM)  # as a new process would
     assert idx is not None
     idx.sync(gallery)
     ids = set(faiss.vector_to_array(idx.index.id_map).tolist())

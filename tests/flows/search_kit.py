@@ -18,7 +18,7 @@ def build_album(lin, root: Path, gen, start: int, stop: int, part_rows: int = 32
     import numpy as np
     from sources.data import write_pngs
 
-    from store.gallery import UNLABELLED, Gallery, GalleryRows
+    from store.collection import UNLABELLED, Collection, CollectionRows
     from workers.collection.items import open_reader
     from workers.learning.embed import forward
     from workers.learning.models import load_model
@@ -28,11 +28,11 @@ def build_album(lin, root: Path, gen, start: int, stop: int, part_rows: int = 32
     model = load_model(gen.checkpoint_path, gen.checkpoint_sha256)
     x = open_reader(f"images:{root}", tuple(model.config["input_shape"])).take_keys(keys)
     out = forward(model, x)
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     for a in range(0, len(keys), part_rows):
         b = min(len(keys), a + part_rows)
         ids = np.arange(gallery.next_item_id(), gallery.next_item_id() + b - a)
-        rows = GalleryRows(
+        rows = CollectionRows(
             item_id=ids,
             label=np.full(b - a, UNLABELLED),
             generation=np.full(b - a, gen.id, np.int32),

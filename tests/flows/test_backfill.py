@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from sources.data import champion
 
-from store.gallery import Gallery, GalleryError, GalleryRows
-from store.index import INDEX_FILE, GalleryIndex
+from store.collection import Collection, CollectionRows, CollectionStoreError
+from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
 from workers.collection.backfill import ParquetSource, open_source, policy_order, run_backfill
@@ -45,17 +45,17 @@ def embed(gen: Generation, ids: np.ndarray):
 
 
 @pytest.fixture
-def tiny(home: Path) -> tuple[Lineage, Gallery, Generation, Generation]:
+def tiny(home: Path) -> tuple[Lineage, Collection, Generation, Generation]:
     """A digits gallery embedded by generation 1; generation 2 is the champion."""
     lin = Lineage()
     g1 = tiny_generation(lin, seed=1)
     ds = load_dataset("digits")
     gidx, _ = eval_split(len(ds.y_test))
     out = embed(g1, gidx)
-    gallery = Gallery(lin)
+    gallery = Collection(lin)
     gallery.create(
         "digits",
-        GalleryRows(
+        CollectionRows(
             gidx, ds.y_test[gidx], np.full(len(gidx), g1.id, np.int32), out.margin, out.embedding
         ),
         part_rows=PART_ROWS,
@@ -64,7 +64,7 @@ def tiny(home: Path) -> tuple[Lineage, Gallery, Generation, Generation]:
     return lin, gallery, g1, g2
 
 
-def assert_whole(gallery: Gallery, champion: Generation, chosen: np.ndarray) -> None:
+def assert_whole(gallery: Collection, champion: Generation, chosen: np.ndarray) -> None:
     """Every item once; chosen items carry the champion's embedding and generation."""
     rows = gallery.read_all()
     ds = load_dataset("digits")
@@ -107,7 +107,7 @@ def test_a_budgeted_backfill_re_embeds_the_policy_head(tiny) -> None:
     assert lin.gallery_counts() == {g1.id: 162, g2.id: 108}
     assert stats["items"] == 108 and stats["actor_embed_seconds"] > 0
     # the persisted index reflects exactly the committed parts, each item once
-    idx = GalleryIndex.load(gallery.root / INDEX_FILE, DIM)
+    idx = CollectionIndex.load(gallery.root / INDEX_FILE, DIM)
     assert idx is not None and set(idx.parts.values()) == set(gallery.part_names())
     ids = faiss.vector_to_array(idx.index.id_map)
     assert len(ids) == 270 and len(np.unique(ids)) == 270
@@ -123,7 +123,7 @@ def test_killed_mid_way_and_resumed_nothing_lost_nothing_duplicated(tiny) -> Non
 
     def watch(done: int, total: int) -> None:
         # between commits a reader sees exactly the committed parts
-        idx = GalleryIndex.open(gallery, save=False)
+        idx = CollectionIndex.open(gallery, save=False)
         assert set(idx.parts.values()) == set(gallery.part_names())
         assert idx.ntotal == 270
         seen.append((done, sum(n for g, n in gallery.counts().items() if g == g2.id)))
@@ -157,11 +157,11 @@ def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
     script = textwrap.dedent(
         """
         import time
-        from store.gallery import Gallery
+        from store.collection import Collection
         from store.lineage import Lineage
         from workers.collection.backfill import run_backfill
         lin = Lineage()
-        run_backfill(lin, Gallery(lin), None, lin.champion(), "uncertainty", 1.0,
+        run_backfill(lin, Collection(lin), None, lin.champion(), "uncertainty", 1.0,
                      progress=lambda done, total: time.sleep(0.5))
         """
     )
@@ -192,7 +192,7 @@ def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
     assert_whole(gallery, g2, rows.item_id)
 
 
-def _state(gallery: Gallery) -> tuple:
+def _state(gallery: Collection) -> tuple:
     files = {p.name: p.read_bytes() for p in sorted(gallery.root.iterdir())}
     parts = [(p.name, p.sha256, p.counts) for p in gallery.manifest()]
     return files, parts, [j.id for j in gallery.lineage.backfill_jobs()]
@@ -215,7 +215,7 @@ def test_a_bad_file_in_the_gallery_is_named_and_nothing_changes(tiny, damage: st
         pq.write_table(pa.table({"id": np.arange(3)}), target)
         message = r"foreign file .*embeddings-backup\.parquet"
     before = _state(gallery)
-    with pytest.raises(GalleryError, match=message):
+    with pytest.raises(CollectionStoreError, match=message):
         run_backfill(lin, gallery, None, g2, "random", 1.0)
     assert _state(gallery) == before  # no job, no file, no manifest row changed
 
@@ -224,11 +224,11 @@ def test_an_embedding_dimension_mismatch_is_refused(tiny) -> None:
     lin, gallery, g1, g2 = tiny
     wide = tiny_generation(lin, seed=3, embed_dim=12)
     before = _state(gallery)
-    with pytest.raises(GalleryError, match="embeds in dim 12 but the gallery stores dim 8"):
+    with pytest.raises(CollectionStoreError, match="embeds in dim 12 but the gallery stores dim 8"):
         run_backfill(lin, gallery, None, wide, "random", 1.0)
     assert _state(gallery) == before
-    with pytest.raises(GalleryError, match="dim mismatch"):
-        GalleryIndex.open(gallery).search(np.ones((1, 12), np.float32))
+    with pytest.raises(CollectionStoreError, match="dim mismatch"):
+        CollectionIndex.open(gallery).search(np.ones((1, 12), np.float32))
 
 
 def test_parquet_feature_sources_stream_the_evaluation_split(tmp_path: Path) -> None:
@@ -254,7 +254,7 @@ def test_parquet_feature_sources_stream_the_evaluation_split(tmp_path: Path) -> 
         np.testing.assert_array_equal(src.take(chunk), expected[chunk])
     back = ids[::-1][:20]  # out of order: restarts, same answer
     np.testing.assert_array_equal(src.take(back), expected[back])
-    with pytest.raises(GalleryError, match="beyond the evaluation split"):
+    with pytest.raises(CollectionStoreError, match="beyond the evaluation split"):
         src.take(np.array([len(expected)]))
 
 
@@ -339,11 +339,11 @@ def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
     ensure_ray()
     script = textwrap.dedent(
         """
-        from store.gallery import Gallery
+        from store.collection import Collection
         from store.lineage import Lineage
         from workers.collection.backfill import run_backfill
         lin = Lineage()
-        run_backfill(lin, Gallery(lin), None, lin.champion(), "oldest-first", 1.0)
+        run_backfill(lin, Collection(lin), None, lin.champion(), "oldest-first", 1.0)
         """
     )
     env = dict(os.environ, GRACEFUL_FAILPOINT="backfill-part")

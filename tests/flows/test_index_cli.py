@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sources.data import champion, write_pngs
 
-from store.gallery import Gallery
-from store.index import GalleryIndex
+from store.collection import Collection
+from store.index import CollectionIndex
 from store.lineage import Lineage
 
 
@@ -37,7 +37,7 @@ def test_index_killed_mid_way_resumes_and_search_answers_by_key(
     spec = f"images:{root}"
     code, _, _ = run(c, "index", spec, "--part-rows", "32", failpoint="index-part")
     assert code == -signal.SIGKILL
-    held = Gallery(Lineage()).keys(["key"]).num_rows
+    held = Collection(Lineage()).keys(["key"]).num_rows
     assert held == 32  # the first part committed, nothing after it
     code, out, err = run(c, "index", spec, "--part-rows", "32")
     assert code == 0, err
@@ -49,10 +49,10 @@ def test_index_killed_mid_way_resumes_and_search_answers_by_key(
         timeout=30,
     ).json()
     assert "COMPLETED" in {r["state_type"] for r in named}, named
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     keys = gallery.keys(["key", "item_id"])
     assert keys.num_rows == len(set(keys.column("key").to_pylist())) == 160
-    index = GalleryIndex.open(gallery)  # held: id_map is a view into its memory
+    index = CollectionIndex.open(gallery)  # held: id_map is a view into its memory
     ids = faiss.vector_to_array(index.index.id_map)
     assert sorted(ids.tolist()) == sorted(keys.column("item_id").to_pylist())
 
@@ -77,6 +77,6 @@ def test_index_killed_mid_way_resumes_and_search_answers_by_key(
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and lines[-1].startswith("error:") and what in lines[-1], err
         assert "Traceback" not in err
-    assert Gallery(Lineage()).require().items == 160
+    assert Collection(Lineage()).require().items == 160
     emb = np.zeros((1, 8), np.float32)
-    assert GalleryIndex.open(Gallery(Lineage())).search(emb + 1, k=1)[1].shape == (1, 1)
+    assert CollectionIndex.open(Collection(Lineage())).search(emb + 1, k=1)[1].shape == (1, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 
 # every cycle of this test: digits, no gate (each step runs), 32 items per gallery part
@@ -63,7 +63,7 @@ def _assert_settled(home: Home) -> dict:
     assert not {"training", "interrupted"} & set(_statuses(rep).values()), rep["generations"]
     assert all(b["status"] in ("done", "failed") for b in rep["backfills"]), rep["backfills"]
     assert sum(g["champion"] for g in rep["generations"]) == 1
-    ids = Gallery(home.lineage, root=home.path / "gallery").read_all().item_id
+    ids = Collection(home.lineage, root=home.path / "gallery").read_all().item_id
     assert len(ids) == len(np.unique(ids)) == rep["gallery"]["items"] == 270
     return rep
 

@@ -21,7 +21,7 @@ import pytest
 from search_kit import ROOT, build_album
 from sources.data import champion
 
-from store.gallery import Gallery, GalleryRows
+from store.collection import Collection, CollectionRows
 from store.lineage import Lineage
 
 
@@ -96,7 +96,7 @@ def test_search_by_upload_key_and_vector_and_every_bad_input(
     assert status == 200 and [h["key"] for h in by_key["results"]] == [
         h["key"] for h in ans["results"]
     ]
-    emb = Gallery(lin).read_all()
+    emb = Collection(lin).read_all()
     vec = emb.embedding[list(emb.key).index(probe)].tolist()
     status, by_vec = srv.search(vector=vec, k=1)
     assert status == 200 and by_vec["results"][0]["key"] == probe
@@ -271,7 +271,7 @@ def test_new_parts_and_a_new_champion_are_served_without_a_restart_or_an_error(
         build_album(lin, root, g1, 96, 160)  # indexing commits two more parts
         g2 = champion(lin, 1)  # a promotion
         time.sleep(1.0)
-        gallery = Gallery(lin)  # a backfill: part by part, re-embedded by generation 2
+        gallery = Collection(lin)  # a backfill: part by part, re-embedded by generation 2
         from workers.collection.items import open_reader
         from workers.learning.embed import forward
         from workers.learning.models import load_model
@@ -281,7 +281,7 @@ def test_new_parts_and_a_new_champion_are_served_without_a_restart_or_an_error(
         for part in gallery.manifest():
             rows = gallery.read_rows(part.name)
             out = forward(model, reader.take_keys(list(rows.key)))
-            new = GalleryRows(
+            new = CollectionRows(
                 item_id=rows.item_id,
                 label=rows.label,
                 generation=np.full(len(rows), g2.id, np.int32),

@@ -17,8 +17,8 @@ from flows.cycle_steps import backfill_step, evaluate_step, gate_step, start_cyc
 from flows.gate import GateOutcome
 from flows.recovery import recover
 from flows.report import build_report
+from store.collection import Collection
 from store.debts import load_debt
-from store.gallery import Gallery
 from store.lineage import Lineage
 
 
@@ -32,7 +32,7 @@ def _gated(lin: Lineage, cfg: CycleConfig):
 def _held(lin: Lineage) -> dict[int, int]:
     """item id -> the generation whose embedding the collection holds."""
     out = {}
-    for _, batch in Gallery(lin).iter_batches(["item_id", "generation"]):
+    for _, batch in Collection(lin).iter_batches(["item_id", "generation"]):
         out.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True))
     return out
 
@@ -55,7 +55,7 @@ def test_weak_first_generation_then_a_better_one_promoted_with_a_targeted_backfi
     assert passed and "above chance" in lin.generation(g1).gate_reasons[0]
     lin.promote(g1)
     backfill_step(lin, state, weak)  # indexes the collection (270 items, 7 parts)
-    assert lin.gallery_counts() == {g1: 270} and len(Gallery(lin).part_names()) == 7
+    assert lin.gallery_counts() == {g1: 270} and len(Collection(lin).part_names()) == 7
 
     # 3. a better, unconstrained generation: incompatible with g1, so the served state
     # decides which of g1's items it must re-embed

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from store.gallery import Gallery, GalleryRows
+from store.collection import Collection, CollectionRows
 
 DIM = 8  # the embedding dimension of sources.data.champion's model
 
 
-def rows(start: int, n: int, generation: int, dim: int = DIM, seed: int = 0) -> GalleryRows:
+def rows(start: int, n: int, generation: int, dim: int = DIM, seed: int = 0) -> CollectionRows:
     """``n`` collection items with ids and keys from ``start``, unit embeddings."""
     ids = np.arange(start, start + n, dtype=np.int64)
     emb = np.random.default_rng(seed + start).normal(size=(n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return GalleryRows(
+    return CollectionRows(
         item_id=ids,
         label=np.full(n, -1, np.int64),
         generation=np.full(n, generation, np.int32),
@@ -27,7 +27,7 @@ def rows(start: int, n: int, generation: int, dim: int = DIM, seed: int = 0) -> 
     )
 
 
-def collection(gallery: Gallery, spec: str, parts: int, per_part: int, generation: int) -> None:
+def collection(gallery: Collection, spec: str, parts: int, per_part: int, generation: int) -> None:
     """A user's collection of ``parts`` committed parts, as `graceful index` leaves one."""
     for p in range(parts):
         gallery.append(spec, rows(p * per_part, per_part, generation))

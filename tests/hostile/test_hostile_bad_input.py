@@ -15,7 +15,7 @@ from sources.data import champion, write_pngs
 from typer.testing import CliRunner
 
 from flows import cli as graceful
-from store.gallery import Gallery, GalleryRows
+from store.collection import Collection, CollectionRows
 from store.lineage import Lineage
 from workers.data.sources import SourceError, load_eval
 
@@ -77,9 +77,9 @@ def test_an_index_of_the_wrong_kind_is_bad_input(home: Path, tmp_path: Path, cli
     album = tmp_path / "album"
     write_pngs(album, 0, 4)
     c = cli(home)
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     # the scenario's collection (its evaluation gallery) is no user collection
-    rows = GalleryRows(
+    rows = CollectionRows(
         item_id=np.arange(4),
         label=np.zeros(4, np.int64),
         generation=np.ones(4, np.int32),
@@ -101,7 +101,7 @@ def test_an_images_collection_indexed_from_parquet_is_bad_input(
     home: Path, tmp_path: Path, cli
 ) -> None:
     champion(Lineage(), 0)
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     write_pngs(tmp_path / "album", 0, 5)
     collection(gallery, f"images:{tmp_path / 'album'}", parts=1, per_part=5, generation=1)
     src = _parquet(tmp_path / "items.parquet", ["e0"])
@@ -113,7 +113,7 @@ def test_an_images_collection_indexed_from_parquet_is_bad_input(
 @pytest.mark.parametrize("query", ["directory", "/dev/zero"])
 def test_search_says_what_a_query_file_is(home: Path, tmp_path: Path, query: str) -> None:
     champion(Lineage(), 0)
-    collection(Gallery(Lineage()), "images:/album", parts=1, per_part=5, generation=1)
+    collection(Collection(Lineage()), "images:/album", parts=1, per_part=5, generation=1)
     path = tmp_path if query == "directory" else Path(query)
     result = CliRunner().invoke(graceful.app, ["search", "--file", str(path)])
     assert result.exit_code == 2, result.output

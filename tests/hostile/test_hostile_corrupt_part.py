@@ -14,8 +14,8 @@ import pytest
 from hostile_helpers import collection, error_line
 from sources.data import champion
 
-from store.gallery import Gallery, GalleryError
-from store.index import INDEX_FILE, GalleryIndex
+from store.collection import Collection, CollectionStoreError
+from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Lineage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,11 +30,11 @@ def _overwrite(path: Path, n: int = 200) -> None:
     path.write_bytes(bytes(data))
 
 
-def _corrupt_collection(home: Path) -> Gallery:
+def _corrupt_collection(home: Path) -> Collection:
     champion(Lineage(), 0)
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     collection(gallery, "images:/album", parts=3, per_part=200, generation=1)
-    GalleryIndex.open(gallery)  # the index as a search leaves it
+    CollectionIndex.open(gallery)  # the index as a search leaves it
     _overwrite(gallery.root / "part-00001.parquet")
     (gallery.root / INDEX_FILE).unlink()
     return gallery
@@ -44,8 +44,10 @@ def test_the_index_is_never_built_from_a_part_whose_sha256_differs(home: Path) -
     gallery = _corrupt_collection(home)
     # the damage is invisible to a plain read: the part still parses
     assert np.isnan(gallery.read_rows("part-00001.parquet").embedding).any()
-    with pytest.raises(GalleryError, match=r"part-00001\.parquet was modified outside graceful"):
-        GalleryIndex.open(gallery)
+    with pytest.raises(
+        CollectionStoreError, match=r"part-00001\.parquet was modified outside graceful"
+    ):
+        CollectionIndex.open(gallery)
     assert not (gallery.root / INDEX_FILE).exists()  # nothing was saved from it
 
 

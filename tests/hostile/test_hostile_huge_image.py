@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from flows import cli as graceful
 from flows.query import BadQuery, Searcher
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 from workers.data.datasets import MAX_IMAGE_PIXELS
 
@@ -44,7 +44,7 @@ def bmp_header(width: int, height: int) -> bytes:
 def searchable(home: Path) -> Path:
     """A champion (grey 8 x 8 inputs) and a collection to search."""
     champion(Lineage(), 0)
-    collection(Gallery(Lineage()), "images:/album", parts=1, per_part=5, generation=1)
+    collection(Collection(Lineage()), "images:/album", parts=1, per_part=5, generation=1)
     return home
 
 

@@ -15,7 +15,7 @@ import pytest
 from hostile_helpers import collection, files
 from sources.data import champion, write_pngs
 
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +25,9 @@ APPEND = textwrap.dedent(
     import sys
     sys.path.insert(0, sys.argv[1])
     from hostile_helpers import rows
-    from store.gallery import Gallery
+    from store.collection import Collection
     from store.lineage import Lineage
-    g = Gallery(Lineage())
+    g = Collection(Lineage())
     g.append("images:/album", rows(g.next_item_id(), 20, generation=1))
     """
 )
@@ -47,7 +47,7 @@ def _append(home: Path, failpoint: str | None = None) -> int:
 
 @pytest.mark.slow  # a writer process killed at a failpoint
 def test_an_append_killed_before_its_commit_is_cleaned_by_the_next_writer(home: Path) -> None:
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     collection(gallery, "images:/album", parts=2, per_part=20, generation=1)
     assert _append(home, failpoint="gallery-staged") == -signal.SIGKILL  # a real kill -9
     left = gallery.root / "part-00002.parquet"
@@ -62,7 +62,7 @@ def test_an_append_killed_before_its_commit_is_cleaned_by_the_next_writer(home: 
 
 
 def test_a_drop_killed_after_its_commit_is_cleaned(home: Path) -> None:
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     collection(gallery, "images:/album", parts=3, per_part=20, generation=1)
     data = (gallery.root / "part-00001.parquet").read_bytes()
     gallery.drop_part("part-00001.parquet")
@@ -75,7 +75,7 @@ def test_a_drop_killed_after_its_commit_is_cleaned(home: Path) -> None:
 
 
 def test_a_file_nobody_wrote_in_an_unknown_slot_stays_foreign(home: Path) -> None:
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     collection(gallery, "images:/album", parts=1, per_part=20, generation=1)
     stray = gallery.root / "part-00007.parquet"
     stray.write_bytes((gallery.root / "part-00000.parquet").read_bytes())
@@ -104,7 +104,7 @@ def test_graceful_index_killed_after_a_part_is_renamed_reruns_without_a_person(
     write_pngs(album, 60, 100)
     code, _, _ = run("index", spec, "--part-rows", "20", failpoint="gallery-staged")
     assert code == -signal.SIGKILL
-    gallery = Gallery(Lineage())
+    gallery = Collection(Lineage())
     assert (gallery.root / "part-00003.parquet").exists()  # in place, never committed
     assert gallery.require().items == 60
 

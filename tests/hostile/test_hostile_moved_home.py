@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from flows import cli as graceful
 from store import migrate
-from store.gallery import Gallery
+from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import subdir
 
@@ -62,7 +62,7 @@ def test_a_moved_or_copied_home_keeps_working(
 ) -> None:
     lin = Lineage()
     champion_id, second = _lineage_with_a_snapshot(lin)
-    collection(Gallery(lin), "images:/album", parts=1, per_part=5, generation=champion_id)
+    collection(Collection(lin), "images:/album", parts=1, per_part=5, generation=champion_id)
     stored = _stored(home / "lineage.db")
     assert stored["checkpoint"] == ["checkpoints/gen-0-d8.pt", None]  # relative to the home
     assert stored["keys"] == ["snapshots/keys-moved.parquet"]
@@ -105,7 +105,7 @@ def test_a_swapped_checkpoint_in_a_moved_home_is_still_refused(
     """The sha256 check holds at the new place: a checkpoint swapped there is refused."""
     lin = Lineage()
     gen = champion(lin, 0)
-    collection(Gallery(lin), "images:/album", parts=1, per_part=5, generation=int(gen.id))
+    collection(Collection(lin), "images:/album", parts=1, per_part=5, generation=int(gen.id))
     other = champion(lin, 1)  # another model's file, then the champion again
     lin.promote(gen.id)
     moved = tmp_path / "moved-home"

@@ -133,7 +133,7 @@ def test_nfr_any_edge_cases() -> None:
 
 # --------------------------------------------------------------------------- retrieval
 
-# Gallery on the unit circle (angles in degrees) with labels.
+# Collection on the unit circle (angles in degrees) with labels.
 #   G0: 0 deg  label 0     G1: 40 deg label 1 (stored with norm 5)
 #   G2: 90 deg label 0     G3: 180 deg label 1     G4: 270 deg label 2
 GALLERY = np.array(
@@ -194,7 +194,7 @@ def test_retrieval_map_small_k() -> None:
 
 
 def test_retrieval_map_n_rel_larger_than_k() -> None:
-    # Query at 0 deg, label 0.  Gallery ranking by gap: A 5 (0), B 20 (1), C 30 (0), D 40 (0).
+    # Query at 0 deg, label 0.  Collection ranking by gap: A 5 (0), B 20 (1), C 30 (0), D 40 (0).
     gallery = np.array([_unit(5), _unit(20), _unit(30), _unit(40)])
     g_labels = np.array([0, 1, 0, 0])
     query = np.array([_unit(0)])

@@ -11,13 +11,13 @@ A job runs in four steps, each with memory bounded by a few parts, not by the ga
    The chosen items (policy order, within the budget) are fixed and saved next to the
    job, so a killed job resumes with the same selection.
 3. **re-embed**: part by part, the chosen items are read by key from the collection's
-   source (``GalleryInfo.dataset``: a folder of images, Parquet files located by
+   source (``CollectionInfo.dataset``: a folder of images, Parquet files located by
    ``item_id``, or the scenario's evaluation split by position; a ``parquet:`` feature
    data set is streamed in row batches), embedded by a Ray actor holding the champion
    (GPU where the cluster has one), and the part is rewritten. Up to ``pipeline_depth`` parts
    are in flight, so the actor embeds the next part while this one is written.
 4. **commit**: each rewritten part is committed atomically together with the job's
-   progress (one SQL transaction; see :mod:`store.gallery`). A job killed at any point
+   progress (one SQL transaction; see :mod:`store.collection`). A job killed at any point
    and started again finishes with every item present exactly once, each with one
    embedding and the generation that made it.
 
@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 from sqlalchemy import update
 
+from store.collection import Collection, CollectionRows, CollectionStoreError
 from store.failpoints import failpoint
 from store.files import verify_checkpoint
-from store.gallery import Gallery, GalleryError, GalleryRows
 from store.lineage import (
     UNFINISHED_JOBS,
     BackfillJob,
-    GalleryInfo,
+    CollectionInfo,
     Generation,
     JobStatus,
     Lineage,
@@ -209,13 +209,16 @@ def start_actor(
 
 
 # -- measuring -------------------------------------------------------------------------
-def m_mix(query_emb: np.ndarray, query_labels: np.ndarray, rows: GalleryRows) -> float:
+def m_mix(query_emb: np.ndarray, query_labels: np.ndarray, rows: CollectionRows) -> float:
     """Top-1 of champion queries against the real gallery (each item's current embedding)."""
     return M.retrieval_top1(query_emb, query_labels, rows.embedding, rows.label)
 
 
 def m_mix_stream(
-    gallery: Gallery, query_emb: np.ndarray, query_labels: np.ndarray, batch_rows: int = SCAN_ROWS
+    gallery: Collection,
+    query_emb: np.ndarray,
+    query_labels: np.ndarray,
+    batch_rows: int = SCAN_ROWS,
 ) -> float:
     """:func:`m_mix` over the committed gallery, streamed in row batches (bounded memory)."""
     q = np.array(query_emb, dtype=np.float32, copy=True)
@@ -225,7 +228,7 @@ def m_mix_stream(
     for _, batch in gallery.iter_batches(["label", "embedding"], batch_rows=batch_rows):
         emb = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
         if emb.shape[1] != q.shape[1]:
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"embedding dim mismatch: queries have {q.shape[1]}, gallery has {emb.shape[1]}"
             )
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -239,7 +242,7 @@ def m_mix_stream(
 
 
 def backfill_curve(
-    rows: GalleryRows,
+    rows: CollectionRows,
     new_emb: np.ndarray,
     order: np.ndarray,
     query_emb: np.ndarray,
@@ -251,7 +254,9 @@ def backfill_curve(
     ``new_emb`` holds the champion's embedding of every gallery item, aligned with ``rows``.
     """
     if len(new_emb) != len(rows):
-        raise GalleryError(f"{len(new_emb)} champion embeddings for a gallery of {len(rows)} items")
+        raise CollectionStoreError(
+            f"{len(new_emb)} champion embeddings for a gallery of {len(rows)} items"
+        )
     pos = np.searchsorted(rows.item_id, order) if len(order) else np.zeros(0, np.int64)
     if np.any(np.diff(rows.item_id) <= 0) or not np.array_equal(rows.item_id[pos], order):
         sorter = {int(i): p for p, i in enumerate(rows.item_id)}
@@ -282,7 +287,7 @@ class ArraySource:
     def take(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.x)):
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"item ids {ids.min()}..{ids.max()} outside the data set's evaluation split "
                 f"(0..{len(self.x) - 1})"
             )
@@ -356,7 +361,7 @@ class ParquetSource:
                 try:
                     nxt = next(self._it)
                 except StopIteration:
-                    raise GalleryError(
+                    raise CollectionStoreError(
                         f"item id {int(ids[i])} is beyond the evaluation split of "
                         f"parquet:{self.path} ({end} items)"
                     ) from None
@@ -429,7 +434,7 @@ def _emb(batch, col: int) -> np.ndarray:
 
 
 def policy_order(
-    gallery: Gallery,
+    gallery: Collection,
     target: int,
     policy: str,
     seed: int = 0,
@@ -462,7 +467,9 @@ def policy_order(
     for _, batch in gallery.iter_batches(cols, names=names, batch_rows=batch_rows):
         m = batch.num_rows
         if at + m > n:
-            raise GalleryError("the gallery changed while it was read; start the backfill again")
+            raise CollectionStoreError(
+                "the gallery changed while it was read; start the backfill again"
+            )
         item_id[at : at + m] = batch.column(0).to_numpy()
         generation[at : at + m] = batch.column(1).to_numpy()
         margin[at : at + m] = batch.column(2).to_numpy()
@@ -476,7 +483,9 @@ def policy_order(
                 s_keys, s_emb = keys[keep], emb[keep]
         at += m
     if at != n:
-        raise GalleryError("the gallery changed while it was read; start the backfill again")
+        raise CollectionStoreError(
+            "the gallery changed while it was read; start the backfill again"
+        )
     strata = None
     if need_emb:
         strata = np.full(n, -1, dtype=np.int16 if k < 2**15 else np.int32)
@@ -557,7 +566,7 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[pos] == values
 
 
-def _progress_scan(gallery: Gallery, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
+def _progress_scan(gallery: Collection, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
     """(chosen items already embedded by ``target``, parts still holding chosen stale items)."""
     done, todo = 0, []
     for name in gallery.part_names():
@@ -573,7 +582,7 @@ def _progress_scan(gallery: Gallery, chosen: np.ndarray, target: int) -> tuple[i
 
 
 # -- the job ---------------------------------------------------------------------------
-def _check_champion(champion: Generation, info: GalleryInfo) -> int:
+def _check_champion(champion: Generation, info: CollectionInfo) -> int:
     if champion is None or champion.id is None:
         raise StoreError("no champion generation to backfill with")
     # before any job is recorded or worker started: a swapped file fails here, not mid-way
@@ -581,7 +590,7 @@ def _check_champion(champion: Generation, info: GalleryInfo) -> int:
         champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
     )
     if int(champion.embed_dim) != int(info.embed_dim):
-        raise GalleryError(
+        raise CollectionStoreError(
             f"embedding dim mismatch: generation {champion.id} embeds in dim "
             f"{champion.embed_dim} but the gallery stores dim {info.embed_dim}; "
             "a gallery cannot mix dimensions (index a new gallery in a new GRACEFUL_HOME)"
@@ -593,7 +602,7 @@ def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
     """Run ``fn`` holding the gallery's writer lock (it dies with a killed job)."""
 
     @functools.wraps(fn)
-    def locked(lineage: Lineage, gallery: Gallery, *args: Any, **kwargs: Any) -> BackfillJob:
+    def locked(lineage: Lineage, gallery: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
         with gallery.writing():
             return fn(lineage, gallery, *args, **kwargs)
 
@@ -603,7 +612,7 @@ def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
 @_one_writer
 def run_backfill(
     lineage: Lineage,
-    gallery: Gallery,
+    gallery: Collection,
     ds: Dataset | None,
     champion: Generation,
     policy: str,
@@ -746,9 +755,9 @@ def run_backfill(
         finished_at=datetime.now(UTC),
     )
     if update_index:
-        from store.index import GalleryIndex
+        from store.index import CollectionIndex
 
-        GalleryIndex.open(gallery)
+        CollectionIndex.open(gallery)
     st["finish_seconds"] = time.perf_counter() - t3
     st["peak_rss"] = peak_rss_bytes()
     st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})
@@ -756,8 +765,8 @@ def run_backfill(
 
 
 def _pipeline(
-    gallery: Gallery,
-    info: GalleryInfo,
+    gallery: Collection,
+    info: CollectionInfo,
     todo: list[str],
     chosen: np.ndarray,
     target: int,
@@ -797,7 +806,7 @@ def _pipeline(
         if full is None:  # every item of the part is re-embedded
             ids, labels, item_keys, prints = keys
             gens = np.full(len(ids), target, np.int32)
-            rows = GalleryRows(ids, labels, gens, margin, emb, item_keys, prints)
+            rows = CollectionRows(ids, labels, gens, margin, emb, item_keys, prints)
         else:
             rows = full
             rows.embedding[mask] = emb

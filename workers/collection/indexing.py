@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from store.collection import UNLABELLED, Collection, CollectionRows, CollectionStoreError
 from store.failpoints import failpoint
 from store.files import verify_checkpoint
-from store.gallery import UNLABELLED, Gallery, GalleryError, GalleryRows
 from store.lineage import Generation, Lineage
 from store.settings import StoreError
 from workers.collection.items import (
@@ -189,7 +189,7 @@ def _labels(names: pa.Array | pa.ChunkedArray, vocabulary: dict[str, int]) -> np
     return np.where(at < 0, UNLABELLED, rows[np.maximum(at, 0)])
 
 
-def check_collection(gallery: Gallery, spec: str, champion: Generation) -> None:
+def check_collection(gallery: Collection, spec: str, champion: Generation) -> None:
     """A spec of the collection's kind, and a champion embedding in its dimension."""
     info = gallery.info()
     if info is not None and not same_kind(info.dataset, spec):
@@ -199,7 +199,7 @@ def check_collection(gallery: Gallery, spec: str, champion: Generation) -> None:
             "kind: index it in another GRACEFUL_HOME"
         )
     if info is not None and int(champion.embed_dim) != int(info.embed_dim):
-        raise GalleryError(
+        raise CollectionStoreError(
             f"embedding dim mismatch: generation {champion.id} embeds in dim "
             f"{champion.embed_dim} but the collection stores dim {info.embed_dim}"
         )
@@ -207,7 +207,7 @@ def check_collection(gallery: Gallery, spec: str, champion: Generation) -> None:
 
 def run_index(
     lineage: Lineage,
-    gallery: Gallery,
+    gallery: Collection,
     spec: str,
     champion: Generation,
     vocabulary: dict[str, int],
@@ -220,12 +220,12 @@ def run_index(
     """Index collection ``spec`` with ``champion``: add new keys, re-embed changed ones,
     prune gone ones (``prune``). Holds the collection's writer lock throughout. With
     ``update_index`` the persisted faiss index is brought up to date at the end (else the
-    next :meth:`GalleryIndex.open` does it: the flow runs it as its own step)."""
+    next :meth:`CollectionIndex.open` does it: the flow runs it as its own step)."""
     t0 = time.perf_counter()
     if champion is None or champion.id is None or not champion.checkpoint_path:
         raise StoreError("no champion generation to index with: run a cycle first")
     if part_rows < 1:
-        raise GalleryError(f"part_rows must be >= 1, got {part_rows}")
+        raise CollectionStoreError(f"part_rows must be >= 1, got {part_rows}")
     verify_checkpoint(
         champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
     )
@@ -292,11 +292,11 @@ def run_index(
                 "before it are indexed; fix it, or run without --strict to skip it"
             )
         result.items = int(gallery.require().items) if gallery.exists() else 0
-    from store.index import GalleryIndex
+    from store.index import CollectionIndex
 
     t_index = time.perf_counter()
     if gallery.exists() and update_index:
-        GalleryIndex.open(gallery)
+        CollectionIndex.open(gallery)
     result.seconds = time.perf_counter() - t0
     result.stats = {
         "list_seconds": t_list - t0,
@@ -307,7 +307,7 @@ def run_index(
 
 
 def _add(
-    gallery: Gallery,
+    gallery: Collection,
     champion: Generation,
     spec: str,
     new: pa.Table,
@@ -325,7 +325,7 @@ def _add(
         if ok.any():
             start = gallery.next_item_id()
             m = int(ok.sum())
-            rows = GalleryRows(
+            rows = CollectionRows(
                 item_id=np.arange(start, start + m, dtype=np.int64),
                 label=labels[at : at + n][ok],
                 generation=np.full(m, int(champion.id), np.int32),  # type: ignore[arg-type]
@@ -340,7 +340,7 @@ def _add(
         yield int(ok.sum()), bad
 
 
-def _parts_of(gallery: Gallery, ids: np.ndarray) -> dict[str, np.ndarray]:
+def _parts_of(gallery: Collection, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Committed part -> the given item ids it holds."""
     out: dict[str, np.ndarray] = {}
     want = np.sort(np.asarray(ids, dtype=np.int64))
@@ -352,7 +352,7 @@ def _parts_of(gallery: Gallery, ids: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _prune(gallery: Gallery, gone: pa.Table) -> int:
+def _prune(gallery: Collection, gone: pa.Table) -> int:
     """Remove the ``gone`` items, part by part (a part left empty is dropped)."""
     removed = 0
     for name, ids in _parts_of(gallery, gone.column("item_id").to_numpy()).items():
@@ -368,7 +368,7 @@ def _prune(gallery: Gallery, gone: pa.Table) -> int:
 
 
 def _reembed(
-    gallery: Gallery,
+    gallery: Collection,
     champion: Generation,
     spec: str,
     changed: pa.Table,

@@ -12,11 +12,11 @@ Layout: ``GRACEFUL_HOME/gallery/part-NNNNN[.vV].parquet``. Slot ``NNNNN`` holds 
 sorted range of item ids for the gallery's whole life; ``V`` counts its rewrites (the
 first version has no suffix). Part files are immutable: a rewrite writes the next
 version under a temporary name, fsyncs it, renames it to its (new, unreferenced) final
-name, and then switches the manifest row (lineage ``GalleryPart``) from the old file to
+name, and then switches the manifest row (lineage ``CollectionPart``) from the old file to
 the new one in one SQL transaction, together with any caller changes (a backfill job's
 progress). The commit is the only switch point:
 
-- a crash before it leaves an unreferenced file that :meth:`Gallery.reconcile` deletes;
+- a crash before it leaves an unreferenced file that :meth:`Collection.reconcile` deletes;
   the manifest still names the old, whole version. Every writer first leaves an intent
   marker ``.NAME.pending`` beside the file it is about to put in place (or take out) and
   removes it once the commit settled; so reconcile also clears a file in a slot the
@@ -28,7 +28,7 @@ progress). The commit is the only switch point:
   listed can vanish (superseded and deleted) before it opens it: readers then retry with
   a fresh snapshot (:class:`PartGone`).
 
-:meth:`Gallery.verify` checks every part (present, a Parquet file, the gallery's schema,
+:meth:`Collection.verify` checks every part (present, a Parquet file, the gallery's schema,
 the row count and sha256 recorded in the manifest) and that no foreign Parquet file sits
 in the directory; errors name the file.
 """
@@ -54,7 +54,7 @@ from sqlmodel import Session
 
 from store.failpoints import failpoint
 from store.files import file_sha256
-from store.lineage import GalleryInfo, GalleryPart, Lineage
+from store.lineage import CollectionInfo, CollectionPart, Lineage
 from store.settings import StoreError, graceful_home, subdir
 
 COLUMNS = ("item_id", "key", "label", "generation", "margin", "fingerprint", "embedding")
@@ -66,11 +66,11 @@ _PART_RE = re.compile(r"^part-(\d{5,})(?:\.v(\d+))?\.parquet$")
 PENDING = ".pending"  # the suffix of a writer's intent marker: ``.NAME.pending``
 
 
-class GalleryError(StoreError):
+class CollectionStoreError(StoreError):
     """A bad gallery file or a mismatched write; the message names the file or the problem."""
 
 
-class PartGone(GalleryError):
+class PartGone(CollectionStoreError):
     """A part listed by a manifest snapshot was superseded and deleted before it was read."""
 
 
@@ -126,12 +126,12 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
 def slot_of(name: str) -> int:
     parsed = parse_part_name(name)
     if parsed is None:
-        raise GalleryError(f"{name!r} is not a gallery part name")
+        raise CollectionStoreError(f"{name!r} is not a gallery part name")
     return parsed[0]
 
 
 @dataclass
-class GalleryRows:
+class CollectionRows:
     """Column arrays of collection rows (numpy; keys and fingerprints as object arrays)."""
 
     item_id: np.ndarray
@@ -154,15 +154,15 @@ class GalleryRows:
     def to_table(self, dim: int) -> pa.Table:
         emb = np.ascontiguousarray(self.embedding, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != dim:
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"embedding dim mismatch: the gallery stores dim {dim}, got shape {emb.shape}"
             )
         n = len(self.item_id)
         for col in ("key", "label", "generation", "margin", "fingerprint"):
             if len(getattr(self, col)) != n or len(emb) != n:
-                raise GalleryError(f"column lengths differ: {n} item ids but {col} differs")
+                raise CollectionStoreError(f"column lengths differ: {n} item ids but {col} differs")
         if not np.isfinite(emb).all():
-            raise GalleryError("embeddings contain NaN or inf; nothing was written")
+            raise CollectionStoreError("embeddings contain NaN or inf; nothing was written")
         flat = pa.array(emb.reshape(-1), type=pa.float32())
         return pa.Table.from_arrays(
             [
@@ -178,7 +178,7 @@ class GalleryRows:
         )
 
     @classmethod
-    def from_table(cls, table: pa.Table | pa.RecordBatch) -> GalleryRows:
+    def from_table(cls, table: pa.Table | pa.RecordBatch) -> CollectionRows:
         if "key" not in table.schema.names:
             table = _adapt(table, COLUMNS)
         emb = table.column("embedding")
@@ -198,16 +198,16 @@ class GalleryRows:
         )
 
     @classmethod
-    def concat(cls, parts: list[GalleryRows]) -> GalleryRows:
+    def concat(cls, parts: list[CollectionRows]) -> CollectionRows:
         return cls(
             **{c: np.concatenate([getattr(p, c) for p in parts]) for c in COLUMNS}  # type: ignore[arg-type]
         )
 
-    def take(self, idx: np.ndarray) -> GalleryRows:
-        return GalleryRows(**{c: getattr(self, c)[idx] for c in COLUMNS})
+    def take(self, idx: np.ndarray) -> CollectionRows:
+        return CollectionRows(**{c: getattr(self, c)[idx] for c in COLUMNS})
 
 
-class Gallery:
+class Collection:
     """The Parquet gallery and its manifest in the lineage."""
 
     def __init__(self, lineage: Lineage, root: Path | None = None) -> None:
@@ -244,7 +244,7 @@ class Gallery:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"another backfill is writing the gallery ({path} is locked); "
                 "wait for it to finish or stop it, then start again"
             ) from None
@@ -273,19 +273,21 @@ class Gallery:
         return False
 
     # -- metadata --------------------------------------------------------------------
-    def info(self) -> GalleryInfo | None:
+    def info(self) -> CollectionInfo | None:
         return self.lineage.gallery_info()
 
     def exists(self) -> bool:
         return self.info() is not None
 
-    def require(self) -> GalleryInfo:
+    def require(self) -> CollectionInfo:
         info = self.info()
         if info is None:
-            raise GalleryError("the gallery is empty: run `graceful run` or `graceful cycle` first")
+            raise CollectionStoreError(
+                "the gallery is empty: run `graceful run` or `graceful cycle` first"
+            )
         return info
 
-    def manifest(self) -> list[GalleryPart]:
+    def manifest(self) -> list[CollectionPart]:
         """The committed parts, in slot order: one consistent snapshot (a single query)."""
         return self.lineage.gallery_parts()
 
@@ -299,7 +301,7 @@ class Gallery:
     def _path(self, name: str) -> Path:
         return self.root / name
 
-    def _open(self, name: str, info: GalleryInfo) -> pq.ParquetFile:
+    def _open(self, name: str, info: CollectionInfo) -> pq.ParquetFile:
         """Open part ``name`` and check its schema (reads the footer only)."""
         path = self._path(name)
         try:
@@ -307,24 +309,24 @@ class Gallery:
         except FileNotFoundError as exc:
             raise PartGone(f"gallery part {path} is missing") from exc
         except (pa.ArrowInvalid, OSError) as exc:
-            raise GalleryError(f"corrupt Parquet file {path}: {exc}") from exc
+            raise CollectionStoreError(f"corrupt Parquet file {path}: {exc}") from exc
         expected = gallery_schema(info.embed_dim)
         schema = f.schema_arrow.remove_metadata()
         if not schema.equals(expected) and not schema.equals(legacy_schema(info.embed_dim)):
             f.close()
             if _dims_only_differ(schema, expected):
-                raise GalleryError(
+                raise CollectionStoreError(
                     f"embedding dim mismatch in {path}: it stores "
                     f"{schema.field('embedding').type}, the gallery's dim is {info.embed_dim}"
                 )
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"foreign Parquet file {path}: schema ({_short(schema)}) is not the "
                 f"gallery's ({_short(expected)})"
             )
         return f
 
     def read_part(
-        self, name: str, info: GalleryInfo | None = None, columns: Sequence[str] | None = None
+        self, name: str, info: CollectionInfo | None = None, columns: Sequence[str] | None = None
     ) -> pa.Table:
         """Read (``columns`` of) one part file, validated against the gallery's schema."""
         info = info or self.require()
@@ -336,12 +338,12 @@ class Gallery:
             have = [c for c in want if c in LEGACY_COLUMNS] or ["item_id"]
             return _adapt(f.read(columns=sorted(set(have) | {"item_id"})), want)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise GalleryError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
+            raise CollectionStoreError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
         finally:
             f.close()
 
-    def read_rows(self, name: str, info: GalleryInfo | None = None) -> GalleryRows:
-        return GalleryRows.from_table(self.read_part(name, info))
+    def read_rows(self, name: str, info: CollectionInfo | None = None) -> CollectionRows:
+        return CollectionRows.from_table(self.read_part(name, info))
 
     def iter_batches(
         self,
@@ -365,27 +367,29 @@ class Gallery:
                 for batch in f.iter_batches(batch_size=batch_rows, columns=have):
                     yield name, _adapt(batch, columns)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise GalleryError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
+                raise CollectionStoreError(
+                    f"corrupt Parquet file {self._path(name)}: {exc}"
+                ) from exc
             finally:
                 f.close()
 
-    def iter_parts(self) -> Iterator[tuple[str, GalleryRows]]:
+    def iter_parts(self) -> Iterator[tuple[str, CollectionRows]]:
         for name in self.part_names():
             yield name, self.read_rows(name)
 
-    def read_all(self) -> GalleryRows:
+    def read_all(self) -> CollectionRows:
         """All rows, ordered by item id (for evaluation on small galleries)."""
         parts = [rows for _, rows in self.iter_parts()]
         if not parts:
-            raise GalleryError("the gallery has no parts")
-        rows = GalleryRows.concat(parts)
+            raise CollectionStoreError("the gallery has no parts")
+        rows = CollectionRows.concat(parts)
         return rows.take(np.argsort(rows.item_id, kind="stable"))
 
     # -- checking --------------------------------------------------------------------
-    def verify(self, check_hash: bool = True) -> list[GalleryPart]:
+    def verify(self, check_hash: bool = True) -> list[CollectionPart]:
         """Check every committed part and the directory; returns the manifest checked.
 
-        Raises :class:`GalleryError` naming the file: a missing part, a corrupt or
+        Raises :class:`CollectionStoreError` naming the file: a missing part, a corrupt or
         foreign Parquet file, a row count or sha256 that differs from the manifest, or a
         Parquet file in the gallery directory that is not one of the gallery's parts.
         Reads each file once (streaming); changes nothing.
@@ -401,18 +405,19 @@ class Gallery:
             if self._pending(path.name).exists():
                 continue  # a write in progress, or one a kill cut short: reconcile()'s
             if parsed is None or parsed[0] not in slots:
-                raise GalleryError(
+                raise CollectionStoreError(
                     f"foreign file {path} in the gallery directory: it is not one of the "
                     "gallery's parts; move it out of the gallery directory"
                 )
         return manifest
 
     def check_part(
-        self, part: GalleryPart, info: GalleryInfo | None = None, check_hash: bool = True
+        self, part: CollectionPart, info: CollectionInfo | None = None, check_hash: bool = True
     ) -> None:
         """Check one committed part against its manifest row: present (else
-        :class:`PartGone`), a Parquet file of the gallery's schema, its row count and (with
-        ``check_hash``) its sha256. Raises :class:`GalleryError` naming the file and the fix.
+        :class:`PartGone`), a Parquet file of the collection's schema, its row count and
+        (with ``check_hash``) its sha256. Raises :class:`CollectionStoreError` naming the
+        file and the fix.
         """
         info = info or self.require()
         path = self._path(part.name)
@@ -422,7 +427,7 @@ class Gallery:
         rows = f.metadata.num_rows
         f.close()
         if rows != part.rows:
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"gallery part {path} has {rows} rows, the manifest records {part.rows}"
             )
         try:
@@ -430,7 +435,7 @@ class Gallery:
         except FileNotFoundError as exc:  # superseded and deleted between the checks
             raise PartGone(f"gallery part {path} is missing (superseded)") from exc
         if digest != part.sha256:
-            raise GalleryError(
+            raise CollectionStoreError(
                 f"gallery part {path} was modified outside graceful: its sha256 differs from "
                 "the manifest's; nothing was read from it. Restore the file from a backup of "
                 "GRACEFUL_HOME, or index the collection afresh in a new GRACEFUL_HOME"
@@ -471,7 +476,7 @@ class Gallery:
         return removed
 
     # -- writing ---------------------------------------------------------------------
-    def _stage(self, name: str, rows: GalleryRows, dim: int) -> _Staged:
+    def _stage(self, name: str, rows: CollectionRows, dim: int) -> _Staged:
         """Write ``rows`` under a temporary name, fsync, and rename it to ``name``.
 
         ``name`` is a new version no manifest references yet, so nothing reads it
@@ -521,11 +526,11 @@ class Gallery:
     @staticmethod
     def _record(session: Session, st: _Staged, replaces: str | None) -> None:
         # plain statements, not the ORM's load-modify-flush: this runs once a part
-        table = GalleryPart.__table__
+        table = CollectionPart.__table__
         if replaces is not None:
             gone = session.execute(delete(table).where(table.c.name == replaces))
             if gone.rowcount != 1:
-                raise GalleryError(
+                raise CollectionStoreError(
                     f"gallery part {replaces} is no longer in the manifest (another writer "
                     "changed the gallery); nothing was committed"
                 )
@@ -538,7 +543,7 @@ class Gallery:
     def rewrite_part(
         self,
         name: str,
-        rows: GalleryRows,
+        rows: CollectionRows,
         also: Callable[[Session], None] | None = None,
     ) -> str:
         """Replace committed part ``name`` by ``rows`` (same item ids): a new version
@@ -549,7 +554,7 @@ class Gallery:
         info = self.require()
         slot, version = parse_part_name(name) or (None, None)
         if slot is None:
-            raise GalleryError(f"{name!r} is not a gallery part name")
+            raise CollectionStoreError(f"{name!r} is not a gallery part name")
         before = next((int(p.rows) for p in self.manifest() if p.name == name), None)
         staged = self._stage(part_name(slot, version + 1), rows, info.embed_dim)
         try:
@@ -594,17 +599,17 @@ class Gallery:
         with self.writing():
             info = self.info()
             with Session(self.lineage.engine) as s, s.begin():
-                s.execute(delete(GalleryPart))
-                s.execute(delete(GalleryInfo))
+                s.execute(delete(CollectionPart))
+                s.execute(delete(CollectionInfo))
             for path in self.root.iterdir():
                 if path.is_file():
                     path.unlink(missing_ok=True)
             return info.items if info is not None else 0
 
-    def create(self, dataset: str, rows: GalleryRows, part_rows: int = 4096) -> None:
+    def create(self, dataset: str, rows: CollectionRows, part_rows: int = 4096) -> None:
         """Build a new gallery from ``rows`` (the first full indexing), all or nothing."""
         if len(np.unique(rows.item_id)) != len(rows):
-            raise GalleryError("duplicate item ids in the new gallery")
+            raise CollectionStoreError("duplicate item ids in the new gallery")
         order = np.argsort(rows.item_id, kind="stable")
         dim = int(np.asarray(rows.embedding).shape[1])
         self.create_from_batches(
@@ -615,7 +620,7 @@ class Gallery:
         )
 
     def create_from_batches(
-        self, dataset: str, dim: int, batches: Iterable[GalleryRows], part_rows: int = 4096
+        self, dataset: str, dim: int, batches: Iterable[CollectionRows], part_rows: int = 4096
     ) -> int:
         """Build a new gallery from batches in strictly increasing item-id order, holding
         one part in memory at a time; all parts commit in one transaction. Returns items.
@@ -624,15 +629,15 @@ class Gallery:
             return self._create_from_batches(dataset, dim, batches, part_rows)
 
     def _create_from_batches(
-        self, dataset: str, dim: int, batches: Iterable[GalleryRows], part_rows: int
+        self, dataset: str, dim: int, batches: Iterable[CollectionRows], part_rows: int
     ) -> int:
         if self.exists():
-            raise GalleryError("the gallery already exists; backfill it instead")
+            raise CollectionStoreError("the gallery already exists; backfill it instead")
         if part_rows < 1:
-            raise GalleryError(f"part_rows must be >= 1, got {part_rows}")
+            raise CollectionStoreError(f"part_rows must be >= 1, got {part_rows}")
         self._clear_leftovers()
         staged: list[_Staged] = []
-        pending: list[GalleryRows] = []
+        pending: list[CollectionRows] = []
         n_pending = 0
         last = None
         total = 0
@@ -641,7 +646,7 @@ class Gallery:
             nonlocal pending, n_pending
             if n_pending < part_rows and not (final and n_pending):
                 return
-            rows = GalleryRows.concat(pending)
+            rows = CollectionRows.concat(pending)
             start = 0
             while len(rows) - start >= part_rows or (final and start < len(rows)):
                 stop = min(start + part_rows, len(rows))
@@ -657,7 +662,9 @@ class Gallery:
                     continue
                 ids = np.asarray(batch.item_id)
                 if np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last):
-                    raise GalleryError("gallery items must come in strictly increasing id order")
+                    raise CollectionStoreError(
+                        "gallery items must come in strictly increasing id order"
+                    )
                 last = int(ids[-1])
                 batch.to_table(dim)  # validates dim and values before anything is kept
                 pending.append(batch)
@@ -666,10 +673,10 @@ class Gallery:
                 flush(final=False)
             flush(final=True)
             if not staged:
-                raise GalleryError("no items: the new gallery would be empty")
+                raise CollectionStoreError("no items: the new gallery would be empty")
             with self.lineage.session() as s:
                 s.add(
-                    GalleryInfo(
+                    CollectionInfo(
                         dataset=dataset,
                         embed_dim=dim,
                         items=total,
@@ -709,7 +716,7 @@ class Gallery:
     def append(
         self,
         dataset: str,
-        rows: GalleryRows,
+        rows: CollectionRows,
         also: Callable[[Session], None] | None = None,
     ) -> str:
         """Add ``rows`` (new items, ids from :meth:`next_item_id` up) as a new part.
@@ -719,20 +726,22 @@ class Gallery:
         killed between two appends resumes with every committed item present once.
         """
         if len(rows) == 0:
-            raise GalleryError("no items to append")
+            raise CollectionStoreError("no items to append")
         ids = np.asarray(rows.item_id, dtype=np.int64)
         if np.any(np.diff(ids) <= 0):
-            raise GalleryError("appended items must come in strictly increasing id order")
+            raise CollectionStoreError("appended items must come in strictly increasing id order")
         with self.writing():
             info = self.info()
             dim = int(np.asarray(rows.embedding).shape[1])
             if info is not None and dim != int(info.embed_dim):
-                raise GalleryError(
+                raise CollectionStoreError(
                     f"embedding dim mismatch: the collection stores dim {info.embed_dim}, got {dim}"
                 )
             start = self.next_item_id()
             if ids[0] < start:
-                raise GalleryError(f"item id {int(ids[0])} was assigned before (next: {start})")
+                raise CollectionStoreError(
+                    f"item id {int(ids[0])} was assigned before (next: {start})"
+                )
             if info is None:
                 self._clear_leftovers()
             slots = [slot_of(p.name) for p in self.manifest()]
@@ -741,7 +750,7 @@ class Gallery:
                 with self.lineage.session() as s:
                     if info is None:
                         s.add(
-                            GalleryInfo(
+                            CollectionInfo(
                                 dataset=dataset,
                                 embed_dim=dim,
                                 items=0,
@@ -752,8 +761,8 @@ class Gallery:
                         s.flush()
                     else:
                         s.execute(
-                            update(GalleryInfo.__table__)
-                            .where(GalleryInfo.__table__.c.id == 1)
+                            update(CollectionInfo.__table__)
+                            .where(CollectionInfo.__table__.c.id == 1)
                             .values(next_id=int(ids[-1]) + 1)
                         )
                     self._record(s, staged, replaces=None)
@@ -771,10 +780,10 @@ class Gallery:
         with self.writing():
             rows = next((int(p.rows) for p in self.manifest() if p.name == name), None)
             if rows is None:
-                raise GalleryError(f"gallery part {name} is not in the manifest")
+                raise CollectionStoreError(f"gallery part {name} is not in the manifest")
             self._mark(name)  # a kill after the commit leaves the file to reconcile()
             with self.lineage.session() as s:
-                table = GalleryPart.__table__
+                table = CollectionPart.__table__
                 s.execute(delete(table).where(table.c.name == name))
                 _add_items(s, -rows)
                 if also is not None:
@@ -786,8 +795,8 @@ class Gallery:
         """Record that the collection's items now come from ``dataset`` (same kind, moved)."""
         with self.lineage.session() as s:
             s.execute(
-                update(GalleryInfo.__table__)
-                .where(GalleryInfo.__table__.c.id == 1)
+                update(CollectionInfo.__table__)
+                .where(CollectionInfo.__table__.c.id == 1)
                 .values(dataset=dataset)
             )
 
@@ -802,7 +811,7 @@ class Gallery:
 
 
 def _add_items(session: Session, delta: int) -> None:
-    table = GalleryInfo.__table__
+    table = CollectionInfo.__table__
     session.execute(update(table).where(table.c.id == 1).values(items=table.c["items"] + delta))
 
 

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from store.gallery import (
-    Gallery,
-    GalleryError,
-    GalleryRows,
+from store.collection import (
+    Collection,
+    CollectionRows,
+    CollectionStoreError,
     gallery_schema,
     parse_part_name,
     part_name,
@@ -24,12 +24,12 @@ from store.lineage import BackfillJob, Lineage
 DIM = 4
 
 
-def rows(ids, gen: int = 1, dim: int = DIM, seed: int = 0) -> GalleryRows:
+def rows(ids, gen: int = 1, dim: int = DIM, seed: int = 0) -> CollectionRows:
     ids = np.asarray(ids, dtype=np.int64)
     rng = np.random.default_rng(seed + gen)
     emb = rng.normal(size=(len(ids), dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return GalleryRows(
+    return CollectionRows(
         item_id=ids,
         label=ids % 3,
         generation=np.full(len(ids), gen, np.int32),
@@ -39,19 +39,19 @@ def rows(ids, gen: int = 1, dim: int = DIM, seed: int = 0) -> GalleryRows:
 
 
 @pytest.fixture
-def gallery(home: Path) -> Gallery:
-    g = Gallery(Lineage())
+def gallery(home: Path) -> Collection:
+    g = Collection(Lineage())
     g.create("digits", rows(np.arange(0, 20, 2)), part_rows=4)  # 10 items in 3 parts
     return g
 
 
-def snapshot(g: Gallery) -> tuple[dict[str, bytes], list[tuple]]:
+def snapshot(g: Collection) -> tuple[dict[str, bytes], list[tuple]]:
     files = {p.name: p.read_bytes() for p in sorted(g.root.iterdir())}
     manifest = [(p.name, p.rows, p.sha256, p.counts) for p in g.manifest()]
     return files, manifest
 
 
-def test_create_writes_sorted_parts_and_reads_back(gallery: Gallery) -> None:
+def test_create_writes_sorted_parts_and_reads_back(gallery: Collection) -> None:
     assert gallery.part_names() == [part_name(i) for i in range(3)]
     assert [p.rows for p in gallery.manifest()] == [4, 4, 2]
     back = gallery.read_all()
@@ -59,16 +59,16 @@ def test_create_writes_sorted_parts_and_reads_back(gallery: Gallery) -> None:
     np.testing.assert_array_equal(back.embedding, rows(np.arange(0, 20, 2)).embedding)
     assert gallery.counts() == {1: 10}
     assert gallery.verify() == gallery.manifest()
-    with pytest.raises(GalleryError, match="already exists"):
+    with pytest.raises(CollectionStoreError, match="already exists"):
         gallery.create("digits", rows([100]))
 
 
 def test_create_refuses_duplicate_or_unordered_items(home: Path) -> None:
-    g = Gallery(Lineage())
-    with pytest.raises(GalleryError, match="duplicate"):
+    g = Collection(Lineage())
+    with pytest.raises(CollectionStoreError, match="duplicate"):
         g.create("digits", rows([1, 2, 2]))
     batches = [rows([5, 6]), rows([3, 4])]
-    with pytest.raises(GalleryError, match="increasing"):
+    with pytest.raises(CollectionStoreError, match="increasing"):
         g.create_from_batches("digits", DIM, batches, part_rows=2)
     assert not g.exists() and list(g.root.glob("*.parquet")) == []  # all or nothing
 
@@ -81,7 +81,7 @@ def test_part_names_carry_slot_and_version() -> None:
     assert parse_part_name("notes.parquet") is None
 
 
-def test_rewrite_commits_a_new_version_with_the_callers_changes(gallery: Gallery) -> None:
+def test_rewrite_commits_a_new_version_with_the_callers_changes(gallery: Collection) -> None:
     lin = gallery.lineage
     job = lin.add_backfill_job(generation_id=1, policy="random", budget=1.0)
     old = gallery.part_names()[1]
@@ -104,7 +104,7 @@ def test_rewrite_commits_a_new_version_with_the_callers_changes(gallery: Gallery
     gallery.verify()
 
 
-def test_a_failed_commit_changes_nothing(gallery: Gallery) -> None:
+def test_a_failed_commit_changes_nothing(gallery: Collection) -> None:
     before = snapshot(gallery)
     job = gallery.lineage.add_backfill_job(generation_id=1, policy="random", budget=1.0)
 
@@ -120,7 +120,7 @@ def test_a_failed_commit_changes_nothing(gallery: Gallery) -> None:
     assert gallery.lineage.backfill_jobs()[0].items_done == 0
 
 
-def test_leftovers_of_a_kill_are_never_read_and_reconcile_removes_them(gallery: Gallery) -> None:
+def test_leftovers_of_a_kill_are_never_read_and_reconcile_removes_them(gallery: Collection) -> None:
     files, manifest = snapshot(gallery)
     # killed after writing the next version, before its commit ...
     uncommitted = gallery._stage("part-00001.v1.parquet", rows([8, 10, 12, 14], gen=2), DIM)
@@ -142,67 +142,71 @@ def test_leftovers_of_a_kill_are_never_read_and_reconcile_removes_them(gallery: 
     assert manifest[1:] == snapshot(gallery)[1][1:]
 
 
-def test_a_corrupt_part_is_named(gallery: Gallery) -> None:
+def test_a_corrupt_part_is_named(gallery: Collection) -> None:
     path = gallery.root / "part-00001.parquet"
     path.write_bytes(b"PAR1 this is not a parquet file PAR1")
-    with pytest.raises(GalleryError, match=r"corrupt Parquet file .*part-00001\.parquet"):
+    with pytest.raises(CollectionStoreError, match=r"corrupt Parquet file .*part-00001\.parquet"):
         gallery.verify()
-    with pytest.raises(GalleryError, match=r"corrupt Parquet file .*part-00001\.parquet"):
+    with pytest.raises(CollectionStoreError, match=r"corrupt Parquet file .*part-00001\.parquet"):
         gallery.read_all()
 
 
-def test_a_truncated_part_is_named(gallery: Gallery) -> None:
+def test_a_truncated_part_is_named(gallery: Collection) -> None:
     path = gallery.root / "part-00002.parquet"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(GalleryError, match=r"corrupt Parquet file .*part-00002\.parquet"):
+    with pytest.raises(CollectionStoreError, match=r"corrupt Parquet file .*part-00002\.parquet"):
         gallery.verify()
 
 
-def test_a_foreign_schema_part_is_named(gallery: Gallery) -> None:
+def test_a_foreign_schema_part_is_named(gallery: Collection) -> None:
     path = gallery.root / "part-00001.parquet"
     pq.write_table(pa.table({"id": [1, 2], "vector": [[0.1], [0.2]]}), path)
-    with pytest.raises(GalleryError, match=r"foreign Parquet file .*part-00001\.parquet"):
+    with pytest.raises(CollectionStoreError, match=r"foreign Parquet file .*part-00001\.parquet"):
         gallery.verify()
-    with pytest.raises(GalleryError, match="foreign Parquet file"):
+    with pytest.raises(CollectionStoreError, match="foreign Parquet file"):
         list(gallery.iter_batches(["item_id"]))
 
 
-def test_a_part_changed_behind_the_manifest_is_named(gallery: Gallery) -> None:
+def test_a_part_changed_behind_the_manifest_is_named(gallery: Collection) -> None:
     path = gallery.root / "part-00000.parquet"
     pq.write_table(rows([0, 2, 4, 6], gen=7).to_table(DIM), path)  # valid, but not ours
-    with pytest.raises(GalleryError, match=r"part-00000\.parquet was modified outside"):
+    with pytest.raises(CollectionStoreError, match=r"part-00000\.parquet was modified outside"):
         gallery.verify()
 
 
 @pytest.mark.parametrize("name", ["extra.parquet", "part-00099.parquet"])
-def test_a_foreign_file_in_the_directory_is_named(gallery: Gallery, name: str) -> None:
+def test_a_foreign_file_in_the_directory_is_named(gallery: Collection, name: str) -> None:
     pq.write_table(pa.table({"x": [1]}), gallery.root / name)
-    with pytest.raises(GalleryError, match="foreign file .*" + re.escape(name)):
+    with pytest.raises(CollectionStoreError, match="foreign file .*" + re.escape(name)):
         gallery.verify()
     assert gallery.reconcile() == []  # never deletes what is not the gallery's own
     assert (gallery.root / name).exists()
 
 
-def test_a_missing_part_is_named(gallery: Gallery) -> None:
+def test_a_missing_part_is_named(gallery: Collection) -> None:
     (gallery.root / "part-00002.parquet").unlink()
-    with pytest.raises(GalleryError, match=r"part-00002\.parquet is missing"):
+    with pytest.raises(CollectionStoreError, match=r"part-00002\.parquet is missing"):
         gallery.verify()
 
 
-def test_embedding_dimension_mismatch_is_refused(gallery: Gallery) -> None:
+def test_embedding_dimension_mismatch_is_refused(gallery: Collection) -> None:
     before = snapshot(gallery)
-    with pytest.raises(GalleryError, match="embedding dim mismatch: the gallery stores dim 4"):
+    with pytest.raises(
+        CollectionStoreError, match="embedding dim mismatch: the gallery stores dim 4"
+    ):
         gallery.rewrite_part("part-00000.parquet", rows([0, 2, 4, 6], gen=2, dim=6))
     assert snapshot(gallery) == before
     # a part file holding another dimension is named
     path = gallery.root / "part-00001.parquet"
     pq.write_table(rows([8, 10, 12, 14], dim=6).to_table(6), path)
-    with pytest.raises(GalleryError, match=r"embedding dim mismatch in .*part-00001\.parquet"):
+    with pytest.raises(
+        CollectionStoreError, match=r"embedding dim mismatch in .*part-00001\.parquet"
+    ):
         gallery.verify()
 
 
 def test_iter_batches_streams_only_the_requested_columns(home: Path) -> None:
-    g = Gallery(Lineage())
+    g = Collection(Lineage())
     g.create("digits", rows(np.arange(1000)), part_rows=300)
     seen = 0
     for _, batch in g.iter_batches(["item_id", "generation"], batch_rows=128):
@@ -212,20 +216,20 @@ def test_iter_batches_streams_only_the_requested_columns(home: Path) -> None:
     assert seen == 1000
 
 
-def test_foreign_schema_detection_is_strict_about_types(gallery: Gallery) -> None:
+def test_foreign_schema_detection_is_strict_about_types(gallery: Collection) -> None:
     table = rows([8, 10, 12, 14]).to_table(DIM)
     wrong = table.set_column(2, "generation", pa.array([1, 1, 1, 1], pa.int64()))
     pq.write_table(wrong, gallery.root / "part-00001.parquet")
     assert not wrong.schema.equals(gallery_schema(DIM))
-    with pytest.raises(GalleryError, match="foreign Parquet file"):
+    with pytest.raises(CollectionStoreError, match="foreign Parquet file"):
         gallery.read_part("part-00001.parquet")
 
 
-def test_one_writer_at_a_time(gallery: Gallery) -> None:
-    other = Gallery(gallery.lineage)  # another job on the same home
+def test_one_writer_at_a_time(gallery: Collection) -> None:
+    other = Collection(gallery.lineage)  # another job on the same home
     with gallery.writing():
         with gallery.writing():  # re-entrant for the holder
             assert gallery.reconcile() == []
-        with pytest.raises(GalleryError, match="another backfill is writing the gallery"):
+        with pytest.raises(CollectionStoreError, match="another backfill is writing the gallery"):
             other.reconcile()
     assert other.reconcile() == []  # released
