@@ -132,12 +132,12 @@ def curves(home: Path) -> dict[str, Any]:
     main: dict[str, Any] = {}
     for policy in POLICIES:
         order, _ = policy_order(gallery, target, policy, seed=0, num_classes=k_classes)
-        curve = backfill_curve(rows, outs[target].gallery_emb, order, outs[target].query_emb, qy)
+        curve = backfill_curve(rows, outs[target].reference_emb, order, outs[target].query_emb, qy)
         main[policy] = _summary(curve)
         print(f"  {policy:15s} area {main[policy]['area']:.4f}", flush=True)
 
     # robustness: other starting galleries, several seeds (in-memory orders, same code)
-    gidx = outs[target].gallery_idx
+    gidx = outs[target].reference_idx
     rng = np.random.default_rng(0)
     ids = sorted(gens)
     scenarios = {
@@ -153,7 +153,7 @@ def curves(home: Path) -> dict[str, Any]:
         emb = np.stack([outs[g].outputs.embedding[i] for g, i in pairs])
         margin = np.array([outs[g].outputs.margin[i] for g, i in pairs])
         q = outs[tgt].query_emb
-        new = outs[tgt].gallery_emb
+        new = outs[tgt].reference_emb
         from store.collection import CollectionRows
 
         state = CollectionRows(rows.item_id, rows.label, gen_of.astype(np.int32), margin, emb)

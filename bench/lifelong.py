@@ -289,8 +289,8 @@ def ac_partitions(lin: Lineage, heldout: tuple[int, ...]) -> dict[str, float | N
         for b in out:
             if a <= b:
                 continue
-            own = retrieval_hits(out[b].query_emb, qy, out[b].gallery_emb, gy)
-            cross = retrieval_hits(out[a].query_emb, qy, out[b].gallery_emb, gy)
+            own = retrieval_hits(out[b].query_emb, qy, out[b].reference_emb, gy)
+            cross = retrieval_hits(out[a].query_emb, qy, out[b].reference_emb, gy)
             parts = {
                 "ac_seen": classes[a] & classes[b],
                 "ac_novel": classes[a] - classes[b],

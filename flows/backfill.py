@@ -48,7 +48,7 @@ def backfill_once(
         measure = {
             "query_emb": out.query_emb,
             "query_labels": ds.y_test[out.query_idx],
-            "champion_gallery_emb": out.gallery_emb if cfg.curve else None,
+            "champion_reference_emb": out.reference_emb if cfg.curve else None,
         }
     complete = chain.owed_backfill(lineage)
     job = run_backfill(

@@ -524,11 +524,11 @@ def index_gallery(
     gallery = Collection(lineage)
     out = generation_outputs(champion, ds, subdir("cache"))
     rows = CollectionRows(
-        item_id=out.gallery_idx.astype(np.int64),
-        label=ds.y_test[out.gallery_idx],
-        generation=np.full(len(out.gallery_idx), champion.id, np.int32),
-        margin=out.outputs.margin[out.gallery_idx],
-        embedding=out.gallery_emb,
+        item_id=out.reference_idx.astype(np.int64),
+        label=ds.y_test[out.reference_idx],
+        generation=np.full(len(out.reference_idx), champion.id, np.int32),
+        margin=out.outputs.margin[out.reference_idx],
+        embedding=out.reference_emb,
     )
     gallery.create(ds.spec, rows, part_rows=part_rows)
     value = m_mix(out.query_emb, ds.y_test[out.query_idx], gallery.read_all())

@@ -102,16 +102,16 @@ def served_view(
     for gen in sorted(set(held.tolist())):
         src = by_id.get(gen)
         if src is not None and src.checkpoint_path:
-            ref_by_gen[gen] = generation_outputs(src, ds, cache_dir).gallery_emb
+            ref_by_gen[gen] = generation_outputs(src, ds, cache_dir).reference_emb
         else:  # a holder without a checkpoint cannot be simulated: the champion stands in
             held[held == gen] = int(champion.id)  # type: ignore[arg-type]
-            ref_by_gen.setdefault(int(champion.id), now.gallery_emb)  # type: ignore[arg-type]
+            ref_by_gen.setdefault(int(champion.id), now.reference_emb)  # type: ignore[arg-type]
     view = ServedView(
         query_y=ds.y_test[q_idx],
         ref_y=ds.y_test[ref_idx],
         champion_q=now.query_emb,
         candidate_q=new.query_emb,
-        candidate_ref=new.gallery_emb,
+        candidate_ref=new.reference_emb,
         held_by=held,
         ref_by_gen=ref_by_gen,
     )

@@ -620,7 +620,7 @@ def run_backfill(
     seed: int = 0,
     query_emb: np.ndarray | None = None,
     query_labels: np.ndarray | None = None,
-    champion_gallery_emb: np.ndarray | None = None,
+    champion_reference_emb: np.ndarray | None = None,
     progress: Progress | None = None,
     crash_after_parts: int | None = None,
     *,
@@ -643,7 +643,7 @@ def run_backfill(
     The embedding actor reads the items' inputs from the gallery's recorded data-set
     spec (``source``: see :func:`open_source`); ``ds``, when given, must be that data
     set. ``query_emb`` / ``query_labels`` give M_mix before and after; with
-    ``champion_gallery_emb`` (aligned with the gallery's item ids) the curve is measured.
+    ``champion_reference_emb`` (aligned with the gallery's item ids) the curve is measured.
     ``crash_after_parts`` simulates a kill (tests): stop after committing that many
     parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
     """
@@ -685,10 +685,10 @@ def run_backfill(
             forced += int(np.isin(order, owed_items).sum())
         selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
-        if measure and champion_gallery_emb is not None:
+        if measure and champion_reference_emb is not None:
             rows = gallery.read_all()
             before = m_mix(query_emb, query_labels, rows)
-            curve = backfill_curve(rows, champion_gallery_emb, order, query_emb, query_labels)
+            curve = backfill_curve(rows, champion_reference_emb, order, query_emb, query_labels)
             del rows
         elif measure:
             before = m_mix_stream(gallery, query_emb, query_labels)

@@ -25,10 +25,10 @@ from workers.measuring.metric_names import Metric
 
 @dataclass
 class EvalOutputs:
-    """A generation's outputs on the evaluation split, with the gallery/query split."""
+    """A generation's outputs on the evaluation split: its query half and its reference half."""
 
     outputs: Outputs
-    gallery_idx: np.ndarray
+    reference_idx: np.ndarray  # the evaluation reference half (what queries search)
     query_idx: np.ndarray
 
     @property
@@ -36,8 +36,8 @@ class EvalOutputs:
         return self.outputs.prediction
 
     @property
-    def gallery_emb(self) -> np.ndarray:
-        return self.outputs.embedding[self.gallery_idx]
+    def reference_emb(self) -> np.ndarray:
+        return self.outputs.embedding[self.reference_idx]
 
     @property
     def query_emb(self) -> np.ndarray:
@@ -120,10 +120,10 @@ def evaluate_against_ancestors(
     g = int(gen.id)  # type: ignore[arg-type]
     accuracy = M.accuracy(new.prediction, y)
     rows: list[tuple[int, int, str, float | None]] = [(g, g, Metric.ACCURACY, accuracy)]
-    g_idx, q_idx = new.gallery_idx, new.query_idx
+    g_idx, q_idx = new.reference_idx, new.query_idx
     qy, gy = y[q_idx], y[g_idx]
 
-    own = M.compat_matrix({g: new.query_emb}, {g: new.gallery_emb}, qy, gy)[(g, g)]
+    own = M.compat_matrix({g: new.query_emb}, {g: new.reference_emb}, qy, gy)[(g, g)]
     rows += [(g, g, Metric.COMPAT_TOP1, own["top1"]), (g, g, Metric.COMPAT_MAP100, own["map100"])]
 
     olds_active = []
@@ -135,7 +135,9 @@ def evaluate_against_ancestors(
         rows += [(g, k, name, value) for name, value in flips.items()]
         if k in active:
             olds_active.append(old.prediction)
-        cross = M.compat_matrix({g: new.query_emb, k: old.query_emb}, {k: old.gallery_emb}, qy, gy)
+        cross = M.compat_matrix(
+            {g: new.query_emb, k: old.query_emb}, {k: old.reference_emb}, qy, gy
+        )
         c_gk = cross[(g, k)]
         c_kk = cross[(k, k)]["top1"]
         rows += [
@@ -168,9 +170,9 @@ def gate_evidence(
     on the queries of those classes (``seen``) and of the others (``unseen``, over
     ``unseen_queries``): where compatibility is lost.
     """
-    qy, gy = y[new.query_idx], y[new.gallery_idx]
-    new_hits = M.retrieval_hits(new.query_emb, qy, old.gallery_emb, gy)
-    old_hits = M.retrieval_hits(old.query_emb, qy, old.gallery_emb, gy)
+    qy, gy = y[new.query_idx], y[new.reference_idx]
+    new_hits = M.retrieval_hits(new.query_emb, qy, old.reference_emb, gy)
+    old_hits = M.retrieval_hits(old.query_emb, qy, old.reference_emb, gy)
     queries = S.paired_counts(new_hits, old_hits)
     items = S.paired_counts(new.prediction == y, old.prediction == y)
     groups = None
