@@ -160,6 +160,7 @@ def _check_inputs(dataset: str | None, training: bool = False, existing: bool = 
     GRACEFUL_HOME, or one without a lineage, is bad input, and nothing is created)."""
     from store.settings import StoreError, graceful_home, require_lineage
     from workers.data.datasets import DatasetError, parse_spec
+    from workers.data.sources import SourceUnreachable, check_readable
     from workers.runtime import train_resources
 
     try:
@@ -168,10 +169,12 @@ def _check_inputs(dataset: str | None, training: bool = False, existing: bool = 
             require_lineage()
         if dataset is not None:
             parse_spec(dataset)
+            if training:  # a missing folder or a file that is no Parquet: before Prefect
+                check_readable(dataset)
         if training:
             train_resources()  # GRACEFUL_TRAIN_RESOURCES, when set, is a JSON object
     except (StoreError, DatasetError, ValueError) as exc:
-        _fail(exc)
+        _fail(exc, code=1 if isinstance(exc, SourceUnreachable) else 2)
 
 
 def _exit_code(exc: BaseException) -> int:

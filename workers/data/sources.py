@@ -591,6 +591,20 @@ def _local(spec: str) -> tuple[str, str]:
     return kind, raw if "://" in raw else path
 
 
+def check_readable(spec: str) -> None:
+    """Cheap checks of a spec before anything starts (no Prefect, no Ray): an image folder
+    exists; a Parquet path exists and its footers read as Parquet. A SourceError (bad
+    input) or SourceUnreachable names the problem."""
+    if not is_source(spec):
+        return
+    kind, path = _local(spec)
+    if kind == "imagefolder":
+        if not Path(path).is_dir():
+            raise SourceError(f"image folder {path} does not exist; pass imagefolder:DIR")
+        return
+    _parquet_dataset(path).schema  # noqa: B018 - reading the schema reads every footer
+
+
 def scan_source(spec: str, previous: pa.Table | None = None) -> Scan:
     """List the source's training items (keys, classes, content) without decoding them.
 
