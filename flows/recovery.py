@@ -35,6 +35,7 @@ from workers.data.datasets import DatasetError
 from workers.data.scenario import Stage, stage_plan
 from workers.data.sources import load_eval
 from workers.learning.spec import SourceItems
+from workers.learning.train import abandoned_marker
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
 
@@ -110,6 +111,9 @@ def abandon_generation(lineage: Lineage, gen_id: int, reason: str) -> list[str]:
         lineage.update_generation(
             gen_id, status=GenerationStatus.FAILED, error=f"abandoned: {reason}"[:2000]
         )
+        # first the marker: a training of it still running (a killed cycle's orphaned
+        # worker) stops at its next epoch and removes the resume file it writes
+        abandoned_marker(subdir("checkpoints"), gen_id).touch()
         removed = []
         for path in (resume_file(gen_id), subdir("checkpoints") / f"gen-{gen_id}.teachers.f32"):
             if path.exists():

@@ -27,6 +27,7 @@ from workers.learning.spec import ConstraintSpec, TrainSpec
 from workers.learning.train import (
     TrainingDiverged,
     TrainingInterrupted,
+    abandoned_marker,
     teacher_head,
     train_generation,
 )
@@ -86,6 +87,19 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None
     w1, w3 = state_of(r1), state_of(r3)
     assert not torch.equal(w1["project.weight"], w3["project.weight"])
     assert len(r1["history"]) == 4 and r1["history"][-1]["ce"] < r1["history"][0]["ce"]
+
+
+def test_an_abandoned_generation_still_training_stops_and_leaves_no_resume_file(
+    tmp_path: Path,
+) -> None:
+    """A killed cycle's orphaned worker may still train a generation that `graceful
+    abandon` closed: at its next epoch it sees the marker, removes the resume file it
+    just wrote and stops (CI once found the file back after abandon had removed it)."""
+    abandoned_marker(tmp_path, 1).touch()
+    with pytest.raises(TrainingInterrupted, match="generation 1 was abandoned"):
+        train_generation(spec(tmp_path, epochs=5))
+    assert not (tmp_path / "gen-1.resume.pt").exists()
+    assert not (tmp_path / "gen-1.pt").exists()
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> None:

@@ -376,6 +376,13 @@ def _resume_path(spec: TrainSpec) -> Path:
     return Path(spec.checkpoint_dir) / f"gen-{spec.generation}.resume.pt"
 
 
+def abandoned_marker(checkpoint_dir: str | Path, generation: int) -> Path:
+    """The file ``graceful abandon`` leaves for generation ``generation``: a training of it
+    still running (a killed cycle's orphaned Ray worker) stops at its next epoch and takes
+    back the resume file it wrote, so an abandoned generation leaves none behind."""
+    return Path(checkpoint_dir) / f"gen-{generation}.abandoned"
+
+
 def _scratch(spec: TrainSpec, name: str, replica: Replica = Replica()) -> Path:
     """A file the training keeps until it ends; one per rank of a data-parallel training
     (the ranks of one node, or of a shared GRACEFUL_HOME, must not write each other's)."""
@@ -563,6 +570,11 @@ def train_replica(spec: TrainSpec, replica: Replica = Replica()) -> dict[str, An
         epoch_seconds.append(time.perf_counter() - t_epoch)
         if lead:
             _write_resume(resume, model, opt, sched, history, epoch, fingerprint, scaler)
+            # checked after the write: whichever of abandon's delete and this write comes
+            # last, no resume file of an abandoned generation survives
+            if abandoned_marker(spec.checkpoint_dir, spec.generation).exists():
+                resume.unlink(missing_ok=True)
+                raise TrainingInterrupted(f"generation {spec.generation} was abandoned")
         if parallel:  # no rank stops (or is stopped) before rank 0's resume file is whole
             torch.distributed.barrier()
         done = epoch - first_epoch + 1
