@@ -95,10 +95,11 @@ def digits():
 
 
 def _spec(ds, tmp: Path, **kw) -> TrainSpec:
+    """Digits' MLP training; ``ds`` None: the items come as ``source=`` in ``kw``."""
     base = dict(
         generation=1,
-        x=ds.x_train,
-        y=ds.y_train,
+        x=ds.x_train if ds is not None else None,
+        y=ds.y_train if ds is not None else None,
         num_classes=10,
         classes=list(range(10)),
         architecture=dict(MLP),
@@ -224,22 +225,7 @@ def test_two_workers_stream_a_source_as_one_does(tmp_path: Path) -> None:
     acc = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        spec = TrainSpec(
-            generation=1,
-            x=None,
-            y=None,
-            source=items,
-            num_classes=10,
-            classes=list(range(10)),
-            architecture=dict(MLP),
-            embed_dim=16,
-            epochs=6,
-            batch_size=64,
-            lr=5e-3,
-            checkpoint_dir=str(out),
-            threads=1,
-            workers=workers,
-        )
+        spec = _spec(None, out, source=items, workers=workers)
         result = _train(spec)
         assert result["items"] == scan.items and result["workers"] == workers
         from workers.learning.embed import forward
