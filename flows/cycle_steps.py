@@ -16,14 +16,7 @@ import pyarrow.parquet as pq
 from flows import chain, targeted
 from flows.backfill import backfill_once
 from flows.config import CycleConfig
-from flows.data import (
-    last_snapshot,
-    lineage_image_size,
-    resolve_dataset,
-    resolve_spec,
-    scenario_gallery,
-    source_mode,
-)
+from flows.data import evaluation_set, last_snapshot, lineage_image_size, lineage_source
 from flows.gate import (
     FirstEvidence,
     GateOutcome,
@@ -46,9 +39,10 @@ from store.snapshots import (
 )
 from workers.collection.backfill import close_interrupted_jobs
 from workers.data.datasets import Dataset
-from workers.data.scenario import Stage, default_architecture, stage_indices, stage_plan
-from workers.data.snapshot import Snapshot, scenario_snapshot, source_snapshot
-from workers.data.sources import SourceError, describe_change, load_eval, scan_source
+from workers.data.scenario import Stage
+from workers.data.snapshot import Snapshot, take_snapshot
+from workers.data.source import Position, open_source
+from workers.data.sources import SourceError, describe_change
 from workers.learning.models import EmbeddingNet
 from workers.learning.spec import ConstraintSpec, SourceItems
 from workers.learning.train import train_generation
@@ -61,10 +55,10 @@ from workers.runtime import run_placed, task_resources, train_resources
 class CycleState:
     """What one cycle carries from step to step."""
 
-    dataset: Dataset  # the scenario's data set, or a source's evaluation set
+    dataset: Dataset  # the evaluation set
     stage: Stage
     generation: Generation
-    train_idx: np.ndarray | None  # the scenario's training rows; None for a source
+    source: SourceItems  # the snapshot, as the trainer streams it
     active: list[int]
     config: CycleConfig  # the one its generation trains under (a resumed one: its own)
     champion: int | None  # the champion when the cycle began: the gate compares against it
@@ -73,8 +67,7 @@ class CycleState:
     promoted: bool = False
     reasons: list[str] = field(default_factory=list)
     resumed: str | None = None  # how an interrupted cycle was picked up, if it was
-    source: SourceItems | None = None  # a source's snapshot, streamed by the trainer
-    capacity: int | None = None  # head rows (a source's lineage reserves them up front)
+    capacity: int | None = None  # head rows (the lineage reserves them up front)
 
     @property
     def train_items(self) -> int:
@@ -89,36 +82,22 @@ def verify_inputs(lineage: Lineage, generations: list[int]) -> None:
         verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
 
 
-DEFAULT_STAGES = 3  # the scenario's stage count when neither the config nor the lineage says
-
-
 @dataclass
 class CyclePlan:
     """Step 1: the next cycle's training data, before anything is recorded."""
 
-    dataset: Dataset
+    dataset: Dataset  # the evaluation set
     stage: Stage
-    train_idx: np.ndarray | None
     snapshot: Snapshot
-    source: SourceItems | None = None
-    capacity: int | None = None
+    source: SourceItems
+    capacity: int
     eval_changed: bool = False  # the evaluation set changed and is to be re-evaluated on
 
 
-def source_architecture(input_shape: tuple[int, ...]) -> dict:
-    """A source's model: the scenario's last-stage one for its inputs (a residual CNN for
-    images, the MLP for feature vectors; workers.data.scenario.default_architecture)."""
-    return default_architecture(tuple(input_shape), grow=1.0)
-
-
 def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
-    """The next snapshot (a source's, or the scenario's next stage); refuses an
-    evaluation set that changed under the lineage."""
-    spec = resolve_spec(lineage, cfg.dataset)
-    if source_mode(lineage, spec, cfg.stages):
-        plan = plan_source(lineage, cfg, spec)
-    else:
-        plan = plan_scenario(lineage, cfg, spec)
+    """The next snapshot of the lineage's source (workers.data.source); new classes get
+    the next free head rows. Refuses an evaluation set that changed under the lineage."""
+    plan = plan_snapshot(lineage, cfg)
     if cfg.reevaluate:
         plan.eval_changed = eval_set_changed(lineage, plan.snapshot)
     else:
@@ -170,7 +149,8 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
     gallery = Collection(lineage)
     champion = lineage.champion()
-    if scenario_gallery(lineage) is not None:  # a user's collection does not change
+    info = gallery.info()
+    if info is not None and info.scenario:  # a user's collection does not change
         close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
         gallery.drop()
         if champion is not None:
@@ -184,67 +164,62 @@ def lineage_kind(existing: list[Generation]) -> str | None:
     return kinds[-1] if kinds else None
 
 
-def plan_scenario(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
-    """The scenario's next stage over a data set loaded whole."""
-    ds = resolve_dataset(lineage, spec, cfg.stages or DEFAULT_STAGES, cfg.train.image_size)
-    snapshots = lineage.snapshots()
-    known = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
-    stages = cfg.stages or (known[-1] if known else DEFAULT_STAGES)
+def previous_items(lineage: Lineage) -> pa.Table | None:
+    """The last snapshot's items, whose files' sizes and times spare re-hashing them."""
+    last = last_snapshot(lineage)
+    path = last.keys_path if last is not None else None
+    if not path or not Path(path).exists():
+        return None
+    wanted = ["key", "size", "mtime_ns", "sha256"]
+    return (
+        pq.read_table(path, columns=wanted)
+        if set(wanted) <= set(pq.read_schema(path).names)
+        else None
+    )
+
+
+def plan_snapshot(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
+    """The source's training items now, recorded nowhere yet."""
+    source = lineage_source(lineage, cfg.dataset, cfg.stages)
+    t = cfg.train
+    size = lineage_image_size(lineage, t.image_size)
+    ev = evaluation_set(lineage, source, size)
+    last = last_snapshot(lineage)
     existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
-    index = cfg.stage if cfg.stage is not None else len(existing)
-    # a lineage keeps its backbone kind (a warm start cannot cross kinds): one begun with
-    # the MLP on images, before the residual CNN was the default, goes on with the MLP
-    shape = ds.input_shape if lineage_kind(existing) in (None, "resnet") else None
-    stage = stage_plan(ds.num_classes, stages, min(index, stages - 1), shape)
-    train_idx = stage_indices(ds.y_train, stage, seed=0)
-    return CyclePlan(ds, stage, train_idx, scenario_snapshot(ds, stage, stages, train_idx))
-
-
-def class_capacity(lineage: Lineage, cfg: CycleConfig, n_classes: int) -> int:
-    """Head rows of a source's lineage: fixed by its first snapshot, room to grow."""
-    last = last_snapshot(lineage)
-    if last is not None and last.capacity:
-        return int(last.capacity)
-    return cfg.train.class_capacity or max(cfg.train.embed_dim, 2 * n_classes)
-
-
-def plan_source(lineage: Lineage, cfg: CycleConfig, spec: str) -> CyclePlan:
-    """A snapshot of the source as it is now; new classes get the next free head rows."""
-    last = last_snapshot(lineage)
-    previous = None
-    known_files = last.keys_path if last is not None and spec.startswith("imagefolder") else None
-    if known_files and Path(known_files).exists():  # spares re-hashing unchanged files
-        previous = pq.read_table(known_files, columns=["key", "size", "mtime_ns", "sha256"])
-    scan = scan_source(spec, previous)
-    if scan.skipped and cfg.strict:
-        first = scan.skipped[0]
+    recorded = [r.stages for _, r in sorted(lineage.snapshots().items()) if r.stages]
+    at = Position(
+        index=cfg.stage if cfg.stage is not None else len(existing),
+        stages=cfg.stages or (recorded[-1] if recorded else None),
+        backbone=lineage_kind(existing),
+        previous=previous_items(lineage),
+        image_size=size,
+    )
+    draw = source.draw(at, ev.input_format.shape)
+    if draw.scan.skipped and cfg.strict:
+        first = draw.scan.skipped[0]
         raise SourceError(
-            f"{len(scan.skipped)} unreadable item(s) in {spec} (first: {first['key']}: "
-            f"{first['reason']}); fix or remove them, or run without --strict to skip them"
+            f"{len(draw.scan.skipped)} unreadable item(s) in {source.spec} (first: "
+            f"{first['key']}: {first['reason']}); fix or remove them, or run without --strict "
+            "to skip them"
         )
-    ev = load_eval(spec, lineage_image_size(lineage, cfg.train.image_size))
-    counts = scan.class_counts()
-    names = sorted(set(counts) | set(ev.labels))
-    capacity = class_capacity(lineage, cfg, len(names))
-    known = lineage.vocabulary()
-    vocab = lineage.extend_vocabulary(
-        sorted(set(names) - set(known)), capacity
-    )  # earlier classes keep their rows
-    existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
-    trained = tuple(sorted(vocab[n] for n in counts))
-    architecture = source_architecture(ev.input_format.shape)
-    if lineage_kind(existing) not in (None, architecture["kind"]):
-        architecture = dict(existing[-1].architecture)  # the lineage keeps its backbone
-    stage = Stage(len(existing), trained, 1.0, architecture)
-    snap = source_snapshot(scan, ev, vocab)
+    counts = draw.scan.class_counts()
+    names = set(counts) | set(ev.labels)
+    capacity = (last.capacity if last is not None else None) or source.capacity(
+        len(names), t.class_capacity, t.embed_dim
+    )
+    # earlier classes keep their rows; new ones take the next free rows, in source order
+    vocab = lineage.extend_vocabulary(source.class_order(names), capacity)
+    stage = Stage(draw.stage, tuple(sorted(vocab[n] for n in counts)), 1.0, draw.architecture)
+    snap = take_snapshot(draw, ev, vocab)
     items = SourceItems(
-        spec=spec,
+        spec=source.spec,
         keys_path="",  # set when the snapshot's keys are saved (start_cycle)
         vocabulary=vocab,
         input_format=ev.input_format.as_dict(),
         fingerprint=snap.fingerprint,
+        kind=source.kind.value,
     )
-    return CyclePlan(ev.dataset(spec, vocab), stage, None, snap, items, capacity)
+    return CyclePlan(ev.dataset(source.spec, vocab), stage, snap, items, capacity)
 
 
 def unchanged_since(lineage: Lineage, plan: CyclePlan) -> int | None:
@@ -289,7 +264,7 @@ def rejected_before(lineage: Lineage, plan: CyclePlan, cfg: CycleConfig) -> tupl
 def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = None) -> CycleState:
     """Steps 1-2: record the snapshot and the generation with its active constraints."""
     plan = plan or plan_cycle(lineage, cfg)
-    ds, stage, train_idx, snap = plan.dataset, plan.stage, plan.train_idx, plan.snapshot
+    ds, stage, snap = plan.dataset, plan.stage, plan.snapshot
     cfg = cfg.model_copy(update={"stages": snap.stages})  # what a resumed cycle must reuse
     champion = lineage.champion()
     active = chain.active_generations(lineage)
@@ -300,15 +275,14 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     if snap.eval_items is not None:
         write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
     source = plan.source
-    if source is not None:
-        source.keys_path = str(keys_path)
+    source.keys_path = str(keys_path)
     architecture = dict(stage.architecture) | (t.architecture or {})
     size = lineage_image_size(lineage, t.image_size)
     if size:
         architecture["image_size"] = size
     # a model that cannot be built (a factory that does not import or maps inputs to the
     # wrong shape) is refused here, before anything is recorded
-    EmbeddingNet(ds.input_shape, plan.capacity or ds.num_classes, t.embed_dim, architecture)
+    EmbeddingNet(ds.input_shape, plan.capacity, t.embed_dim, architecture)
     gen = lineage.start_generation(
         planned,
         snapshot={
@@ -333,9 +307,9 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
         seed=t.seed,
         method=t.method.value,
     )
-    save_snapshot(int(gen.id), train_idx, cfg)  # type: ignore[arg-type]
-    state = CycleState(ds, stage, gen, train_idx, active, cfg, champion.id if champion else None)
-    state.source, state.capacity = source, plan.capacity
+    save_snapshot(int(gen.id), cfg)  # type: ignore[arg-type]
+    state = CycleState(ds, stage, gen, source, active, cfg, champion.id if champion else None)
+    state.capacity = plan.capacity
     return state
 
 
@@ -343,16 +317,13 @@ def save_keys(snap: Snapshot) -> Path:
     """The snapshot's items (keys, labels, what locates them) as Parquet, named by its
     fingerprint (written once, atomically)."""
     path = keys_path(snap.fingerprint)
-    table = snap.table
-    if table is None:
-        table = pa.table({"key": snap.keys, "label": np.asarray(snap.labels, dtype=np.int64)})
-    write_once(path, table)
+    write_once(path, snap.table)
     return path
 
 
-def save_snapshot(gen_id: int, train_idx: np.ndarray | None, cfg: CycleConfig) -> None:
-    """What the generation trains on and under which config (store.snapshots)."""
-    save_generation_inputs(gen_id, train_idx, cfg.model_dump_json(indent=1))
+def save_snapshot(gen_id: int, cfg: CycleConfig) -> None:
+    """The config the generation trains under (store.snapshots)."""
+    save_generation_inputs(gen_id, cfg.model_dump_json(indent=1))
 
 
 def train_step(
@@ -376,12 +347,11 @@ def train_step(
         )
         for c in lineage.constraints(gen.id)
     ]
-    in_memory = state.source is None
     custom = train_resources()  # GRACEFUL_TRAIN_RESOURCES: the nodes it may train on
     spec = t.train_spec(
         int(gen.id),  # type: ignore[arg-type]
-        x=state.dataset.x_train[state.train_idx] if in_memory else None,
-        y=state.dataset.y_train[state.train_idx] if in_memory else None,
+        x=None,
+        y=None,
         source=state.source,
         num_classes=state.capacity or state.dataset.num_classes,
         classes=list(state.stage.classes),
@@ -551,7 +521,7 @@ def backfill_step(
     champion = lineage.champion()
     assert champion is not None
     if Collection(lineage).info() is None:
-        if state.source is not None:
+        if not open_source(state.source.spec, state.source.kind).reference_collection:
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
         return index_gallery(lineage, state.dataset, champion, cfg.backfill.batch_rows)
     return backfill_once(lineage, cfg.backfill)

@@ -1,12 +1,13 @@
-"""The data a lineage trains and evaluates on: its spec, whether it grows from a user's
-source or steps through the scenario's stages, its image size, its evaluation set."""
+"""The data a lineage trains and evaluates on: its source (workers.data.source), its image
+size, its evaluation set and vocabulary."""
 
 from __future__ import annotations
 
 from store.lineage import Lineage
 from store.settings import StoreError
-from workers.data.datasets import Dataset, load_dataset, parse_spec
-from workers.data.sources import is_source, load_eval
+from workers.data.datasets import Dataset
+from workers.data.source import Source, SourceKind, open_source
+from workers.data.sources import EvalSet
 
 
 def last_snapshot(lineage: Lineage):
@@ -15,40 +16,27 @@ def last_snapshot(lineage: Lineage):
     return snapshots[max(snapshots)] if snapshots else None
 
 
-def source_mode(lineage: Lineage, spec: str | None, stages: int | None = None) -> bool:
-    """Whether cycles here train on a source's snapshots (not the scenario's stages).
-
-    A lineage keeps the mode it started with; a new one trains on a source when given an
-    image folder or Parquet source and no scenario stage count.
+def lineage_source(lineage: Lineage, spec: str | None = None, stages: int | None = None) -> Source:
+    """The source a lineage trains on: ``spec`` (else the one it trained on last), of the
+    kind its snapshots recorded. A new lineage trains on a user's source when given an
+    image folder or Parquet source and no stage count, else steps through the scenario.
     """
     last = last_snapshot(lineage)
-    if last is not None:
-        return last.stages is None and is_source(last.source)
-    if lineage.generations():
-        return False  # made before snapshots: the scenario
-    return stages is None and is_source(spec)
-
-
-def scenario_gallery(lineage: Lineage):
-    """The collection's info when it is the scenario's evaluation gallery, else None."""
-    info = lineage.gallery_info()
-    return info if info is not None and info.scenario else None
-
-
-def resolve_spec(lineage: Lineage, spec: str | None) -> str:
-    """The cycle's data: the given spec, else the scenario gallery's, else the last
-    snapshot's (a user's collection is not training data)."""
-    info = scenario_gallery(lineage)
+    gens = lineage.generations()
     if spec is None:
-        last = last_snapshot(lineage)
-        if info is not None:
-            spec = info.dataset
-        elif last is not None:
+        if last is not None:
             spec = last.source
+        elif gens:
+            spec = gens[-1].dataset  # made before snapshots recorded the source
         else:
             raise StoreError("no data set: pass --dataset (this lineage has trained nothing)")
-    parse_spec(spec)  # a clear error before anything is loaded or stored
-    return spec
+    if last is not None:  # the kind is recorded once: a snapshot with a stage count
+        kind = SourceKind.SCENARIO if last.stages is not None else SourceKind.ITEMS
+    elif gens:
+        kind = SourceKind.SCENARIO  # made before snapshots: only the scenario was
+    else:
+        kind = SourceKind.SCENARIO if stages is not None else None
+    return open_source(spec, kind)
 
 
 class LineageOptionError(StoreError):
@@ -79,37 +67,37 @@ def lineage_image_size(lineage: Lineage, asked: int | None = None) -> int | None
     return recorded if recorded is not None else asked
 
 
+def evaluation_set(lineage: Lineage, source: Source, image_size: int | None = None) -> EvalSet:
+    """The source's evaluation set, its images at the lineage's size; refuses one with
+    classes the lineage never saw (it changed under the lineage)."""
+    ev = source.evaluation(lineage_image_size(lineage, image_size))
+    vocab = lineage.vocabulary()
+    missing = sorted(set(ev.labels) - set(vocab)) if vocab else []
+    if missing:
+        raise StoreError(
+            f"the evaluation set of {source.spec!r} has classes this lineage never saw "
+            f"({', '.join(missing[:5])}): it changed; restore it"
+        )
+    return ev
+
+
+def vocabulary(lineage: Lineage, source: Source, ev: EvalSet) -> dict[str, int]:
+    """Class name -> head row: the lineage's; a lineage made before it recorded one (the
+    scenario's, then) keeps its data set's order."""
+    return lineage.vocabulary() or {n: i for i, n in enumerate(source.class_order(set(ev.labels)))}
+
+
 def resolve_dataset(
     lineage: Lineage, spec: str | None, stages: int | None = None, image_size: int | None = None
 ) -> Dataset:
-    """The data set a cycle evaluates on: the scenario's, or a source's evaluation set,
-    its images at the lineage's size."""
-    spec = resolve_spec(lineage, spec)
-    size = lineage_image_size(lineage, image_size)
-    if source_mode(lineage, spec, stages):
-        vocab = lineage.vocabulary()
-        ev = load_eval(spec, size)
-        missing = sorted(set(ev.labels) - set(vocab))
-        if missing:
-            raise StoreError(
-                f"the evaluation set of {spec!r} has classes this lineage never saw "
-                f"({', '.join(missing[:5])}): it changed; restore it"
-            )
-        ds = ev.dataset(spec, vocab)
-    else:
-        ds = load_dataset(spec, size)
-    info = scenario_gallery(lineage)
-    if info is not None and info.dataset != ds.spec:
-        raise StoreError(
-            f"the gallery in this GRACEFUL_HOME indexes {info.dataset!r}; "
-            f"use another GRACEFUL_HOME for {ds.spec!r}"
-        )
-    return ds
+    """The evaluation data a cycle measures on, as a ``Dataset`` (evaluation split only)."""
+    source = lineage_source(lineage, spec, stages)
+    ev = evaluation_set(lineage, source, image_size)
+    return ev.dataset(source.spec, vocabulary(lineage, source, ev))
 
 
 def eval_dataset(lineage: Lineage) -> Dataset | None:
-    """The lineage's evaluation data (the scenario's data set or the source's evaluation
-    set), or None before anything trained."""
+    """The lineage's evaluation data, or None before anything trained."""
     try:
         return resolve_dataset(lineage, None)
     except StoreError:

@@ -15,25 +15,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from flows import chain
 from flows.backfill import backfill_once
 from flows.config import BackfillConfig, CycleConfig
-from flows.cycle_steps import DEFAULT_STAGES, CycleState, save_snapshot, verify_inputs
-from flows.data import lineage_image_size, resolve_dataset
+from flows.cycle_steps import CycleState, save_snapshot, verify_inputs
+from flows.data import evaluation_set, lineage_source, vocabulary
 from flows.steps import Step, interrupted_step
 from store.collection import Collection
 from store.files import CheckpointError, verify_checkpoint
 from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.locks import CYCLE_LOCK, LockHeld
 from store.settings import StoreError, subdir
-from store.snapshots import cycle_config_path, train_idx_path
+from store.snapshots import cycle_config_path
 from workers.collection.backfill import close_interrupted_jobs
 from workers.data.datasets import DatasetError
-from workers.data.scenario import Stage, stage_plan
-from workers.data.sources import load_eval
+from workers.data.scenario import Stage
 from workers.learning.spec import SourceItems
 from workers.learning.train import abandoned_marker
 
@@ -76,7 +74,7 @@ def take_epochs(
             f"a new generation with --epochs {want}"
         )
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": want})})
-    save_snapshot(gen_id, None, cfg)  # the config file only: its snapshot stays as it was
+    save_snapshot(gen_id, cfg)  # the config file only: its snapshot stays as it was
     lineage.update_generation(gen_id, epochs=want)
     return (
         cfg,
@@ -137,23 +135,20 @@ def resume_state(
     cfg, epochs_note = take_epochs(lineage, gen_id, step, cfg, requested)
     gen = lineage.generation(gen_id)
     snap = lineage.snapshots().get(gen_id)
-    ds = resolve_dataset(lineage, gen.dataset, cfg.stages)
-    source = None
-    if snap is not None and snap.stages is None and ds.eval_only:  # a source's snapshot
-        if not snap.keys_path or not Path(snap.keys_path).exists():
-            raise StoreError(f"its snapshot's keys {snap.keys_path} are missing")
-        train_idx = None
-        stage = Stage(int(gen.stage or 0), tuple(gen.classes), 1.0, dict(gen.architecture))
-        source = SourceItems(
-            gen.dataset,
-            snap.keys_path,
-            lineage.vocabulary(),
-            load_eval(gen.dataset, lineage_image_size(lineage)).input_format.as_dict(),
-            snap.fingerprint,
-        )
-    else:
-        train_idx = np.load(train_idx_path(gen_id))
-        stage = stage_plan(ds.num_classes, cfg.stages or DEFAULT_STAGES, gen.stage)
+    if snap is None or not snap.keys_path or not Path(snap.keys_path).exists():
+        raise StoreError("its snapshot's keys are missing")
+    source = lineage_source(lineage, gen.dataset)
+    ev = evaluation_set(lineage, source)
+    vocab = vocabulary(lineage, source, ev)
+    items = SourceItems(
+        source.spec,
+        snap.keys_path,
+        vocab,
+        ev.input_format.as_dict(),
+        snap.fingerprint,
+        kind=source.kind.value,
+    )
+    stage = Stage(int(gen.stage or 0), tuple(gen.classes), 1.0, dict(gen.architecture))
     champion = lineage.champion()
     active = chain.active_generations(lineage)
     targets = {c.target_id for c in lineage.constraints(gen_id)}
@@ -161,16 +156,16 @@ def resume_state(
     if step > Step.TRAIN:
         verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
     state = CycleState(
-        ds,
+        ev.dataset(source.spec, vocab),
         stage,
         gen,
-        train_idx,
+        items,
         active,
         cfg,
         champion.id if champion else None,
         step=step,
     )
-    state.source, state.capacity = source, snap.capacity if snap is not None else None
+    state.capacity = snap.capacity or len(vocab)
     state.resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
     if epochs_note:
         state.resumed += f"; {epochs_note}"

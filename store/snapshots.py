@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -17,11 +16,6 @@ from store.settings import subdir
 def cycle_config_path(gen_id: int) -> Path:
     """The config a generation trains under, kept so an interrupted cycle can resume."""
     return subdir("snapshots") / f"gen-{gen_id}-cycle.json"
-
-
-def train_idx_path(gen_id: int) -> Path:
-    """The scenario's training rows of a generation (a source's are its keys file)."""
-    return subdir("snapshots") / f"gen-{gen_id}-train-idx.npy"
 
 
 def eval_items_path(fingerprint: str) -> Path:
@@ -42,14 +36,9 @@ def write_once(path: Path, table: pa.Table) -> None:
         tmp.replace(path)
 
 
-def save_generation_inputs(gen_id: int, train_idx: np.ndarray | None, config_json: str) -> None:
-    """What generation ``gen_id`` trains on and the config it trains under (as JSON), each
-    written atomically."""
-    if train_idx is not None:
-        idx_path = train_idx_path(gen_id)
-        tmp = idx_path.with_name(idx_path.stem + ".tmp.npy")
-        np.save(tmp, train_idx)
-        tmp.replace(idx_path)
+def save_generation_inputs(gen_id: int, config_json: str) -> None:
+    """The config generation ``gen_id`` trains under (as JSON), written atomically (what
+    it trains on is its snapshot's keys file)."""
     cfg_path = cycle_config_path(gen_id)
     tmp = cfg_path.with_name(cfg_path.name + ".tmp")
     tmp.write_text(config_json)

@@ -195,8 +195,11 @@ def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
     import numpy as np
     from sqlmodel import Session
 
+    import pyarrow.parquet as pq
+
     from flows.cycle_steps import plan_cycle, unchanged_since
     from flows.report import build_report
+    from workers.data.source import train_rows
     from store.lineage import SnapshotRecord
     from store.settings import StoreError
     from workers.data.datasets import load_dataset
@@ -218,7 +221,8 @@ def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
     snaps = {g["id"]: g["snapshot"] for g in rep["generations"]}
     assert snaps[g2]["fingerprint"] == snaps[forced]["fingerprint"] != snaps[g1]["fingerprint"]
     ds = load_dataset("digits")
-    idx = np.load(home / "snapshots" / f"gen-{g1}-train-idx.npy")
+    # the stage's rows, as its keys file (the snapshot's items) names them
+    idx = train_rows(pq.read_table(lin.snapshots()[g1].keys_path).column("key"))
     labels = ds.y_train[idx]
     assert snaps[g1]["items"] == len(idx) == lin.generation(g1).train_samples
     assert snaps[g1]["classes"] == {  # hand-counted from the stage's own rows

@@ -60,12 +60,36 @@ def test_every_stage_can_inherit_the_last_ones_function(shape) -> None:
             assert torch.allclose(old(x)[1], new.eval()(x)[1], atol=1e-4)
 
 
-def test_source_architecture_picks_the_backbone_by_input_shape() -> None:
-    from flows.cycle_steps import source_architecture
+def test_a_users_source_gets_the_last_stage_model_for_its_inputs(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    assert source_architecture((1, 28, 28))["kind"] == "resnet"
-    assert source_architecture([3, 64, 64]) == stage_plan(10, 3, 2, (3, 64, 64)).architecture
-    assert source_architecture((49,)) == {"kind": "mlp", "width": 256, "depth": 3, "head": "fixed"}
+    from workers.data.source import ItemSource, Position
+
+    path = tmp_path / "f.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": ["a", "b", "c", "d"],
+                "label": ["x", "y", "x", "y"],
+                "features": [[0.0] * 49] * 4,
+                "split": ["train", "train", "test", "test"],
+            }
+        ),
+        path,
+    )
+    source = ItemSource(f"parquet:{path}")
+    draw = source.draw(Position(index=0), (1, 28, 28))
+    assert draw.architecture["kind"] == "resnet"
+    assert draw.stage == 0 and draw.stages is None
+    assert (
+        source.draw(Position(2), (3, 64, 64)).architecture
+        == stage_plan(10, 3, 2, (3, 64, 64)).architecture
+    )
+    mlp = {"kind": "mlp", "width": 256, "depth": 3, "head": "fixed"}
+    assert source.draw(Position(1), (49,)).architecture == mlp
+    # a lineage begun with the MLP on images keeps it (a warm start cannot cross kinds)
+    assert source.draw(Position(1, backbone="mlp"), (1, 28, 28)).architecture == mlp
 
 
 def test_stage_subsets_are_nested_and_per_class() -> None:

@@ -46,6 +46,7 @@ from workers.data.sources import (
     _parquet_inputs,
     _units,
     file_entry,
+    input_format,
     keyed_rows,
     readable_sha,
     redact,
@@ -488,14 +489,6 @@ class ScenarioReader:
 
     def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
         return self.take(keys), []
-
-
-def input_format(input_shape: tuple[int, ...]) -> InputFormat:
-    """What a model with ``input_shape`` takes: images as (C, H, W), features as (D,)."""
-    shape = tuple(int(v) for v in input_shape)
-    if len(shape) == 3:
-        return InputFormat(shape, "L" if shape[0] == 1 else "RGB")
-    return InputFormat(shape)
 
 
 def open_reader(spec: str, input_shape: tuple[int, ...]):

@@ -81,6 +81,14 @@ class InputFormat:
         return cls(tuple(int(v) for v in d["shape"]), d.get("mode"))
 
 
+def input_format(input_shape: tuple[int, ...]) -> InputFormat:
+    """What a model with ``input_shape`` takes: images as (C, H, W), features as (D,)."""
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 3:
+        return InputFormat(shape, "L" if shape[0] == 1 else "RGB")
+    return InputFormat(shape)
+
+
 @dataclass
 class Scan:
     """A source's training items in training order, and their fingerprint.
@@ -410,11 +418,16 @@ def _class_names(batch: pa.RecordBatch, name_col: str | None, path: str) -> pa.A
 
 
 def label_indices(names: Any, vocabulary: dict[str, int]) -> np.ndarray:
-    """Class names (an Arrow string column) -> head rows, without Python objects per row."""
+    """Class names (an Arrow string column) -> head rows, without Python objects per row.
+
+    Integer labels are head rows already (the scenario's keys files before its labels
+    were names)."""
     import pyarrow.compute as pc
 
     if isinstance(names, pa.ChunkedArray):
         names = names.combine_chunks()
+    if pa.types.is_integer(names.type):
+        return np.asarray(names.to_numpy(zero_copy_only=False), dtype=np.int64)
     if pa.types.is_dictionary(names.type):  # map the few distinct names, then the indices
         per_name = label_indices(names.dictionary, vocabulary)
         return per_name[names.indices.to_numpy(zero_copy_only=False).astype(np.int64)]

@@ -34,6 +34,7 @@ class SourceItems:
     vocabulary: dict[str, int]  # class name -> head row
     input_format: dict[str, Any]  # workers.data.sources.InputFormat.as_dict()
     fingerprint: str  # the snapshot's
+    kind: str = "items"  # workers.data.source.SourceKind: which source reads the items
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TrainSpec:
     """
 
     generation: int
-    x: np.ndarray | None  # in-memory items (the scenario), or None with ``source``
+    x: np.ndarray | None  # items in memory (a caller's arrays), or None with ``source``
     y: np.ndarray | None
     num_classes: int  # head rows: the lineage's reserved class capacity
     classes: list[int]

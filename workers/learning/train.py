@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from workers.data.sources import ArrayReader, InputFormat, label_indices, open_reader
+from workers.data.source import open_source
+from workers.data.sources import ArrayReader, InputFormat, label_indices
 from workers.data.stream import (
     Items,
     ItemStore,
@@ -279,7 +280,7 @@ def _reader(spec: TrainSpec) -> tuple[Reader, tuple[int, ...]]:
     )
     labels = label_indices(table.column("label"), src.vocabulary)
     fmt = InputFormat.from_dict(src.input_format)
-    return open_reader(src.spec, table, labels, fmt), fmt.shape
+    return open_source(src.spec, src.kind).training_reader(table, labels, fmt), fmt.shape
 
 
 def build_teachers(
