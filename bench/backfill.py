@@ -325,9 +325,10 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     import ray
     import torch
 
+    from flows.backfill_job import run_backfill
     from store.collection import Collection
     from store.lineage import Lineage
-    from workers.collection.backfill import EmbedActor, open_source, run_backfill
+    from workers.collection.backfill import EmbedActor, open_source
     from workers.learning.embed import forward
     from workers.learning.models import load_model
     from workers.runtime import task_resources
@@ -529,9 +530,10 @@ def memory_setup(home: Path, n: int) -> None:
 
 def memory_child(home: Path, what: str) -> dict[str, Any]:
     """In a fresh process: a full backfill (or an index sync); report peak RSS."""
+    from flows.backfill_job import run_backfill
     from store.collection import Collection
     from store.lineage import Lineage
-    from workers.collection.backfill import peak_rss_bytes, run_backfill
+    from workers.collection.backfill import peak_rss_bytes
 
     _set_home(home)
     lin = Lineage()

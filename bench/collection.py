@@ -314,8 +314,8 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     del xs, moved, emb
     # the same items re-embedded by the hand-built backfill pipeline (workers.collection.backfill: a
     # Ray actor reading by key, parts in flight), against the Ray Data indexing above
+    from flows.backfill_job import run_backfill
     from store.settings import subdir
-    from workers.collection.backfill import run_backfill
     from workers.learning.models import save_model
 
     path = subdir("checkpoints") / "moved.pt"

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import chain, text
+from flows.backfill_job import run_backfill
 from flows.config import BackfillConfig, Policy
 from flows.data import resolve_dataset
 from flows.naming import artifact_key, backfill_run_name, number, tag_run
@@ -15,7 +16,6 @@ from flows.progress import counter
 from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import StoreError, subdir
-from workers.collection.backfill import run_backfill
 from workers.measuring.evaluate import generation_outputs
 from workers.measuring.metric_names import Metric
 from workers.runtime import join_cluster

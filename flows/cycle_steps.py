@@ -25,6 +25,7 @@ from flows.gate import (
     evidence_rows,
 )
 from flows.steps import Step
+from store.backfill_jobs import close_interrupted_jobs
 from store.collection import Collection, CollectionRows
 from store.failpoints import failpoint
 from store.files import verify_checkpoint
@@ -37,7 +38,6 @@ from store.snapshots import (
     save_generation_inputs,
     write_once,
 )
-from workers.collection.backfill import close_interrupted_jobs
 from workers.data.datasets import Dataset
 from workers.data.scenario import Stage
 from workers.data.snapshot import Snapshot, take_snapshot

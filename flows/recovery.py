@@ -23,13 +23,13 @@ from flows.config import BackfillConfig, CycleConfig
 from flows.cycle_steps import CycleState, save_snapshot, verify_inputs
 from flows.data import evaluation_set, lineage_source, vocabulary
 from flows.steps import Step, interrupted_step
+from store.backfill_jobs import close_interrupted_jobs
 from store.collection import Collection
 from store.files import CheckpointError, verify_checkpoint
 from store.lineage import Generation, GenerationStatus, JobStatus, Lineage
 from store.locks import CYCLE_LOCK, LockHeld
 from store.settings import StoreError, subdir
 from store.snapshots import cycle_config_path
-from workers.collection.backfill import close_interrupted_jobs
 from workers.data.datasets import DatasetError
 from workers.data.scenario import Stage
 from workers.learning.spec import SourceItems

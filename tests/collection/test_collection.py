@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from sources.data import champion, digits, write_pngs
 
+from flows.backfill_job import run_backfill
 from flows.collection import index_once
 from flows.config import BackfillConfig, IndexConfig
 from flows.query import search_file, search_item
@@ -22,7 +23,6 @@ from store.collection import UNLABELLED, Collection
 from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Lineage
 from store.settings import StoreError
-from workers.collection.backfill import run_backfill
 from workers.collection.indexing import plan_index, run_index
 from workers.collection.items import CollectionError, list_items
 

@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from sources.data import champion
 
+from flows.backfill_job import run_backfill
 from store.collection import Collection, CollectionRows, CollectionStoreError
 from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
-from workers.collection.backfill import ParquetSource, open_source, policy_order, run_backfill
+from workers.collection.backfill import ParquetSource, open_source, policy_order
 from workers.collection.policies import backfill_order
 from workers.data.datasets import load_dataset
 from workers.data.scenario import eval_split
@@ -159,7 +160,7 @@ def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
         import time
         from store.collection import Collection
         from store.lineage import Lineage
-        from workers.collection.backfill import run_backfill
+        from flows.backfill_job import run_backfill
         lin = Lineage()
         run_backfill(lin, Collection(lin), None, lin.champion(), "uncertainty", 1.0,
                      progress=lambda done, total: time.sleep(0.5))
@@ -341,7 +342,7 @@ def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
         """
         from store.collection import Collection
         from store.lineage import Lineage
-        from workers.collection.backfill import run_backfill
+        from flows.backfill_job import run_backfill
         lin = Lineage()
         run_backfill(lin, Collection(lin), None, lin.champion(), "oldest-first", 1.0)
         """

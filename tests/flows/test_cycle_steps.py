@@ -193,16 +193,15 @@ def test_interrupted_generations_are_resumed_or_closed_with_a_reason(home) -> No
 @pytest.mark.slow
 def test_a_cycle_with_nothing_new_is_skipped_unless_forced(home) -> None:
     import numpy as np
-    from sqlmodel import Session
-
     import pyarrow.parquet as pq
+    from sqlmodel import Session
 
     from flows.cycle_steps import plan_cycle, unchanged_since
     from flows.report import build_report
-    from workers.data.source import train_rows
     from store.lineage import SnapshotRecord
     from store.settings import StoreError
     from workers.data.datasets import load_dataset
+    from workers.data.source import train_rows
 
     lin = Lineage()
     train = TrainConfig(method="none", epochs=1)

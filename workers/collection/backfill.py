@@ -1,6 +1,6 @@
-"""Streaming, resumable backfill of the Parquet gallery with the champion generation.
-
-A job runs in four steps, each with memory bounded by a few parts, not by the gallery:
+"""The compute of a streaming, resumable backfill of the Parquet collection with the
+champion generation. A job (flows.backfill_job; its record: store.backfill_jobs) runs
+it in four steps, each with memory bounded by a few parts, not by the collection:
 
 1. **check**: every part is whole, has the gallery's schema and the sha256 in the
    manifest, and no foreign Parquet file sits in the gallery directory; the champion
@@ -27,39 +27,25 @@ that changed are re-read).
 
 from __future__ import annotations
 
-import functools
 import os
 import resource
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import update
 
 from store.collection import Collection, CollectionRows, CollectionStoreError
 from store.failpoints import failpoint
-from store.files import verify_checkpoint
-from store.lineage import (
-    UNFINISHED_JOBS,
-    BackfillJob,
-    CollectionInfo,
-    Generation,
-    JobStatus,
-    Lineage,
-)
-from store.settings import StoreError, subdir
-from workers.collection.items import parse_collection_spec
+from store.lineage import CollectionInfo, Generation
+from store.settings import StoreError
 from workers.collection.policies import (
     EMBEDDING_POLICIES,
     SAMPLE_PER_STRATUM,
     assign_strata,
     backfill_order,
-    budget_items,
     check_policy,
     item_hash,
     n_strata,
@@ -511,54 +497,6 @@ def policy_order(
     return order, n
 
 
-def _selection_path(job_id: int) -> Path:
-    return subdir("backfills") / f"job-{job_id}.npy"
-
-
-def _save_selection(job_id: int, ids: np.ndarray) -> None:
-    path = _selection_path(job_id)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, ids)
-    tmp.replace(path)
-
-
-def load_selection(job_id: int) -> np.ndarray | None:
-    path = _selection_path(job_id)
-    return np.load(path) if path.exists() else None
-
-
-def resumable_job(
-    lineage: Lineage, champion: int, policy: str, budget: float
-) -> BackfillJob | None:
-    """An unfinished job (killed or failed) with the same champion, policy and budget."""
-    for job in reversed(lineage.backfill_jobs()):
-        if job.status in UNFINISHED_JOBS and (job.generation_id, job.policy, job.budget) == (
-            champion,
-            policy,
-            budget,
-        ):
-            return job
-    return None
-
-
-def close_interrupted_jobs(lineage: Lineage, keep: int | None, why: str | None = None) -> None:
-    """Mark every other job still running failed (``interrupted: why``).
-
-    Call it with no backfill writing (the gallery's writer lock held, or free): a job
-    still marked running then was killed. By default it is superseded by job ``keep``.
-    """
-    why = why or f"superseded by backfill job {keep}"
-    for job in lineage.backfill_jobs():
-        if job.status == JobStatus.RUNNING and job.id != keep:
-            before = f"{job.error}; " if job.error else ""
-            lineage.update_backfill_job(
-                job.id,
-                status=JobStatus.FAILED,
-                error=f"{before}interrupted: {why}",
-                finished_at=datetime.now(UTC),
-            )
-
-
 def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     if len(sorted_set) == 0:
         return np.zeros(len(values), dtype=bool)
@@ -566,7 +504,7 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[pos] == values
 
 
-def _progress_scan(gallery: Collection, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
+def progress_scan(gallery: Collection, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
     """(chosen items already embedded by ``target``, parts still holding chosen stale items)."""
     done, todo = 0, []
     for name in gallery.part_names():
@@ -581,190 +519,7 @@ def _progress_scan(gallery: Collection, chosen: np.ndarray, target: int) -> tupl
     return done, todo
 
 
-# -- the job ---------------------------------------------------------------------------
-def _check_champion(champion: Generation, info: CollectionInfo) -> int:
-    if champion is None or champion.id is None:
-        raise StoreError("no champion generation to backfill with")
-    # before any job is recorded or worker started: a swapped file fails here, not mid-way
-    verify_checkpoint(
-        champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
-    )
-    if int(champion.embed_dim) != int(info.embed_dim):
-        raise CollectionStoreError(
-            f"embedding dim mismatch: generation {champion.id} embeds in dim "
-            f"{champion.embed_dim} but the gallery stores dim {info.embed_dim}; "
-            "a gallery cannot mix dimensions (index a new gallery in a new GRACEFUL_HOME)"
-        )
-    return int(champion.id)
-
-
-def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
-    """Run ``fn`` holding the gallery's writer lock (it dies with a killed job)."""
-
-    @functools.wraps(fn)
-    def locked(lineage: Lineage, gallery: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
-        with gallery.writing():
-            return fn(lineage, gallery, *args, **kwargs)
-
-    return locked
-
-
-@_one_writer
-def run_backfill(
-    lineage: Lineage,
-    gallery: Collection,
-    ds: Dataset | None,
-    champion: Generation,
-    policy: str,
-    budget: float,
-    seed: int = 0,
-    query_emb: np.ndarray | None = None,
-    query_labels: np.ndarray | None = None,
-    champion_reference_emb: np.ndarray | None = None,
-    progress: Progress | None = None,
-    crash_after_parts: int | None = None,
-    *,
-    source: str = "auto",
-    pipeline_depth: int = 3,
-    update_index: bool = True,
-    stats: dict[str, Any] | None = None,
-    retire_share: float = 0.0,
-    complete: Sequence[int] = (),
-    owed_items: np.ndarray | None = None,
-) -> BackfillJob:
-    """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
-
-    Every item of the generations in ``complete`` is re-embedded first, whatever the
-    budget (the champion owes them a full backfill): the job re-embeds those items, or the
-    budget's count of items in that order if the budget is larger. So are the items in
-    ``owed_items`` (a promotion's targeted backfill, ``flows.chain.owed_items``), before
-    everything else.
-
-    The embedding actor reads the items' inputs from the gallery's recorded data-set
-    spec (``source``: see :func:`open_source`); ``ds``, when given, must be that data
-    set. ``query_emb`` / ``query_labels`` give M_mix before and after; with
-    ``champion_reference_emb`` (aligned with the gallery's item ids) the curve is measured.
-    ``crash_after_parts`` simulates a kill (tests): stop after committing that many
-    parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
-    """
-    t0 = time.perf_counter()
-    st: dict[str, Any] = stats if stats is not None else {}
-    check_policy(policy)
-    if source not in SOURCE_MODES:
-        raise ValueError(f"unknown source mode {source!r}; choose one of {SOURCE_MODES}")
-    info = gallery.require()
-    target = _check_champion(champion, info)
-    if ds is not None and ds.spec != info.dataset:
-        raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
-    parse_collection_spec(info.dataset)  # a clear error for a source that went away
-    gallery.verify()  # raises, naming the file, before anything changes
-    gallery.reconcile()
-    st["verify_seconds"] = time.perf_counter() - t0
-    st["peak_rss_after_verify"] = peak_rss_bytes()
-
-    t1 = time.perf_counter()
-    measure = query_emb is not None and query_labels is not None
-    job = resumable_job(lineage, target, policy, budget)
-    selection = load_selection(job.id) if job is not None else None
-    before = None
-    if selection is None:
-        num_classes = len(champion.classes) if champion.classes else None
-        order, n_items = policy_order(
-            gallery,
-            target,
-            policy,
-            seed,
-            num_classes,
-            retire_share=retire_share,
-            complete=complete,
-            first_items=owed_items,
-        )
-        held = lineage.gallery_counts()
-        forced = sum(held.get(int(k), 0) for k in complete if int(k) != target)
-        if owed_items is not None and len(owed_items):
-            forced += int(np.isin(order, owed_items).sum())
-        selection = order[: max(budget_items(budget, n_items), forced)].copy()
-        curve: list[tuple[float, float]] = []
-        if measure and champion_reference_emb is not None:
-            rows = gallery.read_all()
-            before = m_mix(query_emb, query_labels, rows)
-            curve = backfill_curve(rows, champion_reference_emb, order, query_emb, query_labels)
-            del rows
-        elif measure:
-            before = m_mix_stream(gallery, query_emb, query_labels)
-        del order
-        if job is None:
-            job = lineage.add_backfill_job(
-                generation_id=target,
-                policy=policy,
-                budget=budget,
-                total_items=len(selection),
-                m_mix_before=before,
-                curve=[list(p) for p in curve],
-            )
-        _save_selection(job.id, selection)
-    assert job is not None and job.id is not None
-    job_id = int(job.id)
-    close_interrupted_jobs(lineage, keep=job_id)
-    total = len(selection)
-    chosen = np.sort(selection)
-    del selection
-    done, todo = _progress_scan(gallery, chosen, target)
-    lineage.update_backfill_job(job_id, status=JobStatus.RUNNING, items_done=done, error=None)
-    if progress:
-        progress(done, total)
-    st["select_seconds"] = time.perf_counter() - t1
-    st["peak_rss_after_select"] = peak_rss_bytes()
-
-    t2 = time.perf_counter()
-    items = 0
-    try:
-        if todo:
-            items = _pipeline(
-                gallery,
-                info,
-                todo,
-                chosen,
-                target,
-                source,
-                champion,
-                job_id,
-                done,
-                total,
-                progress,
-                crash_after_parts,
-                max(1, pipeline_depth),
-                st,
-            )
-    except BaseException as exc:  # recorded; a later backfill with these settings resumes it
-        lineage.update_backfill_job(
-            job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000]
-        )
-        raise
-    st["pipeline_seconds"] = time.perf_counter() - t2
-    st["items"] = items
-    st["parts"] = len(todo)
-
-    t3 = time.perf_counter()
-    after = m_mix_stream(gallery, query_emb, query_labels) if measure else None
-    job = lineage.update_backfill_job(
-        job_id,
-        status=JobStatus.DONE,
-        items_done=done + items,
-        m_mix_after=after,
-        finished_at=datetime.now(UTC),
-    )
-    if update_index:
-        from store.index import CollectionIndex
-
-        CollectionIndex.open(gallery)
-    st["finish_seconds"] = time.perf_counter() - t3
-    st["peak_rss"] = peak_rss_bytes()
-    st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})
-    return job
-
-
-def _pipeline(
+def reembed_parts(
     gallery: Collection,
     info: CollectionInfo,
     todo: list[str],
@@ -772,18 +527,19 @@ def _pipeline(
     target: int,
     source: str,
     champion: Generation,
-    job_id: int,
     done: int,
     total: int,
     progress: Progress | None,
     crash_after_parts: int | None,
     depth: int,
     st: dict[str, Any],
+    on_commit: Callable[[Any, int], None] | None = None,
 ) -> int:
     """Read -> embed (Ray actor) -> write + commit, part by part; returns items embedded.
 
     The driver reads only what it keeps (ids, labels; the whole part only when some of
     its items stay as they are) and sends item ids; the actor reads their inputs.
+    ``on_commit(session, items_done)`` writes in each part's commit (the job's progress).
     """
     import ray
 
@@ -816,11 +572,8 @@ def _pipeline(
         n_done = done + embedded
 
         def record(session, n=n_done) -> None:
-            session.execute(
-                update(BackfillJob.__table__)
-                .where(BackfillJob.__table__.c.id == job_id)
-                .values(items_done=n)
-            )
+            if on_commit is not None:
+                on_commit(session, n)
 
         gallery.rewrite_part(name, rows, also=record)
         timers["write"] += time.perf_counter() - t1

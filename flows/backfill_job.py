@@ -1,0 +1,225 @@
+"""A backfill job: check, select, re-embed, commit, with its SQL bookkeeping.
+
+The steps (workers.collection.backfill computes each) are run here, and the job's record
+is kept in store.backfill_jobs: a job killed at any point and started again resumes with
+the same selection and finishes with every item present exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from store.backfill_jobs import (
+    close_interrupted_jobs,
+    load_selection,
+    progress_recorder,
+    resumable_job,
+    save_selection,
+)
+from store.collection import Collection, CollectionStoreError
+from store.files import verify_checkpoint
+from store.lineage import BackfillJob, CollectionInfo, Generation, JobStatus, Lineage
+from store.settings import StoreError
+from workers.collection.backfill import (
+    SOURCE_MODES,
+    Progress,
+    backfill_curve,
+    m_mix,
+    m_mix_stream,
+    peak_rss_bytes,
+    policy_order,
+    progress_scan,
+    reembed_parts,
+    rss_breakdown,
+)
+from workers.collection.items import parse_collection_spec
+from workers.collection.policies import budget_items, check_policy
+from workers.data.datasets import Dataset
+
+
+def _check_champion(champion: Generation, info: CollectionInfo) -> int:
+    if champion is None or champion.id is None:
+        raise StoreError("no champion generation to backfill with")
+    # before any job is recorded or worker started: a swapped file fails here, not mid-way
+    verify_checkpoint(
+        champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
+    )
+    if int(champion.embed_dim) != int(info.embed_dim):
+        raise CollectionStoreError(
+            f"embedding dim mismatch: generation {champion.id} embeds in dim "
+            f"{champion.embed_dim} but the gallery stores dim {info.embed_dim}; "
+            "a gallery cannot mix dimensions (index a new gallery in a new GRACEFUL_HOME)"
+        )
+    return int(champion.id)
+
+
+def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
+    """Run ``fn`` holding the gallery's writer lock (it dies with a killed job)."""
+
+    @functools.wraps(fn)
+    def locked(lineage: Lineage, gallery: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
+        with gallery.writing():
+            return fn(lineage, gallery, *args, **kwargs)
+
+    return locked
+
+
+@_one_writer
+def run_backfill(
+    lineage: Lineage,
+    gallery: Collection,
+    ds: Dataset | None,
+    champion: Generation,
+    policy: str,
+    budget: float,
+    seed: int = 0,
+    query_emb: np.ndarray | None = None,
+    query_labels: np.ndarray | None = None,
+    champion_reference_emb: np.ndarray | None = None,
+    progress: Progress | None = None,
+    crash_after_parts: int | None = None,
+    *,
+    source: str = "auto",
+    pipeline_depth: int = 3,
+    update_index: bool = True,
+    stats: dict[str, Any] | None = None,
+    retire_share: float = 0.0,
+    complete: Sequence[int] = (),
+    owed_items: np.ndarray | None = None,
+) -> BackfillJob:
+    """Re-embed ``budget`` of the gallery with ``champion`` in ``policy`` order; resumable.
+
+    Every item of the generations in ``complete`` is re-embedded first, whatever the
+    budget (the champion owes them a full backfill): the job re-embeds those items, or the
+    budget's count of items in that order if the budget is larger. So are the items in
+    ``owed_items`` (a promotion's targeted backfill, ``flows.chain.owed_items``), before
+    everything else.
+
+    The embedding actor reads the items' inputs from the gallery's recorded data-set
+    spec (``source``: workers.collection.backfill.open_source); ``ds``, when given, must
+    be that data set. ``query_emb`` / ``query_labels`` give M_mix before and after; with
+    ``champion_reference_emb`` (aligned with the gallery's item ids) the curve is measured.
+    ``crash_after_parts`` simulates a kill (tests): stop after committing that many
+    parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
+    """
+    t0 = time.perf_counter()
+    st: dict[str, Any] = stats if stats is not None else {}
+    check_policy(policy)
+    if source not in SOURCE_MODES:
+        raise ValueError(f"unknown source mode {source!r}; choose one of {SOURCE_MODES}")
+    info = gallery.require()
+    target = _check_champion(champion, info)
+    if ds is not None and ds.spec != info.dataset:
+        raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
+    parse_collection_spec(info.dataset)  # a clear error for a source that went away
+    gallery.verify()  # raises, naming the file, before anything changes
+    gallery.reconcile()
+    st["verify_seconds"] = time.perf_counter() - t0
+    st["peak_rss_after_verify"] = peak_rss_bytes()
+
+    t1 = time.perf_counter()
+    measure = query_emb is not None and query_labels is not None
+    job = resumable_job(lineage, target, policy, budget)
+    selection = load_selection(job.id) if job is not None else None
+    before = None
+    if selection is None:
+        num_classes = len(champion.classes) if champion.classes else None
+        order, n_items = policy_order(
+            gallery,
+            target,
+            policy,
+            seed,
+            num_classes,
+            retire_share=retire_share,
+            complete=complete,
+            first_items=owed_items,
+        )
+        held = lineage.gallery_counts()
+        forced = sum(held.get(int(k), 0) for k in complete if int(k) != target)
+        if owed_items is not None and len(owed_items):
+            forced += int(np.isin(order, owed_items).sum())
+        selection = order[: max(budget_items(budget, n_items), forced)].copy()
+        curve: list[tuple[float, float]] = []
+        if measure and champion_reference_emb is not None:
+            rows = gallery.read_all()
+            before = m_mix(query_emb, query_labels, rows)
+            curve = backfill_curve(rows, champion_reference_emb, order, query_emb, query_labels)
+            del rows
+        elif measure:
+            before = m_mix_stream(gallery, query_emb, query_labels)
+        del order
+        if job is None:
+            job = lineage.add_backfill_job(
+                generation_id=target,
+                policy=policy,
+                budget=budget,
+                total_items=len(selection),
+                m_mix_before=before,
+                curve=[list(p) for p in curve],
+            )
+        save_selection(job.id, selection)
+    assert job is not None and job.id is not None
+    job_id = int(job.id)
+    close_interrupted_jobs(lineage, keep=job_id)
+    total = len(selection)
+    chosen = np.sort(selection)
+    del selection
+    done, todo = progress_scan(gallery, chosen, target)
+    lineage.update_backfill_job(job_id, status=JobStatus.RUNNING, items_done=done, error=None)
+    if progress:
+        progress(done, total)
+    st["select_seconds"] = time.perf_counter() - t1
+    st["peak_rss_after_select"] = peak_rss_bytes()
+
+    t2 = time.perf_counter()
+    items = 0
+    try:
+        if todo:
+            items = reembed_parts(
+                gallery,
+                info,
+                todo,
+                chosen,
+                target,
+                source,
+                champion,
+                done,
+                total,
+                progress,
+                crash_after_parts,
+                max(1, pipeline_depth),
+                st,
+                progress_recorder(job_id),
+            )
+    except BaseException as exc:  # recorded; a later backfill with these settings resumes it
+        lineage.update_backfill_job(
+            job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000]
+        )
+        raise
+    st["pipeline_seconds"] = time.perf_counter() - t2
+    st["items"] = items
+    st["parts"] = len(todo)
+
+    t3 = time.perf_counter()
+    after = m_mix_stream(gallery, query_emb, query_labels) if measure else None
+    job = lineage.update_backfill_job(
+        job_id,
+        status=JobStatus.DONE,
+        items_done=done + items,
+        m_mix_after=after,
+        finished_at=datetime.now(UTC),
+    )
+    if update_index:
+        from store.index import CollectionIndex
+
+        CollectionIndex.open(gallery)
+    st["finish_seconds"] = time.perf_counter() - t3
+    st["peak_rss"] = peak_rss_bytes()
+    st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})
+    return job
