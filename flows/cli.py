@@ -3,12 +3,15 @@ serve, config."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import typer.core
@@ -528,15 +531,7 @@ def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed)
         _fail(exc)
 
 
-@app.command()
-def run(
-    ctx: typer.Context,
-    dataset: Annotated[
-        str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist", rich_help_panel="Data")
-    ] = "digits",
-    generations: Annotated[
-        int, typer.Option(min=1, help="cycles to run (>= 1)", rich_help_panel="Run")
-    ] = 3,
+def _cycle_options(
     method: MethodOpt = str(_TRAIN.method),
     against: AgainstOpt = _TRAIN.against,
     ancestor_weights: AncestorWeightsOpt = _TRAIN.ancestor_weights,
@@ -561,11 +556,45 @@ def run(
     architecture: ArchitectureOpt = None,
     config: ConfigOpt = None,
 ) -> None:
+    """The options ``run`` and ``cycle`` share, declared once (:func:`_with_cycle_options`)."""
+
+
+def _with_cycle_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` (taking ``**shared``) with :func:`_cycle_options`'s options after its own:
+    typer reads one signature per command, so the shared ones join it here."""
+    own = [
+        p
+        for p in inspect.signature(fn, eval_str=True).parameters.values()
+        if p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
+    shared = list(inspect.signature(_cycle_options, eval_str=True).parameters.values())
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        fn(**kwargs)
+
+    command.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    command.__annotations__ = {**_cycle_options.__annotations__, **fn.__annotations__}
+    return command
+
+
+@app.command()
+@_with_cycle_options
+def run(
+    ctx: typer.Context,
+    dataset: Annotated[
+        str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist", rich_help_panel="Data")
+    ] = "digits",
+    generations: Annotated[
+        int, typer.Option(min=1, help="cycles to run (>= 1)", rich_help_panel="Run")
+    ] = 3,
+    **shared: Any,
+) -> None:
     """Run N update cycles of the growing scenario in GRACEFUL_HOME (N: --generations,
     else the config file's stages, else 3)."""
     _env_defaults()
-    file = _read_config(config)
-    opts = locals()
+    file = _read_config(shared["config"])
+    opts = {"ctx": ctx, "dataset": dataset, "generations": generations, **shared}
     n = generations if _given(ctx, "generations") else file.get("stages") or generations
     cfg = _cycle_config(opts, file, {"dataset": dataset}, stages=n)
     _check_inputs(cfg.dataset, training=True)
@@ -574,6 +603,7 @@ def run(
 
 
 @app.command()
+@_with_cycle_options
 def cycle(
     ctx: typer.Context,
     dataset: Annotated[
@@ -591,26 +621,6 @@ def cycle(
             rich_help_panel="Data",
         ),
     ] = None,
-    method: MethodOpt = str(_TRAIN.method),
-    against: AgainstOpt = _TRAIN.against,
-    ancestor_weights: AncestorWeightsOpt = _TRAIN.ancestor_weights,
-    epochs: EpochsOpt = _TRAIN.epochs,
-    seed: SeedOpt = _TRAIN.seed,
-    backfill_budget: BudgetOpt = _BACKFILL.budget,
-    backfill_policy: PolicyOpt = str(_BACKFILL.policy),
-    backfill_retire_share: RetireOpt = _BACKFILL.retire_share,
-    no_gate: NoGateOpt = False,
-    max_nfr: MaxNfrOpt = _GATE.max_nfr,
-    accuracy_tolerance: TolOpt = _GATE.accuracy_tolerance,
-    require_ecc: EccOpt = _GATE.require_ecc,
-    ecc_margin: EccMarginOpt = _GATE.ecc_margin,
-    confidence: ConfidenceOpt = _GATE.confidence,
-    bootstrap_resamples: ResamplesOpt = _GATE.bootstrap_resamples,
-    on_incompatible: IncompatibleOpt = str(_GATE.on_incompatible),
-    max_backfill: MaxBackfillOpt = _GATE.max_backfill,
-    backfill_batch_rows: BatchRowsOpt = _BACKFILL.batch_rows,
-    no_wait: NoWaitOpt = False,
-    weight: WeightOpt = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -636,8 +646,6 @@ def cycle(
             hidden=True,
         ),
     ] = None,
-    image_size: ImageSizeOpt = None,
-    architecture: ArchitectureOpt = None,
     reevaluate: Annotated[
         bool,
         typer.Option(
@@ -646,7 +654,7 @@ def cycle(
             rich_help_panel="Data",
         ),
     ] = False,
-    config: ConfigOpt = None,
+    **shared: Any,
 ) -> None:
     """Run one update cycle; an interrupted one resumes.
 
@@ -656,8 +664,8 @@ def cycle(
     a line with ``skipped`` and exits 0, unless ``--force``.
     """
     _env_defaults()
-    file = _read_config(config)
-    opts = locals()
+    file = _read_config(shared["config"])
+    opts = {k: v for k, v in locals().items() if k != "shared"} | shared
     cfg = _cycle_config(opts, file)
     _check_inputs(cfg.dataset, training=True)
     _run_cycles(cfg, 1)
