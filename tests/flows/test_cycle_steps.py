@@ -258,3 +258,53 @@ def test_a_lineage_keeps_its_backbone_kind(home) -> None:
     arch = plan_cycle(lin, cfg).stage.architecture
     assert arch["kind"] == "mlp" and arch["width"] > 128  # it still grows, as an MLP
     assert gen.id == 1
+
+
+@pytest.mark.slow
+def test_a_scenario_lineage_from_before_the_one_source_goes_on(home, monkeypatch) -> None:
+    """A scenario lineage made before the Source: its keys file holds integer labels, it
+    has no class vocabulary and no evaluation items file. Its next cycle trains on the
+    next stage with the data set's own class rows: exactly what a lineage made now
+    trains (the same accuracy, to the last digit)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sqlmodel import Session, delete
+
+    from store.lineage import ClassName
+    from workers.data.source import train_rows
+    from workers.data.sources import label_indices
+
+    train = TrainConfig(method="none", epochs=1)
+    off = GateConfig(enabled=False)
+    ds = load_dataset("digits")
+
+    def two_stages(old_format: bool) -> Lineage:
+        lin = Lineage()
+        g1, _ = _cycle(lin, CycleConfig(dataset="digits", stages=2, train=train, gate=off))
+        if old_format:  # as the old code left it: keys and head rows, no names
+            keys = lin.snapshots()[g1].keys_path
+            rows = train_rows(pq.read_table(keys).column("key"))
+            labels = pa.array(ds.y_train[rows])
+            pq.write_table(pa.table({"key": [f"train/{r}" for r in rows], "label": labels}), keys)
+            with Session(lin.engine) as s, s.begin():
+                s.exec(delete(ClassName))
+            for old in (home / "snapshots").glob("eval-*.parquet"):
+                old.unlink()
+            assert lin.vocabulary() == {}
+        g2, promoted = _cycle(lin, CycleConfig(train=train, gate=off))
+        assert promoted and lin.generation(g2).stage == 1
+        return lin
+
+    lin = two_stages(old_format=True)
+    assert lin.vocabulary() == {n: i for i, n in enumerate(ds.class_names)}
+    snap = lin.snapshots()[2]
+    table = pq.read_table(snap.keys_path)
+    rows2 = train_rows(table.column("key"))
+    np.testing.assert_array_equal(
+        label_indices(table.column("label"), lin.vocabulary()), ds.y_train[rows2]
+    )
+    assert snap.stages == 2 and snap.items == len(rows2) > lin.snapshots()[1].items
+
+    monkeypatch.setenv("GRACEFUL_HOME", str(home.parent / "made-now"))
+    now = two_stages(old_format=False)
+    assert [g.accuracy for g in lin.generations()] == [g.accuracy for g in now.generations()]

@@ -85,11 +85,6 @@ def parse_collection_spec(spec: str) -> tuple[str, str | None]:
     return kind, path
 
 
-def is_scenario(spec: str) -> bool:
-    """True for a scenario data set (its evaluation split's gallery half is the collection)."""
-    return parse_collection_spec(spec)[0] not in COLLECTION_KINDS
-
-
 def same_kind(a: str, b: str) -> bool:
     return parse_collection_spec(a)[0] == parse_collection_spec(b)[0]
 
