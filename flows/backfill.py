@@ -34,8 +34,8 @@ def backfill_once(
     curve; a user's collection is read by key from its source, and M_mix, which needs
     labelled queries against it, is not measured.
     """
-    gallery = Collection(lineage)
-    info = gallery.require()
+    collection = Collection(lineage)
+    info = collection.require()
     champion = lineage.champion()
     if champion is None:
         raise StoreError("no champion generation to backfill with")
@@ -53,7 +53,7 @@ def backfill_once(
     complete = chain.owed_backfill(lineage)
     job = run_backfill(
         lineage,
-        gallery,
+        collection,
         ds,
         champion,
         cfg.policy,

@@ -63,9 +63,9 @@ def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
     """Run ``fn`` holding the gallery's writer lock (it dies with a killed job)."""
 
     @functools.wraps(fn)
-    def locked(lineage: Lineage, gallery: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
-        with gallery.writing():
-            return fn(lineage, gallery, *args, **kwargs)
+    def locked(lineage: Lineage, collection: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
+        with collection.writing():
+            return fn(lineage, collection, *args, **kwargs)
 
     return locked
 
@@ -73,7 +73,7 @@ def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
 @_one_writer
 def run_backfill(
     lineage: Lineage,
-    gallery: Collection,
+    collection: Collection,
     ds: Dataset | None,
     champion: Generation,
     policy: str,
@@ -113,13 +113,13 @@ def run_backfill(
     check_policy(policy)
     if source not in SOURCE_MODES:
         raise ValueError(f"unknown source mode {source!r}; choose one of {SOURCE_MODES}")
-    info = gallery.require()
+    info = collection.require()
     target = _check_champion(champion, info)
     if ds is not None and ds.spec != info.dataset:
         raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
     parse_collection_spec(info.dataset)  # a clear error for a source that went away
-    gallery.verify()  # raises, naming the file, before anything changes
-    gallery.reconcile()
+    collection.verify()  # raises, naming the file, before anything changes
+    collection.reconcile()
     st["verify_seconds"] = time.perf_counter() - t0
     st["peak_rss_after_verify"] = peak_rss_bytes()
 
@@ -131,7 +131,7 @@ def run_backfill(
     if selection is None:
         num_classes = len(champion.classes) if champion.classes else None
         order, n_items = policy_order(
-            gallery,
+            collection,
             target,
             policy,
             seed,
@@ -147,12 +147,12 @@ def run_backfill(
         selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
         if measure and champion_reference_emb is not None:
-            rows = gallery.read_all()
+            rows = collection.read_all()
             before = m_mix(query_emb, query_labels, rows)
             curve = backfill_curve(rows, champion_reference_emb, order, query_emb, query_labels)
             del rows
         elif measure:
-            before = m_mix_stream(gallery, query_emb, query_labels)
+            before = m_mix_stream(collection, query_emb, query_labels)
         del order
         if job is None:
             job = lineage.add_backfill_job(
@@ -170,7 +170,7 @@ def run_backfill(
     total = len(selection)
     chosen = np.sort(selection)
     del selection
-    done, todo = progress_scan(gallery, chosen, target)
+    done, todo = progress_scan(collection, chosen, target)
     lineage.update_backfill_job(job_id, status=JobStatus.RUNNING, items_done=done, error=None)
     if progress:
         progress(done, total)
@@ -182,7 +182,7 @@ def run_backfill(
     try:
         if todo:
             items = reembed_parts(
-                gallery,
+                collection,
                 info,
                 todo,
                 chosen,
@@ -207,7 +207,7 @@ def run_backfill(
     st["parts"] = len(todo)
 
     t3 = time.perf_counter()
-    after = m_mix_stream(gallery, query_emb, query_labels) if measure else None
+    after = m_mix_stream(collection, query_emb, query_labels) if measure else None
     job = lineage.update_backfill_job(
         job_id,
         status=JobStatus.DONE,
@@ -218,7 +218,7 @@ def run_backfill(
     if update_index:
         from store.index import CollectionIndex
 
-        CollectionIndex.open(gallery)
+        CollectionIndex.open(collection)
     st["finish_seconds"] = time.perf_counter() - t3
     st["peak_rss"] = peak_rss_bytes()
     st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})

@@ -85,11 +85,11 @@ def owed_items(lineage: Lineage) -> np.ndarray:
     if not n:
         return none
     debt = load_debt(int(champion.id), expected=int(round(n)))  # type: ignore[arg-type]
-    gallery = Collection(lineage)
-    if gallery.info() is None:
+    collection = Collection(lineage)
+    if collection.info() is None:
         return none
     stale = []
-    for _, batch in gallery.iter_batches(["item_id", "generation"]):
+    for _, batch in collection.iter_batches(["item_id", "generation"]):
         ids = batch.column(0).to_numpy()
         keep = np.isin(ids, debt) & (batch.column(1).to_numpy() != champion.id)
         stale.append(ids[keep])

@@ -43,16 +43,16 @@ def class_vocabulary(lineage: Lineage) -> dict[str, int]:
 
 def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, Any]:
     """Index ``cfg.spec`` (default: the collection's own spec) with the champion."""
-    gallery = Collection(lineage)
+    collection = Collection(lineage)
     spec = cfg.spec
     if spec is None:
-        info = gallery.info()
+        info = collection.info()
         if info is None or info.scenario:
             raise CollectionError(
                 "no collection to index: pass its spec (images:DIR, parquet:PATH)"
             )
         spec = info.dataset
-    info = gallery.info()
+    info = collection.info()
     if info is not None and info.scenario:  # bad input: a collection of another kind
         raise CollectionError(
             f"this GRACEFUL_HOME's collection is the scenario's evaluation gallery "
@@ -63,7 +63,7 @@ def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, A
         raise StoreError("no champion generation to index with: run `graceful cycle` first")
     result = run_index(
         lineage,
-        gallery,
+        collection,
         spec,
         champion,
         class_vocabulary(lineage),
@@ -89,10 +89,10 @@ def update_search_index(lineage: Lineage) -> dict[str, Any]:
     """Bring the persisted faiss index up to the committed collection (flat or IVF)."""
     from store.index import CollectionIndex
 
-    gallery = Collection(lineage)
-    if not gallery.exists():
+    collection = Collection(lineage)
+    if not collection.exists():
         return {"kind": None, "items": 0}
-    idx = CollectionIndex.open(gallery)
+    idx = CollectionIndex.open(collection)
     return {"kind": idx.kind.value, "items": idx.ntotal, "recall": idx.recall}
 
 

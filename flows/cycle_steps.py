@@ -147,12 +147,12 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     if plan.snapshot.eval_items is not None:
         write_once(eval_items_path(plan.snapshot.eval_fingerprint), plan.snapshot.eval_items)
     lineage.set_eval_fingerprint(plan.snapshot.eval_fingerprint)
-    gallery = Collection(lineage)
+    collection = Collection(lineage)
     champion = lineage.champion()
-    info = gallery.info()
+    info = collection.info()
     if info is not None and info.scenario:  # a user's collection does not change
         close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
-        gallery.drop()
+        collection.drop()
         if champion is not None:
             index_gallery(lineage, ds, champion, part_rows)
     return [int(g.id) for g in kept]  # type: ignore[arg-type]
@@ -491,7 +491,7 @@ def index_gallery(
     """The first gallery: the evaluation set's gallery half, embedded by the champion."""
     from workers.collection.backfill import m_mix
 
-    gallery = Collection(lineage)
+    collection = Collection(lineage)
     out = generation_outputs(champion, ds, subdir("cache"))
     rows = CollectionRows(
         item_id=out.reference_idx.astype(np.int64),
@@ -500,8 +500,8 @@ def index_gallery(
         margin=out.outputs.margin[out.reference_idx],
         embedding=out.reference_emb,
     )
-    gallery.create(ds.spec, rows, part_rows=part_rows)
-    value = m_mix(out.query_emb, ds.y_test[out.query_idx], gallery.read_all())
+    collection.create(ds.spec, rows, part_rows=part_rows)
+    value = m_mix(out.query_emb, ds.y_test[out.query_idx], collection.read_all())
     lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, value)])
     return {"indexed": len(rows), "m_mix": value}
 

@@ -133,25 +133,25 @@ class Searcher:
     def open(cls, lineage: Lineage, save: bool = True) -> Searcher:
         """The champion and the persisted index brought up to the committed collection."""
         champion = _champion(lineage)
-        gallery = Collection(lineage)
-        info = gallery.info()
+        collection = Collection(lineage)
+        info = collection.info()
         if info is None:
             raise NotReady("the collection is empty: `graceful index SPEC` adds items")
-        return cls(lineage, champion, CollectionIndex.open(gallery, save=save), info)
+        return cls(lineage, champion, CollectionIndex.open(collection, save=save), info)
 
     def advance(self, champion: Generation, manifest: list[str]) -> Searcher:
         """The next state: the encoder of ``champion`` (kept when it did not change) and
         a copy of the index synced to the committed manifest (this one is left as it is,
         for the requests still using it)."""
-        gallery = Collection(self.lineage)
-        info = gallery.require()
+        collection = Collection(self.lineage)
+        info = collection.require()
         index = self.index
         if tuple(sorted(manifest)) != self.manifest:
             try:
                 index = self.index.clone()
-                index.sync(gallery)
+                index.sync(collection)
             except StoreError:  # another dimension or kind: the persisted index, rebuilt
-                index = CollectionIndex.open(gallery, save=False)
+                index = CollectionIndex.open(collection, save=False)
         same = champion.id == self.champion
         return Searcher(self.lineage, champion, index, info, self._model if same else None)
 

@@ -54,16 +54,16 @@ class Judgement:
 
 
 def _holders(
-    lineage: Lineage, gallery: Collection, ref_idx: np.ndarray, fallback: int
+    lineage: Lineage, collection: Collection, ref_idx: np.ndarray, fallback: int
 ) -> np.ndarray:
     """Per reference item, the generation whose embedding of it users meet now."""
-    info = gallery.info()
+    info = collection.info()
     held = np.full(len(ref_idx), fallback, dtype=np.int64)
     if info is None:
         return held
     if info.scenario:  # the collection is the reference half, keyed by position
         pos = {int(i): n for n, i in enumerate(ref_idx)}
-        for _, batch in gallery.iter_batches(["item_id", "generation"]):
+        for _, batch in collection.iter_batches(["item_id", "generation"]):
             for i, gen in zip(
                 batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
             ):
@@ -93,8 +93,8 @@ def served_view(
     """The evaluation set as users would meet it (module docstring), and the generations
     that hold items now."""
     ref_idx, q_idx = eval_split(len(ds.y_test))
-    gallery = Collection(lineage)
-    held = _holders(lineage, gallery, ref_idx, int(champion.id))  # type: ignore[arg-type]
+    collection = Collection(lineage)
+    held = _holders(lineage, collection, ref_idx, int(champion.id))  # type: ignore[arg-type]
     by_id = {int(g.id): g for g in lineage.generations()}  # type: ignore[arg-type]
     new = generation_outputs(candidate, ds, cache_dir)
     now = generation_outputs(champion, ds, cache_dir)
@@ -115,7 +115,7 @@ def served_view(
         held_by=held,
         ref_by_gen=ref_by_gen,
     )
-    return view, set(ref_by_gen) if gallery.info() is not None else set()
+    return view, set(ref_by_gen) if collection.info() is not None else set()
 
 
 def judge(
@@ -133,7 +133,7 @@ def judge(
 ) -> Judgement:
     """The served-state outcome of a candidate that passed the other checks."""
     view, holders = served_view(lineage, ds, candidate, champion, cache_dir)
-    gallery = Collection(lineage)
+    collection = Collection(lineage)
     kw = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples}
     targeted = cfg.on_incompatible == OnIncompatible.TARGETED
     if not holders:  # nothing indexed yet: it will be indexed whole by the champion
@@ -153,12 +153,12 @@ def judge(
                 b.column(1).to_numpy(),
                 b.column(2).flatten().to_numpy(zero_copy_only=False).reshape(b.num_rows, -1),
             )
-            for _, b in gallery.iter_batches(["item_id", "generation", "embedding"])
+            for _, b in collection.iter_batches(["item_id", "generation", "embedding"])
         )
         debt = collection_selection(batches, protos, plan.classes)
-    collection = sum(lineage.gallery_counts().values())
-    outcome, reasons = judge_served(plan, len(debt), collection, cfg, names)
-    return Judgement(outcome, reasons, plan, debt, collection)
+    size = sum(lineage.gallery_counts().values())
+    outcome, reasons = judge_served(plan, len(debt), size, cfg, names)
+    return Judgement(outcome, reasons, plan, debt, size)
 
 
 def record(lineage: Lineage, gen_id: int, j: Judgement, names: dict[int, str]) -> list[tuple]:

@@ -130,16 +130,16 @@ class CollectionIndex:
         return cls(dim, kind, ivf_cells(items) if kind is IndexKind.IVF else 0)
 
     @classmethod
-    def from_gallery(cls, gallery: Collection) -> CollectionIndex:
+    def from_gallery(cls, collection: Collection) -> CollectionIndex:
         """Build from the committed collection, part by part (not persisted)."""
-        info = gallery.require()
+        info = collection.require()
         idx = cls.for_collection(info.embed_dim, int(info.items))
-        idx.sync(gallery)
+        idx.sync(collection)
         return idx
 
     @classmethod
     def open(
-        cls, gallery: Collection, path: Path | None = None, save: bool = True
+        cls, collection: Collection, path: Path | None = None, save: bool = True
     ) -> CollectionIndex:
         """The persisted index, brought up to the committed collection (saved if it moved).
 
@@ -147,22 +147,22 @@ class CollectionIndex:
         is one of the wrong kind for the collection's size, and an IVF index whose recall
         fell below ``RETRAIN_RECALL`` (it is trained again on the current embeddings).
         """
-        info = gallery.require()
-        path = path or gallery.root / INDEX_FILE
+        info = collection.require()
+        path = path or collection.root / INDEX_FILE
         with contextlib.suppress(OSError):  # the format before 3: rebuilt under the new name
-            (gallery.root / "index.npz").unlink(missing_ok=True)
+            (collection.root / "index.npz").unlink(missing_ok=True)
         idx = cls.load(path, info.embed_dim)
         fresh = idx is None or idx.kind is not wanted_kind(int(info.items))
         if fresh:
             idx = cls.for_collection(info.embed_dim, int(info.items))
         assert idx is not None
-        changed = idx.sync(gallery)
+        changed = idx.sync(collection)
         if idx.kind is IndexKind.IVF and changed and not fresh:
             recall = idx.measure_recall()
             if recall is not None and recall < RETRAIN_RECALL:  # the cells no longer fit
                 before = idx.trainings
                 idx = cls.for_collection(info.embed_dim, int(info.items))
-                idx.sync(gallery)
+                idx.sync(collection)
                 idx.measure_recall()
                 idx.trainings += before
                 fresh = True
@@ -230,7 +230,7 @@ class CollectionIndex:
         drop = pc.is_in(self._table.column("item_id"), pa.array(ids))
         self._replace_rows(drop, [_lookup_table(ids, keys, labels, generations)])
 
-    def sync(self, gallery: Collection, attempts: int = 64) -> bool:
+    def sync(self, collection: Collection, attempts: int = 64) -> bool:
         """Bring the index to the collection's committed manifest; True if anything changed.
 
         Only parts whose file changed since the index last saw them are read, each checked
@@ -239,7 +239,7 @@ class CollectionIndex:
         then the new embeddings added: no id twice. A part superseded while being read
         makes it start over from a fresh manifest.
         """
-        info = gallery.require()
+        info = collection.require()
         if info.embed_dim != self.dim:
             raise CollectionStoreError(
                 f"embedding dim mismatch: the index has dim {self.dim}, "
@@ -247,7 +247,7 @@ class CollectionIndex:
             )
         changed = False
         for _ in range(attempts):
-            committed = gallery.manifest()
+            committed = collection.manifest()
             manifest = {slot_of(p.name): p.name for p in committed}
             gone = sorted(set(self.parts) - set(manifest))
             if gone:
@@ -263,10 +263,10 @@ class CollectionIndex:
                 names = {n for _, n in stale}
                 for part in committed:
                     if part.name in names:
-                        gallery.check_part(part, info)
+                        collection.check_part(part, info)
                 if not self.trained:
-                    self.train(_training_sample(gallery, TRAIN_PER_CELL * self.nlist))
-                self._replace_parts(gallery, stale)
+                    self.train(_training_sample(collection, TRAIN_PER_CELL * self.nlist))
+                self._replace_parts(collection, stale)
             except PartGone:  # a writer committed meanwhile: start over from its manifest
                 continue
             return changed
@@ -284,13 +284,13 @@ class CollectionIndex:
             self.parts.pop(s, None)
         self._replace_rows(mask, [])
 
-    def _replace_parts(self, gallery: Collection, stale: list[tuple[int, str]]) -> None:
-        info = gallery.require()
+    def _replace_parts(self, collection: Collection, stale: list[tuple[int, str]]) -> None:
+        info = collection.require()
         # out go the ids the index holds for these slots (a pruned part holds fewer now)
         # and the ids the new versions hold (wherever the index had them)
         new_ids = [
             np.asarray(batch.column(0).to_numpy(), dtype=np.int64)
-            for _, batch in gallery.iter_batches(["item_id"], names=[n for _, n in stale])
+            for _, batch in collection.iter_batches(["item_id"], names=[n for _, n in stale])
         ]
         ids = np.concatenate(new_ids) if new_ids else np.zeros(0, np.int64)
         mask = pc.or_(
@@ -307,7 +307,7 @@ class CollectionIndex:
         tables: list[pa.Table] = []
         try:
             for slot, name in stale:
-                rows = gallery.read_rows(name, info)
+                rows = collection.read_rows(name, info)
                 emb = self._check(rows.embedding)
                 self.index.add_with_ids(emb, rows.item_id)
                 tables.append(
@@ -489,13 +489,13 @@ class CollectionIndex:
         return None if hit < 0 else int(table.column("item_id")[hit].as_py())
 
 
-def _training_sample(gallery: Collection, n: int, seed: int = 0) -> np.ndarray:
+def _training_sample(collection: Collection, n: int, seed: int = 0) -> np.ndarray:
     """About ``n`` embeddings of the committed collection, a seeded even sample."""
-    info = gallery.require()
+    info = collection.require()
     share = min(1.0, n / max(1, int(info.items)))
     rng = np.random.default_rng(seed)
     out = []
-    for _, batch in gallery.iter_batches(["embedding"]):
+    for _, batch in collection.iter_batches(["embedding"]):
         emb = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
         keep = rng.random(len(emb)) < share
         out.append(np.array(emb[keep], dtype=np.float32))

@@ -201,7 +201,7 @@ def m_mix(query_emb: np.ndarray, query_labels: np.ndarray, rows: CollectionRows)
 
 
 def m_mix_stream(
-    gallery: Collection,
+    collection: Collection,
     query_emb: np.ndarray,
     query_labels: np.ndarray,
     batch_rows: int = SCAN_ROWS,
@@ -211,7 +211,7 @@ def m_mix_stream(
     q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     best = np.full(len(q), -np.inf, dtype=np.float32)
     label = np.full(len(q), -1, dtype=np.int64)
-    for _, batch in gallery.iter_batches(["label", "embedding"], batch_rows=batch_rows):
+    for _, batch in collection.iter_batches(["label", "embedding"], batch_rows=batch_rows):
         emb = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
         if emb.shape[1] != q.shape[1]:
             raise CollectionStoreError(
@@ -420,7 +420,7 @@ def _emb(batch, col: int) -> np.ndarray:
 
 
 def policy_order(
-    gallery: Collection,
+    collection: Collection,
     target: int,
     policy: str,
     seed: int = 0,
@@ -437,7 +437,7 @@ def policy_order(
     ``representative``, a sample of at most 256 embeddings a stratum.
     """
     check_policy(policy)
-    manifest = gallery.manifest()  # one snapshot for every pass
+    manifest = collection.manifest()  # one snapshot for every pass
     names = [p.name for p in manifest]
     n = sum(int(p.rows) for p in manifest)
     need_emb = policy in EMBEDDING_POLICIES
@@ -450,7 +450,7 @@ def policy_order(
     s_keys = np.zeros(0, dtype=np.uint64)
     s_emb: np.ndarray | None = None
     at = 0
-    for _, batch in gallery.iter_batches(cols, names=names, batch_rows=batch_rows):
+    for _, batch in collection.iter_batches(cols, names=names, batch_rows=batch_rows):
         m = batch.num_rows
         if at + m > n:
             raise CollectionStoreError(
@@ -478,7 +478,9 @@ def policy_order(
         if s_emb is not None and len(s_emb):
             centroids = train_strata(s_emb, k, seed)
             at = 0
-            for _, batch in gallery.iter_batches(["embedding"], names=names, batch_rows=batch_rows):
+            for _, batch in collection.iter_batches(
+                ["embedding"], names=names, batch_rows=batch_rows
+            ):
                 strata[at : at + batch.num_rows] = assign_strata(centroids, _emb(batch, 0))
                 at += batch.num_rows
     retire_below = int(retire_share * n)  # items: a generation holding so few retires now
@@ -504,12 +506,12 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[pos] == values
 
 
-def progress_scan(gallery: Collection, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
+def progress_scan(collection: Collection, chosen: np.ndarray, target: int) -> tuple[int, list[str]]:
     """(chosen items already embedded by ``target``, parts still holding chosen stale items)."""
     done, todo = 0, []
-    for name in gallery.part_names():
+    for name in collection.part_names():
         pending = False
-        for _, batch in gallery.iter_batches(["item_id", "generation"], names=[name]):
+        for _, batch in collection.iter_batches(["item_id", "generation"], names=[name]):
             hit = _in_sorted(np.asarray(batch.column(0).to_numpy(), dtype=np.int64), chosen)
             fresh = np.asarray(batch.column(1).to_numpy()) == target
             done += int((hit & fresh).sum())
@@ -520,7 +522,7 @@ def progress_scan(gallery: Collection, chosen: np.ndarray, target: int) -> tuple
 
 
 def reembed_parts(
-    gallery: Collection,
+    collection: Collection,
     info: CollectionInfo,
     todo: list[str],
     chosen: np.ndarray,
@@ -575,7 +577,7 @@ def reembed_parts(
             if on_commit is not None:
                 on_commit(session, n)
 
-        gallery.rewrite_part(name, rows, also=record)
+        collection.rewrite_part(name, rows, also=record)
         timers["write"] += time.perf_counter() - t1
         committed += 1
         if progress:
@@ -587,7 +589,7 @@ def reembed_parts(
     try:
         for name in todo:
             t = time.perf_counter()
-            head = gallery.read_part(
+            head = collection.read_part(
                 name, info, columns=["item_id", "generation", "label", "key", "fingerprint"]
             )
             ids = np.asarray(head.column(0).to_numpy(), dtype=np.int64)
@@ -595,7 +597,7 @@ def reembed_parts(
             mask = _in_sorted(ids, chosen) & (gens != target)
             if not mask.any():
                 continue
-            full = None if mask.all() else gallery.read_rows(name, info)
+            full = None if mask.all() else collection.read_rows(name, info)
             labels = np.asarray(head.column(2).to_numpy(), dtype=np.int64)
             t1 = time.perf_counter()
             item_keys = np.asarray(head.column(3).to_pylist(), dtype=object)

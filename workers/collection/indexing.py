@@ -189,9 +189,9 @@ def _labels(names: pa.Array | pa.ChunkedArray, vocabulary: dict[str, int]) -> np
     return np.where(at < 0, UNLABELLED, rows[np.maximum(at, 0)])
 
 
-def check_collection(gallery: Collection, spec: str, champion: Generation) -> None:
+def check_collection(collection: Collection, spec: str, champion: Generation) -> None:
     """A spec of the collection's kind, and a champion embedding in its dimension."""
-    info = gallery.info()
+    info = collection.info()
     if info is not None and not same_kind(info.dataset, spec):
         kind = parse_collection_spec(info.dataset)[0]
         raise CollectionError(
@@ -207,7 +207,7 @@ def check_collection(gallery: Collection, spec: str, champion: Generation) -> No
 
 def run_index(
     lineage: Lineage,
-    gallery: Collection,
+    collection: Collection,
     spec: str,
     champion: Generation,
     vocabulary: dict[str, int],
@@ -229,12 +229,12 @@ def run_index(
     verify_checkpoint(
         champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
     )
-    with gallery.writing():
-        check_collection(gallery, spec, champion)
-        if gallery.exists():
-            gallery.verify(check_hash=False)
-            gallery.reconcile()
-        held = gallery.keys()
+    with collection.writing():
+        check_collection(collection, spec, champion)
+        if collection.exists():
+            collection.verify(check_hash=False)
+            collection.reconcile()
+        held = collection.keys()
         known = None
         if parse_collection_spec(spec)[0] in ("images", "imagefolder"):
             # files whose size and mtime match are neither decoded nor hashed again
@@ -263,23 +263,23 @@ def run_index(
         done = 0
         if progress:
             progress(0, total)
-        info = gallery.info()
+        info = collection.info()
         if info is not None and info.dataset != spec:
-            gallery.set_dataset(spec)  # the same kind of source, moved: keys still hold
+            collection.set_dataset(spec)  # the same kind of source, moved: keys still hold
         if prune and len(plan.gone):
-            result.pruned = _prune(gallery, plan.gone)
+            result.pruned = _prune(collection, plan.gone)
             done += result.pruned
             if progress:
                 progress(done, total)
         if len(plan.changed):
-            n, bad = _reembed(gallery, champion, spec, plan.changed, vocabulary, part_rows)
+            n, bad = _reembed(collection, champion, spec, plan.changed, vocabulary, part_rows)
             result.reembedded, done = n, done + n + len(bad)
             result.skipped += bad
             if progress:
                 progress(done, total)
         t_embed = time.perf_counter()
         if len(plan.new):
-            for n, bad in _add(gallery, champion, spec, plan.new, vocabulary, part_rows):
+            for n, bad in _add(collection, champion, spec, plan.new, vocabulary, part_rows):
                 result.added += n
                 result.skipped += bad
                 done += n + len(bad)
@@ -291,12 +291,12 @@ def run_index(
                 f"item {first['key']} could not be read: {first['reason']}; the items read "
                 "before it are indexed; fix it, or run without --strict to skip it"
             )
-        result.items = int(gallery.require().items) if gallery.exists() else 0
+        result.items = int(collection.require().items) if collection.exists() else 0
     from store.index import CollectionIndex
 
     t_index = time.perf_counter()
-    if gallery.exists() and update_index:
-        CollectionIndex.open(gallery)
+    if collection.exists() and update_index:
+        CollectionIndex.open(collection)
     result.seconds = time.perf_counter() - t0
     result.stats = {
         "list_seconds": t_list - t0,
@@ -307,7 +307,7 @@ def run_index(
 
 
 def _add(
-    gallery: Collection,
+    collection: Collection,
     champion: Generation,
     spec: str,
     new: pa.Table,
@@ -323,7 +323,7 @@ def _add(
         ok = np.asarray(batch["ok"], dtype=bool)
         bad = [{"key": str(k), "reason": "gone or unreadable when read"} for k in batch["key"][~ok]]
         if ok.any():
-            start = gallery.next_item_id()
+            start = collection.next_item_id()
             m = int(ok.sum())
             rows = CollectionRows(
                 item_id=np.arange(start, start + m, dtype=np.int64),
@@ -334,17 +334,17 @@ def _add(
                 key=np.asarray(batch["key"], dtype=object)[ok],
                 fingerprint=np.asarray(fps.slice(at, n).to_pylist(), dtype=object)[ok],
             )
-            gallery.append(spec, rows)
+            collection.append(spec, rows)
             failpoint("index-part")  # the kill tests stop here, a part committed
         at += n
         yield int(ok.sum()), bad
 
 
-def _parts_of(gallery: Collection, ids: np.ndarray) -> dict[str, np.ndarray]:
+def _parts_of(collection: Collection, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Committed part -> the given item ids it holds."""
     out: dict[str, np.ndarray] = {}
     want = np.sort(np.asarray(ids, dtype=np.int64))
-    for name, batch in gallery.iter_batches(["item_id"]):
+    for name, batch in collection.iter_batches(["item_id"]):
         have = np.asarray(batch.column(0).to_numpy(), dtype=np.int64)
         hit = have[np.isin(have, want)]
         if len(hit):
@@ -352,23 +352,23 @@ def _parts_of(gallery: Collection, ids: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _prune(gallery: Collection, gone: pa.Table) -> int:
+def _prune(collection: Collection, gone: pa.Table) -> int:
     """Remove the ``gone`` items, part by part (a part left empty is dropped)."""
     removed = 0
-    for name, ids in _parts_of(gallery, gone.column("item_id").to_numpy()).items():
-        rows = gallery.read_rows(name)
+    for name, ids in _parts_of(collection, gone.column("item_id").to_numpy()).items():
+        rows = collection.read_rows(name)
         keep = ~np.isin(rows.item_id, ids)
         if keep.any():
-            gallery.rewrite_part(name, rows.take(np.flatnonzero(keep)))
+            collection.rewrite_part(name, rows.take(np.flatnonzero(keep)))
         else:
-            gallery.drop_part(name)
+            collection.drop_part(name)
         removed += int((~keep).sum())
         failpoint("prune-part")
     return removed
 
 
 def _reembed(
-    gallery: Collection,
+    collection: Collection,
     champion: Generation,
     spec: str,
     changed: pa.Table,
@@ -381,7 +381,7 @@ def _reembed(
     ids = changed.column("item_id").to_numpy()
     labels = _labels(changed.column("label"), vocabulary)
     fps = np.asarray(changed.column("fingerprint").to_pylist(), dtype=object)
-    by_part = _parts_of(gallery, ids)
+    by_part = _parts_of(collection, ids)
     part_of = {int(i): name for name, got in by_part.items() for i in got}
     pending: dict[str, list[tuple[int, np.ndarray, float, bool]]] = {}
     left = {name: len(got) for name, got in by_part.items()}
@@ -399,13 +399,13 @@ def _reembed(
             )
             left[name] -= 1
             if left[name] == 0:
-                done += _rewrite(gallery, name, pending.pop(name), ids, labels, fps, champion)
+                done += _rewrite(collection, name, pending.pop(name), ids, labels, fps, champion)
         at += len(batch["key"])
     return done, bad
 
 
-def _rewrite(gallery, name, got, ids, labels, fps, champion) -> int:
-    rows = gallery.read_rows(name)
+def _rewrite(collection, name, got, ids, labels, fps, champion) -> int:
+    rows = collection.read_rows(name)
     pos = {int(v): p for p, v in enumerate(rows.item_id)}
     n = 0
     for i, emb, margin, ok in got:
@@ -416,5 +416,5 @@ def _rewrite(gallery, name, got, ids, labels, fps, champion) -> int:
         rows.generation[p], rows.label[p], rows.fingerprint[p] = champion.id, labels[i], fps[i]
         n += 1
     if n:
-        gallery.rewrite_part(name, rows)
+        collection.rewrite_part(name, rows)
     return n
