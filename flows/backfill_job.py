@@ -53,14 +53,14 @@ def _check_champion(champion: Generation, info: CollectionInfo) -> int:
     if int(champion.embed_dim) != int(info.embed_dim):
         raise CollectionStoreError(
             f"embedding dim mismatch: generation {champion.id} embeds in dim "
-            f"{champion.embed_dim} but the gallery stores dim {info.embed_dim}; "
-            "a gallery cannot mix dimensions (index a new gallery in a new GRACEFUL_HOME)"
+            f"{champion.embed_dim} but the collection stores dim {info.embed_dim}; "
+            "a collection cannot mix dimensions (index a new collection in a new GRACEFUL_HOME)"
         )
     return int(champion.id)
 
 
 def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
-    """Run ``fn`` holding the gallery's writer lock (it dies with a killed job)."""
+    """Run ``fn`` holding the collection's writer lock (it dies with a killed job)."""
 
     @functools.wraps(fn)
     def locked(lineage: Lineage, collection: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
@@ -116,7 +116,7 @@ def run_backfill(
     info = collection.require()
     target = _check_champion(champion, info)
     if ds is not None and ds.spec != info.dataset:
-        raise StoreError(f"the gallery indexes {info.dataset!r}, not {ds.spec!r}")
+        raise StoreError(f"the collection indexes {info.dataset!r}, not {ds.spec!r}")
     parse_collection_spec(info.dataset)  # a clear error for a source that went away
     collection.verify()  # raises, naming the file, before anything changes
     collection.reconcile()

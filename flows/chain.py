@@ -14,7 +14,7 @@ from workers.measuring.metric_names import Metric
 
 
 def active_generations(lineage: Lineage) -> list[int]:
-    """Earlier generations still in use: items in the gallery, pinned, or serving as champion."""
+    """Earlier generations still in use: items in the collection, pinned, or serving as champion."""
     in_gallery = set(lineage.gallery_counts())
     active = []
     for gen in lineage.generations():
@@ -97,14 +97,14 @@ def owed_items(lineage: Lineage) -> np.ndarray:
 
 
 def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:
-    """Retire promoted generations with no items left in the gallery (unless pinned/champion)."""
+    """Retire promoted generations with no items left in the collection (unless pinned/champion)."""
     counts = lineage.gallery_counts()
     retired = []
     for gen in lineage.generations():
         if gen.status != GenerationStatus.PROMOTED or gen.retired or gen.pinned or gen.is_champion:
             continue
         if counts.get(int(gen.id), 0) == 0:  # type: ignore[arg-type]
-            reason = f"generation {gen.id} has no items left in the gallery (backfilled away)"
+            reason = f"generation {gen.id} has no items left in the collection (backfilled away)"
             lineage.retire(int(gen.id), reason)  # type: ignore[arg-type]
             retired.append((int(gen.id), reason))  # type: ignore[arg-type]
     return retired

@@ -55,7 +55,7 @@ def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, A
     info = collection.info()
     if info is not None and info.scenario:  # bad input: a collection of another kind
         raise CollectionError(
-            f"this GRACEFUL_HOME's collection is the scenario's evaluation gallery "
+            f"this GRACEFUL_HOME's collection is the scenario's evaluation reference half "
             f"({info.dataset}); index {spec!r} in another GRACEFUL_HOME"
         )
     champion = lineage.champion()

@@ -245,7 +245,7 @@ class TrainConfig(BaseModel):
 
 
 class BackfillConfig(BaseModel):
-    """A partial backfill: re-embed ``budget`` of the gallery with the champion."""
+    """A partial backfill: re-embed ``budget`` of the collection with the champion."""
 
     budget: float = Field(0.3, ge=0, description="a fraction (<= 1) or a count of items (> 1)")
     policy: Policy = Field(
@@ -255,7 +255,7 @@ class BackfillConfig(BaseModel):
         0.1,
         ge=0,
         le=1,
-        description="generations holding at most this share of the gallery are backfilled "
+        description="generations holding at most this share of the collection are backfilled "
         "first (within the budget), so they retire and later generations are not "
         "constrained against them: the constraints stay bounded as the chain grows",
     )
@@ -264,7 +264,7 @@ class BackfillConfig(BaseModel):
     curve: bool = Field(
         True,
         description="measure the backfill curve (M_mix over beta; the scenario's labelled "
-        "evaluation gallery only: a user's collection has no labelled queries against it)",
+        "evaluation reference half only: a user's collection has no labelled queries against it)",
     )
 
     @field_validator("budget", mode="before")
@@ -277,7 +277,7 @@ class BackfillConfig(BaseModel):
             return v
         if not finite:
             raise ValueError(
-                "the budget must be a finite number: a fraction of the gallery (0 to 1) or "
+                "the budget must be a finite number: a fraction of the collection (0 to 1) or "
                 "a count of items (a whole number above 1), e.g. 0.3 or 500"
             )
         return v
@@ -306,7 +306,7 @@ class IndexConfig(BaseModel):
 class CycleConfig(BaseModel):
     """One update cycle: train -> evaluate -> gate -> promote -> backfill -> publish."""
 
-    dataset: str | None = Field(None, description="data-set spec; default: the gallery's")
+    dataset: str | None = Field(None, description="data-set spec; default: the lineage's")
     stages: int | None = Field(
         None, ge=1, description="stages of the growing scenario; default: the lineage's, else 3"
     )
@@ -323,7 +323,7 @@ class CycleConfig(BaseModel):
     reevaluate: bool = Field(
         False,
         description="when the evaluation set changed: measure every kept generation on the "
-        "new one (and rebuild the gallery) instead of refusing",
+        "new one (and rebuild the scenario's collection) instead of refusing",
     )
     wait_for_lock: bool = Field(
         True, description="wait for a cycle already running on this lineage; false: refuse"

@@ -235,7 +235,7 @@ def decide(
             )
         else:
             reasons[i] = (
-                f"BACKFILL {reasons[i]}; every gallery item of {k} is re-embedded by this "
+                f"BACKFILL {reasons[i]}; every collection item of {k} is re-embedded by this "
                 "cycle's backfill (on_incompatible=backfill)"
             )
     return ok, reasons

@@ -328,7 +328,7 @@ def search_item(lineage: Lineage, key: str | int, k: int = 5) -> dict[str, Any]:
 
 
 def search_file(lineage: Lineage, path: Path | str, k: int = 5) -> dict[str, Any]:
-    """The ``k`` nearest gallery items to a query file, embedded by the champion."""
+    """The ``k`` nearest collection items to a query file, embedded by the champion."""
     s = Searcher.open(lineage)
     emb = s.file_query(path)
     return {

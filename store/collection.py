@@ -67,7 +67,7 @@ PENDING = ".pending"  # the suffix of a writer's intent marker: ``.NAME.pending`
 
 
 class CollectionStoreError(StoreError):
-    """A bad gallery file or a mismatched write; the message names the file or the problem."""
+    """A bad collection file or a mismatched write; the message names the file or the problem."""
 
 
 class PartGone(CollectionStoreError):
@@ -126,7 +126,7 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
 def slot_of(name: str) -> int:
     parsed = parse_part_name(name)
     if parsed is None:
-        raise CollectionStoreError(f"{name!r} is not a gallery part name")
+        raise CollectionStoreError(f"{name!r} is not a collection part name")
     return parsed[0]
 
 
@@ -155,7 +155,7 @@ class CollectionRows:
         emb = np.ascontiguousarray(self.embedding, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != dim:
             raise CollectionStoreError(
-                f"embedding dim mismatch: the gallery stores dim {dim}, got shape {emb.shape}"
+                f"embedding dim mismatch: the collection stores dim {dim}, got shape {emb.shape}"
             )
         n = len(self.item_id)
         for col in ("key", "label", "generation", "margin", "fingerprint"):
@@ -208,7 +208,7 @@ class CollectionRows:
 
 
 class Collection:
-    """The Parquet gallery and its manifest in the lineage."""
+    """The Parquet collection and its manifest in the lineage."""
 
     def __init__(self, lineage: Lineage, root: Path | None = None) -> None:
         self.lineage = lineage
@@ -245,7 +245,7 @@ class Collection:
         except BlockingIOError:
             os.close(fd)
             raise CollectionStoreError(
-                f"another backfill is writing the gallery ({path} is locked); "
+                f"another backfill is writing the collection ({path} is locked); "
                 "wait for it to finish or stop it, then start again"
             ) from None
         self._lock_fd = fd
@@ -283,7 +283,7 @@ class Collection:
         info = self.info()
         if info is None:
             raise CollectionStoreError(
-                "the gallery is empty: run `graceful run` or `graceful cycle` first"
+                "the collection is empty: run `graceful run` or `graceful cycle` first"
             )
         return info
 
@@ -307,7 +307,7 @@ class Collection:
         try:
             f = pq.ParquetFile(path)
         except FileNotFoundError as exc:
-            raise PartGone(f"gallery part {path} is missing") from exc
+            raise PartGone(f"collection part {path} is missing") from exc
         except (pa.ArrowInvalid, OSError) as exc:
             raise CollectionStoreError(f"corrupt Parquet file {path}: {exc}") from exc
         expected = gallery_schema(info.embed_dim)
@@ -317,7 +317,7 @@ class Collection:
             if _dims_only_differ(schema, expected):
                 raise CollectionStoreError(
                     f"embedding dim mismatch in {path}: it stores "
-                    f"{schema.field('embedding').type}, the gallery's dim is {info.embed_dim}"
+                    f"{schema.field('embedding').type}, the collection's dim is {info.embed_dim}"
                 )
             raise CollectionStoreError(
                 f"foreign Parquet file {path}: schema ({_short(schema)}) is not the "
@@ -422,7 +422,7 @@ class Collection:
         info = info or self.require()
         path = self._path(part.name)
         if not path.exists():
-            raise PartGone(f"gallery part {path} is missing (listed in the manifest)")
+            raise PartGone(f"collection part {path} is missing (listed in the manifest)")
         f = self._open(part.name, info)
         rows = f.metadata.num_rows
         f.close()
@@ -433,7 +433,7 @@ class Collection:
         try:
             digest = file_sha256(path) if check_hash else part.sha256
         except FileNotFoundError as exc:  # superseded and deleted between the checks
-            raise PartGone(f"gallery part {path} is missing (superseded)") from exc
+            raise PartGone(f"collection part {path} is missing (superseded)") from exc
         if digest != part.sha256:
             raise CollectionStoreError(
                 f"gallery part {path} was modified outside graceful: its sha256 differs from "
@@ -554,7 +554,7 @@ class Collection:
         info = self.require()
         slot, version = parse_part_name(name) or (None, None)
         if slot is None:
-            raise CollectionStoreError(f"{name!r} is not a gallery part name")
+            raise CollectionStoreError(f"{name!r} is not a collection part name")
         before = next((int(p.rows) for p in self.manifest() if p.name == name), None)
         staged = self._stage(part_name(slot, version + 1), rows, info.embed_dim)
         try:

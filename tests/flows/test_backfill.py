@@ -225,7 +225,7 @@ def test_an_embedding_dimension_mismatch_is_refused(tiny) -> None:
     lin, gallery, g1, g2 = tiny
     wide = tiny_generation(lin, seed=3, embed_dim=12)
     before = _state(gallery)
-    with pytest.raises(CollectionStoreError, match="embeds in dim 12 but the gallery stores dim 8"):
+    with pytest.raises(CollectionStoreError, match="dim 12 but the collection stores dim 8"):
         run_backfill(lin, gallery, None, wide, "random", 1.0)
     assert _state(gallery) == before
     with pytest.raises(CollectionStoreError, match="dim mismatch"):

@@ -89,7 +89,7 @@ def test_an_index_of_the_wrong_kind_is_bad_input(home: Path, tmp_path: Path, cli
     gallery.create("digits", rows)
     before = sorted(p.name for p in gallery.root.iterdir())
     line = _refused(c, "index", f"images:{album}")
-    assert "scenario's evaluation gallery" in line and "another GRACEFUL_HOME" in line
+    assert "scenario's evaluation reference half" in line and "another GRACEFUL_HOME" in line
     line = _refused(c, "index")
     assert "pass its spec" in line
     assert sorted(p.name for p in gallery.root.iterdir()) == before

@@ -192,7 +192,7 @@ def test_a_missing_part_is_named(gallery: Collection) -> None:
 def test_embedding_dimension_mismatch_is_refused(gallery: Collection) -> None:
     before = snapshot(gallery)
     with pytest.raises(
-        CollectionStoreError, match="embedding dim mismatch: the gallery stores dim 4"
+        CollectionStoreError, match="embedding dim mismatch: the collection stores dim 4"
     ):
         gallery.rewrite_part("part-00000.parquet", rows([0, 2, 4, 6], gen=2, dim=6))
     assert snapshot(gallery) == before
@@ -230,6 +230,7 @@ def test_one_writer_at_a_time(gallery: Collection) -> None:
     with gallery.writing():
         with gallery.writing():  # re-entrant for the holder
             assert gallery.reconcile() == []
-        with pytest.raises(CollectionStoreError, match="another backfill is writing the gallery"):
+        busy = "another backfill is writing the collection"
+        with pytest.raises(CollectionStoreError, match=busy):
             other.reconcile()
     assert other.reconcile() == []  # released

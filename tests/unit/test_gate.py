@@ -163,7 +163,8 @@ def test_on_incompatible_backfill_promotes_and_says_what_it_owes() -> None:
     assert ok and not _fails(reasons)
     assert reasons[1].startswith("BACKFILL not compatible with 1: ")
     assert reasons[1].endswith(
-        "every gallery item of 1 is re-embedded by this cycle's backfill (on_incompatible=backfill)"
+        "every collection item of 1 is re-embedded by this cycle's backfill "
+        "(on_incompatible=backfill)"
     )
     assert reasons[2].startswith("compatible with 2")
     assert backfill_owed(compat, cfg, counts) == [1]  # the same evidence, the same answer

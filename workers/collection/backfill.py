@@ -196,7 +196,7 @@ def start_actor(
 
 # -- measuring -------------------------------------------------------------------------
 def m_mix(query_emb: np.ndarray, query_labels: np.ndarray, rows: CollectionRows) -> float:
-    """Top-1 of champion queries against the real gallery (each item's current embedding)."""
+    """Top-1 of champion queries against the real collection (each item's current embedding)."""
     return M.retrieval_top1(query_emb, query_labels, rows.embedding, rows.label)
 
 
@@ -206,7 +206,7 @@ def m_mix_stream(
     query_labels: np.ndarray,
     batch_rows: int = SCAN_ROWS,
 ) -> float:
-    """:func:`m_mix` over the committed gallery, streamed in row batches (bounded memory)."""
+    """:func:`m_mix` over the committed collection, streamed in row batches (bounded memory)."""
     q = np.array(query_emb, dtype=np.float32, copy=True)
     q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     best = np.full(len(q), -np.inf, dtype=np.float32)
@@ -215,7 +215,8 @@ def m_mix_stream(
         emb = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
         if emb.shape[1] != q.shape[1]:
             raise CollectionStoreError(
-                f"embedding dim mismatch: queries have {q.shape[1]}, gallery has {emb.shape[1]}"
+                f"embedding dim mismatch: queries have {q.shape[1]}, the collection has "
+                f"{emb.shape[1]}"
             )
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         sims = q @ emb.T
@@ -241,7 +242,7 @@ def backfill_curve(
     """
     if len(new_emb) != len(rows):
         raise CollectionStoreError(
-            f"{len(new_emb)} champion embeddings for a gallery of {len(rows)} items"
+            f"{len(new_emb)} champion embeddings for a collection of {len(rows)} items"
         )
     pos = np.searchsorted(rows.item_id, order) if len(order) else np.zeros(0, np.int64)
     if np.any(np.diff(rows.item_id) <= 0) or not np.array_equal(rows.item_id[pos], order):
@@ -397,7 +398,7 @@ def open_source(spec: str, ds: Dataset | None = None, mode: str = "auto"):
         raise ValueError(f"unknown source mode {mode!r}; choose one of {SOURCE_MODES}")
     if ds is not None:
         if ds.spec != spec:
-            raise StoreError(f"the gallery indexes {spec!r}, not {ds.spec!r}")
+            raise StoreError(f"the collection indexes {spec!r}, not {ds.spec!r}")
         return ArraySource(ds.x_test)
     kind, path = parse_spec(spec)
     if kind == "imagefolder" and mode != "stream":
@@ -454,7 +455,7 @@ def policy_order(
         m = batch.num_rows
         if at + m > n:
             raise CollectionStoreError(
-                "the gallery changed while it was read; start the backfill again"
+                "the collection changed while it was read; start the backfill again"
             )
         item_id[at : at + m] = batch.column(0).to_numpy()
         generation[at : at + m] = batch.column(1).to_numpy()
@@ -470,7 +471,7 @@ def policy_order(
         at += m
     if at != n:
         raise CollectionStoreError(
-            "the gallery changed while it was read; start the backfill again"
+            "the collection changed while it was read; start the backfill again"
         )
     strata = None
     if need_emb:

@@ -51,7 +51,7 @@ def check_policy(policy: str) -> str:
 
 
 def budget_items(budget: float, n_items: int) -> int:
-    """A budget <= 1 is a fraction of the gallery, above 1 a count of items."""
+    """A budget <= 1 is a fraction of the collection, above 1 a count of items."""
     if budget < 0:
         raise ValueError(f"the backfill budget must be >= 0, got {budget}")
     n = round(budget * n_items) if budget <= 1 else int(budget)
