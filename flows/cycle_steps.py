@@ -59,6 +59,7 @@ class CycleState:
     stage: Stage
     generation: Generation
     source: SourceItems  # the snapshot, as the trainer streams it
+    capacity: int  # head rows (the lineage reserves them up front)
     active: list[int]
     config: CycleConfig  # the one its generation trains under (a resumed one: its own)
     champion: int | None  # the champion when the cycle began: the gate compares against it
@@ -67,7 +68,6 @@ class CycleState:
     promoted: bool = False
     reasons: list[str] = field(default_factory=list)
     resumed: str | None = None  # how an interrupted cycle was picked up, if it was
-    capacity: int | None = None  # head rows (the lineage reserves them up front)
 
     @property
     def train_items(self) -> int:
@@ -308,9 +308,8 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
         method=t.method.value,
     )
     save_snapshot(int(gen.id), cfg)  # type: ignore[arg-type]
-    state = CycleState(ds, stage, gen, source, active, cfg, champion.id if champion else None)
-    state.capacity = plan.capacity
-    return state
+    champion_id = champion.id if champion else None
+    return CycleState(ds, stage, gen, source, plan.capacity, active, cfg, champion_id)
 
 
 def save_keys(snap: Snapshot) -> Path:
@@ -353,7 +352,7 @@ def train_step(
         x=None,
         y=None,
         source=state.source,
-        num_classes=state.capacity or state.dataset.num_classes,
+        num_classes=state.capacity,
         classes=list(state.stage.classes),
         architecture=gen.architecture,
         constraints=constraints,
@@ -439,7 +438,7 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
             state.generation,
             champion,
             cfg.gate,
-            num_classes=state.capacity or state.dataset.num_classes,
+            num_classes=state.capacity,
             cache_dir=subdir("cache"),
             pinned=pinned,
             owed_full=owed,

@@ -160,12 +160,12 @@ def resume_state(
         stage,
         gen,
         items,
+        snap.capacity or len(vocab),
         active,
         cfg,
         champion.id if champion else None,
         step=step,
     )
-    state.capacity = snap.capacity or len(vocab)
     state.resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
     if epochs_note:
         state.resumed += f"; {epochs_note}"
