@@ -82,7 +82,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...]
-    # only the evaluation split (a source's): training items stream from the source
+    # only the evaluation split (workers.data.source): training items stream from the source
     eval_only: bool = False
 
     def __post_init__(self) -> None:

@@ -654,7 +654,7 @@ Chunk = tuple[int, np.ndarray, np.ndarray]  # (first position, inputs, labels)
 
 
 class ArrayReader:
-    """Items already in memory (the scenario's stage of a loaded data set)."""
+    """Items already in memory (a stage of the scenario's data set, or a caller's arrays)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, block: int = BLOCK) -> None:
         self.x, self.y, self.block = x, np.asarray(y, dtype=np.int64), block
