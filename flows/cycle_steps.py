@@ -16,7 +16,12 @@ import pyarrow.parquet as pq
 from flows import chain, targeted
 from flows.backfill import backfill_once
 from flows.config import CycleConfig
-from flows.data import evaluation_set, last_snapshot, lineage_image_size, lineage_source
+from flows.data import (
+    evaluation_set,
+    lineage_image_size,
+    lineage_source,
+    training_items,
+)
 from flows.gate import (
     FirstEvidence,
     GateOutcome,
@@ -29,7 +34,7 @@ from store.backfill_jobs import close_interrupted_jobs
 from store.collection import Collection, CollectionRows
 from store.failpoints import failpoint
 from store.files import verify_checkpoint
-from store.lineage import Generation, GenerationStatus, Lineage
+from store.lineage import Generation, GenerationStatus, Lineage, SnapshotRecord
 from store.settings import StoreError, subdir
 from store.snapshots import (
     cycle_config_path,
@@ -164,9 +169,8 @@ def lineage_kind(existing: list[Generation]) -> str | None:
     return kinds[-1] if kinds else None
 
 
-def previous_items(lineage: Lineage) -> pa.Table | None:
+def previous_items(last: SnapshotRecord | None) -> pa.Table | None:
     """The last snapshot's items, whose files' sizes and times spare re-hashing them."""
-    last = last_snapshot(lineage)
     path = last.keys_path if last is not None else None
     if not path or not Path(path).exists():
         return None
@@ -184,14 +188,15 @@ def plan_snapshot(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     t = cfg.train
     size = lineage_image_size(lineage, t.image_size)
     ev = evaluation_set(lineage, source, size)
-    last = last_snapshot(lineage)
+    snapshots = lineage.snapshots()
+    last = snapshots[max(snapshots)] if snapshots else None
     existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
-    recorded = [r.stages for _, r in sorted(lineage.snapshots().items()) if r.stages]
+    recorded = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
     at = Position(
         index=cfg.stage if cfg.stage is not None else len(existing),
         stages=cfg.stages or (recorded[-1] if recorded else None),
         backbone=lineage_kind(existing),
-        previous=previous_items(lineage),
+        previous=previous_items(last),
         image_size=size,
     )
     draw = source.draw(at, ev.input_format.shape)
@@ -211,14 +216,7 @@ def plan_snapshot(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     vocab = lineage.extend_vocabulary(source.class_order(names), capacity)
     stage = Stage(draw.stage, tuple(sorted(vocab[n] for n in counts)), 1.0, draw.architecture)
     snap = take_snapshot(draw, ev, vocab)
-    items = SourceItems(
-        spec=source.spec,
-        keys_path="",  # set when the snapshot's keys are saved (start_cycle)
-        vocabulary=vocab,
-        input_format=ev.input_format.as_dict(),
-        fingerprint=snap.fingerprint,
-        kind=source.kind.value,
-    )
+    items = training_items(source, ev, vocab, snap.fingerprint)  # keys saved by start_cycle
     return CyclePlan(ev.dataset(source.spec, vocab), stage, snap, items, capacity)
 
 

@@ -8,6 +8,7 @@ from store.settings import StoreError
 from workers.data.datasets import Dataset
 from workers.data.source import Source, SourceKind, open_source
 from workers.data.sources import EvalSet
+from workers.learning.spec import SourceItems
 
 
 def last_snapshot(lineage: Lineage):
@@ -85,6 +86,21 @@ def vocabulary(lineage: Lineage, source: Source, ev: EvalSet) -> dict[str, int]:
     """Class name -> head row: the lineage's; a lineage made before it recorded one (the
     scenario's, then) keeps its data set's order."""
     return lineage.vocabulary() or {n: i for i, n in enumerate(source.class_order(set(ev.labels)))}
+
+
+def training_items(
+    source: Source, ev: EvalSet, vocab: dict[str, int], fingerprint: str, keys_path: str = ""
+) -> SourceItems:
+    """A snapshot as the trainer streams it: the source, its keys file, the head rows of
+    its classes and the input format its evaluation set fixes."""
+    return SourceItems(
+        spec=source.spec,
+        keys_path=keys_path,
+        vocabulary=vocab,
+        input_format=ev.input_format.as_dict(),
+        fingerprint=fingerprint,
+        kind=source.kind.value,
+    )
 
 
 def resolve_dataset(

@@ -21,7 +21,7 @@ from flows import chain
 from flows.backfill import backfill_once
 from flows.config import BackfillConfig, CycleConfig
 from flows.cycle_steps import CycleState, save_snapshot, verify_inputs
-from flows.data import evaluation_set, lineage_source, vocabulary
+from flows.data import evaluation_set, lineage_source, training_items, vocabulary
 from flows.steps import Step, interrupted_step
 from store.backfill_jobs import close_interrupted_jobs
 from store.collection import Collection
@@ -32,7 +32,6 @@ from store.settings import StoreError, subdir
 from store.snapshots import cycle_config_path
 from workers.data.datasets import DatasetError
 from workers.data.scenario import Stage
-from workers.learning.spec import SourceItems
 from workers.learning.train import abandoned_marker
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
@@ -140,14 +139,7 @@ def resume_state(
     source = lineage_source(lineage, gen.dataset)
     ev = evaluation_set(lineage, source)
     vocab = vocabulary(lineage, source, ev)
-    items = SourceItems(
-        source.spec,
-        snap.keys_path,
-        vocab,
-        ev.input_format.as_dict(),
-        snap.fingerprint,
-        kind=source.kind.value,
-    )
+    items = training_items(source, ev, vocab, snap.fingerprint, snap.keys_path)
     stage = Stage(int(gen.stage or 0), tuple(gen.classes), 1.0, dict(gen.architecture))
     champion = lineage.champion()
     active = chain.active_generations(lineage)

@@ -33,8 +33,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.data.datasets import IMAGE_SUFFIXES, DatasetError, load_dataset, parse_spec
+from workers.data.datasets import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    load_dataset,
+    load_dataset_as,
+    parse_spec,
+)
 from workers.data.scenario import eval_split
+from workers.data.source import row_digests
 from workers.data.sources import (
     InputFormat,
     SourceError,
@@ -240,10 +247,7 @@ def _list_scenario(spec: str) -> Listing:
     g_idx, _ = eval_split(len(ds.y_test))
     g_idx = np.sort(g_idx)
     names = [ds.class_names[int(y)] for y in ds.y_test[g_idx]]
-    x = ds.x_test[g_idx].reshape(len(g_idx), -1)
-    prints = [
-        hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=16).hexdigest() for r in x
-    ]
+    prints = row_digests(ds.x_test[g_idx])
     table = pa.table(
         {"key": [str(int(i)) for i in g_idx], "label": names, "fingerprint": prints},
         schema=ITEMS_SCHEMA,
@@ -458,10 +462,7 @@ class ScenarioReader:
     """The scenario data set's evaluation split, by position (its key)."""
 
     def __init__(self, spec: str, input_shape: tuple[int, ...] | None = None) -> None:
-        ds = load_dataset(spec)
-        if input_shape is not None and tuple(ds.x_test.shape[1:]) != tuple(input_shape):
-            # the lineage chose image_size: its images were decoded to the model's squares
-            ds = load_dataset(spec, image_size=int(input_shape[-1]))
+        ds = load_dataset_as(spec, input_shape)
         self.x, self.y = ds.x_test, ds.y_test
 
     def label_of(self, key: str) -> int:

@@ -178,6 +178,15 @@ def load_dataset(spec: str, image_size: int | None = None) -> Dataset:
     return _load_cached(kind, path, image_size)
 
 
+def load_dataset_as(spec: str, input_shape: tuple[int, ...] | None) -> Dataset:
+    """The data set as a model of ``input_shape`` takes it: its own size, or its images
+    decoded to the model's squares when the lineage chose an image size."""
+    ds = load_dataset(spec)
+    if input_shape is not None and tuple(ds.x_test.shape[1:]) != tuple(input_shape):
+        ds = load_dataset(spec, image_size=int(input_shape[-1]))
+    return ds
+
+
 def image_size_of(image_size: int | None) -> tuple[int, int] | None:
     """``image_size`` as a (height, width) size, or None (the automatic one)."""
     if image_size is None:

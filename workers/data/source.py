@@ -26,6 +26,7 @@ snapshot: a snapshot with a stage count is the scenario's (flows.data.lineage_so
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from workers.data.datasets import Dataset, load_dataset, parse_spec
+from workers.data.datasets import Dataset, load_dataset, load_dataset_as, parse_spec
 from workers.data.scenario import default_architecture, stage_indices, stage_plan
 from workers.data.sources import (
     SOURCE_KINDS,
@@ -159,6 +160,21 @@ def train_rows(keys: Any) -> np.ndarray:
         raise SourceError(f"not a scenario training key: {exc}") from None
 
 
+@functools.lru_cache(maxsize=4)
+def _scenario_evaluation(spec: str, image_size: int | None) -> EvalSet:
+    """A fixed data set's evaluation set, hashed once per process (the data set is cached
+    too: workers.data.datasets.load_dataset); reports and queries ask for it again."""
+    ds = load_dataset(spec, image_size)
+    return EvalSet(
+        x=ds.x_test,
+        labels=[ds.class_names[int(y)] for y in ds.y_test],
+        fingerprint=eval_fingerprint(ds),
+        input_format=input_format(ds.input_shape),
+        keys=[f"test/{i}" for i in range(len(ds.y_test))],
+        digests=row_digests(ds.x_test),
+    )
+
+
 class ScenarioSource:
     """A fixed data set stepped through the growing scenario (workers.data.scenario)."""
 
@@ -174,15 +190,7 @@ class ScenarioSource:
         return load_dataset(self.spec, image_size)
 
     def evaluation(self, image_size: int | None = None) -> EvalSet:
-        ds = self.dataset(image_size)
-        return EvalSet(
-            x=ds.x_test,
-            labels=[ds.class_names[int(y)] for y in ds.y_test],
-            fingerprint=eval_fingerprint(ds),
-            input_format=input_format(ds.input_shape),
-            keys=[f"test/{i}" for i in range(len(ds.y_test))],
-            digests=row_digests(ds.x_test),
-        )
+        return _scenario_evaluation(self.spec, image_size)
 
     def draw(self, at: Position, input_shape: tuple[int, ...]) -> Draw:
         ds = self.dataset(at.image_size)
@@ -209,9 +217,7 @@ class ScenarioSource:
         return Draw(Scan(ds.spec, table, digest.hexdigest()), index, stages, stage.architecture)
 
     def training_reader(self, table: pa.Table, labels: np.ndarray, fmt: InputFormat) -> Any:
-        ds = self.dataset()
-        if tuple(ds.x_train.shape[1:]) != fmt.shape:  # the lineage chose an image size
-            ds = self.dataset(int(fmt.shape[-1]))
+        ds = load_dataset_as(self.spec, fmt.shape)
         return ArrayReader(ds.x_train[train_rows(table.column("key"))], labels)
 
     def class_order(self, names: set[str]) -> list[str]:
