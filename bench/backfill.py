@@ -254,6 +254,7 @@ def _write_fmnist_features(path: Path, copies: int = 1, n_train_extra: int = 10)
     x = np.concatenate([ds.x_test, ds.x_train]).reshape(-1, 784)
     y = np.concatenate([ds.y_test, ds.y_train])
     writer = None
+    row = 0  # item_id: the row number as text (the one Parquet schema's key)
     try:
         for copy in range(copies):
             for start in range(0, len(x), 10_000):
@@ -263,8 +264,11 @@ def _write_fmnist_features(path: Path, copies: int = 1, n_train_extra: int = 10)
                     xb = np.concatenate([xb[:n_train_extra], xb])
                     yb = np.concatenate([yb[:n_train_extra], yb])
                     split = ["train"] * n_train_extra + split
+                ids = [str(i) for i in range(row, row + len(xb))]
+                row += len(xb)
                 table = pa.table(
                     {
+                        "item_id": pa.array(ids, pa.string()),
                         "label": pa.array(yb, pa.int64()),
                         "split": pa.array(split, pa.string()),
                         "features": pa.FixedSizeListArray.from_arrays(
@@ -282,26 +286,29 @@ def _write_fmnist_features(path: Path, copies: int = 1, n_train_extra: int = 10)
 
 
 def _index_gallery(dataset: str, gen, n: int, part_rows: int = 4096) -> None:
-    """Index the first ``n`` source items with ``gen``, streaming (one part at a time)."""
+    """Index the ``n`` items of the data set's rows 0..n-1 (item_id = the row number)
+    with ``gen``, read by key as the backfill reads them, one part at a time."""
     from store.collection import Collection, CollectionRows
     from store.lineage import Lineage
-    from workers.collection.backfill import open_source
+    from workers.collection.items import open_reader
     from workers.learning.embed import forward
     from workers.learning.models import load_model
 
     model = load_model(gen.checkpoint_path, gen.checkpoint_sha256)
-    source = open_source(dataset)
+    reader = open_reader(dataset, tuple(model.config["input_shape"]))
 
     def batches():
         for start in range(0, n, part_rows):
             ids = np.arange(start, min(n, start + part_rows), dtype=np.int64)
-            out = forward(model, source.take(ids))
+            keys = np.asarray([str(i) for i in ids], dtype=object)
+            out = forward(model, reader.take_keys(list(keys)))
             yield CollectionRows(
                 ids,
                 np.zeros(len(ids), np.int64),
                 np.full(len(ids), gen.id, np.int32),
                 out.margin,
                 out.embedding,
+                key=keys,
             )
 
     Collection(Lineage()).create_from_batches(dataset, gen.embed_dim, batches(), part_rows)
@@ -328,7 +335,8 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     from flows.backfill_job import run_backfill
     from store.collection import Collection
     from store.lineage import Lineage
-    from workers.collection.backfill import EmbedActor, open_source
+    from workers.collection.backfill import EmbedActor
+    from workers.collection.items import open_reader
     from workers.learning.embed import forward
     from workers.learning.models import load_model
     from workers.runtime import task_resources
@@ -352,8 +360,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     twins = [_register(lin, champion, dataset), _register(lin, champion, dataset)]
     gallery = Collection(lin)
     batches = [
-        np.asarray(gallery.read_part(n, columns=["item_id"]).column(0).to_numpy())
-        for n in gallery.part_names()
+        gallery.read_part(n, columns=["key"]).column(0).to_pylist() for n in gallery.part_names()
     ]
     items = int(sum(len(b) for b in batches))
 
@@ -365,7 +372,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     ref_actor = (
         ray.remote(num_cpus=0)(EmbedActor)
         .options(runtime_env={"env_vars": env})
-        .remote(champion.checkpoint_path, champion.checkpoint_sha256, threads, dataset, "memory")
+        .remote(champion.checkpoint_path, champion.checkpoint_sha256, threads, dataset)
     )
     ray.get(ref_actor.ready.remote())
 
@@ -377,10 +384,10 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     def raw_in_process() -> float:
         torch.set_num_threads(threads)
         model = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
-        src = open_source(dataset, mode="stream")
+        src = open_reader(dataset, tuple(model.config["input_shape"]))
         seconds = 0.0
-        for ids in batches:
-            x = src.take(ids)
+        for keys in batches:
+            x = src.take_keys(keys)
             t = time.perf_counter()
             forward(model, x)
             seconds += time.perf_counter() - t
@@ -389,7 +396,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
     in_process = raw_in_process()
     rounds = []
     try:
-        for r, mode in enumerate(["memory"] * rounds_n + ["stream"]):
+        for r in range(rounds_n):
             gen = twins[r % 2]
             raw_before = raw_in_actor()
             lin.promote(gen.id)
@@ -398,13 +405,11 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
             job = run_backfill(
                 lin,
                 gallery,
-                None,
                 gen,
                 "random",
                 1.0,
                 stats=stats,
                 update_index=False,
-                source=mode,
             )
             wall = time.perf_counter() - t
             raw_after = raw_in_actor()
@@ -412,7 +417,6 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
             raw_seconds = (raw_before + raw_after) / 2
             rounds.append(
                 {
-                    "source": mode,
                     "raw_forward_seconds": raw_seconds,
                     "raw_forward_seconds_before": raw_before,
                     "raw_forward_seconds_after": raw_after,
@@ -434,7 +438,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
                 }
             )
             print(
-                f"  round {r + 1} ({mode} source): pipeline "
+                f"  round {r + 1}: pipeline "
                 f"{rounds[-1]['pipeline_items_per_s']:,.0f} items/s, raw "
                 f"{rounds[-1]['raw_forward_items_per_s']:,.0f} items/s, "
                 f"ratio {rounds[-1]['ratio']:.2f}",
@@ -442,8 +446,7 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
             )
     finally:
         ray.kill(ref_actor)
-    main = [x for x in rounds if x["source"] == "memory"]
-    streamed = [x for x in rounds if x["source"] == "stream"]
+    main = rounds
     return {
         "dataset": f"fashion-mnist's 70,000 images x{copies} as 784 float features "
         "(a parquet: data set)",
@@ -458,7 +461,6 @@ def throughput(chain_home: Path, work: Path, n_items: int, rounds_n: int = 5) ->
         "ratio": float(np.median([x["ratio"] for x in main])),
         "ratio_min": float(min(x["ratio"] for x in main)),
         "ratio_max": float(max(x["ratio"] for x in main)),
-        "streamed_source_ratio": streamed[0]["ratio"],
     }
 
 
@@ -474,15 +476,18 @@ def _write_random_features(path: Path, n: int, seed: int = 0) -> None:
     writer = None
     try:
         chunks = [("train", 10)] + [("test", min(65_536, n - s)) for s in range(0, n, 65_536)]
+        row = 0  # item_id: the row number as text
         for split, m in chunks:
             x = rng.normal(size=(m, FEAT_DIM)).astype(np.float32)
             table = pa.table(
                 {
+                    "item_id": pa.array([str(i) for i in range(row, row + m)], pa.string()),
                     "label": pa.array(rng.integers(0, 10, m), pa.int64()),
                     "split": pa.array([split] * m, pa.string()),
                     "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), FEAT_DIM),
                 }
             )
+            row += m
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema, use_dictionary=["label", "split"])
             writer.write_table(table, row_group_size=16_384)
@@ -546,7 +551,6 @@ def memory_child(home: Path, what: str) -> dict[str, Any]:
         job = run_backfill(
             lin,
             gallery,
-            None,
             lin.champion(),
             "representative",
             1.0,
@@ -858,22 +862,22 @@ def markdown(result: dict[str, Any]) -> str:
             "the raw forward again; the round's raw time is the mean of the two. Pipeline "
             "time: from the first part read to the last commit (the actor's start, the file "
             "check and the selection are listed apart). The machine is shared with other "
-            "jobs, so every round is shown and the target uses the median round. `memory` "
-            "source: the actor loads the data set once (what `flows.backfill` does for "
-            "every kind but `parquet:`); `stream`: it decodes the `parquet:` features part "
-            "by part (bounded memory; decoding 784 floats costs about as much as this small "
-            "model's forward).",
+            "jobs, so every round is shown and the target uses the median round. The actor "
+            "reads the items by `item_id` from the `parquet:` data set, a row group at a "
+            "time (workers.collection.items.ParquetKeyReader, as every backfill of a Parquet "
+            "collection does: bounded memory; decoding 784 floats costs about as much as this "
+            "small model's forward).",
             "",
-            "| round | source | raw forward (items/s) | pipeline (items/s) | ratio | "
+            "| round | raw forward (items/s) | pipeline (items/s) | ratio | "
             "actor compute / read (s) | pipeline (s) | driver read / submit / wait / write "
             "(s) | actor start (s) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for i, r in enumerate(th["rounds"], 1):
             d = r["driver_seconds"]
             drv = " / ".join(f"{d.get(k, 0):.2f}" for k in ("read", "submit", "wait", "write"))
             lines.append(
-                f"| {i} | {r['source']} | {r['raw_forward_items_per_s']:,.0f} | "
+                f"| {i} | {r['raw_forward_items_per_s']:,.0f} | "
                 f"{r['pipeline_items_per_s']:,.0f} | {r['ratio']:.2f} | "
                 f"{_f(r['actor_embed_seconds'], '{:.2f}')} / "
                 f"{_f(r['actor_read_seconds'], '{:.2f}')} | {r['pipeline_seconds']:.2f} | "
@@ -881,10 +885,10 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            f"Median of the `memory` rounds: pipeline **{th['pipeline_items_per_s']:,.0f}** "
+            f"Median round: pipeline **{th['pipeline_items_per_s']:,.0f}** "
             f"items/s vs raw forward **{th['raw_forward_items_per_s']:,.0f}** items/s; ratio "
-            f"**{th['ratio']:.2f}** (rounds {th['ratio_min']:.2f}–{th['ratio_max']:.2f}; "
-            f"with the streamed source {th['streamed_source_ratio']:.2f}). The same forward "
+            f"**{th['ratio']:.2f}** (rounds {th['ratio_min']:.2f}–{th['ratio_max']:.2f}). "
+            "The same forward "
             f"in the benchmark's own process (OpenMP threads spinning, as by default): "
             f"{th['raw_in_process_items_per_s']:,.0f} items/s.",
         ]

@@ -332,7 +332,7 @@ def one_size(rows: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     lin.promote(gen2.id)
     stats: dict[str, Any] = {}
     t = time.perf_counter()
-    job = run_backfill(lin, Collection(lin), None, lin.champion(), "oldest-first", 1.0, stats=stats)
+    job = run_backfill(lin, Collection(lin), lin.champion(), "oldest-first", 1.0, stats=stats)
     seconds = time.perf_counter() - t
     assert job.items_done == rows
     out["backfill"] = {

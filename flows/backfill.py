@@ -10,12 +10,13 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain, text
 from flows.backfill_job import run_backfill
 from flows.config import BackfillConfig, Policy
-from flows.data import resolve_dataset
+from flows.data import eval_dataset
 from flows.naming import artifact_key, backfill_run_name, number, tag_run
 from flows.progress import counter
 from store.collection import Collection
-from store.lineage import Lineage
+from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
+from workers.collection.items import is_reference
 from workers.measuring.evaluate import generation_outputs
 from workers.measuring.metric_names import Metric
 from workers.runtime import join_cluster
@@ -30,9 +31,9 @@ def backfill_once(
     re-embedded whole, first, whatever the budget; so are the items its promotion's
     targeted backfill owes (:func:`flows.chain.owed_items`), before everything else.
 
-    The scenario's collection (the evaluation gallery) measures M_mix and the backfill
-    curve; a user's collection is read by key from its source, and M_mix, which needs
-    labelled queries against it, is not measured.
+    Every collection is read by key from its spec. M_mix and the backfill curve are
+    measured where the collection is the evaluation set's reference half (the scenario's):
+    the query half beside it is the labelled queries; a user's collection has none.
     """
     collection = Collection(lineage)
     info = collection.require()
@@ -40,21 +41,11 @@ def backfill_once(
     if champion is None:
         raise StoreError("no champion generation to backfill with")
     before = lineage.gallery_counts()
-    measure: dict[str, Any] = {}
-    ds = None
-    if info.scenario:
-        ds = resolve_dataset(lineage, info.dataset)
-        out = generation_outputs(champion, ds, subdir("cache"))
-        measure = {
-            "query_emb": out.query_emb,
-            "query_labels": ds.y_test[out.query_idx],
-            "champion_reference_emb": out.reference_emb if cfg.curve else None,
-        }
+    measure = labelled_queries(lineage, info.dataset, champion, cfg.curve)
     complete = chain.owed_backfill(lineage)
     job = run_backfill(
         lineage,
         collection,
-        ds,
         champion,
         cfg.policy,
         cfg.budget,
@@ -83,6 +74,25 @@ def backfill_once(
         "retired": retired,
         "by_generation_before": before,
         "by_generation": lineage.gallery_counts(),
+    }
+
+
+def labelled_queries(
+    lineage: Lineage, spec: str, champion: Generation, curve: bool = True
+) -> dict[str, Any]:
+    """What M_mix on collection ``spec`` is measured with (run_backfill's keywords): the
+    evaluation set's query half embedded by the champion, and with ``curve`` its
+    embeddings of the reference items by key; nothing where the collection is not the
+    evaluation set's reference half."""
+    ds = eval_dataset(lineage) if is_reference(spec) else None
+    if ds is None:
+        return {}
+    out = generation_outputs(champion, ds, subdir("cache"))
+    keys = [ds.test_keys[i] for i in out.reference_idx] if ds.test_keys else []
+    return {
+        "query_emb": out.query_emb,
+        "query_labels": ds.y_test[out.query_idx],
+        "champion_reference": (keys, out.reference_emb) if curve and keys else None,
     }
 
 

@@ -27,7 +27,6 @@ from store.files import verify_checkpoint
 from store.lineage import BackfillJob, CollectionInfo, Generation, JobStatus, Lineage
 from store.settings import StoreError
 from workers.collection.backfill import (
-    SOURCE_MODES,
     Progress,
     backfill_curve,
     m_mix,
@@ -40,7 +39,6 @@ from workers.collection.backfill import (
 )
 from workers.collection.items import parse_collection_spec
 from workers.collection.policies import budget_items, check_policy
-from workers.data.datasets import Dataset
 
 
 def _check_champion(champion: Generation, info: CollectionInfo) -> int:
@@ -59,6 +57,13 @@ def _check_champion(champion: Generation, info: CollectionInfo) -> int:
     return int(champion.id)
 
 
+def _aligned(by_key: tuple[Sequence[str], np.ndarray], keys: Sequence[str]) -> np.ndarray | None:
+    """The embeddings of ``keys`` in their order, or None where one is not among them."""
+    at = {k: i for i, k in enumerate(by_key[0])}
+    rows = [at.get(str(k), -1) for k in keys]
+    return None if -1 in rows else by_key[1][rows]
+
+
 def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
     """Run ``fn`` holding the collection's writer lock (it dies with a killed job)."""
 
@@ -74,18 +79,16 @@ def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
 def run_backfill(
     lineage: Lineage,
     collection: Collection,
-    ds: Dataset | None,
     champion: Generation,
     policy: str,
     budget: float,
     seed: int = 0,
     query_emb: np.ndarray | None = None,
     query_labels: np.ndarray | None = None,
-    champion_reference_emb: np.ndarray | None = None,
+    champion_reference: tuple[Sequence[str], np.ndarray] | None = None,
     progress: Progress | None = None,
     crash_after_parts: int | None = None,
     *,
-    source: str = "auto",
     pipeline_depth: int = 3,
     update_index: bool = True,
     stats: dict[str, Any] | None = None,
@@ -101,22 +104,18 @@ def run_backfill(
     ``owed_items`` (a promotion's targeted backfill, ``flows.chain.owed_items``), before
     everything else.
 
-    The embedding actor reads the items' inputs from the gallery's recorded data-set
-    spec (``source``: workers.collection.backfill.open_source); ``ds``, when given, must
-    be that data set. ``query_emb`` / ``query_labels`` give M_mix before and after; with
-    ``champion_reference_emb`` (aligned with the gallery's item ids) the curve is measured.
+    The embedding actor reads the items' inputs by key from the collection's recorded
+    spec (workers.collection.items.open_reader). ``query_emb`` / ``query_labels`` give
+    M_mix before and after; with ``champion_reference`` (keys and the champion's
+    embeddings of them) covering every item of the collection, the curve is measured.
     ``crash_after_parts`` simulates a kill (tests): stop after committing that many
     parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
     """
     t0 = time.perf_counter()
     st: dict[str, Any] = stats if stats is not None else {}
     check_policy(policy)
-    if source not in SOURCE_MODES:
-        raise ValueError(f"unknown source mode {source!r}; choose one of {SOURCE_MODES}")
     info = collection.require()
     target = _check_champion(champion, info)
-    if ds is not None and ds.spec != info.dataset:
-        raise StoreError(f"the collection indexes {info.dataset!r}, not {ds.spec!r}")
     parse_collection_spec(info.dataset)  # a clear error for a source that went away
     collection.verify()  # raises, naming the file, before anything changes
     collection.reconcile()
@@ -146,11 +145,14 @@ def run_backfill(
             forced += int(np.isin(order, owed_items).sum())
         selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
-        if measure and champion_reference_emb is not None:
+        new_emb = None
+        if measure and champion_reference is not None:
             rows = collection.read_all()
+            new_emb = _aligned(champion_reference, rows.key)
+        if new_emb is not None:
             before = m_mix(query_emb, query_labels, rows)
-            curve = backfill_curve(rows, champion_reference_emb, order, query_emb, query_labels)
-            del rows
+            curve = backfill_curve(rows, new_emb, order, query_emb, query_labels)
+            del rows, new_emb
         elif measure:
             before = m_mix_stream(collection, query_emb, query_labels)
         del order
@@ -187,7 +189,6 @@ def run_backfill(
                 todo,
                 chosen,
                 target,
-                source,
                 champion,
                 done,
                 total,

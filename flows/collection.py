@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import IndexConfig
-from flows.data import eval_dataset
+from flows.data import class_vocabulary
 from flows.naming import (
     artifact_key,
     index_run_name,
@@ -24,57 +24,81 @@ from flows.naming import (
 )
 from flows.progress import counter
 from store.collection import Collection
-from store.lineage import Lineage
+from store.lineage import Generation, Lineage
 from store.settings import StoreError
-from workers.collection.indexing import run_index
-from workers.collection.items import CollectionError
+from workers.collection.indexing import IndexResult, run_index
+from workers.collection.items import CollectionError, is_reference
+from workers.data.source import reference_source
+from workers.measuring.metric_names import Metric
 from workers.runtime import join_cluster
 
 
-def class_vocabulary(lineage: Lineage) -> dict[str, int]:
-    """Class name -> head row of the lineage (a source's vocabulary or the scenario's
-    class names): how a labelled collection's labels are stored."""
-    vocab = lineage.vocabulary()
-    if vocab:
-        return vocab
-    ds = eval_dataset(lineage)
-    return {} if ds is None else {str(n): i for i, n in enumerate(ds.class_names)}
+def _index(lineage: Lineage, spec: str, champion: Generation, **options: Any) -> IndexResult:
+    """run_index with the lineage's class vocabulary; the faiss index is brought up to
+    date apart (the flow's next step, with memory of its own; or when first searched)."""
+    return run_index(
+        lineage,
+        Collection(lineage),
+        spec,
+        champion,
+        class_vocabulary(lineage),
+        update_index=False,
+        **options,
+    )
 
 
 def index_once(lineage: Lineage, cfg: IndexConfig, progress=None) -> dict[str, Any]:
-    """Index ``cfg.spec`` (default: the collection's own spec) with the champion."""
+    """Index ``cfg.spec`` (default: the collection's own spec) with the champion. A
+    collection that is the evaluation set's reference half is the cycle's to keep."""
     collection = Collection(lineage)
+    info = collection.info()
+    reference = info is not None and is_reference(info.dataset)
     spec = cfg.spec
     if spec is None:
-        info = collection.info()
-        if info is None or info.scenario:
+        if info is None or reference:
             raise CollectionError(
                 "no collection to index: pass its spec (images:DIR, parquet:PATH)"
             )
         spec = info.dataset
-    info = collection.info()
-    if info is not None and info.scenario:  # bad input: a collection of another kind
+    if info is not None and reference:  # bad input: a collection of another kind
+        kind = reference_source(info.dataset).kind.value
         raise CollectionError(
-            f"this GRACEFUL_HOME's collection is the scenario's evaluation reference half "
-            f"({info.dataset}); index {spec!r} in another GRACEFUL_HOME"
+            f"this GRACEFUL_HOME's collection is the {kind}'s evaluation reference half "
+            f"({info.dataset}), which its cycles keep; index {spec!r} in another GRACEFUL_HOME"
         )
     champion = lineage.champion()
     if champion is None:
         raise StoreError("no champion generation to index with: run `graceful cycle` first")
-    result = run_index(
+    result = _index(
         lineage,
-        collection,
         spec,
         champion,
-        class_vocabulary(lineage),
         prune=cfg.prune,
         strict=cfg.strict,
         part_rows=cfg.part_rows,
         progress=progress,
-        update_index=False,  # the flow's next step, with memory of its own
     )
     out = result.as_dict()
     out["by_generation"] = lineage.gallery_counts()
+    return out
+
+
+def index_reference(
+    lineage: Lineage, spec: str, champion: Generation, part_rows: int
+) -> dict[str, Any]:
+    """Index a source's evaluation reference half (``spec``: reference_spec) as the
+    collection, with the champion, through the ordinary indexing path; M_mix is measured
+    on it with the query half."""
+    from flows.backfill import labelled_queries
+    from workers.collection.backfill import m_mix_stream
+
+    collection = Collection(lineage)
+    result = _index(lineage, spec, champion, part_rows=part_rows)
+    out: dict[str, Any] = {"indexed": result.added, "m_mix": None}
+    q = labelled_queries(lineage, spec, champion, curve=False)
+    if q and collection.exists():
+        out["m_mix"] = m_mix_stream(collection, q["query_emb"], q["query_labels"])
+        lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, out["m_mix"])])
     return out
 
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows import chain, targeted
 from flows.backfill import backfill_once
+from flows.collection import index_reference
 from flows.config import CycleConfig
 from flows.data import (
     evaluation_set,
@@ -31,7 +31,7 @@ from flows.gate import (
 )
 from flows.steps import Step
 from store.backfill_jobs import close_interrupted_jobs
-from store.collection import Collection, CollectionRows
+from store.collection import Collection
 from store.failpoints import failpoint
 from store.files import verify_checkpoint
 from store.lineage import Generation, GenerationStatus, Lineage, SnapshotRecord
@@ -43,16 +43,16 @@ from store.snapshots import (
     save_generation_inputs,
     write_once,
 )
+from workers.collection.items import is_reference
 from workers.data.datasets import Dataset
 from workers.data.scenario import Stage
 from workers.data.snapshot import Snapshot, take_snapshot
-from workers.data.source import Position, open_source
+from workers.data.source import Position, open_source, reference_spec
 from workers.data.sources import SourceError, describe_change
 from workers.learning.models import EmbeddingNet
 from workers.learning.spec import ConstraintSpec, SourceItems
 from workers.learning.train import train_generation
-from workers.measuring.evaluate import Evaluation, evaluate_against_ancestors, generation_outputs
-from workers.measuring.metric_names import Metric
+from workers.measuring.evaluate import Evaluation, evaluate_against_ancestors
 from workers.runtime import run_placed, task_resources, train_resources
 
 
@@ -135,9 +135,9 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     """Measure every kept generation again on the plan's (new) evaluation set.
 
     Every metric against every ancestor is recomputed and replaces the old value; the
-    snapshots' evaluation fingerprint moves to the new set; the gallery, which indexes
-    the evaluation set's gallery half, is built again by the champion. Returns the
-    generations measured.
+    snapshots' evaluation fingerprint moves to the new set; a collection that is the
+    evaluation set's reference half is indexed again by the champion (a user's own
+    collection does not change). Returns the generations measured.
     """
     ds = plan.dataset
     for stale in subdir("cache").glob("eval-*.npz"):  # outputs on the old set
@@ -155,11 +155,11 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     collection = Collection(lineage)
     champion = lineage.champion()
     info = collection.info()
-    if info is not None and info.scenario:  # a user's collection does not change
+    if info is not None and is_reference(info.dataset):
         close_interrupted_jobs(lineage, keep=None, why="the evaluation set changed")
         collection.drop()
         if champion is not None:
-            index_gallery(lineage, ds, champion, part_rows)
+            index_reference(lineage, info.dataset, champion, part_rows)
     return [int(g.id) for g in kept]  # type: ignore[arg-type]
 
 
@@ -482,43 +482,23 @@ def promote_step(lineage: Lineage, state: CycleState) -> None:
     state.promoted = True
 
 
-def index_gallery(
-    lineage: Lineage, ds: Dataset, champion: Generation, part_rows: int
-) -> dict[str, Any]:
-    """The first gallery: the evaluation set's gallery half, embedded by the champion."""
-    from workers.collection.backfill import m_mix
-
-    collection = Collection(lineage)
-    out = generation_outputs(champion, ds, subdir("cache"))
-    rows = CollectionRows(
-        item_id=out.reference_idx.astype(np.int64),
-        label=ds.y_test[out.reference_idx],
-        generation=np.full(len(out.reference_idx), champion.id, np.int32),
-        margin=out.outputs.margin[out.reference_idx],
-        embedding=out.reference_emb,
-    )
-    collection.create(ds.spec, rows, part_rows=part_rows)
-    value = m_mix(out.query_emb, ds.y_test[out.query_idx], collection.read_all())
-    lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, value)])
-    return {"indexed": len(rows), "m_mix": value}
-
-
 def backfill_step(
     lineage: Lineage, state: CycleState, cfg: CycleConfig | None = None
 ) -> dict[str, Any]:
     """Step 7: backfill the collection within budget (the backfill flow's own function,
     :func:`flows.backfill.backfill_once`).
 
-    The scenario's first generation indexes the evaluation set's gallery half as the
-    collection (keyed by position) and every later one measures M_mix on it. On a user's
-    source the collection is the user's own (``graceful index``): it is backfilled by
-    key from its source when there is one, and a cycle without one backfills nothing.
+    A source whose evaluation reference half is the lineage's collection (the
+    scenario's) has it indexed by its first champion (:func:`flows.collection.index_reference`),
+    and later ones backfill it with M_mix measured. A user's collection is their own
+    (``graceful index``): a cycle before it exists backfills nothing.
     """
     cfg = cfg or state.config
     champion = lineage.champion()
     assert champion is not None
     if Collection(lineage).info() is None:
-        if not open_source(state.source.spec, state.source.kind).reference_collection:
+        source = open_source(state.source.spec, state.source.kind)
+        if not source.reference_collection:
             return {"collection": None}  # nothing indexed yet: `graceful index SPEC`
-        return index_gallery(lineage, state.dataset, champion, cfg.backfill.batch_rows)
+        return index_reference(lineage, reference_spec(source), champion, cfg.backfill.batch_rows)
     return backfill_once(lineage, cfg.backfill)

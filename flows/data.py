@@ -118,3 +118,13 @@ def eval_dataset(lineage: Lineage) -> Dataset | None:
         return resolve_dataset(lineage, None)
     except StoreError:
         return None
+
+
+def class_vocabulary(lineage: Lineage) -> dict[str, int]:
+    """Class name -> head row of the lineage (a source's vocabulary or the scenario's
+    class names): how a labelled collection's labels are stored."""
+    vocab = lineage.vocabulary()
+    if vocab:
+        return vocab
+    ds = eval_dataset(lineage)
+    return {} if ds is None else {str(n): i for i, n in enumerate(ds.class_names)}

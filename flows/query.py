@@ -13,8 +13,9 @@ every part either in its old or in its new committed version, never half of one.
 
 A query by key needs neither the model nor the source when the champion embedded the
 item: its stored embedding is the one the champion computes (a search by key then
-imports no torch). Otherwise the item is read from the collection's source by key (the
-scenario's: a position of the evaluation split) and embedded. Prefect is never imported.
+imports no torch). Otherwise the item is read from the collection's source by key and
+embedded; on a collection that is the evaluation set's reference half, the query half's
+items can be searched by key too. Prefect is never imported.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from flows.data import class_vocabulary
 from store.collection import UNLABELLED, Collection
 from store.index import CollectionIndex
 from store.lineage import CollectionInfo, Generation, Lineage
 from store.settings import StoreError
+from workers.collection.items import is_reference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_K = 100  # the most neighbours one search returns
@@ -122,7 +125,8 @@ class Searcher:
         self.champion = int(champion.id)  # type: ignore[arg-type]
         self.index = index
         self.dataset = info.dataset
-        self.scenario = bool(info.scenario)  # keys: positions of the evaluation split
+        # a source's evaluation reference half: its query half is searchable by key too
+        self.reference = is_reference(info.dataset)
         self.info = info
         self.manifest = tuple(sorted(index.parts.values()))
         self._model = model
@@ -211,7 +215,7 @@ class Searcher:
                 stored = self.index.embedding_of(item)
                 if stored is not None:
                     return stored, label
-        elif not self.scenario:
+        elif not self.reference:
             raise UnknownKey(
                 f"unknown key {key!r}: the collection ({self.dataset}) does not hold it; "
                 "`graceful index SPEC` adds new items"
@@ -220,13 +224,13 @@ class Searcher:
             reader = self._source()
             x = reader.take_keys([key])
         except UnreadableItem as exc:
-            if item is None:  # the scenario: not a position of the evaluation split
+            if item is None:  # not an item of the evaluation set either
                 raise UnknownKey(f"unknown key {key!r}: {exc}") from None
             raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
         except CollectionError as exc:
             raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
-        if label is None and hasattr(reader, "label_of"):
-            label = reader.label_of(key)
+        if label is None and hasattr(reader, "label_of"):  # a labelled evaluation item
+            label = class_vocabulary(self.lineage).get(reader.label_of(key))
         return self.embed(x)[0], label
 
     def image_query(self, data: bytes | Path, name: str = "upload") -> np.ndarray:

@@ -15,6 +15,7 @@ from store.lineage import (
     SnapshotRecord,
 )
 from store.locks import CYCLE_LOCK
+from workers.collection.items import is_reference
 from workers.measuring import metrics as M
 from workers.measuring.metric_names import Metric
 
@@ -179,6 +180,12 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
     return out
 
 
+def collection_kind(spec: str) -> str:
+    """What the report calls a collection: the evaluation set's reference half (the
+    scenario's, as the report has always named it) or a user's collection."""
+    return "scenario" if is_reference(spec) else "collection"
+
+
 def build_report(lineage: Lineage) -> dict[str, Any]:
     """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``.
 
@@ -250,7 +257,7 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
         "by_generation": {str(g): n for g, n in counts.items()},
         # extensions: what the collection indexes (None before anything is indexed)
         "spec": info.dataset if info is not None else None,
-        "kind": None if info is None else ("scenario" if info.scenario else "collection"),
+        "kind": None if info is None else collection_kind(info.dataset),
     }
     report["backfills"] = [
         {

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from flows.config import GateConfig, OnIncompatible
 from flows.gate import GateOutcome, judge_served
@@ -54,28 +56,30 @@ class Judgement:
 
 
 def _holders(
-    lineage: Lineage, collection: Collection, ref_idx: np.ndarray, fallback: int
+    lineage: Lineage, collection: Collection, ref_keys: list[str | None], fallback: int
 ) -> np.ndarray:
-    """Per reference item, the generation whose embedding of it users meet now."""
-    info = collection.info()
-    held = np.full(len(ref_idx), fallback, dtype=np.int64)
-    if info is None:
+    """Per reference item (by key; None: no key), the generation whose embedding of it
+    users meet now: the holder of the item with its key, else a seeded deal in the
+    collection's proportions."""
+    held = np.full(len(ref_keys), fallback, dtype=np.int64)
+    if collection.info() is None:
         return held
-    if info.scenario:  # the collection is the reference half, keyed by position
-        pos = {int(i): n for n, i in enumerate(ref_idx)}
-        for _, batch in collection.iter_batches(["item_id", "generation"]):
-            for i, gen in zip(
-                batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
-            ):
-                if i in pos:
-                    held[pos[i]] = gen
-        return held
+    wanted = pa.array(ref_keys, pa.string())
+    found = np.zeros(len(ref_keys), dtype=bool)
+    for _, batch in collection.iter_batches(["key", "generation"]):
+        at = pc.index_in(batch.column(0), value_set=wanted)  # null: not a reference item
+        hit = np.flatnonzero(pc.is_valid(at).to_numpy(zero_copy_only=False))
+        if len(hit):
+            n = pc.drop_null(at).to_numpy().astype(np.int64)
+            held[n] = batch.column(1).to_numpy()[hit]
+            found[n] = True
     counts = lineage.gallery_counts()
     total = sum(counts.values())
-    if not total:
+    if found.all() or not total:
         return held
-    order = np.random.default_rng(DEAL_SEED).permutation(len(ref_idx))
-    bounds = np.round(np.cumsum([n / total for n in counts.values()]) * len(ref_idx))
+    rest = np.flatnonzero(~found)
+    order = rest[np.random.default_rng(DEAL_SEED).permutation(len(rest))]
+    bounds = np.round(np.cumsum([n / total for n in counts.values()]) * len(rest))
     start = 0
     for gen, end in zip(counts, bounds.astype(int), strict=True):
         held[order[start:end]] = gen
@@ -94,7 +98,8 @@ def served_view(
     that hold items now."""
     ref_idx, q_idx = eval_split(len(ds.y_test))
     collection = Collection(lineage)
-    held = _holders(lineage, collection, ref_idx, int(champion.id))  # type: ignore[arg-type]
+    ref_keys = [ds.test_keys[i] if ds.test_keys else None for i in ref_idx]
+    held = _holders(lineage, collection, ref_keys, int(champion.id))  # type: ignore[arg-type]
     by_id = {int(g.id): g for g in lineage.generations()}  # type: ignore[arg-type]
     new = generation_outputs(candidate, ds, cache_dir)
     now = generation_outputs(champion, ds, cache_dir)

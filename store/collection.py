@@ -2,10 +2,11 @@
 
 Each row is one item: ``item_id`` (assigned by the collection, never reused: the faiss
 id), ``key`` (the item's stable identity in its source: a relative path, an ``item_id``
-of a Parquet source, or the position in the scenario's evaluation split), ``label`` (the
-class's head row, ``UNLABELLED`` = -1 when the source has none), the ``generation`` that
-embedded it, its ``margin``, a content ``fingerprint`` (a changed item is re-embedded)
-and the ``embedding``. Parts written before keys existed read back with ``key`` = the
+of a Parquet source, or an evaluation item's key in a ``reference:`` collection: the
+scenario's, its position in the evaluation split), ``label`` (the class's head row,
+``UNLABELLED`` = -1 when the source has none), the ``generation`` that embedded it, its
+``margin``, a content ``fingerprint`` (a changed item is re-embedded) and the
+``embedding``. Parts written before keys existed read back with ``key`` = the
 item id and an empty fingerprint.
 
 Layout: ``GRACEFUL_HOME/gallery/part-NNNNN[.vV].parquet``. Slot ``NNNNN`` holds a fixed,
@@ -681,7 +682,6 @@ class Collection:
                         embed_dim=dim,
                         items=total,
                         next_id=last + 1,
-                        scenario=True,  # built whole: an evaluation split by position
                     )
                 )
                 for st in staged:
@@ -755,7 +755,6 @@ class Collection:
                                 embed_dim=dim,
                                 items=0,
                                 next_id=int(ids[-1]) + 1,
-                                scenario=False,  # a collection's source, read by key
                             )
                         )
                         s.flush()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, Index, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, create_engine, select
@@ -212,14 +212,13 @@ class CollectionInfo(SQLModel, table=True):
     __tablename__ = "galleryinfo"  # the table's name since the first lineage
 
     id: int = Field(default=1, primary_key=True)
-    dataset: str  # the collection's spec (a source, images:DIR, or the scenario's data set)
+    # the collection's spec: a source (imagefolder:, parquet:), images:DIR, or a source's
+    # evaluation reference half (reference:<kind>:<source>: the scenario's collection)
+    dataset: str
     embed_dim: int
     items: int
     # the next item id to assign (ids are never reused); None: read it off the parts
     next_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-    # True: the items are an evaluation split by position (the scenario's collection);
-    # False: a collection's source, read by key
-    scenario: bool = Field(default=False, sa_column=Column(Boolean, nullable=False))
     created_at: datetime = Field(default_factory=_now)
 
 

@@ -184,7 +184,7 @@ def test_unlabelled_images_are_indexed_searched_and_backfilled(home: Path, tmp_p
 
     # a new champion: backfill half the collection by key from its source
     g2 = champion(lin, 1)
-    job = run_backfill(lin, Collection(lin), None, g2, "representative", 0.5)
+    job = run_backfill(lin, Collection(lin), g2, "representative", 0.5)
     assert job.items_done == 100 and job.m_mix_after is None  # no labels: no M_mix
     assert lin.gallery_counts() == {g1.id: 100, g2.id: 100}
     check_once(Collection(lin), {p.relative_to(root).as_posix() for p in root.rglob("*.png")})
@@ -198,7 +198,7 @@ def test_unlabelled_images_are_indexed_searched_and_backfilled(home: Path, tmp_p
     g3 = champion(lin, 2)
     (root / probe).unlink()
     with pytest.raises(StoreError, match="graceful index SPEC --prune"):
-        run_backfill(lin, Collection(lin), None, g3, "random", 1.0)
+        run_backfill(lin, Collection(lin), g3, "random", 1.0)
     assert index_once(lin, IndexConfig(prune=True))["pruned"] == 1  # the recorded spec
 
 
@@ -272,7 +272,7 @@ def test_a_collection_in_an_s3_bucket(home: Path, s3, fresh_ray) -> None:
     assert pc.min(labels.column("label")).as_py() >= 0  # labelled by the vocabulary
     # a backfill reads its items from the bucket by key
     g2 = champion(lin, 1)
-    job = run_backfill(lin, Collection(lin), None, g2, "oldest-first", 1.0)
+    job = run_backfill(lin, Collection(lin), g2, "oldest-first", 1.0)
     assert job.items_done == 120 and lin.gallery_counts() == {g2.id: 120}
     hits = search_item(lin, "42", k=1)["neighbors"]
     assert hits[0]["key"] == "42"

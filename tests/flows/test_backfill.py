@@ -24,7 +24,8 @@ from store.collection import Collection, CollectionRows, CollectionStoreError
 from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
-from workers.collection.backfill import ParquetSource, open_source, policy_order
+from workers.collection.backfill import policy_order
+from workers.collection.items import ParquetKeyReader, UnreadableItem, open_reader
 from workers.collection.policies import backfill_order
 from workers.data.datasets import load_dataset
 from workers.data.scenario import eval_split
@@ -55,7 +56,7 @@ def tiny(home: Path) -> tuple[Lineage, Collection, Generation, Generation]:
     out = embed(g1, gidx)
     gallery = Collection(lin)
     gallery.create(
-        "digits",
+        "reference:scenario:digits",  # the scenario's collection: keyed by position
         CollectionRows(
             gidx, ds.y_test[gidx], np.full(len(gidx), g1.id, np.int32), out.margin, out.embedding
         ),
@@ -100,7 +101,7 @@ def test_a_budgeted_backfill_re_embeds_the_policy_head(tiny) -> None:
     lin, gallery, g1, g2 = tiny
     head, _ = policy_order(gallery, g2.id, "representative", seed=0, num_classes=10)
     stats: dict = {}
-    job = run_backfill(lin, gallery, None, g2, "representative", 0.4, stats=stats)
+    job = run_backfill(lin, gallery, g2, "representative", 0.4, stats=stats)
     assert job.status == "done" and job.items_done == job.total_items == 108
     chosen = np.load(subdir("backfills") / f"job-{job.id}.npy")
     assert chosen.tolist() == head[:108].tolist()  # the policy's first 40% of the gallery
@@ -112,7 +113,7 @@ def test_a_budgeted_backfill_re_embeds_the_policy_head(tiny) -> None:
     assert idx is not None and set(idx.parts.values()) == set(gallery.part_names())
     ids = faiss.vector_to_array(idx.index.id_map)
     assert len(ids) == 270 and len(np.unique(ids)) == 270
-    again = run_backfill(lin, gallery, None, g2, "representative", 0.4)
+    again = run_backfill(lin, gallery, g2, "representative", 0.4)
     assert again.id != job.id and again.total_items == 108  # a new job: the next 108
     assert lin.gallery_counts() == {g1.id: 54, g2.id: 216}
 
@@ -130,16 +131,14 @@ def test_killed_mid_way_and_resumed_nothing_lost_nothing_duplicated(tiny) -> Non
         seen.append((done, sum(n for g, n in gallery.counts().items() if g == g2.id)))
 
     with pytest.raises(KeyboardInterrupt, match="simulated kill after 2 parts"):
-        run_backfill(
-            lin, gallery, None, g2, "oldest-first", 1.0, progress=watch, crash_after_parts=2
-        )
+        run_backfill(lin, gallery, g2, "oldest-first", 1.0, progress=watch, crash_after_parts=2)
     [job] = lin.backfill_jobs()
     assert job.items_done == 64  # progress committed per part
     assert job.status == "failed" and "simulated kill" in job.error  # closed, resumable
     assert lin.gallery_counts() == {g1.id: 206, g2.id: 64}
     assert seen == [(0, 0), (32, 32), (64, 64)]
 
-    resumed = run_backfill(lin, gallery, None, g2, "oldest-first", 1.0, progress=watch)
+    resumed = run_backfill(lin, gallery, g2, "oldest-first", 1.0, progress=watch)
     assert resumed.id == job.id and resumed.status == "done"  # the same job, same selection
     assert resumed.items_done == resumed.total_items == 270
     assert_whole(gallery, g2, gallery.read_all().item_id)
@@ -162,7 +161,7 @@ def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
         from store.lineage import Lineage
         from flows.backfill_job import run_backfill
         lin = Lineage()
-        run_backfill(lin, Collection(lin), None, lin.champion(), "uncertainty", 1.0,
+        run_backfill(lin, Collection(lin), lin.champion(), "uncertainty", 1.0,
                      progress=lambda done, total: time.sleep(0.5))
         """
     )
@@ -188,7 +187,7 @@ def test_a_real_kill_of_the_backfill_process_then_resume(tiny) -> None:
     assert len(np.unique(rows.item_id)) == 270
     assert (rows.generation == g2.id).sum() == killed_at
 
-    resumed = run_backfill(lin, gallery, None, g2, "uncertainty", 1.0)
+    resumed = run_backfill(lin, gallery, g2, "uncertainty", 1.0)
     assert resumed.id == job.id and resumed.items_done == 270
     assert_whole(gallery, g2, rows.item_id)
 
@@ -217,7 +216,7 @@ def test_a_bad_file_in_the_gallery_is_named_and_nothing_changes(tiny, damage: st
         message = r"foreign file .*embeddings-backup\.parquet"
     before = _state(gallery)
     with pytest.raises(CollectionStoreError, match=message):
-        run_backfill(lin, gallery, None, g2, "random", 1.0)
+        run_backfill(lin, gallery, g2, "random", 1.0)
     assert _state(gallery) == before  # no job, no file, no manifest row changed
 
 
@@ -226,13 +225,15 @@ def test_an_embedding_dimension_mismatch_is_refused(tiny) -> None:
     wide = tiny_generation(lin, seed=3, embed_dim=12)
     before = _state(gallery)
     with pytest.raises(CollectionStoreError, match="dim 12 but the collection stores dim 8"):
-        run_backfill(lin, gallery, None, wide, "random", 1.0)
+        run_backfill(lin, gallery, wide, "random", 1.0)
     assert _state(gallery) == before
     with pytest.raises(CollectionStoreError, match="dim mismatch"):
         CollectionIndex.open(gallery).search(np.ones((1, 12), np.float32))
 
 
-def test_parquet_feature_sources_stream_the_evaluation_split(tmp_path: Path) -> None:
+def test_parquet_items_are_read_by_key_row_group_by_row_group(tmp_path: Path) -> None:
+    """The backfill reads a Parquet collection's items by item_id (one reader family):
+    forward part by part, out of order, and a key that is gone names it."""
     n = 1000
     rng = np.random.default_rng(0)
     split = np.where(rng.random(n) < 0.7, "test", "train")
@@ -240,23 +241,23 @@ def test_parquet_feature_sources_stream_the_evaluation_split(tmp_path: Path) -> 
     path = tmp_path / "feats.parquet"
     table = pa.table(
         {
+            "item_id": [f"item-{i}" for i in range(n)],
             "label": rng.integers(0, 3, n),
             "split": split,
             "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), 5),
         }
     )
     pq.write_table(table, path, row_group_size=128)
-    spec = f"parquet:{path}"
-    expected = load_dataset(spec).x_test
-    src = open_source(spec)
-    assert isinstance(src, ParquetSource)
-    ids = np.sort(rng.choice(len(expected), 300, replace=False))
-    for chunk in np.array_split(ids, 7):  # forward, part by part
-        np.testing.assert_array_equal(src.take(chunk), expected[chunk])
-    back = ids[::-1][:20]  # out of order: restarts, same answer
-    np.testing.assert_array_equal(src.take(back), expected[back])
-    with pytest.raises(CollectionStoreError, match="beyond the evaluation split"):
-        src.take(np.array([len(expected)]))
+    reader = open_reader(f"parquet:{path}", (5,))
+    assert isinstance(reader, ParquetKeyReader)
+    rows = np.sort(rng.choice(n, 300, replace=False))
+    keys = np.asarray([f"item-{i}" for i in range(n)], dtype=object)
+    for chunk in np.array_split(rows, 7):  # forward, part by part
+        np.testing.assert_array_equal(reader.take_keys(list(keys[chunk])), feats[chunk])
+    back = rows[::-1][:20]  # out of order: the same answer
+    np.testing.assert_array_equal(reader.take_keys(list(keys[back])), feats[back])
+    with pytest.raises(UnreadableItem, match="item-9999"):
+        reader.take_keys(["item-9999"])
 
 
 @pytest.mark.slow  # two training cycles and a backfill on Ray
@@ -327,7 +328,7 @@ def test_a_swapped_champion_checkpoint_is_refused_before_any_job(tiny) -> None:
     Path(g2.checkpoint_path).write_bytes(Path(g1.checkpoint_path).read_bytes())
     before = _state(gallery)
     with pytest.raises(CheckpointError, match=f"champion generation {g2.id} .* does not match"):
-        run_backfill(lin, gallery, None, g2, "random", 0.5)
+        run_backfill(lin, gallery, g2, "random", 0.5)
     assert lin.backfill_jobs() == [] and _state(gallery) == before  # no job left running
 
 
@@ -344,7 +345,7 @@ def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
         from store.lineage import Lineage
         from flows.backfill_job import run_backfill
         lin = Lineage()
-        run_backfill(lin, Collection(lin), None, lin.champion(), "oldest-first", 1.0)
+        run_backfill(lin, Collection(lin), lin.champion(), "oldest-first", 1.0)
         """
     )
     env = dict(os.environ, GRACEFUL_FAILPOINT="backfill-part")
@@ -355,7 +356,7 @@ def test_a_killed_job_is_closed_by_a_backfill_with_other_settings(tiny) -> None:
     assert not gallery.writer_active()
     assert build_report(lin)["backfills"][0]["status"] == "interrupted"  # not "running"
 
-    other = run_backfill(lin, gallery, None, g2, "random", 0.5)
+    other = run_backfill(lin, gallery, g2, "random", 0.5)
     old = lin.backfill_jobs()[0]
     assert (
         old.status == "failed"

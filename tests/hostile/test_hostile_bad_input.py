@@ -86,7 +86,7 @@ def test_an_index_of_the_wrong_kind_is_bad_input(home: Path, tmp_path: Path, cli
         margin=np.zeros(4, np.float32),
         embedding=np.eye(4, 8, dtype=np.float32),
     )
-    gallery.create("digits", rows)
+    gallery.create("reference:scenario:digits", rows)
     before = sorted(p.name for p in gallery.root.iterdir())
     line = _refused(c, "index", f"images:{album}")
     assert "scenario's evaluation reference half" in line and "another GRACEFUL_HOME" in line

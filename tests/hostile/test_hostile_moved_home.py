@@ -162,7 +162,7 @@ def test_0007_rewrites_absolute_paths_under_the_home(lineage_url: str, home: Pat
             [str(home / "snapshots" / "keys-moved.parquet")],
         )
         with engine.begin() as conn:
-            command.upgrade(migrate.alembic_config(conn), "head")
+            command.upgrade(migrate.alembic_config(conn), "0007")
             assert migrate.current(conn) == "0007"
         assert raw() == (
             ["checkpoints/gen-0-d8.pt", None, outside],  # outside the home: kept absolute

@@ -96,7 +96,7 @@ def test_the_scenarios_evaluation_set_keeps_its_fingerprint_and_names_its_items(
     ds = load_dataset("digits")
     ev = ScenarioSource("digits").evaluation()
     assert ev.fingerprint == eval_fingerprint(ds)
-    assert ev.keys[:2] == ["test/0", "test/1"] and len(set(ev.digests)) > 1
+    assert ev.keys[:2] == ["0", "1"] and len(set(ev.digests)) > 1
     assert ev.labels[:3] == [ds.class_names[int(y)] for y in ds.y_test[:3]]
     again = ev.dataset("digits", {n: i for i, n in enumerate(ds.class_names)})
     np.testing.assert_array_equal(again.y_test, ds.y_test)

@@ -303,6 +303,7 @@ def test_cifar_missing_files_and_bad_labels(tmp_path: Path) -> None:
 def test_parquet_features_file_and_directory(tmp_path: Path) -> None:
     table = pa.table(
         {
+            "item_id": ["r0", "r1", "r2", "r3"],
             "label": pa.array([0, 1, 2, 1], pa.int32()),
             "split": ["train", "train", "test", "train"],
             "features": pa.array([[0.5, 1.0], [2.0, -3.0], [4.0, 5.0], [6.0, 7.5]]),
@@ -320,10 +321,14 @@ def test_parquet_features_file_and_directory(tmp_path: Path) -> None:
     d.mkdir()
     fixed = pa.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], pa.list_(pa.float32(), 3))
     pq.write_table(
-        pa.table({"label": [0, 1], "split": ["train", "test"], "emb": fixed}), d / "a.parquet"
+        pa.table({"item_id": [0, 1], "label": [0, 1], "split": ["train", "test"], "emb": fixed}),
+        d / "a.parquet",
     )
     fixed2 = pa.array([[7.0, 8.0, 9.0]], pa.list_(pa.float32(), 3))
-    pq.write_table(pa.table({"label": [1], "split": ["train"], "emb": fixed2}), d / "b.parquet")
+    pq.write_table(
+        pa.table({"item_id": [2], "label": [1], "split": ["train"], "emb": fixed2}),
+        d / "b.parquet",
+    )
     ds = load_dataset(f"parquet:{d}")
     assert ds.class_names == ("0", "1") and ds.input_shape == (3,)
     np.testing.assert_array_equal(ds.x_train, np.array([[1, 2, 3], [7, 8, 9]], np.float32))
@@ -340,6 +345,7 @@ def test_parquet_png_images(tmp_path: Path) -> None:
     imgs = [gray(4, 5, i) for i in range(3)]
     table = pa.table(
         {
+            "item_id": ["a", "b", "c"],
             "image": pa.array([png_bytes(a) for a in imgs], pa.binary()),
             "label": [1, 0, 1],
             "split": ["test", "train", "train"],
@@ -356,7 +362,12 @@ def test_parquet_png_images(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("missing", ["label", "split"])
 def test_parquet_missing_required_column(tmp_path: Path, missing: str) -> None:
-    cols = {"label": [0, 1], "split": ["train", "test"], "features": [[1.0], [2.0]]}
+    cols = {
+        "item_id": ["a", "b"],
+        "label": [0, 1],
+        "split": ["train", "test"],
+        "features": [[1.0], [2.0]],
+    }
     del cols[missing]
     pq.write_table(pa.table(cols), tmp_path / "t.parquet")
     with pytest.raises(DatasetError, match=f"missing required column '{missing}'"):
@@ -377,7 +388,102 @@ def test_parquet_content_errors(tmp_path: Path) -> None:
         ({"label": [0, 1], "split": ["train", "test"], "features": [[1.0], [float("nan")]]}, "NaN"),
     ]
     for cols, pattern in cases:
-        pq.write_table(pa.table(cols), path)
+        pq.write_table(pa.table({"item_id": ["a", "b"], **cols}), path)
+        datasets._load_cached.cache_clear()
+        with pytest.raises(DatasetError, match=pattern):
+            load_dataset(f"parquet:{path}")
+
+
+def test_parquet_without_item_id_names_the_column_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "old.parquet"
+    cols = {"label": [0, 1], "split": ["train", "test"], "features": [[1.0], [2.0]]}
+    pq.write_table(pa.table(cols), path)
+    with pytest.raises(DatasetError, match="missing required column 'item_id'") as err:
+        load_dataset(f"parquet:{path}")
+    msg = str(err.value)
+    assert str(path) in msg and "row number as text" in msg and "docs/data.md" in msg
+    assert "Upgrading a scenario Parquet file" in msg
+
+
+def test_parquet_item_ids_are_keys(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    base = {"label": [0, 1, 0, 1, 1], "split": ["train"] * 3 + ["test"] * 2}
+    base["features"] = [[float(i)] for i in range(5)]
+    for ids, pattern in (
+        (["a", "b", "a", "c", "d"], r"1 item_id value\(s\) repeat in the train split \('a'\)"),
+        ([1, 2, 3, 7, 7], r"1 item_id value\(s\) repeat in the test split \('7'\)"),
+        (["a", None, "c", "d", "e"], "'item_id' has null rows"),
+    ):
+        pq.write_table(pa.table({"item_id": ids, **base}), path)
+        datasets._load_cached.cache_clear()
+        with pytest.raises(DatasetError, match=pattern):
+            load_dataset(f"parquet:{path}")
+    # keys are unique within a split, as a source's are: a test row may share a train row's
+    pq.write_table(pa.table({"item_id": [0, 1, 2, 0, 1], **base}), path)
+    datasets._load_cached.cache_clear()
+    assert load_dataset(f"parquet:{path}").y_test.tolist() == [1, 1]
+
+
+def test_parquet_class_name_labels_take_sorted_order(tmp_path: Path) -> None:
+    path = tmp_path / "names.parquet"
+    table = pa.table(
+        {
+            "item_id": ["a", "b", "c", "d", "e", "f"],
+            "label": ["zebra", "ant", "moth", "ant", "zebra", "moth"],
+            "split": ["train", "train", "train", "test", "test", "test"],
+            "features": [[i / 10, 1.0] for i in range(6)],
+            "class_name": ["ignored"] * 6,  # names a label only when the label is an integer
+        }
+    )
+    pq.write_table(table, path)
+    ds = load_dataset(f"parquet:{path}")
+    check_common(ds)
+    assert ds.class_names == ("ant", "moth", "zebra")
+    assert ds.y_train.tolist() == [2, 0, 1] and ds.y_test.tolist() == [0, 2, 1]
+    np.testing.assert_array_equal(ds.x_train[:, 0], np.float32([0.0, 0.1, 0.2]))
+
+
+def test_parquet_integer_labels_load_as_before_item_ids_added(tmp_path: Path) -> None:
+    """A file of the scenario's old schema with item_id added: the same arrays and class
+    names as before (integer order, not sorted names), so lineages keep their fingerprints."""
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    cols = {
+        "label": pa.array([1, 0, 2, 0, 1, 2], pa.int64()),
+        "split": ["train", "test", "train", "train", "test", "test"],
+        "features": pa.array(list(x), pa.list_(pa.float32())),
+        "class_name": ["ant", None, "moth", "zebra", "ant", None],
+    }
+    pq.write_table(pa.table({"item_id": [str(i) for i in range(6)], **cols}), tmp_path / "i.pq")
+    ds = load_dataset(f"parquet:{tmp_path / 'i.pq'}")
+    assert ds.class_names == ("zebra", "ant", "moth")  # label order; a null names nothing
+    np.testing.assert_array_equal(ds.x_train, x[[0, 2, 3]])
+    np.testing.assert_array_equal(ds.x_test, x[[1, 4, 5]])
+    assert ds.y_train.tolist() == [1, 2, 0] and ds.y_test.tolist() == [0, 1, 2]
+    # the same rows labelled by name: the same arrays where the names sort as the integers
+    names = ["b", "a", "c", "a", "b", "c"]
+    named = {**cols, "label": names, "class_name": [None] * 6}
+    pq.write_table(pa.table({"item_id": [str(i) for i in range(6)], **named}), tmp_path / "n.pq")
+    again = load_dataset(f"parquet:{tmp_path / 'n.pq'}")
+    assert again.class_names == ("a", "b", "c")
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(again, f"x_{split}"), getattr(ds, f"x_{split}"))
+        np.testing.assert_array_equal(getattr(again, f"y_{split}"), getattr(ds, f"y_{split}"))
+
+
+def test_parquet_label_errors(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    base = {"item_id": ["a", "b", "c"], "split": ["train", "test", "train"]}
+    base["features"] = [[1.0], [2.0], [3.0]]
+    cases = [
+        ({"label": [0, 1, 0], "class_name": ["x", "y", "z"]}, "several class_name values"),
+        ({"label": [0, 1, 2], "class_name": ["x", "y", "x"]}, r"labels \[0, 2\] share"),
+        ({"label": [0, 3, 0]}, "contiguous 0..C-1.*class names"),
+        ({"label": [0.0, 1.0, 0.0]}, "class names \\(strings\\) or integers"),
+        ({"label": ["x", None, "y"]}, "'label' has null rows"),
+        ({"label": [0, 1, 0], "split": ["train", None, "test"]}, "'None'"),
+    ]
+    for cols, pattern in cases:
+        pq.write_table(pa.table({**base, **cols}), path)
         datasets._load_cached.cache_clear()
         with pytest.raises(DatasetError, match=pattern):
             load_dataset(f"parquet:{path}")

@@ -11,11 +11,11 @@ it in four steps, each with memory bounded by a few parts, not by the collection
    The chosen items (policy order, within the budget) are fixed and saved next to the
    job, so a killed job resumes with the same selection.
 3. **re-embed**: part by part, the chosen items are read by key from the collection's
-   source (``CollectionInfo.dataset``: a folder of images, Parquet files located by
-   ``item_id``, or the scenario's evaluation split by position; a ``parquet:`` feature
-   data set is streamed in row batches), embedded by a Ray actor holding the champion
-   (GPU where the cluster has one), and the part is rewritten. Up to ``pipeline_depth`` parts
-   are in flight, so the actor embeds the next part while this one is written.
+   spec (``CollectionInfo.dataset``, through workers.collection.items.open_reader: a
+   folder of images, Parquet row groups located by ``item_id``, or a source's
+   evaluation set), embedded by a Ray actor holding the champion (GPU where the cluster
+   has one), and the part is rewritten. Up to ``pipeline_depth`` parts are in flight, so
+   the actor embeds the next part while this one is written.
 4. **commit**: each rewritten part is committed atomically together with the job's
    progress (one SQL transaction; see :mod:`store.collection`). A job killed at any point
    and started again finishes with every item present exactly once, each with one
@@ -51,7 +51,6 @@ from workers.collection.policies import (
     n_strata,
     train_strata,
 )
-from workers.data.datasets import Dataset, load_dataset, parse_spec
 from workers.learning.embed import forward
 from workers.learning.models import load_model
 from workers.measuring import metrics as M
@@ -115,20 +114,16 @@ class EmbedActor:
         sha: str | None,
         threads: int | None = None,
         spec: str | None = None,
-        source: str = "auto",
-        scenario: bool = True,
     ) -> None:
         import torch
+
+        from workers.collection.items import open_reader
 
         if threads:
             torch.set_num_threads(int(threads))
         self.model = load_model(checkpoint, sha)
         self.source = None
-        if spec is not None and scenario:
-            self.source = open_source(spec, mode=source)
-        elif spec is not None:
-            from workers.collection.items import open_reader
-
+        if spec is not None:
             self.source = open_reader(spec, tuple(self.model.config["input_shape"]))
         self.seconds = 0.0
         self.read_seconds = 0.0
@@ -169,11 +164,9 @@ class EmbedActor:
         }
 
 
-def start_actor(
-    champion: Generation, spec: str | None = None, source: str = "auto", scenario: bool = True
-):
+def start_actor(champion: Generation, spec: str | None = None):
     """A Ray actor embedding with ``champion`` (the cluster's GPU if it has one), reading
-    items of data set ``spec``. Its OpenMP threads sleep instead of spinning while they
+    items of collection ``spec`` by key. Its OpenMP threads sleep instead of spinning while they
     wait, so the driver's Parquet work next to it costs it little."""
     import ray
 
@@ -187,8 +180,6 @@ def start_actor(
         champion.checkpoint_sha256,
         int(res.get("num_cpus", 1)),
         spec,
-        source,
-        scenario,
     )
     ray.get(actor.ready.remote())  # fail here on a bad checkpoint or data set, before writes
     return actor
@@ -255,163 +246,6 @@ def backfill_curve(
         emb[take] = new_emb[take]
         curve.append((float(beta), M.retrieval_top1(query_emb, query_labels, emb, rows.label)))
     return curve
-
-
-# -- source items ----------------------------------------------------------------------
-class ArraySource:
-    """Source inputs held in memory (the loaded data set's evaluation split)."""
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def take_keys(self, keys: list[str]) -> np.ndarray:
-        """Items by key: their positions in the evaluation split."""
-        return self.take(np.asarray([int(k) for k in keys], dtype=np.int64))
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.x)):
-            raise CollectionStoreError(
-                f"item ids {ids.min()}..{ids.max()} outside the data set's evaluation split "
-                f"(0..{len(self.x) - 1})"
-            )
-        return np.ascontiguousarray(self.x[ids])
-
-
-class ParquetSource:
-    """The evaluation split of a ``parquet:`` feature data set, streamed in row batches.
-
-    Item ``i`` is the ``i``-th ``split == "test"`` row, as in :mod:`workers.data.datasets`.
-    Requests in increasing id order (parts are id ranges) read the file once, forward;
-    memory is one batch.
-    """
-
-    def __init__(self, path: str, column: str, batch_rows: int = SCAN_ROWS) -> None:
-        import pyarrow.dataset as pads
-
-        self.path, self.column, self.batch_rows = path, column, batch_rows
-        self.dataset = pads.dataset(path, format="parquet", partitioning="hive")
-        self._reset()
-
-    def _batches(self):
-        import pyarrow.compute as pc
-        import pyarrow.dataset as pads
-
-        # the order workers.data.datasets and workers.data.sources read them in: files by path
-        for frag in sorted(self.dataset.get_fragments(), key=lambda f: f.path):
-            batches = pads.Scanner.from_fragment(
-                frag,
-                schema=self.dataset.schema,
-                columns=["split", self.column],
-                batch_size=self.batch_rows,
-                batch_readahead=1,  # memory: one batch ahead, not sixteen
-                use_threads=False,
-            ).to_batches()
-            for batch in batches:
-                test = pc.equal(batch.column(0), "test").to_numpy(zero_copy_only=False)
-                if not test.any():
-                    continue
-                col = batch.column(1)
-                if not test.all():
-                    col = col.filter(test)
-                values = col.flatten().to_numpy(zero_copy_only=False)
-                yield values.astype(np.float32, copy=False).reshape(len(col), -1)
-
-    def take_keys(self, keys: list[str]) -> np.ndarray:
-        """Items by key: their positions in the evaluation split."""
-        return self.take(np.asarray([int(k) for k in keys], dtype=np.int64))
-
-    def _reset(self) -> None:
-        self._it = self._batches()
-        self._base = 0
-        self._cur = np.zeros((0, 0), dtype=np.float32)
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) == 0:
-            return np.zeros((0, self._cur.shape[1] if self._cur.size else 0), np.float32)
-        if np.any(np.diff(ids) < 0):
-            order = np.argsort(ids, kind="stable")
-            got = self.take(ids[order])
-            out = np.empty_like(got)
-            out[order] = got
-            return out
-        if ids[0] < self._base:
-            self._reset()
-        parts, i = [], 0
-        while i < len(ids):
-            end = self._base + len(self._cur)
-            if ids[i] >= end:
-                try:
-                    nxt = next(self._it)
-                except StopIteration:
-                    raise CollectionStoreError(
-                        f"item id {int(ids[i])} is beyond the evaluation split of "
-                        f"parquet:{self.path} ({end} items)"
-                    ) from None
-                self._base, self._cur = end, nxt
-                continue
-            j = int(np.searchsorted(ids, end, side="left"))
-            local = ids[i:j] - self._base
-            if len(local) == local[-1] - local[0] + 1:  # a contiguous run: a slice
-                parts.append(self._cur[local[0] : local[-1] + 1])
-            else:
-                parts.append(self._cur[local])
-            i = j
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return np.ascontiguousarray(out)
-
-
-def _feature_column(path: str) -> str | None:
-    """The feature column a ``parquet:`` data set streams from, None for images."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    schema = pads.dataset(path, format="parquet", partitioning="hive").schema
-    lists = [
-        f.name
-        for f in schema
-        if pa.types.is_list(f.type)
-        or pa.types.is_large_list(f.type)
-        or pa.types.is_fixed_size_list(f.type)
-    ]
-    if "features" in lists:
-        return "features"
-    if "image" in schema.names or not lists:
-        return None
-    return lists[0]
-
-
-SOURCE_MODES = ("auto", "memory", "stream")
-
-
-def open_source(spec: str, ds: Dataset | None = None, mode: str = "auto"):
-    """The source of gallery items for data set ``spec`` (the gallery's recorded spec).
-
-    ``auto`` streams ``parquet:`` feature data sets (memory: one row batch) and loads
-    every other kind (they are loaded whole anyway); ``memory`` loads, ``stream`` streams.
-    """
-    if mode not in SOURCE_MODES:
-        raise ValueError(f"unknown source mode {mode!r}; choose one of {SOURCE_MODES}")
-    if ds is not None:
-        if ds.spec != spec:
-            raise StoreError(f"the collection indexes {spec!r}, not {ds.spec!r}")
-        return ArraySource(ds.x_test)
-    kind, path = parse_spec(spec)
-    if kind == "imagefolder" and mode != "stream":
-        from workers.data.sources import load_eval  # its evaluation set alone, as load_dataset's
-
-        return ArraySource(load_eval(spec).x)
-    if kind == "parquet" and path is not None and mode != "memory":
-        column = _feature_column(path)
-        if column is not None:
-            return ParquetSource(path, column)
-    if mode == "stream":
-        raise StoreError(f"{spec!r} cannot be streamed (only parquet: feature data sets)")
-    return ArraySource(load_dataset(spec).x_test)
 
 
 # -- selection -------------------------------------------------------------------------
@@ -528,7 +362,6 @@ def reembed_parts(
     todo: list[str],
     chosen: np.ndarray,
     target: int,
-    source: str,
     champion: Generation,
     done: int,
     total: int,
@@ -547,7 +380,7 @@ def reembed_parts(
     import ray
 
     t = time.perf_counter()
-    actor = start_actor(champion, info.dataset, source, scenario=bool(info.scenario))
+    actor = start_actor(champion, info.dataset)
     st["actor_start_seconds"] = time.perf_counter() - t
     t_stream = time.perf_counter()
     inflight: deque = deque()

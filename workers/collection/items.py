@@ -10,8 +10,10 @@ A collection is what users search. Its spec is one of:
   partitions, ``s3://...``); key = ``item_id`` (required, unique), ``label`` optional
   (a class name or an integer with an optional ``class_name``), a feature column or
   ``image`` bytes;
-- the scenario's data set (``digits``, ``fashion-mnist``, ...): the gallery half of its
-  evaluation split; key = the item's position in that split (``graceful run`` builds it).
+- ``reference:<kind>:<source spec>``: the reference half of a source's evaluation set
+  (workers.data.source.reference_spec; the scenario's collection, which the first
+  champion indexes); key = the evaluation item's key (the scenario's: its position in
+  the evaluation split).
 
 :func:`list_items` lists the items (key, class name or None, fingerprint) without
 decoding pixels; a file whose size and modification time match what the collection
@@ -33,22 +35,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.data.datasets import (
-    IMAGE_SUFFIXES,
-    DatasetError,
-    load_dataset,
-    load_dataset_as,
-    parse_spec,
-)
+from workers.data.datasets import IMAGE_SUFFIXES, DatasetError, parse_spec
+from workers.data.errors import SourceError
+from workers.data.parquet_schema import _class_names, _clean, _is_list, redact, repeated_keys
 from workers.data.scenario import eval_split
-from workers.data.source import row_digests
+from workers.data.source import REFERENCE, reference_source
 from workers.data.sources import (
     InputFormat,
-    SourceError,
-    _class_names,
-    _clean,
     _decode,
-    _is_list,
     _parquet_dataset,
     _parquet_inputs,
     _units,
@@ -56,11 +50,9 @@ from workers.data.sources import (
     input_format,
     keyed_rows,
     readable_sha,
-    redact,
-    repeated_keys,
 )
 
-COLLECTION_KINDS = ("images", "imagefolder", "parquet")
+COLLECTION_KINDS = ("images", "imagefolder", "parquet", REFERENCE)
 LIST_BATCH = 65_536  # Parquet rows per listed batch
 ITEMS_SCHEMA = pa.schema(
     [
@@ -76,8 +68,12 @@ class CollectionError(SourceError):
 
 
 def parse_collection_spec(spec: str) -> tuple[str, str | None]:
-    """(kind, path) of a collection spec; ``images:DIR`` besides the data-set kinds."""
+    """(kind, path) of a collection spec (one of COLLECTION_KINDS); for ``reference:``
+    the path is the whole spec."""
     head, sep, tail = (spec or "").strip().partition(":")
+    if head.strip().lower() == REFERENCE:
+        reference_source(spec.strip())  # a clear error for a malformed one
+        return REFERENCE, spec.strip()
     if head.strip().lower() == "images":
         raw = tail.strip()
         if not sep or not raw:
@@ -87,9 +83,22 @@ def parse_collection_spec(spec: str) -> tuple[str, str | None]:
             raise CollectionError(f"spec {spec!r}: image directory {path} does not exist")
         return "images", path
     kind, path = parse_spec(spec)
+    if kind not in COLLECTION_KINDS:
+        raise CollectionError(
+            f"spec {spec!r} is a data set, not a collection: index images:DIR, "
+            "imagefolder:DIR or parquet:PATH"
+        )
     if kind == "parquet" and "://" in spec:
         return kind, spec.split(":", 1)[1].strip()
     return kind, path
+
+
+def is_reference(spec: str) -> bool:
+    """Whether collection ``spec`` is a source's evaluation reference half: it follows the
+    evaluation set, and the query half beside it gives labelled queries (M_mix) and can
+    be searched by key too. (A read path asks: a spec of no collection kind is simply not
+    one, not an error here.)"""
+    return (spec or "").strip().lower().startswith(f"{REFERENCE}:")
 
 
 def same_kind(a: str, b: str) -> bool:
@@ -242,14 +251,16 @@ def _list_parquet(spec: str, path: str) -> Listing:
     return Listing(spec, table)
 
 
-def _list_scenario(spec: str) -> Listing:
-    ds = load_dataset(spec)
-    g_idx, _ = eval_split(len(ds.y_test))
-    g_idx = np.sort(g_idx)
-    names = [ds.class_names[int(y)] for y in ds.y_test[g_idx]]
-    prints = row_digests(ds.x_test[g_idx])
+def _list_reference(spec: str) -> Listing:
+    """The reference half of a source's evaluation set, in evaluation order."""
+    ev = reference_source(spec).evaluation()
+    ref, _ = eval_split(len(ev.x))
     table = pa.table(
-        {"key": [str(int(i)) for i in g_idx], "label": names, "fingerprint": prints},
+        {
+            "key": [ev.keys[i] for i in ref],
+            "label": [ev.labels[i] for i in ref],
+            "fingerprint": [ev.digests[i] for i in ref],
+        },
         schema=ITEMS_SCHEMA,
     )
     return Listing(spec, table)
@@ -283,7 +294,7 @@ def list_items(spec: str, known: dict[str, str] | None = None) -> Listing:
     elif kind == "parquet":
         listing = _list_parquet(spec, path)  # type: ignore[arg-type]
     else:
-        listing = _list_scenario(spec)
+        listing = _list_reference(spec)
     check_unique(listing)
     return listing
 
@@ -458,33 +469,38 @@ def fixed_bytes(strings: pa.Array, chunk: int = 65_536) -> np.ndarray:
     return out.view(f"S{width}").ravel()
 
 
-class ScenarioReader:
-    """The scenario data set's evaluation split, by position (its key)."""
+class ReferenceReader:
+    """A source's evaluation set by key (a ``reference:`` collection's items and the
+    labelled queries beside them), decoded at the model's input size."""
 
     def __init__(self, spec: str, input_shape: tuple[int, ...] | None = None) -> None:
-        ds = load_dataset_as(spec, input_shape)
-        self.x, self.y = ds.x_test, ds.y_test
+        source = reference_source(spec)
+        ev = source.evaluation()
+        if input_shape is not None and tuple(ev.x.shape[1:]) != tuple(input_shape):
+            # the lineage chose image_size: its images were decoded to the model's squares
+            ev = source.evaluation(int(input_shape[-1]))
+        self.x, self.labels = ev.x, ev.labels
+        self.rows = {k: i for i, k in enumerate(ev.keys)}
 
-    def label_of(self, key: str) -> int:
-        """The evaluation split's label at position ``key``."""
-        return int(self.y[int(key)])
+    def label_of(self, key: str) -> str:
+        """The class name of evaluation item ``key``."""
+        return self.labels[self._rows([key])[0]]
+
+    def _rows(self, keys: list[str]) -> list[int]:
+        missing = [k for k in keys if k not in self.rows]
+        if missing:
+            raise UnreadableItem(f"keys {missing[:5]} are not items of the evaluation set")
+        return [self.rows[k] for k in keys]
 
     def take(self, keys: list[str]) -> np.ndarray:
-        try:
-            idx = np.asarray([int(k) for k in keys], dtype=np.int64)
-        except ValueError as exc:
-            raise UnreadableItem(f"not an evaluation-split position: {exc}") from None
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.x)):
-            raise UnreadableItem(
-                f"keys {idx.min()}..{idx.max()} outside the evaluation split (0..{len(self.x) - 1})"
-            )
-        return np.ascontiguousarray(self.x[idx], dtype=np.float32)
+        return np.ascontiguousarray(self.x[self._rows(keys)], dtype=np.float32)
 
     def take_keys(self, keys: list[str]) -> np.ndarray:
         return self.take(keys)
 
     def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
-        return self.take(keys), []
+        good = [k for k in keys if k in self.rows]
+        return self.take(good), [k for k in keys if k not in self.rows]
 
 
 def open_reader(spec: str, input_shape: tuple[int, ...]):
@@ -500,4 +516,4 @@ def open_reader(spec: str, input_shape: tuple[int, ...]):
         return FileReader(path, fmt)  # type: ignore[arg-type]
     if kind == "parquet":
         return ParquetKeyReader(path, fmt.shape)  # type: ignore[arg-type]
-    return ScenarioReader(spec, fmt.shape)
+    return ReferenceReader(spec, fmt.shape)

@@ -7,8 +7,10 @@ Specs (stable contract):
   ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
 - ``imagefolder:DIR`` -- ``DIR/{train,test}/<class>/*.{png,jpg,jpeg}``.
 - ``cifar10:DIR`` / ``cifar100:DIR`` -- the python pickle batches of the official archives.
-- ``parquet:PATH`` -- a Parquet file or directory with ``label``, ``split`` and a feature
-  (list of floats) or ``image`` (PNG/JPEG bytes) column.
+- ``parquet:PATH`` -- a Parquet file or directory in the one Parquet schema a source has
+  too (workers.data.sources): ``item_id`` (the key), ``label``, a feature (list of
+  numbers) or ``image`` (PNG/JPEG bytes) column, and ``split`` (required here:
+  ``train``/``test``).
 
 Every bad input raises :class:`DatasetError`. Nothing is read at import time.
 """
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from workers.data.errors import DatasetError
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -64,10 +68,6 @@ _GRAY_MODES = frozenset({"1", "L", "LA"})
 _SPLITS = ("train", "test")
 
 
-class DatasetError(ValueError):
-    """A data set spec, file or content is invalid."""
-
-
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """An in-memory train/test data set.
@@ -84,6 +84,9 @@ class Dataset:
     class_names: tuple[str, ...]
     # only the evaluation split (workers.data.source): training items stream from the source
     eval_only: bool = False
+    # the evaluation items' keys in their source (a source's evaluation set); empty when
+    # the data set was loaded whole, not through a source
+    test_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = tuple(str(n) for n in self.class_names)
@@ -643,7 +646,15 @@ def _load_cifar(root: Path, *, fine: bool) -> _Parts:
 
 
 def _load_parquet(path: Path, size: tuple[int, int] | None = None) -> _Parts:
+    """A Parquet file or directory read whole as a fixed data set.
+
+    Its columns are the one Parquet schema (``item_id``, ``label``, a feature or
+    ``image`` column, ``split``), detected and checked where a source's are:
+    :func:`workers.data.sources.data_set_columns`.
+    """
     import pyarrow as pa
+
+    from workers.data.parquet_schema import data_set_columns
 
     try:
         if path.is_dir():
@@ -656,38 +667,9 @@ def _load_parquet(path: Path, size: tuple[int, int] | None = None) -> _Parts:
             table = pq.read_table(str(path))
     except (OSError, pa.ArrowException) as exc:
         raise DatasetError(f"cannot read Parquet {path}: {exc}") from exc
-    cols = table.schema.names
-    for required in ("label", "split"):
-        if required not in cols:
-            raise DatasetError(
-                f"Parquet {path}: missing required column {required!r} (columns: {cols})"
-            )
-    label_col, split_col = table.column("label"), table.column("split")
-    if not pa.types.is_integer(label_col.type) or label_col.null_count:
-        raise DatasetError(f"Parquet {path}: column 'label' must be non-null integers")
-    if not (pa.types.is_string(split_col.type) or pa.types.is_large_string(split_col.type)):
-        raise DatasetError(f"Parquet {path}: column 'split' must be strings")
-    splits = np.asarray(split_col.to_pylist(), dtype=object)
-    bad = sorted({str(s) for s in splits} - set(_SPLITS))
-    if bad:
-        raise DatasetError(f"Parquet {path}: column 'split' has values {bad}; expected train/test")
-    labels = label_col.to_numpy().astype(np.int64)
-    present = np.unique(labels)
-    if len(present) == 0:
-        raise DatasetError(f"Parquet {path}: no rows")
-    if not np.array_equal(present, np.arange(len(present))):
-        raise DatasetError(
-            f"Parquet {path}: labels must be contiguous 0..C-1, got {present.tolist()[:20]}"
-        )
-    names = _parquet_class_names(table, labels, len(present), path)
-
+    column, splits, labels, names = data_set_columns(table, str(path))
     train, test = splits == "train", splits == "test"
-    list_cols = [c for c in cols if _is_list_type(table.schema.field(c).type)]
-    if "features" in list_cols or ("image" not in cols and list_cols):
-        name = "features" if "features" in list_cols else list_cols[0]
-        x = _parquet_features(table.column(name), name, path)
-        x_tr, x_te = x[train], x[test]
-    elif "image" in cols:
+    if column == "image":
         items = _parquet_image_items(table.column("image"), path)
         x_tr, x_te = _decode_split_images(
             [items[i] for i in np.flatnonzero(train)],
@@ -695,29 +677,9 @@ def _load_parquet(path: Path, size: tuple[int, int] | None = None) -> _Parts:
             size,
         )
     else:
-        raise DatasetError(
-            f"Parquet {path}: no feature column (list<float>) or 'image' column; columns: {cols}"
-        )
+        x = _parquet_features(table.column(column), column, path)
+        x_tr, x_te = x[train], x[test]
     return x_tr, labels[train], x_te, labels[test], names
-
-
-def _is_list_type(t: Any) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def _parquet_class_names(table: Any, labels: np.ndarray, n: int, path: Path) -> tuple[str, ...]:
-    if "class_name" not in table.schema.names:
-        return tuple(str(i) for i in range(n))
-    names: dict[int, str] = {}
-    for lab, name in zip(labels.tolist(), table.column("class_name").to_pylist(), strict=True):
-        if name is not None and names.setdefault(lab, str(name)) != str(name):
-            raise DatasetError(
-                f"Parquet {path}: label {lab} has several class_name values "
-                f"({names[lab]!r}, {str(name)!r})"
-            )
-    return tuple(names.get(i, str(i)) for i in range(n))
 
 
 def _parquet_features(col: Any, name: str, path: Path) -> np.ndarray:

@@ -15,13 +15,19 @@ Two implementations:
 
 - :class:`ScenarioSource`: a fixed data set (``digits``, ``fashion-mnist``, a CIFAR
   folder, ``parquet:`` or ``imagefolder:`` read whole) stepped through the growing
-  scenario (workers.data.scenario): its snapshot is the next stage, its items are keyed
-  ``train/<row>`` and its evaluation items ``test/<row>``;
+  scenario (workers.data.scenario): its snapshot is the next stage, its training items
+  are keyed ``train/<row>`` and its evaluation items by their position in the
+  evaluation split (``<row>``, the keys its collection has always had);
 - :class:`ItemSource`: a user's growing source (``imagefolder:DIR``, ``parquet:PATH``
   files, directories, hive partitions, ``s3://``), scanned by key and never read whole.
 
 :func:`open_source` is the one entry. A lineage records the kind once, with its first
 snapshot: a snapshot with a stage count is the scenario's (flows.data.lineage_source).
+
+A source whose ``reference_collection`` is true has the reference half of its evaluation
+set as the lineage's collection: :func:`reference_spec` names it as a collection spec
+(``reference:<kind>:<source spec>``), which workers.collection.items lists and reads
+like any other collection.
 """
 
 from __future__ import annotations
@@ -125,6 +131,26 @@ def open_source(spec: str, kind: SourceKind | str | None = None) -> Source:
     return ItemSource(spec)
 
 
+REFERENCE = "reference"  # the collection-spec kind of a source's evaluation reference half
+
+
+def reference_spec(source: Source) -> str:
+    """The collection spec of ``source``'s evaluation reference half."""
+    return f"{REFERENCE}:{source.kind.value}:{source.spec}"
+
+
+def reference_source(spec: str) -> Source:
+    """The source a ``reference:<kind>:<source spec>`` collection spec names."""
+    head, _, tail = spec.strip().partition(":")
+    kind, _, inner = tail.partition(":")
+    if head != REFERENCE or kind not in tuple(SourceKind) or not inner:
+        raise SourceError(
+            f"collection spec {spec!r}: expected reference:<kind>:<source spec>, kind one of "
+            f"{', '.join(SourceKind)}"
+        )
+    return open_source(inner, kind)
+
+
 # -- the scenario ----------------------------------------------------------------------
 def _hash_rows(digest: Any, x: np.ndarray, rows: np.ndarray | None = None) -> None:
     n = len(x) if rows is None else len(rows)
@@ -170,7 +196,7 @@ def _scenario_evaluation(spec: str, image_size: int | None) -> EvalSet:
         labels=[ds.class_names[int(y)] for y in ds.y_test],
         fingerprint=eval_fingerprint(ds),
         input_format=input_format(ds.input_shape),
-        keys=[f"test/{i}" for i in range(len(ds.y_test))],
+        keys=[str(i) for i in range(len(ds.y_test))],  # the position: the collection's key
         digests=row_digests(ds.x_test),
     )
 

@@ -8,6 +8,9 @@
   non-null), ``label`` (a class name, or an integer with an optional ``class_name``),
   a feature column (list of numbers) or ``image`` (PNG/JPEG bytes), and ``split``:
   rows with ``split == "test"`` are the evaluation set, every other row is training data.
+  One schema for every use: a collection reads it too, and workers.data.datasets reads
+  a file whole as a fixed data set (there ``split`` is required); the columns are
+  detected and checked here (:func:`_parquet_columns`, :func:`data_set_columns`).
 
 A *scan* lists a source's training items (key, class name, and what identifies their
 content: size, mtime and a content hash for files; file, row group and statistics for
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +39,19 @@ from workers.data.datasets import (
     decode_images_as,
     parse_spec,
 )
+from workers.data.errors import SourceError
+from workers.data.parquet_schema import (
+    _class_names,
+    _clean,
+    _parquet_columns,
+    redact,
+    repeated_keys,
+)
 
 SOURCE_KINDS = ("imagefolder", "parquet")
 BLOCK = 1024  # items per unit of a file-per-item source
 SCAN_BATCH = 65_536  # Parquet rows per scanned batch
 _GRAY = frozenset({"1", "L", "LA", "I;16"})
-
-
-class SourceError(DatasetError):
-    """A source is missing, unreadable or malformed; the message names the fix."""
 
 
 class SourceUnreachable(SourceError):
@@ -58,12 +64,6 @@ def is_source(spec: str | None) -> bool:
     if not spec:
         return False
     return parse_spec(spec)[0] in SOURCE_KINDS
-
-
-def redact(uri: str) -> str:
-    """A URI fit for a message: credentials and query parameters dropped."""
-    uri = re.sub(r"//[^/@]*@", "//", uri)
-    return uri.split("?", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,16 @@ class EvalSet:
         """As the in-memory evaluation ``Dataset`` the metrics and the gallery read."""
         names = sorted(vocabulary, key=vocabulary.__getitem__)
         y = np.asarray([vocabulary[n] for n in self.labels], dtype=np.int64)
-        return Dataset(spec, self.x[:0], y[:0], self.x, y, tuple(names), eval_only=True)
+        return Dataset(
+            spec,
+            self.x[:0],
+            y[:0],
+            self.x,
+            y,
+            tuple(names),
+            eval_only=True,
+            test_keys=tuple(self.keys),
+        )
 
 
 # -- filesystem ------------------------------------------------------------------------
@@ -168,12 +177,6 @@ def _s3_at(uri: str, endpoint: str) -> tuple[Any, str]:
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
     )
     return fs, uri.removeprefix("s3://").split("?", 1)[0]
-
-
-def _clean(exc: BaseException) -> str:
-    """An exception's message without credentials a URI may carry."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return redact(text) if "://" in text else text
 
 
 # -- image folders ---------------------------------------------------------------------
@@ -353,34 +356,6 @@ def _parquet_dataset(path: str) -> Any:
         raise SourceError(f"cannot read Parquet {redact(path)}: {_clean(exc)}") from None
 
 
-def _parquet_columns(ds: Any, path: str) -> tuple[str, str | None]:
-    """(input column, class-name column or None); checks the required columns."""
-    names = ds.schema.names
-    for required in ("item_id", "label"):
-        if required not in names:
-            raise SourceError(
-                f"Parquet source {redact(path)}: missing column {required!r} (columns: "
-                f"{names}); a growing source needs a unique item_id per row and a label"
-            )
-    lists = [f.name for f in ds.schema if _is_list(f.type)]
-    if "features" in lists:
-        column = "features"
-    elif "image" in names:
-        column = "image"
-    elif lists:
-        column = lists[0]
-    else:
-        raise SourceError(
-            f"Parquet source {redact(path)}: no feature column (list of numbers) and no "
-            f"'image' column; columns: {names}"
-        )
-    return column, "class_name" if "class_name" in names else None
-
-
-def _is_list(t: Any) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
 def _units(ds: Any) -> list[Any]:
     """Row-group fragments in a fixed order (file path, then row group)."""
     frags = sorted(ds.get_fragments(), key=lambda f: f.path)
@@ -395,26 +370,6 @@ def _is_test(batch: pa.RecordBatch) -> np.ndarray:
     return pc.fill_null(pc.equal(batch.column("split"), "test"), False).to_numpy(
         zero_copy_only=False
     )
-
-
-def _class_names(batch: pa.RecordBatch, name_col: str | None, path: str) -> pa.Array:
-    """Each row's class name, as an Arrow string array (no Python object per row)."""
-    import pyarrow.compute as pc
-
-    label = batch.column("label")
-    if label.null_count:
-        raise SourceError(f"Parquet source {redact(path)}: column 'label' has null rows")
-    if pa.types.is_string(label.type) or pa.types.is_large_string(label.type):
-        return pc.cast(label, pa.string())
-    if not pa.types.is_integer(label.type):
-        raise SourceError(
-            f"Parquet source {redact(path)}: column 'label' must be class names or integers"
-        )
-    as_text = pc.cast(label, pa.string())
-    if name_col is not None:
-        names = pc.cast(batch.column(name_col), pa.string())
-        return pc.if_else(pc.is_null(names), as_text, names)
-    return as_text
 
 
 def label_indices(names: Any, vocabulary: dict[str, int]) -> np.ndarray:
@@ -460,18 +415,6 @@ def keyed_rows(
                 f"{redact(frag.path)}; every row needs its own key"
             )
         yield batch
-
-
-def repeated_keys(keys: Any) -> tuple[int, str]:
-    """(how many keys repeat, the first few of them quoted); (0, "") when none does."""
-    import pyarrow.compute as pc
-
-    if pc.count_distinct(keys).as_py() == len(keys):
-        return 0, ""
-    counts = pc.value_counts(keys)  # then find them, for the message
-    dup = counts.filter(pc.greater(pc.struct_field(counts, "counts"), 1))
-    shown = ", ".join(repr(v) for v in pc.struct_field(dup, "values").to_pylist()[:5])
-    return len(dup), shown
 
 
 def _scan_columns(ds: Any, name_col: str | None) -> list[str]:
