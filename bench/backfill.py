@@ -864,7 +864,7 @@ def markdown(result: dict[str, Any]) -> str:
             "check and the selection are listed apart). The machine is shared with other "
             "jobs, so every round is shown and the target uses the median round. The actor "
             "reads the items by `item_id` from the `parquet:` data set, a row group at a "
-            "time (workers.collection.items.ParquetKeyReader, as every backfill of a Parquet "
+            "time (workers.data.readers.ParquetItems, as every backfill of a Parquet "
             "collection does: bounded memory; decoding 784 floats costs about as much as this "
             "small model's forward).",
             "",

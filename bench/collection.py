@@ -183,8 +183,9 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
     from store.collection import Collection
     from store.lineage import Lineage
     from workers.collection.indexing import run_index
-    from workers.collection.items import FileReader, input_format
+    from workers.collection.items import input_format
     from workers.data.datasets import load_dataset
+    from workers.data.readers import FileItems
     from workers.learning.embed import forward
     from workers.runtime import task_resources
 
@@ -203,7 +204,7 @@ def image_figures(n: int, workdir: Path) -> dict[str, Any]:
     lin.promote(gen.id)
     result = run_index(lin, Collection(lin), f"images:{root}", lin.champion(), {})
     assert result.added == n
-    decoded = FileReader(str(root), input_format(shape)).take(keys)
+    decoded = FileItems(str(root), input_format(shape)).take_keys(keys)
     threads = int(task_resources().get("num_cpus", 1))
     torch.set_num_threads(threads)
     t = time.perf_counter()

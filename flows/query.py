@@ -203,7 +203,8 @@ class Searcher:
     # -- queries -------------------------------------------------------------------------
     def key_query(self, key: str) -> tuple[np.ndarray, int | None]:
         """The champion's embedding of the collection's item ``key``, and its label."""
-        from workers.collection.items import CollectionError, UnreadableItem
+        from workers.collection.items import CollectionError
+        from workers.data.readers import UnreadableItem
 
         key = check_key(key)
         item = self.index.id_of(key)

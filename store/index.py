@@ -130,14 +130,6 @@ class CollectionIndex:
         return cls(dim, kind, ivf_cells(items) if kind is IndexKind.IVF else 0)
 
     @classmethod
-    def from_gallery(cls, collection: Collection) -> CollectionIndex:
-        """Build from the committed collection, part by part (not persisted)."""
-        info = collection.require()
-        idx = cls.for_collection(info.embed_dim, int(info.items))
-        idx.sync(collection)
-        return idx
-
-    @classmethod
     def open(
         cls, collection: Collection, path: Path | None = None, save: bool = True
     ) -> CollectionIndex:

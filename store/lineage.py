@@ -411,11 +411,6 @@ class Lineage:
         self.update_generation(gen_id, pinned=pinned)
 
     # -- constraints -------------------------------------------------------------------
-    def add_constraints(self, gen_id: int, items: Iterable[tuple[int, str, float]]) -> None:
-        with self.session() as s:
-            for target, kind, weight in items:
-                s.add(Constraint(generation_id=gen_id, target_id=target, kind=kind, weight=weight))
-
     def constraints(self, gen_id: int | None = None) -> list[Constraint]:
         with self.session() as s:
             q = select(Constraint).order_by(Constraint.generation_id, Constraint.target_id)

@@ -341,11 +341,3 @@ def run_placed(
 def run_on_ray(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` as one Ray task and wait for its result."""
     return run_placed(fn, args, kwargs).value
-
-
-def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any):
-    """Submit ``fn`` as a Ray task; returns the ObjectRef (for bounded pipelines)."""
-    import ray
-
-    res = task_resources()
-    return ray.remote(max_retries=0, **res)(fn).remote(*args, **kwargs)

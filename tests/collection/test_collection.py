@@ -315,7 +315,8 @@ def test_the_index_file_survives_a_prune_after_reload(home: Path, tmp_path: Path
 def test_parquet_rows_are_read_by_key(tmp_path: Path) -> None:
     """Keys located once (fixed-width UTF-8), rows read from their row groups in the
     order asked; a key that is only a prefix or an extension of a stored one is absent."""
-    from workers.collection.items import ParquetKeyReader, fixed_bytes
+    from workers.data.readers import ParquetItems, fixed_bytes
+    from workers.data.sources import input_format
 
     assert fixed_bytes(pa.array(["ab", "é", ""])).tolist() == [b"ab", "é".encode(), b""]
     keys = ["b-2", "ab", "été", "a", "zz-10"]
@@ -325,10 +326,10 @@ def test_parquet_rows_are_read_by_key(tmp_path: Path) -> None:
         tmp_path / "c.parquet",
         row_group_size=2,  # three row groups
     )
-    reader = ParquetKeyReader(str(tmp_path / "c.parquet"), (3,))
-    got = reader.take(["zz-10", "été", "a"])
+    reader = ParquetItems(str(tmp_path / "c.parquet"), input_format((3,)))
+    got = reader.take_keys(["zz-10", "été", "a"])
     np.testing.assert_array_equal(got, feats[[4, 2, 3]])
     x, missing = reader.take_each(["abc", "ab", "été!", "b-"])
     assert missing == ["abc", "été!", "b-"] and x.tolist() == [feats[1].tolist()]
     with pytest.raises(CollectionError, match=r"item_id \['nope'\] no longer in it"):
-        reader.take(["a", "nope"])
+        reader.take_keys(["a", "nope"])

@@ -25,9 +25,10 @@ from store.index import INDEX_FILE, CollectionIndex
 from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
 from workers.collection.backfill import policy_order
-from workers.collection.items import ParquetKeyReader, UnreadableItem, open_reader
+from workers.collection.items import open_reader
 from workers.collection.policies import backfill_order
 from workers.data.datasets import load_dataset
+from workers.data.readers import ParquetItems, UnreadableItem
 from workers.data.scenario import eval_split
 from workers.learning.embed import forward
 from workers.learning.models import load_model
@@ -249,7 +250,7 @@ def test_parquet_items_are_read_by_key_row_group_by_row_group(tmp_path: Path) ->
     )
     pq.write_table(table, path, row_group_size=128)
     reader = open_reader(f"parquet:{path}", (5,))
-    assert isinstance(reader, ParquetKeyReader)
+    assert isinstance(reader, ParquetItems)
     rows = np.sort(rng.choice(n, 300, replace=False))
     keys = np.asarray([f"item-{i}" for i in range(n)], dtype=object)
     for chunk in np.array_split(rows, 7):  # forward, part by part

@@ -12,13 +12,12 @@ import pytest
 import workers.data.sources as src
 from sources.data import digits, parquet_rows, write_images
 from workers.data.datasets import DatasetError
+from workers.data.readers import ArrayItems, snapshot_reader
 from workers.data.sources import (
-    ArrayReader,
     SourceError,
     describe_change,
     label_indices,
     load_eval,
-    open_reader,
     scan_source,
 )
 from workers.data.stream import ShuffledItems, TeacherStore, window_items
@@ -130,7 +129,7 @@ def test_parquet_scan_and_reader_by_hand(tmp_path: Path, data) -> None:
     assert labels.tolist() == [1 if n == "digit-3" else 0 for n in train["label"].to_pylist()]
     ev = load_eval(f"parquet:{d}")
     assert ev.keys == test.column("item_id").to_pylist() and ev.x.shape == (4, 64)
-    reader = open_reader(f"parquet:{d}", scan.table, labels, ev.input_format)
+    reader = snapshot_reader(f"parquet:{d}", scan.table, labels, ev.input_format)
     got = {}
     for unit in reader.units():
         for start, x, y in reader.read(unit):
@@ -159,7 +158,7 @@ def test_shuffled_items_visit_every_item_once_per_epoch(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path / "t.f32", n, 1, d)
     store.create()
     store.write(0, np.repeat(np.arange(n, dtype=np.float32)[:, None, None], d, axis=2))
-    reader = ArrayReader(x, y, block=512)
+    reader = ArrayItems(x, y, block=512)
     epochs = []
     for epoch in (0, 1):
         batches = list(ShuffledItems(reader, 64, window=1024, seed=5, epoch=epoch, store=store))

@@ -16,7 +16,7 @@ from PIL import Image
 
 import workers.data.stream as stream_mod
 from workers.data.datasets import load_dataset
-from workers.data.sources import ArrayReader
+from workers.data.readers import ArrayItems
 from workers.data.stream import ItemStore, ShuffledItems
 from workers.learning.spec import TrainSpec
 from workers.learning.train import train_generation
@@ -36,10 +36,10 @@ def test_batches_mix_classes_of_a_class_sorted_source(tmp_path: Path) -> None:
     store = ItemStore(tmp_path / "items.bin", y, (4,), u8=False)
     store.create()
     store.write(0, x)
-    for items in (ArrayReader(x, y, block=512), store):  # in memory, and streamed from disk
+    for items in (ArrayItems(x, y, block=512), store):  # in memory, and streamed from disk
         # a window of 256 items: far fewer than a class holds
         sorted_mix = _classes_per_batch(list(ShuffledItems(items, 64, 256, seed=1, epoch=0)))
-        ref = ArrayReader(x[shuffled], y[shuffled], block=512)
+        ref = ArrayItems(x[shuffled], y[shuffled], block=512)
         shuffled_mix = _classes_per_batch(list(ShuffledItems(ref, 64, 256, seed=1, epoch=0)))
         # 64 uniform draws from 10 classes cover 9.99 of them on average
         assert shuffled_mix > 9.5
@@ -111,12 +111,10 @@ def test_channel_statistics_by_hand(tmp_path: Path) -> None:
     # 2 images, 2 channels, 1 x 2 pixels; channel 0 holds 0, 1, 1, 0: mean 0.5, std 0.5;
     # channel 1 is constant (0.2): its std is left at 1 (nothing to scale)
     x = np.array([[[[0.0, 1.0]], [[0.2, 0.2]]], [[[1.0, 0.0]], [[0.2, 0.2]]]], np.float32)
-    got = prepare(ArrayReader(x, np.array([0, 1])), [], None, 2, torch.device("cpu"))
+    got = prepare(ArrayItems(x, np.array([0, 1])), [], None, 2, torch.device("cpu"))
     np.testing.assert_allclose(got.channel_mean, [0.5, 0.2], atol=1e-6)
     np.testing.assert_allclose(got.channel_std, [0.5, 1.0], atol=1e-6)
     assert got.counts.tolist() == [1.0, 1.0]
     # feature vectors get none
-    flat = prepare(
-        ArrayReader(x.reshape(2, -1), np.array([0, 1])), [], None, 2, torch.device("cpu")
-    )
+    flat = prepare(ArrayItems(x.reshape(2, -1), np.array([0, 1])), [], None, 2, torch.device("cpu"))
     assert flat.channel_mean is None and flat.channel_std is None

@@ -17,8 +17,8 @@ import torch
 
 import workers.learning.train as train_mod
 from workers.data.datasets import load_dataset
+from workers.data.readers import ArrayItems
 from workers.data.scenario import eval_split
-from workers.data.sources import ArrayReader
 from workers.data.stream import TeacherStore, prepare
 from workers.learning.constraints import cosine_logits_stacked
 from workers.learning.embed import forward
@@ -206,7 +206,7 @@ def test_teacher_heads_and_logits_by_hand(tmp_path: Path) -> None:
     x = np.array([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
     y = np.array([0, 2, 2])
     store = TeacherStore(tmp_path / "t.f32", n=3, k=1, d=2)
-    prepared = prepare(ArrayReader(x, y), [model], store, num_classes=3, device=torch.device("cpu"))
+    prepared = prepare(ArrayItems(x, y), [model], store, num_classes=3, device=torch.device("cpu"))
     sums, counts = prepared.class_sums, prepared.counts
     # embeddings (1,0), (1,0), (0,1), written once to disk and read back by position
     emb = torch.from_numpy(store.read(0, 3).copy())[:, 0]

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.config import TrainConfig
-from workers.data.sources import ArrayReader
+from workers.data.readers import ArrayItems
 from workers.data.stream import ShuffledItems
 from workers.learning.spec import ConstraintSpec, TrainSpec
 from workers.learning.train import (
@@ -31,7 +31,7 @@ TOLERANCE = 0.03
 FLOOR = 0.85  # chance is 0.1
 
 
-def _batches(items: ArrayReader, rank: int, world: int, batch: int = 10, window: int = 40):
+def _batches(items: ArrayItems, rank: int, world: int, batch: int = 10, window: int = 40):
     return list(ShuffledItems(items, batch, window, 7, 0, rank=rank, world_size=world))
 
 
@@ -39,7 +39,7 @@ def _batches(items: ArrayReader, rank: int, world: int, batch: int = 10, window:
 def test_ranks_split_each_batch_of_the_single_process_order(world: int) -> None:
     n = 103  # 10 batches of 10 and a last one of 3
     y = np.arange(n) % 5
-    items = ArrayReader(np.arange(n, dtype=np.float32)[:, None], y)
+    items = ArrayItems(np.arange(n, dtype=np.float32)[:, None], y)
     single = [b["pos"].tolist() for b in _batches(items, 0, 1)]
     ranks = [[b["pos"].tolist() for b in _batches(items, r, world)] for r in range(world)]
     # every rank takes as many steps (the gradients' all-reduce waits for each of them)
@@ -60,7 +60,7 @@ def test_ranks_split_each_batch_of_the_single_process_order(world: int) -> None:
 
 def test_one_rank_of_one_is_the_single_process_order() -> None:
     y = np.arange(57) % 3
-    items = ArrayReader(np.arange(57, dtype=np.float32)[:, None], y)
+    items = ArrayItems(np.arange(57, dtype=np.float32)[:, None], y)
     plain = list(ShuffledItems(items, 8, 16, 3, 2))
     ranked = list(ShuffledItems(items, 8, 16, 3, 2, rank=0, world_size=1))
     assert [b["pos"].tolist() for b in plain] == [b["pos"].tolist() for b in ranked]

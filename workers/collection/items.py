@@ -17,17 +17,16 @@ A collection is what users search. Its spec is one of:
 
 :func:`list_items` lists the items (key, class name or None, fingerprint) without
 decoding pixels; a file whose size and modification time match what the collection
-recorded keeps its fingerprint without being read again. :func:`open_reader` returns a
-reader whose ``take(keys)`` gives the items' model inputs, in the order asked; the
-embedding actors and the Ray Data workers use it, so a backfill reads the items it
-re-embeds from the collection's source by key.
+recorded keeps its fingerprint without being read again. :func:`open_reader` returns
+the reader (workers.data.readers) whose ``take_keys(keys)`` gives the items' model
+inputs, in the order asked; the embedding actors and the Ray Data workers use it, so a
+backfill reads the items it re-embeds from the collection's source by key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,17 +34,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.data.datasets import IMAGE_SUFFIXES, DatasetError, parse_spec
-from workers.data.errors import SourceError
-from workers.data.parquet_schema import _class_names, _clean, _is_list, redact, repeated_keys
+from workers.data.datasets import IMAGE_SUFFIXES, parse_spec
+from workers.data.errors import CollectionError
+from workers.data.parquet_schema import (
+    _class_names,
+    _clean,
+    _parquet_columns,
+    redact,
+    repeated_keys,
+)
+from workers.data.readers import ArrayItems, FileItems, ParquetItems
 from workers.data.scenario import eval_split
 from workers.data.source import REFERENCE, reference_source
 from workers.data.sources import (
-    InputFormat,
-    _decode,
     _parquet_dataset,
-    _parquet_inputs,
-    _units,
     file_entry,
     input_format,
     keyed_rows,
@@ -61,10 +63,6 @@ ITEMS_SCHEMA = pa.schema(
         pa.field("fingerprint", pa.string()),
     ]
 )
-
-
-class CollectionError(SourceError):
-    """A collection spec, item or key that cannot be used; the message names the fix."""
 
 
 def parse_collection_spec(spec: str) -> tuple[str, str | None]:
@@ -195,31 +193,11 @@ def _row_hashes(col: Any, name: str) -> pa.Array:
     return pa.array([f"{v:016x}" for v in h.tolist()], pa.string())
 
 
-def _input_column(ds: Any, path: str) -> str:
-    names = ds.schema.names
-    if "item_id" not in names:
-        raise CollectionError(
-            f"Parquet collection {redact(path)}: missing column 'item_id' (columns: {names}); "
-            "every item needs a unique key"
-        )
-    lists = [f.name for f in ds.schema if _is_list(f.type)]
-    if "features" in lists:
-        return "features"
-    if "image" in names:
-        return "image"
-    if lists:
-        return lists[0]
-    raise CollectionError(
-        f"Parquet collection {redact(path)}: no feature column (list of numbers) and no "
-        f"'image' column; columns: {names}"
-    )
-
-
 def _list_parquet(spec: str, path: str) -> Listing:
     import pyarrow.compute as pc
 
     ds = _parquet_dataset(path)
-    column = _input_column(ds, path)
+    column, _ = _parquet_columns(ds, path, "collection", ("item_id",))
     has_label = "label" in ds.schema.names
     name_col = "class_name" if "class_name" in ds.schema.names else None
     cols = ["item_id", column] + [
@@ -300,211 +278,20 @@ def list_items(spec: str, known: dict[str, str] | None = None) -> Listing:
 
 
 # -- reading by key --------------------------------------------------------------------
-class UnreadableItem(CollectionError):
-    """An item that is gone or cannot be decoded (the reader names its key)."""
-
-
-class FileReader:
-    """Images under a root, by relative path."""
-
-    def __init__(self, root: str, fmt: InputFormat) -> None:
-        self.root, self.fmt = Path(root), fmt
-
-    def take(self, keys: list[str]) -> np.ndarray:
-        try:
-            return _decode([(k, self.root / k) for k in keys], self.fmt)
-        except (DatasetError, OSError) as exc:
-            raise UnreadableItem(f"{exc}") from None
-
-    def take_keys(self, keys: list[str]) -> np.ndarray:
-        return self.take(keys)
-
-    def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
-        """The readable items' inputs, and the keys that could not be read (skipped)."""
-        try:
-            return self.take(keys), []  # the usual case: all of them, in one pass
-        except UnreadableItem:
-            pass
-        good, bad, arrays = [], [], []
-        for k in keys:
-            try:
-                arrays.append(self.take([k]))
-                good.append(k)
-            except UnreadableItem:
-                bad.append(k)
-        x = np.concatenate(arrays) if arrays else np.zeros((0, *self.fmt.shape), np.float32)
-        return x, bad
-
-
-class ParquetKeyReader:
-    """Rows of a Parquet collection by ``item_id``: the keys are located once (file and
-    row group of each), then each request reads only the row groups holding its keys,
-    the last two kept (parts of the collection follow the source's order)."""
-
-    def __init__(self, path: str, input_shape: tuple[int, ...]) -> None:
-        import pyarrow.compute as pc
-        import pyarrow.dataset as pads
-
-        self.path, self.shape = path, tuple(input_shape)
-        self.ds = _parquet_dataset(path)
-        self.column = _input_column(self.ds, path)
-        self.units = _units(self.ds)
-        keys, unit_of = [], []
-        for u, frag in enumerate(self.units):
-            t = pads.Scanner.from_fragment(
-                frag, schema=self.ds.schema, columns=["item_id"], use_threads=False
-            ).to_table()
-            keys.append(pc.cast(t.column("item_id"), pa.string()).combine_chunks())
-            unit_of.append(np.full(t.num_rows, u, np.int32))
-        flat = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
-        del keys
-        # one sorted copy of the keys (fixed-width UTF-8 bytes, searchable) and where each
-        # row lives: about (longest key + 12) bytes an item, no Python object per key
-        every = fixed_bytes(flat)
-        del flat
-        self._width = every.dtype.itemsize
-        self._order = np.argsort(every, kind="stable")
-        self._sorted = every[self._order]
-        del every
-        self._unit = np.concatenate(unit_of) if unit_of else np.zeros(0, np.int32)
-        # row group u holds the listing's rows start[u] .. start[u + 1] - 1, in order
-        sizes = np.asarray([len(a) for a in unit_of], dtype=np.int64)
-        self._start = np.concatenate([[0], np.cumsum(sizes)])
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def _found(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(position of each key in the sorted keys, whether it is there)."""
-        enc = [k.encode() for k in keys]
-        fits = np.asarray([len(e) <= self._width for e in enc], dtype=bool)
-        want = np.asarray(enc, dtype=f"S{self._width}")  # a longer key is not there
-        pos = np.searchsorted(self._sorted, want)
-        at = np.minimum(pos, max(0, len(self._sorted) - 1))
-        ok = fits & (pos < len(self._sorted))
-        if len(self._sorted):
-            ok &= self._sorted[at] == want
-        return at, ok
-
-    def _locate(self, keys: list[str]) -> np.ndarray:
-        pos, ok = self._found(keys)
-        if not ok.all():
-            missing = [k for k, f in zip(keys, ok, strict=True) if not f][:5]
-            raise UnreadableItem(
-                f"Parquet collection {redact(self.path)}: item_id {missing} no longer in it"
-            )
-        return self._order[pos]
-
-    def _group(self, u: int) -> np.ndarray:
-        """The inputs of row group ``u`` (in its row order), the last two kept."""
-        import pyarrow.dataset as pads
-
-        if u in self._cache:
-            self._cache.move_to_end(u)
-            return self._cache[u]
-        t = pads.Scanner.from_fragment(
-            self.units[u],
-            schema=self.ds.schema,
-            columns=["item_id", self.column],
-            use_threads=False,
-        ).to_table()
-        fmt = input_format(self.shape) if self.column == "image" else None
-        x, _ = _parquet_inputs(t.column(1).combine_chunks(), self.column, fmt, self.path)
-        if x.size != len(x) * int(np.prod(self.shape)):
-            raise CollectionError(
-                f"Parquet collection {redact(self.path)}: rows of {self.column!r} have "
-                f"{x.size // max(1, len(x))} values; the champion takes inputs of shape "
-                f"{self.shape}"
-            )
-        x = x.reshape(len(x), *self.shape)
-        if len(x) != self._start[u + 1] - self._start[u]:
-            raise UnreadableItem(
-                f"Parquet collection {redact(self.path)}: {redact(self.units[u].path)} changed "
-                "while it was read; index again"
-            )
-        self._cache[u] = x
-        while len(self._cache) > 2:
-            self._cache.popitem(last=False)
-        return x
-
-    def take(self, keys: list[str]) -> np.ndarray:
-        rows = self._locate(keys)
-        units = self._unit[rows]
-        out: np.ndarray | None = None
-        for u in np.unique(units):
-            x = self._group(int(u))
-            mine = np.flatnonzero(units == u)
-            if out is None:
-                out = np.empty((len(keys), *x.shape[1:]), np.float32)
-            out[mine] = x[rows[mine] - self._start[u]]
-        if out is None:
-            return np.zeros((0, *self.shape), np.float32)
-        return out
-
-    def take_keys(self, keys: list[str]) -> np.ndarray:
-        return self.take(keys)
-
-    def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
-        _, found = self._found(keys)
-        good = [k for k, f in zip(keys, found, strict=True) if f]
-        return self.take(good), [k for k, f in zip(keys, found, strict=True) if not f]
-
-
-def fixed_bytes(strings: pa.Array, chunk: int = 65_536) -> np.ndarray:
-    """UTF-8 strings as one fixed-width bytes array (sortable and searchable with numpy),
-    built from Arrow's buffers a chunk at a time, without a Python object per string."""
-    arr = strings.cast(pa.large_string())  # 64-bit offsets
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, dtype="S1")
-    _, off_buf, data_buf = arr.buffers()
-    offs = np.frombuffer(off_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(1, "u1")
-    lens = np.diff(offs)
-    width = max(1, int(lens.max()))
-    out = np.zeros((n, width), dtype=np.uint8)
-    cols = np.arange(width)
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        mask = cols[None, :] < lens[a:b, None]
-        out[a:b][mask] = data[(offs[a:b, None] + cols[None, :])[mask]]
-    return out.view(f"S{width}").ravel()
-
-
-class ReferenceReader:
+def _reference_items(spec: str, input_shape: tuple[int, ...]) -> ArrayItems:
     """A source's evaluation set by key (a ``reference:`` collection's items and the
     labelled queries beside them), decoded at the model's input size."""
-
-    def __init__(self, spec: str, input_shape: tuple[int, ...] | None = None) -> None:
-        source = reference_source(spec)
-        ev = source.evaluation()
-        if input_shape is not None and tuple(ev.x.shape[1:]) != tuple(input_shape):
-            # the lineage chose image_size: its images were decoded to the model's squares
-            ev = source.evaluation(int(input_shape[-1]))
-        self.x, self.labels = ev.x, ev.labels
-        self.rows = {k: i for i, k in enumerate(ev.keys)}
-
-    def label_of(self, key: str) -> str:
-        """The class name of evaluation item ``key``."""
-        return self.labels[self._rows([key])[0]]
-
-    def _rows(self, keys: list[str]) -> list[int]:
-        missing = [k for k in keys if k not in self.rows]
-        if missing:
-            raise UnreadableItem(f"keys {missing[:5]} are not items of the evaluation set")
-        return [self.rows[k] for k in keys]
-
-    def take(self, keys: list[str]) -> np.ndarray:
-        return np.ascontiguousarray(self.x[self._rows(keys)], dtype=np.float32)
-
-    def take_keys(self, keys: list[str]) -> np.ndarray:
-        return self.take(keys)
-
-    def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:
-        good = [k for k in keys if k in self.rows]
-        return self.take(good), [k for k in keys if k not in self.rows]
+    source = reference_source(spec)
+    ev = source.evaluation()
+    if tuple(ev.x.shape[1:]) != tuple(input_shape):
+        # the lineage chose image_size: its images were decoded to the model's squares
+        ev = source.evaluation(int(input_shape[-1]))
+    return ArrayItems(ev.x, keys=ev.keys, names=ev.labels)
 
 
-def open_reader(spec: str, input_shape: tuple[int, ...]):
-    """A reader of collection ``spec``'s items by key, as inputs of ``input_shape``."""
+def open_reader(spec: str, input_shape: tuple[int, ...]) -> ArrayItems | FileItems | ParquetItems:
+    """A reader (workers.data.readers) of collection ``spec``'s items by key, as inputs of
+    ``input_shape``."""
     kind, path = parse_collection_spec(spec)
     fmt = input_format(input_shape)
     if kind in ("images", "imagefolder"):
@@ -513,7 +300,7 @@ def open_reader(spec: str, input_shape: tuple[int, ...]):
                 f"collection {spec!r} holds images, but the champion takes feature vectors of "
                 f"shape {fmt.shape}"
             )
-        return FileReader(path, fmt)  # type: ignore[arg-type]
+        return FileItems(path, fmt)  # type: ignore[arg-type]
     if kind == "parquet":
-        return ParquetKeyReader(path, fmt.shape)  # type: ignore[arg-type]
-    return ReferenceReader(spec, fmt.shape)
+        return ParquetItems(path, fmt)  # type: ignore[arg-type]
+    return _reference_items(spec, fmt.shape)

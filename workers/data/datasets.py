@@ -82,8 +82,6 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...]
-    # only the evaluation split (workers.data.source): training items stream from the source
-    eval_only: bool = False
     # the evaluation items' keys in their source (a source's evaluation set); empty when
     # the data set was loaded whole, not through a source
     test_keys: tuple[str, ...] = ()
@@ -100,7 +98,9 @@ class Dataset:
             if y_raw.ndim != 1 or (y_raw.size and y_raw.dtype.kind not in "iu"):
                 raise DatasetError(f"{self.spec}: {split} labels must be a 1-D integer array")
             y = np.ascontiguousarray(y_raw, dtype=np.int64)
-            if x.ndim < 2 or (len(x) == 0 and not (self.eval_only and split == "train")):
+            # an evaluation set alone (EvalSet.dataset) has no train split: its training
+            # items stream from the source
+            if x.ndim < 2 or (len(x) == 0 and split == "test"):
                 raise DatasetError(f"{self.spec}: {split} split is empty")
             if len(x) != len(y):
                 raise DatasetError(f"{self.spec}: {split} has {len(x)} inputs but {len(y)} labels")
@@ -218,6 +218,8 @@ def _load_cached(kind: str, path: str | None, image_size: int | None = None) -> 
             f"{norm} is stored as {parts[0].shape[2]} x {parts[0].shape[3]} arrays; "
             "image_size applies to image files (imagefolder:, Parquet image columns)"
         )
+    if len(parts[0]) == 0:  # a data set read whole trains on its train split
+        raise DatasetError(f"{norm}: train split is empty")
     return Dataset(norm, *parts)
 
 

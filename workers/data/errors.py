@@ -10,3 +10,7 @@ class DatasetError(ValueError):
 
 class SourceError(DatasetError):
     """A source is missing, unreadable or malformed; the message names the fix."""
+
+
+class CollectionError(SourceError):
+    """A collection spec, item or key that cannot be used; the message names the fix."""

@@ -42,17 +42,16 @@ import numpy as np
 import pyarrow as pa
 
 from workers.data.datasets import Dataset, load_dataset, load_dataset_as, parse_spec
+from workers.data.readers import ArrayItems, snapshot_reader
 from workers.data.scenario import default_architecture, stage_indices, stage_plan
 from workers.data.sources import (
     SOURCE_KINDS,
-    ArrayReader,
     EvalSet,
     InputFormat,
     Scan,
     SourceError,
     input_format,
     load_eval,
-    open_reader,
     scan_source,
 )
 
@@ -244,7 +243,7 @@ class ScenarioSource:
 
     def training_reader(self, table: pa.Table, labels: np.ndarray, fmt: InputFormat) -> Any:
         ds = load_dataset_as(self.spec, fmt.shape)
-        return ArrayReader(ds.x_train[train_rows(table.column("key"))], labels)
+        return ArrayItems(ds.x_train[train_rows(table.column("key"))], labels)
 
     def class_order(self, names: set[str]) -> list[str]:
         return [n for n in self.dataset().class_names if n in names]
@@ -273,7 +272,7 @@ class ItemSource:
         return Draw(scan, at.index, None, default_architecture(shape, grow=1.0))
 
     def training_reader(self, table: pa.Table, labels: np.ndarray, fmt: InputFormat) -> Any:
-        return open_reader(self.spec, table, labels, fmt)
+        return snapshot_reader(self.spec, table, labels, fmt)
 
     def class_order(self, names: set[str]) -> list[str]:
         return sorted(names)

@@ -143,7 +143,6 @@ class EvalSet:
             self.x,
             y,
             tuple(names),
-            eval_only=True,
             test_keys=tuple(self.keys),
         )
 
@@ -590,119 +589,6 @@ def load_eval(spec: str, image_size: int | None = None) -> EvalSet:
             raise SourceError(f"image folder {root} does not exist; pass imagefolder:DIR")
         return _eval_imagefolder(root, size)
     return _eval_parquet(path, size)
-
-
-# -- readers ---------------------------------------------------------------------------
-Chunk = tuple[int, np.ndarray, np.ndarray]  # (first position, inputs, labels)
-
-
-class ArrayReader:
-    """Items already in memory (a stage of the scenario's data set, or a caller's arrays)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, block: int = BLOCK) -> None:
-        self.x, self.y, self.block = x, np.asarray(y, dtype=np.int64), block
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def units(self) -> list[Any]:
-        return list(range(0, len(self.y), self.block))
-
-    def read(self, unit: Any) -> Iterator[Chunk]:
-        stop = unit + self.block
-        yield unit, np.ascontiguousarray(self.x[unit:stop], np.float32), self.y[unit:stop]
-
-    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Items at ``positions`` (in memory already: nothing is stored on disk)."""
-        return np.ascontiguousarray(self.x[positions], np.float32), self.y[positions]
-
-
-class ImageFolderReader:
-    """A scan's images, decoded a block of keys at a time."""
-
-    def __init__(self, root: str, table: pa.Table, labels: np.ndarray, fmt: InputFormat) -> None:
-        self.root, self.keys, self.y, self.fmt = Path(root), table.column("key"), labels, fmt
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def units(self) -> list[Any]:
-        return list(range(0, len(self.y), BLOCK))
-
-    def read(self, unit: Any) -> Iterator[Chunk]:
-        keys = self.keys.slice(unit, BLOCK).to_pylist()
-        try:
-            x = _decode([(k, self.root / k) for k in keys], self.fmt)
-        except DatasetError as exc:
-            raise SourceError(
-                f"{exc}: the source changed after its snapshot; run the cycle again"
-            ) from None
-        yield unit, x, self.y[unit : unit + len(keys)]
-
-
-class ParquetReader:
-    """A scan's Parquet rows, a row group at a time (the order the scan numbered them)."""
-
-    def __init__(self, path: str, table: pa.Table, labels: np.ndarray, fmt: InputFormat) -> None:
-        self.path, self.y, self.fmt = path, labels, fmt
-        # a unit is a row group: one contiguous range of positions, named by file and id
-        files = table.column("file").combine_chunks()
-        file_idx = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        groups = table.column("row_group").to_numpy().astype(np.int64)
-        change = np.flatnonzero((np.diff(file_idx) != 0) | (np.diff(groups) != 0)) + 1
-        starts = np.concatenate([[0], change]) if len(groups) else np.zeros(0, np.int64)
-        names = files.dictionary.to_pylist()
-        self._places = [(names[file_idx[i]], int(groups[i])) for i in starts]
-        self._start = starts.tolist()
-        self._ds = None
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def units(self) -> list[Any]:
-        return list(range(len(self._places)))
-
-    def read(self, unit: Any) -> Iterator[Chunk]:
-        import pyarrow.dataset as pads
-
-        if self._ds is None:
-            self._ds = _parquet_dataset(self.path)
-            self._column, _ = _parquet_columns(self._ds, self.path)
-            self._frags = {(f.path, f.row_groups[0].id): f for f in _units(self._ds)}
-        frag = self._frags.get(self._places[unit])
-        if frag is None:
-            raise SourceError(
-                f"Parquet source {redact(self.path)}: {redact(self._places[unit][0])} row group "
-                f"{self._places[unit][1]} is gone since the snapshot; run the cycle again"
-            )
-        cols = [self._column] + (["split"] if "split" in self._ds.schema.names else [])
-        pos = int(self._start[unit])
-        scanner = pads.Scanner.from_fragment(
-            frag,
-            schema=self._ds.schema,
-            columns=cols,
-            batch_size=BLOCK,
-            batch_readahead=1,  # memory: one batch ahead, not sixteen
-            use_threads=False,
-        )
-        for batch in scanner.to_batches():
-            train = ~_is_test(batch)
-            if not train.any():
-                continue
-            col = batch.column(0).filter(pa.array(train))
-            x, _ = _parquet_inputs(col, self._column, self.fmt, self.path)
-            yield pos, x, self.y[pos : pos + len(x)]
-            pos += len(x)
-
-
-def open_reader(
-    spec: str, table: pa.Table, labels: np.ndarray, fmt: InputFormat
-) -> ImageFolderReader | ParquetReader:
-    """A reader over the items of a scan's ``table`` (labels: their head rows)."""
-    kind, path = _local(spec)
-    if kind == "imagefolder":
-        return ImageFolderReader(path, table, labels, fmt)
-    return ParquetReader(path, table, labels, fmt)
 
 
 def describe_change(old: pa.Table, new: pa.Table) -> str:

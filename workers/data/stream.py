@@ -7,7 +7,7 @@ over them (:func:`prepare`) decodes every item once into an on-disk :class:`Item
 embedding of it into a :class:`TeacherStore`, and sums what the model and the
 constraints need (per-class embedding sums for BCT's centroid head, per-channel pixel
 statistics for the input normalisation). Items already in memory (the scenario's
-arrays, :class:`workers.data.sources.ArrayReader`) are not copied.
+arrays, :class:`workers.data.readers.ArrayItems`) are not copied.
 
 Each epoch, :class:`ShuffledItems` draws a uniform random permutation of *all* positions,
 as a plain training loop does, and cuts it into windows of a bounded number of items

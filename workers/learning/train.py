@@ -61,8 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from workers.data.readers import ArrayItems
 from workers.data.source import open_source
-from workers.data.sources import ArrayReader, InputFormat, label_indices
+from workers.data.sources import InputFormat, label_indices
 from workers.data.stream import (
     Items,
     ItemStore,
@@ -269,7 +270,7 @@ def _reader(spec: TrainSpec) -> tuple[Reader, tuple[int, ...]]:
     """The training items as a stream reader, and one item's shape."""
     if spec.source is None:
         x, y = np.asarray(spec.x, dtype=np.float32), np.asarray(spec.y, dtype=np.int64)
-        return ArrayReader(x, y), tuple(x.shape[1:])
+        return ArrayItems(x, y), tuple(x.shape[1:])
     import pyarrow.parquet as pq
 
     src = spec.source
@@ -328,7 +329,7 @@ def build_teachers(
             sample.append(x[:4096])
 
     items: Items = (
-        reader if isinstance(reader, ArrayReader) else _item_store(spec, reader, items_path)
+        reader if isinstance(reader, ArrayItems) else _item_store(spec, reader, items_path)
     )
     store = None
     if models and not keep_models:
