@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.data.errors import SourceError
+from workers.data.errors import CollectionError, SourceError
 
 
 def redact(uri: str) -> str:
@@ -55,13 +55,15 @@ def _parquet_columns(
 
     The one place Parquet columns are detected: ``features`` (a list), else ``image``,
     else the first list column is the input; ``class_name`` names integer labels.
+    A collection's problems are :class:`CollectionError` (bad input for ``graceful index``).
     """
+    error = CollectionError if noun == "collection" else SourceError
     names = ds.schema.names
     for required_col in required:
         if required_col not in names:
             # "required column": the data set's wording since its first version
             what = "required column" if noun == DATA_SET else "column"
-            raise SourceError(
+            raise error(
                 f"Parquet {noun} {redact(path)}: missing {what} {required_col!r} (columns: "
                 f"{names}); {_NEEDS[required_col]}"
             )
@@ -73,7 +75,7 @@ def _parquet_columns(
     elif lists:
         column = lists[0]
     else:
-        raise SourceError(
+        raise error(
             f"Parquet {noun} {redact(path)}: no feature column (list of numbers) and no "
             f"'image' column; columns: {names}"
         )

@@ -100,28 +100,44 @@ class ArrayItems:
         return None if self.names is None else self.names[self._rows([key])[0]]
 
 
-# -- image files -----------------------------------------------------------------------
-class FileItems:
-    """Image files under ``root``, keyed by their relative path, decoded to ``fmt``; a
-    snapshot's stream when given its ``table`` (keys) and ``labels``."""
+class _Stored:
+    """Items stored at ``where`` (a directory, Parquet files), decoded to ``fmt``: by key,
+    and a snapshot's stream when given its ``table`` and ``labels`` (their head rows)."""
 
     def __init__(
         self,
-        root: str,
+        where: str,
         fmt: InputFormat,
         table: pa.Table | None = None,
         labels: np.ndarray | None = None,
     ) -> None:
-        self.root, self.fmt = Path(root), fmt
-        self.keys = table.column("key") if table is not None else None
-        self.y = labels
+        self.where, self.fmt, self.y = where, fmt, labels
+        if table is not None:
+            self._snapshot(table)
 
-    # the stream
+    def _snapshot(self, table: pa.Table) -> None:
+        """Take what the stream reads from the snapshot's table."""
+
     def __len__(self) -> int:
         if self.y is None:
             raise _no_stream(self)
         return len(self.y)
 
+
+# -- image files -----------------------------------------------------------------------
+class FileItems(_Stored):
+    """Image files under a root (``where``), keyed by their relative path."""
+
+    keys: pa.ChunkedArray | None = None  # the snapshot's keys, in stream order
+
+    @property
+    def root(self) -> Path:
+        return Path(self.where)
+
+    def _snapshot(self, table: pa.Table) -> None:
+        self.keys = table.column("key")
+
+    # the stream
     def units(self) -> list[Any]:
         return list(range(0, len(self), BLOCK))
 
@@ -162,8 +178,8 @@ class FileItems:
 
 
 # -- Parquet ---------------------------------------------------------------------------
-class ParquetItems:
-    """Parquet rows of ``path`` as inputs of ``fmt``'s shape.
+class ParquetItems(_Stored):
+    """Parquet rows of ``where`` (a file, a directory, hive partitions, ``s3://``).
 
     As a snapshot's stream (given its ``table``: each item's file and row group, and
     ``labels``): a row group at a time, in the order the scan numbered them. By
@@ -172,42 +188,35 @@ class ParquetItems:
     two kept (parts of a collection follow the source's order).
     """
 
-    def __init__(
-        self,
-        path: str,
-        fmt: InputFormat,
-        table: pa.Table | None = None,
-        labels: np.ndarray | None = None,
-    ) -> None:
-        self.path, self.fmt, self.shape, self.y = path, fmt, tuple(fmt.shape), labels
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ds: Any = None
         self._keys: tuple[Any, ...] | None = None  # the located keys (by key)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._places: list[tuple[str, int]] = []
-        self._first: list[int] = []
-        if table is not None:
-            # a unit is a row group: one contiguous range of positions, named by file and id
-            files = table.column("file").combine_chunks()
-            file_idx = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            groups = table.column("row_group").to_numpy().astype(np.int64)
-            change = np.flatnonzero((np.diff(file_idx) != 0) | (np.diff(groups) != 0)) + 1
-            starts = np.concatenate([[0], change]) if len(groups) else np.zeros(0, np.int64)
-            names = files.dictionary.to_pylist()
-            self._places = [(names[file_idx[i]], int(groups[i])) for i in starts]
-            self._first = starts.tolist()
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # row groups read by key
+        self._places: list[tuple[str, int]] = []  # the stream's units: (file, row group)
+        self._first: list[int] = []  # the first position of each unit
+        super().__init__(*args, **kwargs)
+        self.path, self.shape = self.where, tuple(self.fmt.shape)
+
+    def _snapshot(self, table: pa.Table) -> None:
+        # a unit is a row group: one contiguous range of positions, named by file and id
+        files = table.column("file").combine_chunks()
+        file_idx = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        groups = table.column("row_group").to_numpy().astype(np.int64)
+        change = np.flatnonzero((np.diff(file_idx) != 0) | (np.diff(groups) != 0)) + 1
+        starts = np.concatenate([[0], change]) if len(groups) else np.zeros(0, np.int64)
+        names = files.dictionary.to_pylist()
+        self._places = [(names[file_idx[i]], int(groups[i])) for i in starts]
+        self._first = starts.tolist()
 
     def _open(self) -> None:
         if self._ds is None:
             self._ds = _parquet_dataset(self.path)
-            self.column, _ = _parquet_columns(self._ds, self.path, "collection", ("item_id",))
+            noun = "collection" if self.y is None else "source"  # read by key, or streamed
+            self.column, _ = _parquet_columns(self._ds, self.path, noun, ("item_id",))
             self.row_groups = _units(self._ds)
+            self.by_place = {(f.path, f.row_groups[0].id): f for f in self.row_groups}
 
     # the stream
-    def __len__(self) -> int:
-        if self.y is None:
-            raise _no_stream(self)
-        return len(self.y)
-
     def units(self) -> list[Any]:
         return list(range(len(self._places)))
 
@@ -217,9 +226,7 @@ class ParquetItems:
         if self.y is None:
             raise _no_stream(self)
         self._open()
-        if not hasattr(self, "_frags"):
-            self._frags = {(f.path, f.row_groups[0].id): f for f in self.row_groups}
-        frag = self._frags.get(self._places[unit])
+        frag = self.by_place.get(self._places[unit])
         if frag is None:
             raise SourceError(
                 f"Parquet source {redact(self.path)}: {redact(self._places[unit][0])} row group "
