@@ -16,6 +16,7 @@ from flows.progress import counter
 from store.collection import Collection
 from store.lineage import Generation, Lineage
 from store.settings import StoreError, subdir
+from workers.collection.backfill import LabelledQueries
 from workers.collection.items import is_reference
 from workers.measuring.evaluate import generation_outputs
 from workers.measuring.metric_names import Metric
@@ -55,7 +56,7 @@ def backfill_once(
         retire_share=cfg.retire_share,
         complete=complete,
         owed_items=chain.owed_items(lineage),
-        **measure,
+        queries=measure,
     )
     if job.m_mix_after is not None:
         lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, job.m_mix_after)])
@@ -79,21 +80,22 @@ def backfill_once(
 
 def labelled_queries(
     lineage: Lineage, spec: str, champion: Generation, curve: bool = True
-) -> dict[str, Any]:
-    """What M_mix on collection ``spec`` is measured with (run_backfill's keywords): the
-    evaluation set's query half embedded by the champion, and with ``curve`` its
-    embeddings of the reference items by key; nothing where the collection is not the
-    evaluation set's reference half."""
+) -> LabelledQueries | None:
+    """What M_mix on collection ``spec`` is measured with: the evaluation set's query half
+    embedded by the champion, and with ``curve`` its embeddings of the reference items by
+    key; None where the collection is not the evaluation set's reference half."""
     ds = eval_dataset(lineage) if is_reference(spec) else None
     if ds is None:
-        return {}
+        return None
     out = generation_outputs(champion, ds, subdir("cache"))
     keys = [ds.test_keys[i] for i in out.reference_idx] if ds.test_keys else []
-    return {
-        "query_emb": out.query_emb,
-        "query_labels": ds.y_test[out.query_idx],
-        "champion_reference": (keys, out.reference_emb) if curve and keys else None,
-    }
+    reference = curve and bool(keys)
+    return LabelledQueries(
+        out.query_emb,
+        ds.y_test[out.query_idx],
+        keys if reference else (),
+        out.reference_emb if reference else None,
+    )
 
 
 def log_backfill(log: Any, result: dict[str, Any]) -> None:

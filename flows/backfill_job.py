@@ -27,6 +27,7 @@ from store.files import verify_checkpoint
 from store.lineage import BackfillJob, CollectionInfo, Generation, JobStatus, Lineage
 from store.settings import StoreError
 from workers.collection.backfill import (
+    LabelledQueries,
     Progress,
     backfill_curve,
     m_mix,
@@ -57,13 +58,6 @@ def _check_champion(champion: Generation, info: CollectionInfo) -> int:
     return int(champion.id)
 
 
-def _aligned(by_key: tuple[Sequence[str], np.ndarray], keys: Sequence[str]) -> np.ndarray | None:
-    """The embeddings of ``keys`` in their order, or None where one is not among them."""
-    at = {k: i for i, k in enumerate(by_key[0])}
-    rows = [at.get(str(k), -1) for k in keys]
-    return None if -1 in rows else by_key[1][rows]
-
-
 def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
     """Run ``fn`` holding the collection's writer lock (it dies with a killed job)."""
 
@@ -83,9 +77,7 @@ def run_backfill(
     policy: str,
     budget: float,
     seed: int = 0,
-    query_emb: np.ndarray | None = None,
-    query_labels: np.ndarray | None = None,
-    champion_reference: tuple[Sequence[str], np.ndarray] | None = None,
+    queries: LabelledQueries | None = None,
     progress: Progress | None = None,
     crash_after_parts: int | None = None,
     *,
@@ -105,9 +97,9 @@ def run_backfill(
     everything else.
 
     The embedding actor reads the items' inputs by key from the collection's recorded
-    spec (workers.collection.items.open_reader). ``query_emb`` / ``query_labels`` give
-    M_mix before and after; with ``champion_reference`` (keys and the champion's
-    embeddings of them) covering every item of the collection, the curve is measured.
+    spec (workers.collection.items.open_reader). ``queries`` give M_mix before and after;
+    where their reference embeddings cover every item of the collection, the curve is
+    measured.
     ``crash_after_parts`` simulates a kill (tests): stop after committing that many
     parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
     """
@@ -123,7 +115,6 @@ def run_backfill(
     st["peak_rss_after_verify"] = peak_rss_bytes()
 
     t1 = time.perf_counter()
-    measure = query_emb is not None and query_labels is not None
     job = resumable_job(lineage, target, policy, budget)
     selection = load_selection(job.id) if job is not None else None
     before = None
@@ -146,15 +137,16 @@ def run_backfill(
         selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
         new_emb = None
-        if measure and champion_reference is not None:
+        if queries is not None and queries.reference_emb is not None:
             rows = collection.read_all()
-            new_emb = _aligned(champion_reference, rows.key)
+            new_emb = queries.reference_for(rows.key)
         if new_emb is not None:
-            before = m_mix(query_emb, query_labels, rows)
-            curve = backfill_curve(rows, new_emb, order, query_emb, query_labels)
+            assert queries is not None
+            before = m_mix(queries.emb, queries.labels, rows)
+            curve = backfill_curve(rows, new_emb, order, queries.emb, queries.labels)
             del rows, new_emb
-        elif measure:
-            before = m_mix_stream(collection, query_emb, query_labels)
+        elif queries is not None:
+            before = m_mix_stream(collection, queries.emb, queries.labels)
         del order
         if job is None:
             job = lineage.add_backfill_job(
@@ -208,7 +200,7 @@ def run_backfill(
     st["parts"] = len(todo)
 
     t3 = time.perf_counter()
-    after = m_mix_stream(collection, query_emb, query_labels) if measure else None
+    after = m_mix_stream(collection, queries.emb, queries.labels) if queries else None
     job = lineage.update_backfill_job(
         job_id,
         status=JobStatus.DONE,

@@ -96,8 +96,8 @@ def index_reference(
     result = _index(lineage, spec, champion, part_rows=part_rows)
     out: dict[str, Any] = {"indexed": result.added, "m_mix": None}
     q = labelled_queries(lineage, spec, champion, curve=False)
-    if q and collection.exists():
-        out["m_mix"] = m_mix_stream(collection, q["query_emb"], q["query_labels"])
+    if q is not None and collection.exists():
+        out["m_mix"] = m_mix_stream(collection, q.emb, q.labels)
         lineage.record_metrics([(champion.id, champion.id, Metric.M_MIX, out["m_mix"])])
     return out
 

@@ -131,6 +131,7 @@ class Searcher:
         self.manifest = tuple(sorted(index.parts.values()))
         self._model = model
         self._reader: Any = None
+        self._vocabulary: dict[str, int] | None = None  # read once: a read path repeats
         self._lock = threading.RLock()  # the reader asks for the model
 
     @classmethod
@@ -200,6 +201,13 @@ class Searcher:
                 self._reader = open_reader(self.dataset, self.input_shape)
             return self._reader
 
+    def _labels(self) -> dict[str, int]:
+        """Class name -> head row, read once for this state."""
+        with self._lock:
+            if self._vocabulary is None:
+                self._vocabulary = class_vocabulary(self.lineage)
+            return self._vocabulary
+
     # -- queries -------------------------------------------------------------------------
     def key_query(self, key: str) -> tuple[np.ndarray, int | None]:
         """The champion's embedding of the collection's item ``key``, and its label."""
@@ -231,7 +239,7 @@ class Searcher:
         except CollectionError as exc:
             raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
         if label is None and hasattr(reader, "label_of"):  # a labelled evaluation item
-            label = class_vocabulary(self.lineage).get(reader.label_of(key))
+            label = self._labels().get(reader.label_of(key))
         return self.embed(x)[0], label
 
     def image_query(self, data: bytes | Path, name: str = "upload") -> np.ndarray:

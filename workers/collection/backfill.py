@@ -32,6 +32,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -186,6 +187,27 @@ def start_actor(champion: Generation, spec: str | None = None):
 
 
 # -- measuring -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelledQueries:
+    """What M_mix is measured with: the evaluation set's query half embedded by the
+    champion and their labels; for the backfill curve, the champion's embeddings of the
+    reference items, by key."""
+
+    emb: np.ndarray
+    labels: np.ndarray
+    reference_keys: Sequence[str] = ()
+    reference_emb: np.ndarray | None = None
+
+    def reference_for(self, keys: Sequence[str]) -> np.ndarray | None:
+        """The champion's embeddings of ``keys`` in their order, or None where one is
+        not among the reference items."""
+        if self.reference_emb is None:
+            return None
+        at = {k: i for i, k in enumerate(self.reference_keys)}
+        rows = [at.get(str(k), -1) for k in keys]
+        return None if -1 in rows else self.reference_emb[rows]
+
+
 def m_mix(query_emb: np.ndarray, query_labels: np.ndarray, rows: CollectionRows) -> float:
     """Top-1 of champion queries against the real collection (each item's current embedding)."""
     return M.retrieval_top1(query_emb, query_labels, rows.embedding, rows.label)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.data.datasets import IMAGE_SUFFIXES, parse_spec
+from workers.data.datasets import parse_spec
 from workers.data.errors import CollectionError
 from workers.data.parquet_schema import (
     _class_names,
@@ -48,10 +48,10 @@ from workers.data.scenario import eval_split
 from workers.data.source import REFERENCE, reference_source
 from workers.data.sources import (
     _parquet_dataset,
-    file_entry,
+    hashed_files,
+    image_files,
     input_format,
     keyed_rows,
-    readable_sha,
 )
 
 COLLECTION_KINDS = ("images", "imagefolder", "parquet", REFERENCE)
@@ -118,32 +118,6 @@ class Listing:
 
 
 # -- listing ---------------------------------------------------------------------------
-def _walk_images(
-    root: Path, below: str | None = None, skipped: list[dict[str, str]] | None = None
-) -> list[tuple[str, str | None, Any]]:
-    """(key, class name or None, stat) of every image under ``root`` (or ``root/below``,
-    whose first level of folders names the classes), in key order; files that cannot be
-    items are recorded in ``skipped`` (workers.data.sources.file_entry)."""
-    base = root / below if below else root
-    out = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() not in IMAGE_SUFFIXES or name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            label = None
-            if below:
-                parts = path.relative_to(base).parts
-                if len(parts) < 2:
-                    continue  # a file directly in train/ has no class folder
-                label = parts[0]
-            entry = file_entry(root, path, skipped)
-            if entry is not None:
-                out.append((entry[0], label, entry[1]))
-    return sorted(out, key=lambda r: r[0])
-
-
 def file_fingerprint(size: int, mtime_ns: int, sha256: str) -> str:
     """A file's fingerprint: size and mtime (to skip re-hashing) and the content hash."""
     return f"{size}:{mtime_ns}:{sha256}"
@@ -151,26 +125,22 @@ def file_fingerprint(size: int, mtime_ns: int, sha256: str) -> str:
 
 def _list_files(spec: str, root: Path, below: str | None, known: dict[str, str] | None) -> Listing:
     known = known or {}
-    keys, labels, prints, skipped = [], [], [], []
-    for key, label, st in _walk_images(root, below, skipped):
-        head = f"{st.st_size}:{st.st_mtime_ns}:"
-        seen = known.get(key)
-        if seen is not None and seen.startswith(head):
-            fp = seen  # unchanged since it was indexed: neither decoded nor hashed again
-        else:
-            sha = readable_sha(root, key, skipped)
-            if sha is None:
-                continue
-            old = (seen or "").rsplit(":", 1)
-            # same content, touched: keep the recorded fingerprint (nothing to re-embed)
-            fp = (
-                seen
-                if seen and old[-1] == sha
-                else file_fingerprint(st.st_size, st.st_mtime_ns, sha)
-            )
+    recorded = {}  # key -> (size, mtime, sha) of the fingerprints the collection holds
+    for key, fp in known.items():
+        size, _, rest = fp.partition(":")
+        mtime, _, sha = rest.partition(":")
+        if size.isdigit() and mtime.isdigit():
+            recorded[key] = (int(size), int(mtime), sha)
+    skipped: list[dict[str, str]] = []
+    files = sorted(image_files(root, below, skipped), key=lambda r: r[0])
+    keys, labels, prints = [], [], []
+    for key, label, st, sha in hashed_files(root, files, recorded, skipped):
         keys.append(key)
         labels.append(label)
-        prints.append(fp)
+        # the same content (unchanged, or touched): the recorded fingerprint, nothing to
+        # re-embed
+        same = key in recorded and recorded[key][2] == sha
+        prints.append(known[key] if same else file_fingerprint(st.st_size, st.st_mtime_ns, sha))
     table = pa.table({"key": keys, "label": labels, "fingerprint": prints}, schema=ITEMS_SCHEMA)
     return Listing(spec, table, skipped)
 

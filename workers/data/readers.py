@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,17 @@ class FileItems(_Stored):
 
 
 # -- Parquet ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _KeyIndex:
+    """Where each key of a Parquet collection is: about (longest key + 12) bytes an item,
+    no Python object per key."""
+
+    order: np.ndarray  # listing row of each sorted key
+    keys: np.ndarray  # the keys sorted, as fixed-width UTF-8 bytes
+    unit: np.ndarray  # row group of each listing row
+    start: np.ndarray  # first listing row of each row group (and the total at the end)
+
+
 class ParquetItems(_Stored):
     """Parquet rows of ``where`` (a file, a directory, hive partitions, ``s3://``).
 
@@ -190,7 +202,7 @@ class ParquetItems(_Stored):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ds: Any = None
-        self._keys: tuple[Any, ...] | None = None  # the located keys (by key)
+        self._keys: _KeyIndex | None = None  # built on the first read by key
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # row groups read by key
         self._places: list[tuple[str, int]] = []  # the stream's units: (file, row group)
         self._first: list[int] = []  # the first position of each unit
@@ -252,9 +264,8 @@ class ParquetItems(_Stored):
             pos += len(x)
 
     # by key
-    def _located(self) -> tuple[Any, ...]:
-        """(key width, sort order, sorted keys, row group of each row, first row of each
-        row group): about (longest key + 12) bytes an item, no Python object per key."""
+    def _located(self) -> _KeyIndex:
+        """The key index, built once from the ``item_id`` column alone."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
@@ -277,12 +288,13 @@ class ParquetItems(_Stored):
         # row group u holds the listing's rows start[u] .. start[u + 1] - 1, in order
         sizes = np.asarray([len(a) for a in unit_of], dtype=np.int64)
         start = np.concatenate([[0], np.cumsum(sizes)])
-        self._keys = (every.dtype.itemsize, order, every[order], unit, start)
+        self._keys = _KeyIndex(order, every[order], unit, start)
         return self._keys
 
     def _found(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(position of each key in the sorted keys, whether it is there)."""
-        width, _, ordered, _, _ = self._located()
+        ordered = self._located().keys
+        width = ordered.dtype.itemsize
         enc = [k.encode() for k in keys]
         fits = np.asarray([len(e) <= width for e in enc], dtype=bool)
         want = np.asarray(enc, dtype=f"S{width}")  # a longer key is not there
@@ -300,7 +312,7 @@ class ParquetItems(_Stored):
         if u in self._cache:
             self._cache.move_to_end(u)
             return self._cache[u]
-        start = self._located()[4]
+        start = self._located().start
         t = pads.Scanner.from_fragment(
             self.row_groups[u],
             schema=self._ds.schema,
@@ -333,9 +345,10 @@ class ParquetItems(_Stored):
             raise UnreadableItem(
                 f"Parquet collection {redact(self.path)}: item_id {missing} no longer in it"
             )
-        _, order, _, unit, start = self._located()
-        rows = order[pos]
-        units = unit[rows]
+        located = self._located()
+        rows = located.order[pos]
+        units = located.unit[rows]
+        start = located.start
         out: np.ndarray | None = None
         for u in np.unique(units):
             x = self._group(int(u))

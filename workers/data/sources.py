@@ -207,24 +207,45 @@ def file_entry(
     return None
 
 
-def _image_files(
-    root: Path, split: str, skipped: list[dict[str, str]] | None = None
-) -> list[tuple[str, str, os.stat_result]]:
-    """(key, class name, stat) of every image under ``root/split/<class>/`` (symlinked
-    folders are not followed; files that cannot be items: :func:`file_entry`)."""
-    base = root / split
+def image_files(
+    root: Path, below: str | None = None, skipped: list[dict[str, str]] | None = None
+) -> list[tuple[str, str | None, os.stat_result]]:
+    """(key, class name, stat) of every image under ``root/below/<class>/``, or without
+    ``below`` (key, None, stat) of every image under ``root``, in folder order (folders
+    inside are not followed when they are links; files that cannot be items:
+    :func:`file_entry`)."""
+    base = root / below if below else root
+    tops: list[tuple[Path, str | None]] = [(base, None)]
+    if below:
+        classes = [c for c in sorted(base.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+        tops = [(c, c.name) for c in classes]
     out = []
-    for cdir in sorted(base.iterdir()):
-        if not cdir.is_dir() or cdir.name.startswith("."):
-            continue
-        for dirpath, dirnames, filenames in os.walk(cdir):
+    for top, label in tops:
+        for dirpath, dirnames, filenames in os.walk(top):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
                     entry = file_entry(root, Path(dirpath) / name, skipped)
                     if entry is not None:
-                        out.append((entry[0], cdir.name, entry[1]))
+                        out.append((entry[0], label, entry[1]))
     return out
+
+
+def hashed_files(
+    root: Path,
+    files: list[tuple[str, str | None, os.stat_result]],
+    known: dict[str, tuple[int, int, str]],
+    skipped: list[dict[str, str]],
+) -> Iterator[tuple[str, str | None, os.stat_result, str]]:
+    """``files`` with their content hashes: a file whose size and mtime match ``known``
+    (key -> size, mtime, hash of an earlier listing) is neither decoded nor hashed again;
+    one that does not decode is left out (recorded in ``skipped``)."""
+    for key, label, st in files:
+        seen = known.get(key)
+        if seen is not None and tuple(seen[:2]) == (st.st_size, st.st_mtime_ns):
+            yield key, label, st, seen[2]
+        elif (sha := readable_sha(root, key, skipped)) is not None:
+            yield key, label, st, sha
 
 
 def _check_image(path: Path) -> str | None:
@@ -282,14 +303,8 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
             known[k] = (s, m, h)
     rows: dict[str, list] = {"key": [], "label": [], "size": [], "mtime_ns": [], "sha256": []}
     skipped: list[dict[str, str]] = []
-    for key, label, st in _image_files(root, "train", skipped):
-        seen = known.get(key)
-        if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
-            sha = seen[2]  # unchanged since the last snapshot: neither re-read nor re-hashed
-        else:
-            sha = readable_sha(root, key, skipped)
-            if sha is None:
-                continue
+    files = image_files(root, "train", skipped)
+    for key, label, st, sha in hashed_files(root, files, known, skipped):
         for col, v in zip(rows, (key, label, st.st_size, st.st_mtime_ns, sha), strict=True):
             rows[col].append(v)
     if not rows["key"]:
@@ -313,7 +328,7 @@ def _eval_imagefolder(root: Path, size: tuple[int, int] | None = None) -> EvalSe
             f"imagefolder {root}: no test/ directory: the evaluation set is "
             "DIR/test/<class>/*.png (fixed, labelled)"
         )
-    files = _image_files(root, "test")
+    files = image_files(root, "test")
     if not files:
         raise SourceError(f"imagefolder {root}: no PNG/JPEG images under test/<class>/")
     digest = hashlib.sha256(b"graceful-eval-imagefolder-v1")
