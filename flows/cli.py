@@ -3,6 +3,7 @@ serve, config."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -200,6 +201,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from workers.learning.models import CheckpointError
 
     return (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, RuntimeError)
+
+
+@contextlib.contextmanager
+def _failing(code: int = 2, errors: type[BaseException] | None = None):
+    """A known error inside (``errors``, else :func:`_known_errors`) is one ``error:`` line
+    and exit ``code``."""
+    try:
+        yield
+    except Exception as exc:  # the known ones are looked up only now (they import torch)
+        if not isinstance(exc, errors or _known_errors()):
+            raise
+        _fail(exc, code)
 
 
 MethodOpt = Annotated[
@@ -486,10 +499,8 @@ def _read_config(path: Path | None) -> dict:
         return {}
     from flows.config_file import ConfigFileError, read_config_file
 
-    try:
+    with _failing(errors=ConfigFileError):
         return read_config_file(path)
-    except ConfigFileError as exc:
-        _fail(exc)
 
 
 def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed):
@@ -516,7 +527,7 @@ def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed)
             value = _architecture(value)
         (data.setdefault(section, {}) if section else data)[key] = value
     data.update(fixed)
-    try:
+    with _failing():
         # section by section, so a bad option's error names its field as the option does
         sections = {
             name: model(**data.pop(name, {}))
@@ -527,8 +538,6 @@ def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed)
             )
         }
         return CycleConfig(**data, **sections)
-    except _known_errors() as exc:
-        _fail(exc)
 
 
 def _cycle_options(
@@ -691,10 +700,8 @@ def _run_cycles(cfg, n: int) -> None:
     from flows.cycle import update_cycle
     from workers.runtime import join_cluster
 
-    try:
+    with _failing(code=1):
         join_cluster()  # a RAY_ADDRESS that refuses this client: the error line alone
-    except _known_errors() as exc:
-        _fail(exc, code=1)
     with _progress_bar() as bar:
         total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
         for i in range(n):
@@ -798,7 +805,8 @@ def backfill(
     _env_defaults()
     from flows.config import BackfillConfig
 
-    try:  # bad values (an unknown policy, a budget of inf) are bad input, before anything
+    # bad values (an unknown policy, a budget of inf) are bad input, before anything
+    with _failing():
         cfg = BackfillConfig(
             budget=budget,
             policy=policy,
@@ -806,16 +814,12 @@ def backfill(
             seed=seed,
             retire_share=retire_share,
         )
-    except _known_errors() as exc:
-        _fail(exc)
     _check_inputs(None, existing=True)
     from flows.backfill import backfill_flow
 
     _quiet_known_failures()
-    try:
+    with _failing(code=1):
         result = backfill_flow(**cfg.model_dump())
-    except _known_errors() as exc:
-        _fail(exc, code=1)
     out.print_json(json.dumps(result, default=str))
 
 
@@ -829,10 +833,8 @@ def report(
     from flows.report import build_report
     from store.lineage import Lineage
 
-    try:
+    with _failing():
         rep = build_report(Lineage())
-    except _known_errors() as exc:
-        _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(rep) + "\n")
     else:
@@ -865,12 +867,10 @@ def index(
     from workers.data.datasets import DatasetError
     from workers.data.sources import SourceError
 
-    try:
+    with _failing():
         if spec is not None:
             parse_collection_spec(spec)
         cfg = IndexConfig(spec=spec, prune=prune, strict=strict, part_rows=part_rows)
-    except _known_errors() as exc:
-        _fail(exc)
     _quiet_known_failures()
     from flows import progress as step_progress
 
@@ -1017,10 +1017,8 @@ def search_server(
     _check_inputs(None)
     from flows.search_service import server
 
-    try:
+    with _failing():
         srv = server(host, port, poll_seconds=poll_seconds, log_level="info")
-    except _known_errors() as exc:
-        _fail(exc)
     out.print(f"graceful search on http://{host}:{port}/ (API docs: /docs)")
     srv.run()
 
@@ -1031,10 +1029,8 @@ def pin(generation: int, unpin: Annotated[bool, typer.Option("--unpin")] = False
     _check_inputs(None, existing=True)
     from store.lineage import Lineage
 
-    try:
+    with _failing():
         Lineage().set_pinned(generation, not unpin)
-    except _known_errors() as exc:
-        _fail(exc)
     out.print(f"generation {generation} {'unpinned' if unpin else 'pinned'}")
 
 
@@ -1106,14 +1102,12 @@ def serve(
     _check_inputs(cycle_config.dataset, training=True)
     from deploy.deployments import serve_all
 
-    try:
+    with _failing():
         if search:
             from flows.search_service import serve_in_thread
 
             serve_in_thread(search_host, search_port)
             out.print(f"graceful search on http://{search_host}:{search_port}/")
-    except _known_errors() as exc:
-        _fail(exc)
     serve_all(
         cycle_config,
         interval_minutes=schedule.interval_minutes,
@@ -1135,10 +1129,8 @@ def _serve_config(opts: dict, file: dict):
             data[option] = opts[option]
     if _given(ctx, "interval_minutes") and not _given(ctx, "cron"):
         data.pop("cron", None)
-    try:
+    with _failing():
         return ServeConfig(**data)
-    except _known_errors() as exc:
-        _fail(exc)
 
 
 @app.command("config")

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from flows import config_table
 from flows.config import GracefulConfig
 
 
@@ -58,8 +59,7 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
 
 def _section(model: type[BaseModel], name: str) -> type[BaseModel] | None:
     """The model of ``name``'s section when that field is one (``train``: TrainConfig)."""
-    ann = model.model_fields[name].annotation
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return config_table._section(model.model_fields[name].annotation)
 
 
 def unknown_key(model: type[BaseModel], data: dict[str, Any], where: str = "") -> str | None:

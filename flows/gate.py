@@ -72,11 +72,6 @@ def _ecc_bound(cfg: GateConfig) -> float:
     return 0.0 - cfg.ecc_margin  # +0.0, not -0.0, for a zero margin
 
 
-def _below(hi: float, cfg: GateConfig) -> bool:
-    """Whether an interval's upper bound lies beyond the ECC threshold (a failure)."""
-    return hi < _ecc_bound(cfg) - EPS
-
-
 def _group_note(k: int, groups: ClassGroupGaps | None) -> str:
     """Where the gap lies, when k never trained on some of the queries' classes."""
     if groups is None or groups.unseen is None or groups.seen is None:
@@ -107,7 +102,7 @@ def _ecc_check(
     where = f"(C[g][{k}]={c_gk:.4f}, C[{k}][{k}]={c_kk:.4f}"
     where += f", {counts.n} queries" if counts is not None else ""
     where += _group_note(k, groups) + ")"
-    if _below(hi, cfg):
+    if hi < bound - EPS:  # the interval's upper bound beyond the threshold: a failure
         return False, f"not compatible with {k}: {what} below {bound:+.4f} {where}"
     return True, f"compatible with {k}: {what} not below {bound:+.4f} {where}"
 

@@ -126,9 +126,10 @@ def index_run_name() -> str:
         return "index"
 
 
-def name_run(name: str) -> None:
-    """Rename the current flow run (once what it does is known: its generation, its
-    collection's spec). Outside a flow run, or if the API refuses, nothing happens."""
+def _update_run(what: str, **fields: object) -> None:
+    """Set ``fields`` of the current flow run, through the API and on the run the context
+    holds. Outside a flow run, or if the API refuses, nothing happens: a name or a tag is
+    never worth failing a run."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -138,12 +139,19 @@ def name_run(name: str) -> None:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            client.update_flow_run(ctx.flow_run.id, name=name)
-        ctx.flow_run.name = name  # the run's later log lines carry the new name
-    except Exception as exc:  # a name is never worth failing a cycle
+            client.update_flow_run(ctx.flow_run.id, **fields)
+        for field, value in fields.items():  # the run's later log lines carry them
+            setattr(ctx.flow_run, field, value)
+    except Exception as exc:
         from prefect import get_run_logger
 
-        get_run_logger().debug("could not rename the flow run: %s", type(exc).__name__)
+        get_run_logger().debug("could not %s the flow run: %s", what, type(exc).__name__)
+
+
+def name_run(name: str) -> None:
+    """Rename the current flow run (once what it does is known: its generation, its
+    collection's spec)."""
+    _update_run("rename", name=name)
 
 
 def lineage_tag() -> str:
@@ -154,24 +162,12 @@ def lineage_tag() -> str:
 
 def tag_run() -> None:
     """Add :func:`lineage_tag` to the current flow run (a run started by the CLI, a
-    deployment or a schedule alike). Outside a flow run, or if the API refuses, nothing
-    happens."""
+    deployment or a schedule alike)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return
     tags = list(ctx.flow_run.tags or [])
-    if lineage_tag() in tags:
-        return
-    tags.append(lineage_tag())
-    try:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(ctx.flow_run.id, tags=tags)
-        ctx.flow_run.tags = tags
-    except Exception as exc:  # a tag is never worth failing a run
-        from prefect import get_run_logger
-
-        get_run_logger().debug("could not tag the flow run: %s", type(exc).__name__)
+    if lineage_tag() not in tags:
+        _update_run("tag", tags=[*tags, lineage_tag()])

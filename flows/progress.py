@@ -30,7 +30,10 @@ class StepProgress:
 
     def step(self, name: str) -> None:
         self.done += 1
-        pct = 100.0 * self.done / self.total
+        self.report(name, 100.0 * self.done / self.total)
+
+    def report(self, name: str, pct: float) -> None:
+        """Move the artifact to ``pct`` and tell the listener (the CLI's bar)."""
         if self.artifact_id is not None:
             from prefect.artifacts import update_progress_artifact
 
@@ -43,14 +46,6 @@ def counter(key: str, description: str | None = None) -> Callable[[int, int], No
     """A ``(done, total)`` callback that moves a Prefect progress artifact named ``key``
     (for work counted in items: a backfill, an indexing)."""
     progress = StepProgress(key, total=100, description=description)
-
-    def report(done: int, total: int) -> None:
-        from prefect.artifacts import update_progress_artifact
-
-        pct = 100.0 * done / max(1, total)
-        if progress.artifact_id is not None:
-            update_progress_artifact(progress.artifact_id, progress=pct)
-        if _listener is not None:
-            _listener(f"{done:,}/{total:,} items", pct)
-
-    return report
+    return lambda done, total: progress.report(
+        f"{done:,}/{total:,} items", 100.0 * done / max(1, total)
+    )

@@ -32,7 +32,7 @@ from store.settings import StoreError, subdir
 from store.snapshots import cycle_config_path
 from workers.data.datasets import DatasetError
 from workers.data.scenario import Stage
-from workers.learning.train import abandoned_marker
+from workers.learning.train import abandoned_marker, resume_path
 
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
 
@@ -44,8 +44,8 @@ def close_generation(lineage: Lineage, gen_id: int, why: str) -> None:
 
 
 def resume_file(gen_id: int) -> Path:
-    """Generation ``gen_id``'s per-epoch resume file (as workers.learning.train names it)."""
-    return subdir("checkpoints") / f"gen-{gen_id}.resume.pt"
+    """Generation ``gen_id``'s per-epoch resume file in this home's checkpoints."""
+    return resume_path(subdir("checkpoints"), gen_id)
 
 
 def take_epochs(

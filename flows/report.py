@@ -245,7 +245,6 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
     report["nfr_any"] = [[a, v] for a, b, v in lineage.metric(Metric.NFR_ANY) if a == b]
     top1 = {(a, b): v for a, b, v in lineage.metric(Metric.COMPAT_TOP1) if a >= b and v is not None}
     report["compat_top1"] = [[a, b, v] for (a, b), v in sorted(top1.items())]
-    report["compat_map100"] = _pairs(lineage, Metric.COMPAT_MAP100, strict=False)
     report["ac"] = M.ac(top1) if any(a > b for a, b in top1) else None
     report["am"] = M.am(top1) if top1 else None
     m_mix = [(a, v) for a, b, v in lineage.metric(Metric.M_MIX) if a == champion]

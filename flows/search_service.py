@@ -43,7 +43,6 @@ log = logging.getLogger("uvicorn.error")  # shown with the server's own lines
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
 TOKEN_ENV = "GRACEFUL_SEARCH_TOKEN"
-URL_ENV = "GRACEFUL_SEARCH_URL"  # where `graceful search` finds a running service
 MAX_BODY_BYTES = 20 * 1024 * 1024  # a request body above this: 413
 # an over-long body up to this is read to its end before the 413 (a client that sends it
 # whole then reads the answer instead of a reset connection); a longer one is cut off

@@ -44,7 +44,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,7 @@ from sqlmodel import Session
 
 from store.failpoints import failpoint
 from store.files import file_sha256
-from store.lineage import CollectionInfo, CollectionPart, Lineage
+from store.lineage import CollectionInfo, CollectionPart, Lineage, _now
 from store.settings import StoreError, graceful_home, subdir
 
 COLUMNS = ("item_id", "key", "label", "generation", "margin", "fingerprint", "embedding")
@@ -572,9 +571,6 @@ class Collection:
         self._path(name).unlink(missing_ok=True)  # superseded (reconcile() if we die first)
         return staged.name
 
-    # the walking skeleton's name for it
-    write_part = rewrite_part
-
     def _unlink_if_unreferenced(self, name: str) -> None:
         """Delete a staged file after a failed commit, unless the commit did happen."""
         try:
@@ -759,11 +755,7 @@ class Collection:
                         )
                         s.flush()
                     else:
-                        s.execute(
-                            update(CollectionInfo.__table__)
-                            .where(CollectionInfo.__table__.c.id == 1)
-                            .values(next_id=int(ids[-1]) + 1)
-                        )
+                        _set_info(s, next_id=int(ids[-1]) + 1)
                     self._record(s, staged, replaces=None)
                     _add_items(s, len(rows))
                     if also is not None:
@@ -793,25 +785,26 @@ class Collection:
     def set_dataset(self, dataset: str) -> None:
         """Record that the collection's items now come from ``dataset`` (same kind, moved)."""
         with self.lineage.session() as s:
-            s.execute(
-                update(CollectionInfo.__table__)
-                .where(CollectionInfo.__table__.c.id == 1)
-                .values(dataset=dataset)
-            )
+            _set_info(s, dataset=dataset)
 
     def keys(self, columns: Sequence[str] = ("key", "item_id", "fingerprint")) -> pa.Table:
         """``columns`` of every committed item (no embeddings), streamed part by part."""
-        if not self.exists():
-            return pa.table({c: pa.array([], gallery_schema(1).field(c).type) for c in columns})
-        batches = [pa.Table.from_batches([b]) for _, b in self.iter_batches(list(columns))]
+        batches = []
+        if self.exists():
+            batches = [pa.Table.from_batches([b]) for _, b in self.iter_batches(list(columns))]
         if not batches:
             return pa.table({c: pa.array([], gallery_schema(1).field(c).type) for c in columns})
         return pa.concat_tables(batches).combine_chunks()
 
 
-def _add_items(session: Session, delta: int) -> None:
+def _set_info(session: Session, **values: object) -> None:
+    """Update the collection's one info row."""
     table = CollectionInfo.__table__
-    session.execute(update(table).where(table.c.id == 1).values(items=table.c["items"] + delta))
+    session.execute(update(table).where(table.c.id == 1).values(**values))
+
+
+def _add_items(session: Session, delta: int) -> None:
+    _set_info(session, items=CollectionInfo.__table__.c["items"] + delta)
 
 
 @dataclass
@@ -821,10 +814,6 @@ class _Staged:
     sha256: str
     rows: int
     counts: dict[str, int]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _counts(generation: np.ndarray) -> dict[str, int]:

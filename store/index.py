@@ -352,12 +352,6 @@ class CollectionIndex:
         except RuntimeError:
             return None
 
-    def reset(self) -> None:
-        self.index.reset()
-        self.parts.clear()
-        self._table = _LOOKUP_SCHEMA.empty_table()
-        self._lookup = None
-
     # -- persistence -------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write the index and the manifest state it reflects, atomically.

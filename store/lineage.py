@@ -279,12 +279,8 @@ class Lineage:
 
     # -- generations -------------------------------------------------------------------
     def add_generation(self, **fields: Any) -> Generation:
-        with self.session() as s:
-            gen = Generation(**fields)
-            s.add(gen)
-            s.flush()
-            s.refresh(gen)
-            return gen
+        """Record a generation with no constraints and no snapshot."""
+        return self.start_generation((), **fields)
 
     def start_generation(
         self,

@@ -33,7 +33,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -62,17 +61,6 @@ Progress = Callable[[int, int], None]
 
 
 # -- embedding on Ray ------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def _model(path: str, sha: str | None):
-    return load_model(path, sha)
-
-
-def embed_items(checkpoint: str, sha: str | None, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ray task body: (embeddings, margins) of ``x`` under one generation."""
-    out = forward(_model(checkpoint, sha), x)
-    return out.embedding, out.margin
-
-
 def rss_breakdown() -> dict[str, int]:
     """Resident memory of this process now, by kind (bytes): anonymous (its own heap),
     file-backed, shared memory (for a Ray process: pages of the object store it mapped)."""
@@ -94,14 +82,8 @@ def peak_rss_bytes() -> int:
     ``VmHWM`` of ``/proc/self/status`` where there is one: unlike ``ru_maxrss`` it is not
     inherited through fork and exec from a bigger parent.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    hwm = rss_breakdown().get("VmHWM")
+    return hwm if hwm else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class EmbedActor:

@@ -38,7 +38,6 @@ import numpy as np
 
 POLICIES = ("random", "oldest-first", "uncertainty", "representative")
 EMBEDDING_POLICIES = frozenset({"representative"})  # need the old embeddings (streamed)
-DEFAULT_POLICY = "representative"  # the best measured (bench/results/backfill.md)
 SAMPLE_PER_STRATUM = 256  # k-means training points per stratum (faiss's default cap)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

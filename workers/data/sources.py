@@ -51,7 +51,6 @@ from workers.data.parquet_schema import (
 SOURCE_KINDS = ("imagefolder", "parquet")
 BLOCK = 1024  # items per unit of a file-per-item source
 SCAN_BATCH = 65_536  # Parquet rows per scanned batch
-_GRAY = frozenset({"1", "L", "LA", "I;16"})
 
 
 class SourceUnreachable(SourceError):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from workers.learning.kinds import (
     ConstraintKind,
@@ -33,7 +32,7 @@ from workers.learning.losses import (
     focal_distillation_loss,
     influence_loss,
 )
-from workers.learning.models import LOGIT_SCALE
+from workers.learning.models import LOGIT_SCALE, cosine_logits
 
 
 class LossSettings(Protocol):
@@ -159,9 +158,7 @@ def _loss_embedding(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor
     return embedding_distillation_loss(b.emb, _old_emb(s, b), _item_mask(s, b))
 
 
-def cosine_logits_stacked(emb: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """(K, n, d) embeddings and (K, C, d) heads -> (K, n, C) logits, as CosineHead does."""
-    return LOGIT_SCALE * F.normalize(emb, dim=-1) @ F.normalize(heads, dim=-1).transpose(1, 2)
+cosine_logits_stacked = cosine_logits  # (K, n, d) and (K, C, d) -> (K, n, C), as CosineHead
 
 
 @dataclass(frozen=True)

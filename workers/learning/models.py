@@ -71,7 +71,9 @@ class CosineHead(nn.Module):
 def cosine_logits(
     emb: torch.Tensor, weight: torch.Tensor, scale: float = LOGIT_SCALE
 ) -> torch.Tensor:
-    return scale * F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+    """(n, d) embeddings and (C, d) heads -> (n, C) scaled cosine logits; stacked, (K, n, d)
+    and (K, C, d) -> (K, n, C)."""
+    return scale * F.normalize(emb, dim=-1) @ F.normalize(weight, dim=-1).transpose(-2, -1)
 
 
 KINDS = ("mlp", "cnn", "resnet", "import")

@@ -374,8 +374,9 @@ def _item_store(spec: TrainSpec, reader: Reader, path: Path | None = None) -> It
     return ItemStore(path, reader.y, shape, u8=fmt is not None and fmt.mode is not None)
 
 
-def _resume_path(spec: TrainSpec) -> Path:
-    return Path(spec.checkpoint_dir) / f"gen-{spec.generation}.resume.pt"
+def resume_path(checkpoint_dir: str | Path, generation: int) -> Path:
+    """Generation ``generation``'s per-epoch resume file."""
+    return Path(checkpoint_dir) / f"gen-{generation}.resume.pt"
 
 
 def abandoned_marker(checkpoint_dir: str | Path, generation: int) -> Path:
@@ -475,7 +476,7 @@ def train_replica(spec: TrainSpec, replica: Replica = Replica()) -> dict[str, An
 
     history: list[dict[str, float]] = []
     first_epoch = 0
-    resume = _resume_path(spec)
+    resume = resume_path(spec.checkpoint_dir, spec.generation)
     # every rank reads rank 0's resume file: each holds the optimizer's state itself
     if resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)

@@ -92,6 +92,17 @@ def _embeddings(emb: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
+def _query_gallery(query: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validated query and gallery embeddings of one dimension."""
+    q = _embeddings(query, "query")
+    g = _embeddings(gallery, "gallery")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(
+            f"embedding dim mismatch: queries have {q.shape[1]}, gallery has {g.shape[1]}"
+        )
+    return q, g
+
+
 def _retrieval_inputs(
     query_emb: np.ndarray,
     query_labels: np.ndarray,
@@ -99,12 +110,7 @@ def _retrieval_inputs(
     gallery_labels: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validate a retrieval problem; return (queries, query labels, gallery, gallery labels)."""
-    q = _embeddings(query_emb, "query")
-    g = _embeddings(gallery_emb, "gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(
-            f"embedding dim mismatch: queries have {q.shape[1]}, gallery has {g.shape[1]}"
-        )
+    q, g = _query_gallery(query_emb, gallery_emb)
     ql = _labels(query_labels, "query_labels")
     gl = _labels(gallery_labels, "gallery_labels")
     if ql.shape[0] != q.shape[0]:
@@ -208,13 +214,7 @@ def nearest_neighbors(
     """Cosine top-k neighbours: (scores, indices), each (n_query, min(k, n_gallery))."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    q = _embeddings(query, "query")
-    g = _embeddings(gallery, "gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(
-            f"embedding dim mismatch: queries have {q.shape[1]}, gallery has {g.shape[1]}"
-        )
-    return _search(q, g, k)
+    return _search(*_query_gallery(query, gallery), k)
 
 
 def retrieval_top1(
@@ -224,9 +224,7 @@ def retrieval_top1(
     gallery_labels: np.ndarray,
 ) -> float:
     """Fraction of queries whose nearest gallery item carries the query's label."""
-    q, ql, g, gl = _retrieval_inputs(query_emb, query_labels, gallery_emb, gallery_labels)
-    _, idx = _search(q, g, 1)
-    return float(np.mean(gl[idx[:, 0]] == ql))
+    return float(np.mean(retrieval_hits(query_emb, query_labels, gallery_emb, gallery_labels)))
 
 
 def retrieval_hits(

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.measuring.metrics import retrieval_hits
-from workers.measuring.stats import PairedCounts, paired_bootstrap_ci_counts
+from workers.measuring.stats import PairedCounts, paired_bootstrap_ci_counts, paired_counts
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,11 @@ def served_by_class(
     out = []
     for c in classes.tolist():
         m = query_y == c
-        gain = int((new_hits[m] & ~old_hits[m]).sum())
-        loss = int((~new_hits[m] & old_hits[m]).sum())
-        counts = PairedCounts(int(m.sum()), gain, loss)
+        counts = paired_counts(new_hits[m], old_hits[m])
         ci = paired_bootstrap_ci_counts(counts, confidence=level, resamples=resamples, seed=seed)
-        out.append(ClassDelta(int(c), counts.delta, ci.lo, ci.hi, counts.n, gain, loss))
+        out.append(
+            ClassDelta(int(c), counts.delta, ci.lo, ci.hi, counts.n, counts.gain, counts.loss)
+        )
     return out
 
 
