@@ -557,19 +557,33 @@ class Collection:
             raise CollectionStoreError(f"{name!r} is not a collection part name")
         before = next((int(p.rows) for p in self.manifest() if p.name == name), None)
         staged = self._stage(part_name(slot, version + 1), rows, info.embed_dim)
+
+        def switch(s: Session) -> None:
+            self._record(s, staged, replaces=name)
+            if before is not None and before != len(rows):  # a prune took rows out
+                _add_items(s, len(rows) - before)
+
+        self._commit(staged, switch, also)
+        self._path(name).unlink(missing_ok=True)  # superseded (reconcile() if we die first)
+        return staged.name
+
+    def _commit(
+        self,
+        staged: _Staged,
+        write: Callable[[Session], None],
+        also: Callable[[Session], None] | None,
+    ) -> None:
+        """One transaction: ``write`` (the part's records), then ``also``; on any failure
+        the staged file goes unless the commit did happen."""
         try:
             with self.lineage.session() as s:
-                self._record(s, staged, replaces=name)
-                if before is not None and before != len(rows):  # a prune took rows out
-                    _add_items(s, len(rows) - before)
+                write(s)
                 if also is not None:
                     also(s)
         except BaseException:
             self._unlink_if_unreferenced(staged.name)
             raise
         self._settle(staged.name)
-        self._path(name).unlink(missing_ok=True)  # superseded (reconcile() if we die first)
-        return staged.name
 
     def _unlink_if_unreferenced(self, name: str) -> None:
         """Delete a staged file after a failed commit, unless the commit did happen."""
@@ -742,28 +756,18 @@ class Collection:
                 self._clear_leftovers()
             slots = [slot_of(p.name) for p in self.manifest()]
             staged = self._stage(part_name(max(slots) + 1 if slots else 0), rows, dim)
-            try:
-                with self.lineage.session() as s:
-                    if info is None:
-                        s.add(
-                            CollectionInfo(
-                                dataset=dataset,
-                                embed_dim=dim,
-                                items=0,
-                                next_id=int(ids[-1]) + 1,
-                            )
-                        )
-                        s.flush()
-                    else:
-                        _set_info(s, next_id=int(ids[-1]) + 1)
-                    self._record(s, staged, replaces=None)
-                    _add_items(s, len(rows))
-                    if also is not None:
-                        also(s)
-            except BaseException:
-                self._unlink_if_unreferenced(staged.name)
-                raise
-            self._settle(staged.name)
+            next_id = int(ids[-1]) + 1
+
+            def add(s: Session) -> None:
+                if info is None:
+                    s.add(CollectionInfo(dataset=dataset, embed_dim=dim, items=0, next_id=next_id))
+                    s.flush()
+                else:
+                    _set_info(s, next_id=next_id)
+                self._record(s, staged, replaces=None)
+                _add_items(s, len(rows))
+
+            self._commit(staged, add, also)
             return staged.name
 
     def drop_part(self, name: str, also: Callable[[Session], None] | None = None) -> None:
