@@ -9,9 +9,9 @@ import signal
 from pathlib import Path
 
 import faiss
-import httpx
 import numpy as np
 import pytest
+from prefect_kit import call
 from sources.data import champion, write_pngs
 
 from store.collection import Collection
@@ -43,11 +43,11 @@ def test_index_killed_mid_way_resumes_and_search_answers_by_key(
     assert code == 0, err
     assert "128 added" in out and "160 items" in out
     # the Prefect runs are named for what they index (the killed one and the rerun)
-    named = httpx.post(
+    named = call(
+        "POST",
         f"{c.env['PREFECT_API_URL']}/flow_runs/filter",
         json={"flow_runs": {"name": {"any_": [f"index {spec}"]}}},
-        timeout=30,
-    ).json()
+    )
     assert "COMPLETED" in {r["state_type"] for r in named}, named
     gallery = Collection(Lineage())
     keys = gallery.keys(["key", "item_id"])

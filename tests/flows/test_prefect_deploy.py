@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect_kit import call
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,9 +96,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_runs_a_flat_backfill(
     sh(*prefect, "--no-prompt", "deploy", "--all", timeout=300)
     assert _tracked_state() == repo_before  # deploying wrote nothing into the checkout
 
-    deps = {
-        d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={"limit": 20}).json()
-    }
+    deps = {d["name"]: d for d in call("POST", f"{api}/deployments/filter", json={"limit": 20})}
     assert {"scheduled-update", "on-demand-backfill", "on-demand-index"} <= set(deps)
     names = ("scheduled-update", "on-demand-backfill", "on-demand-index")
     assert {deps[n]["work_pool_name"] for n in names} == {"graceful"}
@@ -130,12 +129,12 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_runs_a_flat_backfill(
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
 
         def finished():
-            state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
+            state = call("GET", f"{api}/flow_runs/{flow_run_id}")["state"]
             terminal = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
             return state if state and state["type"] in terminal else None
 
         state = _wait(finished, 480, "the backfill flow run", worker)
-        flow_run = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()
+        flow_run = call("GET", f"{api}/flow_runs/{flow_run_id}")
         log.flush()
         assert state["type"] == "COMPLETED", (
             state,

@@ -10,18 +10,16 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import pytest
+from prefect_kit import call
 
 from flows.naming import lineage_label
 
 REPR = re.compile(r"\{'|'\}|\[\]|\[\(|\bTrue\b|\bFalse\b|\bNone\b")
 
 
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    r = httpx.post(f"{api}{path}", json=body, timeout=30)
-    r.raise_for_status()
-    return r.json()
+def _post(base: str, path: str, body: dict) -> list[dict]:
+    return call("POST", f"{base}{path}", json=body)
 
 
 def _run(c, *args: str) -> str:

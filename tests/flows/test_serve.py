@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from prefect_kit import call
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,25 +25,6 @@ def _wait(predicate, timeout: float, what: str):
             return value
         time.sleep(1.0)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _call(method: str, url: str, **kw) -> dict | list:
-    """One API call as the UI makes it, its JSON body. A busy server on 2 cores (SQLite
-    under the session's other writers) can answer 5xx or time out once: the call is made
-    again, as a person clicks again; a 4xx is an answer and fails with its body."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            r = httpx.request(method, url, timeout=30, **kw)
-        except httpx.TransportError as exc:
-            failure = repr(exc)
-        else:
-            if r.status_code < 500:
-                assert r.is_success, f"{method} {url}: {r.status_code} {r.text[:2000]}"
-                return r.json()
-            failure = f"{r.status_code} {r.text[:2000]}"
-        assert time.monotonic() < deadline, f"{method} {url}: {failure}"
-        time.sleep(2.0)
 
 
 @pytest.mark.slow
@@ -92,7 +73,7 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, s
 
         def deployments():
             names = {
-                d["name"]: d for d in _call("POST", f"{api}/deployments/filter", json={"limit": 10})
+                d["name"]: d for d in call("POST", f"{api}/deployments/filter", json={"limit": 10})
             }
             wanted = {"scheduled-update", "on-demand-backfill", "on-demand-index"}
             if not wanted <= set(names):
@@ -103,17 +84,17 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, s
 
         deps = _wait(deployments, 120, "the deployments")
         # the indexing deployment's form: the collection's spec and what to do with it
-        index_dep = _call("GET", f"{api}/deployments/{deps['on-demand-index']['id']}")
+        index_dep = call("GET", f"{api}/deployments/{deps['on-demand-index']['id']}")
         assert index_dep["parameters"]["config"] == {
             "spec": None,
             "prune": False,
             "strict": False,
             "part_rows": 4096,
         }
-        sched = _call("GET", f"{api}/deployments/{deps['scheduled-update']['id']}/schedules")
+        sched = call("GET", f"{api}/deployments/{deps['scheduled-update']['id']}/schedules")
         assert sched and sched[0]["schedule"]["interval"] == 3600.0
         # one update cycle at a time from the deployment (the lineage lock does the rest)
-        cycle_dep = _call("GET", f"{api}/deployments/{deps['scheduled-update']['id']}")
+        cycle_dep = call("GET", f"{api}/deployments/{deps['scheduled-update']['id']}")
         limit = cycle_dep.get("concurrency_limit")
         if limit is None:  # newer servers report it as a global concurrency limit
             limit = (cycle_dep.get("global_concurrency_limit") or {}).get("limit")
@@ -121,20 +102,20 @@ def test_serve_deployments_and_trigger_a_backfill(tmp_path: Path, prefect_api, s
 
         # trigger a partial backfill as the UI's "Run" button does
         params = {"config": {"budget": 1.0, "policy": "oldest-first", "batch_rows": 64}}
-        created = _call(
+        created = call(
             "POST",
             f"{api}/deployments/{deps['on-demand-backfill']['id']}/create_flow_run",
             json={"parameters": params},
         )
 
         def finished():
-            state = _call("GET", f"{api}/flow_runs/{created['id']}")["state"]
+            state = call("GET", f"{api}/flow_runs/{created['id']}")["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED") else None
 
         state = _wait(finished, 300, "the backfill run")
         assert state["type"] == "COMPLETED", state
         # named for what it ran, from the parameters the UI's form sent
-        run_name = _call("GET", f"{api}/flow_runs/{created['id']}")["name"]
+        run_name = call("GET", f"{api}/flow_runs/{created['id']}")["name"]
         assert run_name == "backfill 1 oldest-first"
         report = subprocess.run(
             [*cli, "report", "--json"], env=env, cwd=ROOT, capture_output=True, text=True

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from prefect_kit import call
 from sources.data import digits, parquet_rows, write_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,12 +95,6 @@ def test_a_parquet_source_in_an_s3_bucket_grows_over_cycles(tmp_path: Path, cli,
     assert len(rep2["generations"]) == 3
 
 
-def _api_json(method: str, url: str, **kw):
-    r = httpx.request(method, url, timeout=30, **kw)
-    r.raise_for_status()
-    return r.json()
-
-
 @pytest.mark.slow
 def test_the_schedule_trains_only_when_the_source_changed(
     tmp_path: Path, prefect_api: str, stop_group
@@ -133,12 +127,12 @@ def test_the_schedule_trains_only_when_the_source_changed(
     )
 
     def runs() -> list[dict]:
-        deps = _api_json("POST", f"{api}/deployments/filter", json={"limit": 50})
+        deps = call("POST", f"{api}/deployments/filter", json={"limit": 50})
         mine = [d["id"] for d in deps if d["name"] == deployment]
         if not mine:
             return []
         body = {"deployments": {"id": {"any_": mine}}, "sort": "START_TIME_ASC", "limit": 50}
-        return _api_json("POST", f"{api}/flow_runs/filter", json=body)
+        return call("POST", f"{api}/flow_runs/filter", json=body)
 
     def finished() -> list[dict]:
         return [r for r in runs() if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
@@ -154,7 +148,7 @@ def test_the_schedule_trains_only_when_the_source_changed(
 
     def skipped(run: dict) -> bool:
         body = {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}
-        logs = _api_json("POST", f"{api}/logs/filter", json=body)
+        logs = call("POST", f"{api}/logs/filter", json=body)
         return any("skipped: no new data since generation" in x["message"] for x in logs)
 
     try:
@@ -164,7 +158,7 @@ def test_the_schedule_trains_only_when_the_source_changed(
         seen = [(r["name"], r["start_time"], r["state_type"], skipped(r)) for r in runs()]
         assert not skipped(first) and skipped(second), seen
         # the skip's summary artifact says so too
-        arts = _api_json(
+        arts = call(
             "POST",
             f"{api}/artifacts/filter",
             json={"artifacts": {"flow_run_id": {"any_": [second["id"]]}}},
