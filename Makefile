@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/graceful run --dataset digits --generations 3
 
+# --durations: CI's log names the slowest tests (CI is kept under 30 minutes)
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20
 
 # the fast tier: no Ray, no Prefect server or flow run, no real training, no kills
 test-fast: install

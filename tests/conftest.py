@@ -167,13 +167,17 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    server = subprocess.Popen(
-        [*cmd, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # its log, for a failing call's message (tests/flows/prefect_kit.call)
+    log = prefect_home / "server.log"
+    os.environ["GRACEFUL_TEST_PREFECT_LOG"] = str(log)
+    with log.open("wb") as out:  # the server writes to its own copy
+        server = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:

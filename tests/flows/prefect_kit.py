@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,9 +22,17 @@ def call(method: str, url: str, **kw: Any) -> Any:
         except httpx.TransportError as exc:
             failure = repr(exc)
         else:
-            if r.status_code < 500:
-                assert r.is_success, f"{method} {url}: {r.status_code} {r.text[:2000]}"
-                return r.json() if r.content else None
             failure = f"{r.status_code} {r.text[:2000]}"
-        assert time.monotonic() < deadline, f"{method} {url}: {failure}"
+            if r.status_code < 500:
+                assert r.is_success, f"{method} {url}: {failure}{_server_log()}"
+                return r.json() if r.content else None
+        assert time.monotonic() < deadline, f"{method} {url}: {failure}{_server_log()}"
         time.sleep(2.0)
+
+
+def _server_log() -> str:
+    """The end of the session's Prefect server log (tests/conftest.py writes it)."""
+    path = os.environ.get("GRACEFUL_TEST_PREFECT_LOG")
+    if not path or not Path(path).exists():
+        return ""
+    return "\nthe server's log ends:\n" + Path(path).read_text(errors="replace")[-3000:]
