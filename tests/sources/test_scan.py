@@ -180,3 +180,40 @@ def test_shuffled_items_visit_every_item_once_per_epoch(tmp_path: Path) -> None:
     assert window_items((1, 28, 28), 128) == (32 << 20) // (4 * 784)
     assert window_items((49,), 128, extra_bytes=256) == (32 << 20) // (196 + 256)
     assert window_items((3, 1024, 1024), 128) == 8 * 128
+
+
+def test_a_collection_listing_keeps_the_fingerprints_of_unchanged_content(
+    tmp_path: Path, data, monkeypatch
+) -> None:
+    """The collection's listing hashes only what may have changed: a file whose size and
+    mtime match keeps its recorded fingerprint unread; one touched with the same content
+    keeps it too (nothing to re-embed); a rewritten one gets a new fingerprint."""
+    import os
+
+    from workers.collection.items import list_items
+
+    root = folder(tmp_path, data)
+    spec = f"imagefolder:{root}"
+    first = list_items(spec)
+    known = _prints(first)
+    keys = sorted(known)
+    touched, rewritten = root / keys[0], root / keys[1]
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rewritten.write_bytes((root / keys[2]).read_bytes())  # another image's content
+    calls = []
+    real = src._file_sha
+    monkeypatch.setattr(src, "_file_sha", lambda p: calls.append(p) or real(p))
+    again = list_items(spec, known)
+    now = _prints(again)
+    assert sorted(p.name for p in calls) == sorted([touched.name, rewritten.name])
+    assert now[keys[0]] == known[keys[0]]  # touched, same content
+    assert now[keys[1]] != known[keys[1]]  # rewritten
+    assert now[keys[1]].endswith(known[keys[2]].rsplit(":", 1)[1])  # the content it now has
+    assert {k: now[k] for k in keys[2:]} == {k: known[k] for k in keys[2:]}
+    assert list(now) == keys  # in key order
+
+
+def _prints(listing) -> dict[str, str]:
+    t = listing.table
+    return dict(zip(t.column("key").to_pylist(), t.column("fingerprint").to_pylist(), strict=True))

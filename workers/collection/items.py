@@ -25,6 +25,7 @@ backfill reads the items it re-embeds from the collection's source by key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -127,9 +128,8 @@ def _list_files(spec: str, root: Path, below: str | None, known: dict[str, str] 
     known = known or {}
     recorded = {}  # key -> (size, mtime, sha) of the fingerprints the collection holds
     for key, fp in known.items():
-        size, _, rest = fp.partition(":")
-        mtime, _, sha = rest.partition(":")
-        if size.isdigit() and mtime.isdigit():
+        size, mtime, sha = (fp.split(":", 2) + ["", ""])[:3]
+        with contextlib.suppress(ValueError):  # not a file's fingerprint: hashed again
             recorded[key] = (int(size), int(mtime), sha)
     skipped: list[dict[str, str]] = []
     files = sorted(image_files(root, below, skipped), key=lambda r: r[0])

@@ -210,9 +210,9 @@ def image_files(
     root: Path, below: str | None = None, skipped: list[dict[str, str]] | None = None
 ) -> list[tuple[str, str | None, os.stat_result]]:
     """(key, class name, stat) of every image under ``root/below/<class>/``, or without
-    ``below`` (key, None, stat) of every image under ``root``, in folder order (folders
-    inside are not followed when they are links; files that cannot be items:
-    :func:`file_entry`)."""
+    ``below`` (key, None, stat) of every image under ``root``, in folder order. Linked
+    folders inside are not followed (a class folder may be a link); files that cannot be
+    items: :func:`file_entry`."""
     base = root / below if below else root
     tops: list[tuple[Path, str | None]] = [(base, None)]
     if below:
