@@ -299,13 +299,11 @@ def create_app(
         status = 404 if isinstance(exc, UnknownKey) else 413 if isinstance(exc, TooLarge) else 400
         return error(status, str(exc))
 
-    @app.exception_handler(NotReady)
-    async def not_ready(_: Request, exc: NotReady):
+    async def unavailable(_: Request, exc: Exception):  # not ready yet, or a store failing
         return error(503, str(exc))
 
-    @app.exception_handler(StoreError)
-    async def store_error(_: Request, exc: StoreError):
-        return error(503, str(exc))
+    app.add_exception_handler(NotReady, unavailable)
+    app.add_exception_handler(StoreError, unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):

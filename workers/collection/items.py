@@ -113,10 +113,6 @@ class Listing:
     table: pa.Table
     skipped: list[dict[str, str]] = field(default_factory=list)
 
-    @property
-    def labelled(self) -> bool:
-        return self.table.column("label").null_count < self.table.num_rows
-
 
 # -- listing ---------------------------------------------------------------------------
 def file_fingerprint(size: int, mtime_ns: int, sha256: str) -> str:
