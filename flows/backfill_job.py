@@ -136,17 +136,16 @@ def run_backfill(
             forced += int(np.isin(order, owed_items).sum())
         selection = order[: max(budget_items(budget, n_items), forced)].copy()
         curve: list[tuple[float, float]] = []
-        new_emb = None
-        if queries is not None and queries.reference_emb is not None:
-            rows = collection.read_all()
-            new_emb = queries.reference_for(rows.key)
-        if new_emb is not None:
-            assert queries is not None
-            before = m_mix(queries.emb, queries.labels, rows)
-            curve = backfill_curve(rows, new_emb, order, queries.emb, queries.labels)
+        if queries is not None:
+            # the curve where the champion's reference embeddings cover the collection
+            rows = collection.read_all() if queries.reference_emb is not None else None
+            new_emb = None if rows is None else queries.reference_for(rows.key)
+            if rows is not None and new_emb is not None:
+                before = m_mix(queries.emb, queries.labels, rows)
+                curve = backfill_curve(rows, new_emb, order, queries.emb, queries.labels)
+            else:
+                before = m_mix_stream(collection, queries.emb, queries.labels)
             del rows, new_emb
-        elif queries is not None:
-            before = m_mix_stream(collection, queries.emb, queries.labels)
         del order
         if job is None:
             job = lineage.add_backfill_job(

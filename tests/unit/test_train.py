@@ -20,9 +20,8 @@ from workers.data.datasets import load_dataset
 from workers.data.readers import ArrayItems
 from workers.data.scenario import eval_split
 from workers.data.stream import TeacherStore, prepare
-from workers.learning.constraints import cosine_logits_stacked
 from workers.learning.embed import forward
-from workers.learning.models import EmbeddingNet, load_model
+from workers.learning.models import EmbeddingNet, cosine_logits, load_model
 from workers.learning.spec import ConstraintSpec, TrainSpec
 from workers.learning.train import (
     TrainingDiverged,
@@ -225,7 +224,7 @@ def test_teacher_heads_and_logits_by_hand(tmp_path: Path) -> None:
     # rows of classes it saw are its own head's
     assert torch.equal(head[:2], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
     # its logits are 16 * cos with the *original* head: item (1, 0) -> (16, 0, 16/sqrt2)
-    logits = cosine_logits_stacked(emb[None], own[None])[0]
+    logits = cosine_logits(emb[None], own[None])[0]
     assert torch.allclose(logits[1], torch.tensor([16.0, 0.0, 16 / math.sqrt(2)]), atol=1e-4)
     assert torch.allclose(logits[2], torch.tensor([0.0, 16.0, 16 / math.sqrt(2)]), atol=1e-4)
     assert torch.allclose(logits, model(torch.from_numpy(x))[1], atol=1e-5)  # as its forward

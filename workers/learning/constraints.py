@@ -123,7 +123,7 @@ def _stack_focal(
 
 def _loss_focal(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:
     # the ancestor's logits: its cosine head on its (precomputed) embeddings, (K, n, C)
-    old_logits = cosine_logits_stacked(_old_emb(s, b), s.tensors["own_head"])
+    old_logits = cosine_logits(_old_emb(s, b), s.tensors["own_head"])  # stacked: (K, n, C)
     return focal_distillation_loss(
         b.logits,
         old_logits,
@@ -156,9 +156,6 @@ def _stack_embedding(
 
 def _loss_embedding(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:
     return embedding_distillation_loss(b.emb, _old_emb(s, b), _item_mask(s, b))
-
-
-cosine_logits_stacked = cosine_logits  # (K, n, d) and (K, C, d) -> (K, n, C), as CosineHead
 
 
 @dataclass(frozen=True)
