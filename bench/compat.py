@@ -132,9 +132,22 @@ SCREENING: list[tuple[str, float, float, float, float, float]] = [
 
 
 # -- the chain: the product's cycle ---------------------------------------------------------
-def train_config(name: str, epochs: int, seed: int) -> TrainConfig:
-    """The method's TrainConfig with the run's epochs and seed (validated again)."""
-    return TrainConfig.model_validate(METHODS[name].model_dump() | {"epochs": epochs, "seed": seed})
+def train_config(
+    name: str, epochs: int, seed: int, architecture: dict | None = None
+) -> TrainConfig:
+    """The method's TrainConfig with the run's epochs and seed and ``architecture``'s keys
+    over the method's own (validated again)."""
+    base = METHODS[name].model_dump()
+    arch = (base["architecture"] or {}) | (architecture or {})
+    return TrainConfig.model_validate(
+        base | {"epochs": epochs, "seed": seed, "architecture": arch or None}
+    )
+
+
+def command(settings: dict[str, Any]) -> str:
+    """The command line that measured ``settings`` (its architecture override, if any)."""
+    arch = settings.get("architecture")
+    return "python -m bench.compat" + (f" --architecture '{json.dumps(arch)}'" if arch else "")
 
 
 def cycle_config(
@@ -627,7 +640,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         f"Data set `{s['dataset']}`, {s['generations']}-generation chain of the growing "
         f"scenario, {s['epochs']} epochs per generation, seed {s['seed']}, batch "
         f"{s['batch_size']}, lr {s['lr']}, embedding dim {s['embed_dim']}. Produced by "
-        f"`python -m bench.compat` in {report['wall_seconds'] / 60:.1f} min: the chains one "
+        f"`{command(s)}` in {report['wall_seconds'] / 60:.1f} min: the chains one "
         "after another, each generation trained as one Ray task on a local Ray cluster"
         + (f" ({cpus} CPU(s) per task, torch threads = the task's CPUs)" if cpus else "")
         + ".",
@@ -897,6 +910,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--teacher-epochs", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="2 epochs, 3 generations: a smoke run")
+    p.add_argument(
+        "--architecture",
+        type=json.loads,
+        default=None,
+        help="JSON keys over every method's architecture (train.architecture), e.g. "
+        '\'{"kind": "mlp"}\': the MLP\'s own sizes on images',
+    )
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument(
         "--render", action="store_true", help="only rewrite the report from OUT/compat.json"
@@ -933,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or "none" not in names:
         p.error(f"methods must include none and be among {', '.join(METHODS)}; got {names}")
     names = ["none"] + [n for n in names if n != "none"]  # the reference first
-    configs = {n: train_config(n, args.epochs, args.seed) for n in names}
+    configs = {n: train_config(n, args.epochs, args.seed, args.architecture) for n in names}
     started = time.perf_counter()
     ds = load_dataset(args.dataset)
     results: dict[str, dict[str, Any]] = {}
@@ -984,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
                 "backfill": BackfillConfig(budget=0, curve=False).model_dump(mode="json"),
             },
             "train_configs": {n: c.model_dump(mode="json") for n, c in configs.items()},
+            "architecture": args.architecture,
             "quick": args.quick,
         },
         "chain": [

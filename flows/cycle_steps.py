@@ -195,7 +195,8 @@ def plan_snapshot(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     at = Position(
         index=cfg.stage if cfg.stage is not None else len(existing),
         stages=cfg.stages or (recorded[-1] if recorded else None),
-        backbone=lineage_kind(existing),
+        # a new lineage asked for a kind (train.architecture) starts that kind's schedule
+        backbone=lineage_kind(existing) or (t.architecture or {}).get("kind"),
         previous=previous_items(last),
         image_size=size,
     )

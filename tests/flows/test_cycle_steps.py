@@ -260,6 +260,22 @@ def test_a_lineage_keeps_its_backbone_kind(home) -> None:
     assert gen.id == 1
 
 
+def test_a_new_lineage_asked_for_a_kind_gets_that_kinds_sizes(home) -> None:
+    """``train.architecture = {"kind": "mlp"}`` on images starts the MLP's own schedule
+    (width 128 at the first of 3 stages, as on features), not an MLP of the residual CNN's
+    12 channels; another image kind keeps the image schedule's sizes."""
+    from flows.cycle_steps import plan_cycle
+
+    def first_stage(kind: str) -> dict:
+        train = TrainConfig(architecture={"kind": kind})
+        return plan_cycle(Lineage(), CycleConfig(dataset="digits", stages=3, train=train))
+
+    mlp = first_stage("mlp").stage.architecture
+    assert (mlp["kind"], mlp["width"], mlp["depth"]) == ("mlp", 128, 2)
+    cnn = first_stage("cnn").stage.architecture
+    assert cnn["width"] == 12  # the image schedule's first stage
+
+
 @pytest.mark.slow
 def test_a_scenario_lineage_from_before_the_one_source_goes_on(home, monkeypatch) -> None:
     """A scenario lineage made before the Source: its keys file holds integer labels, it

@@ -222,8 +222,8 @@ class ScenarioSource:
         stages = at.stages or DEFAULT_STAGES
         index = min(at.index, stages - 1)
         # a lineage keeps its backbone kind: one begun with the MLP on images (before the
-        # residual CNN was the default) goes on with the MLP
-        shape = ds.input_shape if at.backbone in (None, "resnet") else None
+        # residual CNN was the default, or asked for) goes on with the MLP's sizes
+        shape = None if at.backbone == "mlp" else ds.input_shape
         stage = stage_plan(ds.num_classes, stages, index, shape)
         rows = stage_indices(ds.y_train, stage, seed=0)
         labels = ds.y_train[rows]
@@ -268,7 +268,7 @@ class ItemSource:
     def draw(self, at: Position, input_shape: tuple[int, ...]) -> Draw:
         scan = scan_source(self.spec, at.previous)
         # the scenario's last-stage model for these inputs, in the lineage's backbone kind
-        shape = tuple(input_shape) if at.backbone in (None, "resnet") else None
+        shape = None if at.backbone == "mlp" else tuple(input_shape)
         return Draw(scan, at.index, None, default_architecture(shape, grow=1.0))
 
     def training_reader(self, table: pa.Table, labels: np.ndarray, fmt: InputFormat) -> Any:
