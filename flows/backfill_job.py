@@ -81,7 +81,6 @@ def run_backfill(
     progress: Progress | None = None,
     crash_after_parts: int | None = None,
     *,
-    pipeline_depth: int = 3,
     update_index: bool = True,
     stats: dict[str, Any] | None = None,
     retire_share: float = 0.0,
@@ -185,7 +184,7 @@ def run_backfill(
                 total,
                 progress,
                 crash_after_parts,
-                max(1, pipeline_depth),
+                3,  # parts in flight (the pipeline's depth)
                 st,
                 progress_recorder(job_id),
             )

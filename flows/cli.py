@@ -7,9 +7,11 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -95,8 +97,6 @@ class _KnownFailures:
         self.names = names
 
     def filter(self, record) -> bool:
-        import logging
-
         if record.levelno < logging.ERROR or not record.name.startswith(self.RUN_LOGGERS):
             return True
         text = record.getMessage()
@@ -119,8 +119,6 @@ _SUBCLASSES = (
 
 def _quiet_known_failures() -> None:
     """Install :class:`_KnownFailures` on Prefect's console handler (once)."""
-    import logging
-
     from prefect.logging.configuration import setup_logging
 
     root = logging.getLogger()
@@ -136,8 +134,6 @@ def _quiet_known_failures() -> None:
 
 def _fail(problem: str | BaseException, code: int = 2) -> None:
     if _debug["on"] and isinstance(problem, BaseException):
-        import traceback
-
         err.print("".join(traceback.format_exception(problem)), markup=False, highlight=False)
     message = _error_text(problem) if isinstance(problem, BaseException) else problem
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())
@@ -424,8 +420,6 @@ def _architecture(text: str | None) -> dict | None:
     """``--architecture`` JSON as a mapping; anything else is bad input."""
     if text is None:
         return None
-    import json
-
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -485,11 +479,8 @@ _NEGATED = {"no_wait", "no_gate"}
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given (on the command line or by its environment
     variable), not left at its default."""
-    return ctx.get_parameter_source(name) not in (
-        None,
-        ParameterSource.DEFAULT,
-        ParameterSource.DEFAULT_MAP,
-    )
+    source = ctx.get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 def _read_config(path: Path | None) -> dict:
@@ -509,7 +500,7 @@ def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed)
     option left at its default never overrides the file, and the defaults are the
     models'). ``fallback``: the command's own values for keys neither names (``run``'s
     ``--dataset digits``); ``fixed``: values the command decides (``run``'s stages)."""
-    from flows.config import BackfillConfig, CycleConfig, GateConfig, TrainConfig
+    from flows.config import CycleConfig
 
     ctx = opts["ctx"]
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in file.items() if k != "serve"}
@@ -530,12 +521,9 @@ def _cycle_config(opts: dict, file: dict, fallback: dict | None = None, **fixed)
     with _failing():
         # section by section, so a bad option's error names its field as the option does
         sections = {
-            name: model(**data.pop(name, {}))
-            for name, model in (
-                ("train", TrainConfig),
-                ("gate", GateConfig),
-                ("backfill", BackfillConfig),
-            )
+            "train": TrainConfig(**data.pop("train", {})),
+            "gate": GateConfig(**data.pop("gate", {})),
+            "backfill": BackfillConfig(**data.pop("backfill", {})),
         }
         return CycleConfig(**data, **sections)
 
@@ -705,10 +693,9 @@ def _run_cycles(cfg, n: int) -> None:
     with _progress_bar() as bar:
         total = bar.add_task(f"{n} update cycle(s)", total=n * 100)
         for i in range(n):
-            base = i * 100
 
-            def listen(name: str, pct: float, base: int = base, i: int = i) -> None:
-                bar.update(total, completed=base + pct, description=f"cycle {i + 1}/{n}: {name}")
+            def listen(name: str, pct: float, i: int = i) -> None:
+                bar.update(total, completed=i * 100 + pct, description=f"cycle {i + 1}/{n}: {name}")
 
             step_progress.set_listener(listen)
             _quiet_known_failures()
@@ -719,8 +706,7 @@ def _run_cycles(cfg, n: int) -> None:
                 _fail(exc, code=_exit_code(exc))
             finally:
                 step_progress.set_listener(None)
-            if result.get("resumed_backfill"):
-                job = result["resumed_backfill"]
+            if job := result.get("resumed_backfill"):
                 err.print(f"finished the interrupted backfill job {job['job']}")
             if result.get("skipped"):
                 bar.stop()
@@ -803,8 +789,6 @@ def backfill(
 ) -> None:
     """Re-embed part of the collection with the champion (resumes an unfinished job)."""
     _env_defaults()
-    from flows.config import BackfillConfig
-
     # bad values (an unknown policy, a budget of inf) are bad input, before anything
     with _failing():
         cfg = BackfillConfig(
@@ -862,10 +846,8 @@ def index(
     _env_defaults()
     _check_inputs(None, existing=True)
     from flows.collection import index_flow
-    from flows.config import IndexConfig
-    from workers.collection.items import CollectionError, parse_collection_spec
+    from workers.collection.items import parse_collection_spec
     from workers.data.datasets import DatasetError
-    from workers.data.sources import SourceError
 
     with _failing():
         if spec is not None:
@@ -881,7 +863,7 @@ def index(
         )
         try:
             result = index_flow(cfg)
-        except (CollectionError, SourceError, DatasetError) as exc:
+        except DatasetError as exc:  # a bad collection or source too (their base class)
             bar.stop()
             _fail(exc)
         except _known_errors() as exc:
@@ -931,16 +913,13 @@ def search(
         from store.lineage import Lineage
 
         try:
-            found = (
+            hits = (
                 search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
             )
-        except (
-            CollectionStoreError
-        ) as exc:  # a collection that cannot be read: a failure, not bad input
+        except CollectionStoreError as exc:  # an unreadable collection: a failure, not bad input
             _fail(exc, code=1)
         except _known_errors() as exc:
             _fail(exc)
-        hits = {"label": found["label"], "neighbors": found["neighbors"]}
     if as_json:
         sys.stdout.write(json.dumps(hits["neighbors"]) + "\n")
         return
@@ -1120,8 +1099,6 @@ def serve(
 def _serve_config(opts: dict, file: dict):
     """``serve``'s own settings: the options given over the file's ``[serve]``; an
     ``--interval-minutes`` given without ``--cron`` replaces the file's cron."""
-    from flows.config import ServeConfig
-
     ctx = opts["ctx"]
     data = dict(file.get("serve", {}))
     for option in ServeConfig.model_fields:

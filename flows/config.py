@@ -14,8 +14,6 @@ from workers.learning.spec import TrainSpec, spec_default
 Against = Literal["all", "last"]
 Policy = Literal["random", "oldest-first", "uncertainty", "representative"]
 MAX_EPOCHS = 1000  # a generation's epoch budget is bounded: a runaway one cannot be asked for
-MAX_INTERVAL_MINUTES = 366 * 24 * 60  # a schedule fires at least once a year
-DEFAULT_POLICY: Policy = "representative"  # best curve area over seeds: bench/results/backfill.md
 
 
 class OnIncompatible(StrEnum):
@@ -248,8 +246,8 @@ class BackfillConfig(BaseModel):
     """A partial backfill: re-embed ``budget`` of the collection with the champion."""
 
     budget: float = Field(0.3, ge=0, description="a fraction (<= 1) or a count of items (> 1)")
-    policy: Policy = Field(
-        DEFAULT_POLICY, description="the order in which stale items are re-embedded"
+    policy: Policy = Field(  # best curve area over seeds: bench/results/backfill.md
+        "representative", description="the order in which stale items are re-embedded"
     )
     retire_share: float = Field(
         0.1,
@@ -337,7 +335,7 @@ class ServeConfig(BaseModel):
     interval_minutes: float = Field(
         24 * 60,
         gt=0,
-        le=MAX_INTERVAL_MINUTES,
+        le=366 * 24 * 60,  # a schedule fires at least once a year
         allow_inf_nan=False,
         description="the update cycle's schedule: one run every this many minutes (above 0, "
         "at most a year)",
@@ -378,8 +376,3 @@ class GracefulConfig(CycleConfig):
     (``graceful config --show`` prints it in effect)."""
 
     serve: ServeConfig = ServeConfig()
-
-    def cycle(self) -> CycleConfig:
-        """The cycle's config alone, with the fields this one had set (so an epoch budget
-        the file did not name stays unset: flows.recovery.take_epochs)."""
-        return CycleConfig.model_validate(self.model_dump(exclude={"serve"}, exclude_unset=True))

@@ -43,8 +43,7 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
             f"config file {path} is not valid TOML: {exc}; fix it (`graceful config --show` "
             "prints a valid one)"
         ) from exc
-    unknown = unknown_key(GracefulConfig, data)
-    if unknown:
+    if unknown := unknown_key(GracefulConfig, data):
         raise ConfigFileError(f"config file {path}: {unknown}; fix or remove it")
     try:
         GracefulConfig.model_validate(data)
@@ -112,8 +111,7 @@ def _lines(values: dict[str, Any]) -> list[str]:
 def to_toml(config: GracefulConfig) -> str:
     """``config`` as a TOML file that reads back to the same config."""
     data = config.model_dump(mode="json")
-    top = {k: v for k, v in data.items() if _section(GracefulConfig, k) is None}
-    out = _lines(top)
+    out = _lines({k: v for k, v in data.items() if _section(GracefulConfig, k) is None})
     for name in GracefulConfig.model_fields:
         if _section(GracefulConfig, name) is not None:
             out += ["", f"[{name}]", *_lines(data[name])]

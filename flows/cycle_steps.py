@@ -101,25 +101,16 @@ class CyclePlan:
 
 def plan_cycle(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     """The next snapshot of the lineage's source (workers.data.source); new classes get
-    the next free head rows. Refuses an evaluation set that changed under the lineage."""
+    the next free head rows. Refuses an evaluation set other than the one the lineage's
+    first generation had, or with ``reevaluate`` marks it to be re-evaluated on."""
     plan = plan_snapshot(lineage, cfg)
-    if cfg.reevaluate:
-        plan.eval_changed = eval_set_changed(lineage, plan.snapshot)
-    else:
-        check_eval_set(lineage, plan.snapshot)
-    return plan
-
-
-def eval_set_changed(lineage: Lineage, snap: Snapshot) -> bool:
-    first = next((r for _, r in sorted(lineage.snapshots().items())), None)
-    return first is not None and first.eval_fingerprint != snap.eval_fingerprint
-
-
-def check_eval_set(lineage: Lineage, snap: Snapshot) -> None:
-    """Refuse an evaluation set other than the one the lineage's first generation had."""
+    snap = plan.snapshot
     first = next((r for _, r in sorted(lineage.snapshots().items())), None)
     if first is None or first.eval_fingerprint == snap.eval_fingerprint:
-        return
+        return plan
+    if cfg.reevaluate:
+        plan.eval_changed = True
+        return plan
     what = f"fingerprint {first.eval_fingerprint[:12]} -> {snap.eval_fingerprint[:12]}"
     old = eval_items_path(first.eval_fingerprint)
     if snap.eval_items is not None and old.exists():
@@ -139,14 +130,13 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     evaluation set's reference half is indexed again by the champion (a user's own
     collection does not change). Returns the generations measured.
     """
-    ds = plan.dataset
     for stale in subdir("cache").glob("eval-*.npz"):  # outputs on the old set
         stale.unlink(missing_ok=True)
     kept = [g for g in lineage.generations() if g.status in chain.EVALUATED and g.checkpoint_path]
     for gen in kept:
         active = sorted({c.target_id for c in lineage.constraints(gen.id)})
         ancestors = chain.ancestors_of(lineage, int(gen.id))  # type: ignore[arg-type]
-        ev = evaluate_against_ancestors(gen, ancestors, active, ds, subdir("cache"))
+        ev = evaluate_against_ancestors(gen, ancestors, active, plan.dataset, subdir("cache"))
         lineage.record_metrics(ev.rows)
         lineage.update_generation(gen.id, accuracy=ev.accuracy)
     if plan.snapshot.eval_items is not None:
@@ -270,11 +260,11 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     verify_inputs(lineage, active)  # a swapped file fails here, before anything is recorded
     t = cfg.train
     planned = chain.plan_constraints(active, t.method, t.against, t.weights, t.ancestor_weights)
-    keys_path = save_keys(snap)
+    keys_file = keys_path(snap.fingerprint)  # the snapshot's items, named by its fingerprint
+    write_once(keys_file, snap.table)
     if snap.eval_items is not None:
         write_once(eval_items_path(snap.eval_fingerprint), snap.eval_items)
-    source = plan.source
-    source.keys_path = str(keys_path)
+    plan.source.keys_path = str(keys_file)
     architecture = dict(stage.architecture) | (t.architecture or {})
     size = lineage_image_size(lineage, t.image_size)
     if size:
@@ -292,7 +282,7 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
             "classes": snap.classes,
             "fingerprint": snap.fingerprint,
             "eval_fingerprint": snap.eval_fingerprint,
-            "keys_path": str(keys_path),
+            "keys_path": str(keys_file),
             "capacity": plan.capacity,
             "skipped": snap.skipped,
         },
@@ -308,15 +298,7 @@ def start_cycle(lineage: Lineage, cfg: CycleConfig, plan: CyclePlan | None = Non
     )
     save_snapshot(int(gen.id), cfg)  # type: ignore[arg-type]
     champion_id = champion.id if champion else None
-    return CycleState(ds, stage, gen, source, plan.capacity, active, cfg, champion_id)
-
-
-def save_keys(snap: Snapshot) -> Path:
-    """The snapshot's items (keys, labels, what locates them) as Parquet, named by its
-    fingerprint (written once, atomically)."""
-    path = keys_path(snap.fingerprint)
-    write_once(path, snap.table)
-    return path
+    return CycleState(ds, stage, gen, plan.source, plan.capacity, active, cfg, champion_id)
 
 
 def save_snapshot(gen_id: int, cfg: CycleConfig) -> None:
@@ -410,10 +392,8 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
     flip_counts = {k: p.items for k, p in ev.pairs.items()}
     groups = {k: p.groups for k, p in ev.pairs.items() if p.groups is not None}
     pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
-    accuracy = ev.accuracy
-    first = FirstEvidence(ev.hits, ev.items, ev.chance)
     passed, reasons = decide(
-        accuracy,
+        ev.accuracy,
         champion.accuracy if champion else None,
         compat,
         nfr,
@@ -422,7 +402,7 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
         flip_counts=flip_counts,
         ecc_groups=groups,
         pinned=pinned,
-        first=first if ev.items else None,
+        first=FirstEvidence(ev.hits, ev.items, ev.chance) if ev.items else None,
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
@@ -451,7 +431,7 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
                 for r in reasons
             ]
         # recorded before promotion: a kill after it still leaves the debt on record
-        lineage.record_metrics(targeted.record(lineage, g, judged, names))
+        lineage.record_metrics(targeted.record(g, judged))
         served = targeted.served_rows(judged.plan, names)
     if passed:
         lineage.record_metrics([(g, k, chain.OWED, 1.0) for k in owed])

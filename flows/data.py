@@ -11,18 +11,13 @@ from workers.data.sources import EvalSet
 from workers.learning.spec import SourceItems
 
 
-def last_snapshot(lineage: Lineage):
-    """The newest generation's snapshot record, or None."""
-    snapshots = lineage.snapshots()
-    return snapshots[max(snapshots)] if snapshots else None
-
-
 def lineage_source(lineage: Lineage, spec: str | None = None, stages: int | None = None) -> Source:
     """The source a lineage trains on: ``spec`` (else the one it trained on last), of the
     kind its snapshots recorded. A new lineage trains on a user's source when given an
     image folder or Parquet source and no stage count, else steps through the scenario.
     """
-    last = last_snapshot(lineage)
+    snapshots = lineage.snapshots()
+    last = snapshots[max(snapshots)] if snapshots else None  # the newest generation's
     gens = lineage.generations()
     if spec is None:
         if last is not None:

@@ -68,10 +68,6 @@ def _evidence(
     )
 
 
-def _ecc_bound(cfg: GateConfig) -> float:
-    return 0.0 - cfg.ecc_margin  # +0.0, not -0.0, for a zero margin
-
-
 def _group_note(k: int, groups: ClassGroupGaps | None) -> str:
     """Where the gap lies, when k never trained on some of the queries' classes."""
     if groups is None or groups.unseen is None or groups.seen is None:
@@ -97,7 +93,7 @@ def _ecc_check(
         ev = _evidence(counts, None, cfg)
         delta, lo, hi = ev["ecc_delta"], ev["ecc_delta_lo"], ev["ecc_delta_hi"]
         ci = f"{_level(cfg)} [{lo:+.4f}, {hi:+.4f}]"
-    bound = _ecc_bound(cfg)
+    bound = 0.0 - cfg.ecc_margin  # +0.0, not -0.0, for a zero margin
     what = f"C[g][{k}]-C[{k}][{k}] = {delta:+.4f}, {ci}"
     where = f"(C[g][{k}]={c_gk:.4f}, C[{k}][{k}]={c_kk:.4f}"
     where += f", {counts.n} queries" if counts is not None else ""
@@ -195,7 +191,7 @@ def decide(
         reasons.append(reason)
     else:
         tol = cfg.accuracy_tolerance
-        if accuracy + 1e-12 >= champion_accuracy - tol:
+        if accuracy + EPS >= champion_accuracy - tol:
             reasons.append(f"accuracy {accuracy:.4f} >= champion {champion_accuracy:.4f} - {tol}")
         else:
             ok = False
@@ -309,7 +305,7 @@ def judge_served(
     served state is reported, and a worse one fails only under ``targeted``.
     """
     names = names or {}
-    level = f"{100 * cfg.confidence:g}% CI, per class Bonferroni over {len(plan.deltas)}"
+    level = f"{_level(cfg)}, per class Bonferroni over {len(plan.deltas)}"
     lows = sorted(plan.deltas, key=lambda d: d.delta)[:3]
     worst = ", ".join(
         f"{names.get(d.cls, str(d.cls))} {d.delta:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" for d in lows
@@ -317,18 +313,15 @@ def judge_served(
     whole = (
         f"all queries {plan.overall.delta:+.4f} [{plan.overall.lo:+.4f}, {plan.overall.hi:+.4f}]"
     )
-    targeted = cfg.on_incompatible == OnIncompatible.TARGETED
     if not plan.feasible:
-        bad = [names.get(d.cls, str(d.cls)) for d in plan.worse] or ["all queries"]
+        bad = _class_list([d.cls for d in plan.worse], names) or "all queries"
         tried = (
             f" even after re-embedding classes {_class_list(plan.classes, names)}"
             if plan.classes
             else ""
         )
-        reason = (
-            f"served search worse in {', '.join(bad)}{tried} ({whole}; lowest: {worst}; {level})"
-        )
-        if targeted:
+        reason = f"served search worse in {bad}{tried} ({whole}; lowest: {worst}; {level})"
+        if cfg.on_incompatible == OnIncompatible.TARGETED:
             return GateOutcome.REJECT, [f"FAIL {reason}"]
         return GateOutcome.PROMOTE, [
             f"served state (not judged: on_incompatible={cfg.on_incompatible.value}): {reason}"

@@ -43,7 +43,6 @@ def lineage_label(url: str | None = None) -> str:
     except StoreError:  # GRACEFUL_HOME is not a directory: the command refuses it anyway
         safe = "unknown"
     digest = hashlib.sha256(safe.encode()).hexdigest()[:HASH_CHARS]
-    name = ""
     if safe.startswith("sqlite"):
         parts = [p for p in re.split(r"[/\\]", safe) if p]
         name = parts[-2] if len(parts) >= 2 else ""
@@ -91,13 +90,10 @@ def _parameters() -> dict[str, Any]:
 def _field(params: dict[str, Any], name: str) -> Any:
     """A parameter of the flow, or the same field of its whole ``config`` parameter."""
     config = params.get("config")
-    if config is not None:
-        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        fields = (
-            set(config) if isinstance(config, dict) else getattr(config, "model_fields_set", set())
-        )
-        if name in fields:
-            return value
+    if isinstance(config, dict):
+        return config[name] if name in config else params.get(name)
+    if name in getattr(config, "model_fields_set", ()):
+        return getattr(config, name, None)
     return params.get(name)
 
 
@@ -154,20 +150,16 @@ def name_run(name: str) -> None:
     _update_run("rename", name=name)
 
 
-def lineage_tag() -> str:
-    """``lineage:<label>``: the tag every flow run of this lineage carries, so the UI's
-    Tags filter selects one lineage's runs on a shared server."""
-    return f"lineage:{lineage_label()}"
-
-
 def tag_run() -> None:
-    """Add :func:`lineage_tag` to the current flow run (a run started by the CLI, a
-    deployment or a schedule alike)."""
+    """Tag the current flow run ``lineage:<label>`` (a run started by the CLI, a deployment
+    or a schedule alike): every run of this lineage carries it, so the UI's Tags filter
+    selects one lineage's runs on a shared server."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return
     tags = list(ctx.flow_run.tags or [])
-    if lineage_tag() not in tags:
-        _update_run("tag", tags=[*tags, lineage_tag()])
+    tag = f"lineage:{lineage_label()}"
+    if tag not in tags:
+        _update_run("tag", tags=[*tags, tag])

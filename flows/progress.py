@@ -16,17 +16,13 @@ def set_listener(listener: Callable[[str, float], None] | None) -> None:
 class StepProgress:
     """Reports (step name, fraction done) to the CLI and to a Prefect progress artifact."""
 
-    def __init__(
-        self, key: str, total: int, use_prefect: bool = True, description: str | None = None
-    ) -> None:
-        self.total, self.done = total, 0
-        self.artifact_id = None
-        if use_prefect:
-            from prefect.artifacts import create_progress_artifact
+    def __init__(self, key: str, total: int, description: str | None = None) -> None:
+        from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(
-                progress=0.0, key=key, description=description or key
-            )
+        self.total, self.done = total, 0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=key, description=description or key
+        )
 
     def step(self, name: str) -> None:
         self.done += 1
@@ -34,10 +30,9 @@ class StepProgress:
 
     def report(self, name: str, pct: float) -> None:
         """Move the artifact to ``pct`` and tell the listener (the CLI's bar)."""
-        if self.artifact_id is not None:
-            from prefect.artifacts import update_progress_artifact
+        from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.artifact_id, progress=pct)
+        update_progress_artifact(self.artifact_id, progress=pct)
         if _listener is not None:
             _listener(name, pct)
 

@@ -27,9 +27,6 @@ def matrix_rows(pairs: list[list[float]], ids: list[int]) -> list[dict[str, str]
     ]
 
 
-_num = text.num
-
-
 def _img(path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"![{path.stem}](data:image/png;base64,{data})"
@@ -51,20 +48,17 @@ def publish_cycle(
     ids = [g["id"] for g in rep["generations"] if g["accuracy"] is not None]
     out = subdir("reports")
     plots = []
-    if rep["nfr"]:
-        plots.append(heatmap(rep["nfr"], "NFR(a, b)", out / "nfr.png", cmap="magma"))
-        create_table_artifact(
-            matrix_rows(rep["nfr"], ids),
-            key=artifact_key("nfr-matrix", label),
-            description=f"NFR(a, b) after generation {gen_id}",
-        )
-    if rep["compat_top1"]:
-        plots.append(heatmap(rep["compat_top1"], "C[a][b] top-1", out / "compat_top1.png"))
-        create_table_artifact(
-            matrix_rows(rep["compat_top1"], ids),
-            key=artifact_key("compat-matrix", label),
-            description=f"C[a][b] top-1 after generation {gen_id}",
-        )
+    for metric, title, key, cmap in (
+        ("nfr", "NFR(a, b)", "nfr-matrix", "magma"),
+        ("compat_top1", "C[a][b] top-1", "compat-matrix", "viridis"),
+    ):
+        if rep[metric]:
+            plots.append(heatmap(rep[metric], title, out / f"{metric}.png", cmap=cmap))
+            create_table_artifact(
+                matrix_rows(rep[metric], ids),
+                key=artifact_key(key, label),
+                description=f"{title} after generation {gen_id}",
+            )
     jobs = [j for j in rep["backfills"] if j["curve"]]
     if jobs:
         series = {f"job {j['job_id']} ({j['policy']})": j["curve"] for j in jobs[-3:]}
@@ -75,8 +69,9 @@ def publish_cycle(
     lines = [
         f"# Generation {gen_id}: {gen['status']}",
         "",
-        f"accuracy **{_num(gen['accuracy'])}** · champion **{champion}** · "
-        f"AC **{_num(rep['ac'])}** · AM **{_num(rep['am'])}** · M_mix **{_num(rep['m_mix'])}**",
+        f"accuracy **{text.num(gen['accuracy'])}** · champion **{champion}** · "
+        f"AC **{text.num(rep['ac'])}** · AM **{text.num(rep['am'])}** · "
+        f"M_mix **{text.num(rep['m_mix'])}**",
         "",
         "## Gate",
         *[f"- {r}" for r in gen["gate_reasons"]],
@@ -168,7 +163,7 @@ def _gate_table(gate: dict | None) -> list[str]:
         lines.append(
             f"| {a['k']} | {delta} | {_ci(*a['ci'])} | {a['queries'] or '–'} | "
             f"{_groups(a.get('ecc_gap_by_class'))} | "
-            f"{_num(a['nfr'])} | {_ci(*a['nfr_ci'], fmt='.4f')} | {flips} | {p} |"
+            f"{text.num(a['nfr'])} | {_ci(*a['nfr_ci'], fmt='.4f')} | {flips} | {p} |"
         )
     rule = []
     if margin is not None:
@@ -204,8 +199,8 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
         f"# Backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
         "",
         f"items **{job['items_done']:,}**/{job['items_total']:,} re-embedded by generation "
-        f"{result['generation']} · M_mix {_num(job['m_mix_before'])} → "
-        f"{_num(job['m_mix_after'])} · area {_num(job['area'])} · "
+        f"{result['generation']} · M_mix {text.num(job['m_mix_before'])} → "
+        f"{text.num(job['m_mix_after'])} · area {text.num(job['area'])} · "
         f"no regret {text.yes_no(job['no_regret'])}",
         "",
         f"- curve: {text.curve(job['curve'])}",

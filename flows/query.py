@@ -50,16 +50,6 @@ class NotReady(StoreError):
     """No champion or no collection yet (503)."""
 
 
-def _champion(lineage: Lineage) -> Generation:
-    champion = lineage.champion()
-    if champion is None or not champion.checkpoint_path:
-        raise NotReady(
-            "no champion generation yet: run `graceful run` or `graceful cycle` to train and "
-            "promote one"
-        )
-    return champion
-
-
 def check_key(key: str) -> str:
     """A key as the collection names items: a relative path without ``..``, never absolute."""
     key = str(key)
@@ -90,19 +80,16 @@ def search_embedding(
         index = CollectionIndex.open(Collection(lineage))
     scores, ids = index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
     found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
-    hits = []
-    for row, score in zip(index.rows_of(found), scores[0][: len(found)], strict=True):
-        label = int(row["label"])
-        hits.append(
-            {
-                "key": row["key"],
-                "score": float(score),
-                "generation": int(row["generation"]),
-                "label": None if label == UNLABELLED else label,
-                "item_id": int(row["item_id"]),
-            }
-        )
-    return hits
+    return [
+        {
+            "key": row["key"],
+            "score": float(score),
+            "generation": int(row["generation"]),
+            "label": None if int(row["label"]) == UNLABELLED else int(row["label"]),
+            "item_id": int(row["item_id"]),
+        }
+        for row, score in zip(index.rows_of(found), scores[0][: len(found)], strict=True)
+    ]
 
 
 class Searcher:
@@ -127,7 +114,6 @@ class Searcher:
         self.dataset = info.dataset
         # a source's evaluation reference half: its query half is searchable by key too
         self.reference = is_reference(info.dataset)
-        self.info = info
         self.manifest = tuple(sorted(index.parts.values()))
         self._model = model
         self._reader: Any = None
@@ -137,7 +123,12 @@ class Searcher:
     @classmethod
     def open(cls, lineage: Lineage, save: bool = True) -> Searcher:
         """The champion and the persisted index brought up to the committed collection."""
-        champion = _champion(lineage)
+        champion = lineage.champion()
+        if champion is None or not champion.checkpoint_path:
+            raise NotReady(
+                "no champion generation yet: run `graceful run` or `graceful cycle` to train and "
+                "promote one"
+            )
         collection = Collection(lineage)
         info = collection.info()
         if info is None:
@@ -232,11 +223,9 @@ class Searcher:
         try:
             reader = self._source()
             x = reader.take_keys([key])
-        except UnreadableItem as exc:
-            if item is None:  # not an item of the evaluation set either
-                raise UnknownKey(f"unknown key {key!r}: {exc}") from None
-            raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
         except CollectionError as exc:
+            if item is None and isinstance(exc, UnreadableItem):  # nor an evaluation set item
+                raise UnknownKey(f"unknown key {key!r}: {exc}") from None
             raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
         if label is None and hasattr(reader, "label_of"):  # a labelled evaluation item
             label = self._labels().get(reader.label_of(key))

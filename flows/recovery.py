@@ -37,10 +37,8 @@ from workers.learning.train import abandoned_marker, resume_path
 CANNOT_RESUME = (StoreError, DatasetError, CheckpointError, ValidationError, ValueError, OSError)
 
 
-def close_generation(lineage: Lineage, gen_id: int, why: str) -> None:
-    lineage.update_generation(
-        gen_id, status=GenerationStatus.FAILED, error=f"interrupted: {why}"[:2000]
-    )
+def close_generation(lineage: Lineage, gen_id: int, why: str, how: str = "interrupted") -> None:
+    lineage.update_generation(gen_id, status=GenerationStatus.FAILED, error=f"{how}: {why}"[:2000])
 
 
 def resume_file(gen_id: int) -> Path:
@@ -105,9 +103,7 @@ def abandon_generation(lineage: Lineage, gen_id: int, reason: str) -> list[str]:
     try:
         if interrupted_step(lineage.generation(gen_id)) is None:  # settled while we waited
             raise StoreError(f"generation {gen_id} is no longer interrupted; nothing to abandon")
-        lineage.update_generation(
-            gen_id, status=GenerationStatus.FAILED, error=f"abandoned: {reason}"[:2000]
-        )
+        close_generation(lineage, gen_id, reason, how="abandoned")
         # first the marker: a training of it still running (a killed cycle's orphaned
         # worker) stops at its next epoch and removes the resume file it writes
         abandoned_marker(subdir("checkpoints"), gen_id).touch()

@@ -41,7 +41,6 @@ from store.settings import NoLineage, StoreError, require_lineage
 
 log = logging.getLogger("uvicorn.error")  # shown with the server's own lines
 
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
 TOKEN_ENV = "GRACEFUL_SEARCH_TOKEN"
 MAX_BODY_BYTES = 20 * 1024 * 1024  # a request body above this: 413
 # an over-long body up to this is read to its end before the 413 (a client that sends it
@@ -69,8 +68,8 @@ def is_loopback(host: str) -> bool:
 class ServedState:
     """The current :class:`Searcher` (or why there is none), swapped whole by a watcher."""
 
-    def __init__(self, lineage: Lineage | None, poll_seconds: float = POLL_SECONDS) -> None:
-        self.lineage = lineage  # None: opened once one exists (reading never creates one)
+    def __init__(self, poll_seconds: float = POLL_SECONDS) -> None:
+        self.lineage: Lineage | None = None  # opened once one exists (reading never creates one)
         self.poll_seconds = poll_seconds
         self.searcher: Searcher | None = None
         self.version = 0  # bumped at every swap; answers carry it
@@ -237,14 +236,8 @@ def _route(path: str) -> str:
 
 
 # -- the app ----------------------------------------------------------------------------
-def create_app(
-    lineage: Lineage | None = None,
-    token: str | None = None,
-    poll_seconds: float = POLL_SECONDS,
-    max_body: int = MAX_BODY_BYTES,
-    watch: bool = True,
-):
-    """The FastAPI app over ``lineage`` (default: the environment's)."""
+def create_app(token: str | None = None, poll_seconds: float = POLL_SECONDS):
+    """The FastAPI app over the environment's lineage."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -253,12 +246,12 @@ def create_app(
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException
 
-    state = ServedState(lineage, poll_seconds)
+    state = ServedState(poll_seconds)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app):
-        await run_in_threadpool(state.start if watch else state.refresh)
+        await run_in_threadpool(state.start)
         yield
         state.stop()
 
@@ -267,8 +260,6 @@ def create_app(
         summary="Nearest collection items by key, image or vector, embedded by the champion",
         lifespan=lifespan,
     )
-    app.state.served = state
-    app.state.metrics = metrics
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message, "status": status}, status_code=status)
@@ -281,8 +272,10 @@ def create_app(
             response = error(401, f"missing or wrong API token ({TOKEN_ENV})")
         else:
             length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max(max_body, DRAIN_BYTES):
-                response = error(413, f"the request is {int(length):,} bytes; at most {max_body:,}")
+            if length and length.isdigit() and int(length) > max(MAX_BODY_BYTES, DRAIN_BYTES):
+                response = error(
+                    413, f"the request is {int(length):,} bytes; at most {MAX_BODY_BYTES:,}"
+                )
             else:
                 try:
                     response = await call_next(request)
@@ -330,6 +323,8 @@ def create_app(
     @app.get("/state")
     def served() -> dict[str, Any]:
         """The champion and the mix of generations in the served collection."""
+        from workers.data.datasets import MAX_IMAGE_PIXELS
+
         s, version = state.current()
         return {
             "champion": s.champion,
@@ -339,8 +334,8 @@ def create_app(
             "collection": s.dataset,
             "index": s.index.kind.value,
             "max_k": MAX_K,
-            "max_body_bytes": max_body,
-            "max_image_pixels": _max_pixels(),
+            "max_body_bytes": MAX_BODY_BYTES,
+            "max_image_pixels": MAX_IMAGE_PIXELS,
         }
 
     @app.post("/search")
@@ -350,7 +345,7 @@ def create_app(
         fields ``k`` and ``label``. Answers ``{"champion": g, "results": [{"key",
         "score", "generation", "label"}]}``."""
         s, version = state.current()
-        body = await _read_body(request, max_body)
+        body = await _read_body(request, MAX_BODY_BYTES)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             request._body = body  # the form parser reads the body already read (and limited)
@@ -452,12 +447,6 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _max_pixels() -> int:
-    from workers.data.datasets import MAX_IMAGE_PIXELS
-
-    return MAX_IMAGE_PIXELS
-
-
 def _row(s: Searcher, key: str) -> dict[str, Any]:
     item = s.index.id_of(check_key(key))
     if item is None:
@@ -513,17 +502,11 @@ def _thumbnail(s: Searcher, key: str) -> bytes:
         raise StoreError(f"cannot read item {key!r} from {s.dataset}: {exc}") from None
 
 
-def server(
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    token: str | None = None,
-    poll_seconds: float = POLL_SECONDS,
-    log_level: str = "warning",
-):
+def server(host: str, port: int, poll_seconds: float = POLL_SECONDS, log_level: str = "warning"):
     """A uvicorn server of the app (refuses an open bind without a token)."""
     import uvicorn
 
-    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    token = os.environ.get(TOKEN_ENV) or None
     if not is_loopback(host) and not token:
         raise BadQuery(
             f"refusing to listen on {host} (not loopback) without an API token: set "
@@ -534,11 +517,9 @@ def server(
     return uvicorn.Server(config)
 
 
-def serve_in_thread(host: str, port: int, token: str | None = None) -> threading.Thread:
+def serve_in_thread(host: str, port: int) -> threading.Thread:
     """The service on a daemon thread (``graceful serve --search`` beside the deployments;
     uvicorn installs no signal handlers off the main thread)."""
-    thread = threading.Thread(
-        target=server(host, port, token).run, name="graceful-search", daemon=True
-    )
+    thread = threading.Thread(target=server(host, port).run, name="graceful-search", daemon=True)
     thread.start()
     return thread

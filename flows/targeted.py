@@ -140,12 +140,11 @@ def judge(
     view, holders = served_view(lineage, ds, candidate, champion, cache_dir)
     collection = Collection(lineage)
     kw = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples}
-    targeted = cfg.on_incompatible == OnIncompatible.TARGETED
     if not holders:  # nothing indexed yet: it will be indexed whole by the champion
         plan = plan_targeted(
             view, [], num_classes, greedy=False, replace_gens=view.ref_by_gen, **kw
         )
-    elif targeted:
+    elif cfg.on_incompatible == OnIncompatible.TARGETED:
         plan = plan_targeted(view, holders - pinned, num_classes, **kw)
     else:
         plan = plan_targeted(view, [], num_classes, greedy=False, replace_gens=owed_full, **kw)
@@ -166,16 +165,16 @@ def judge(
     return Judgement(outcome, reasons, plan, debt, size)
 
 
-def record(lineage: Lineage, gen_id: int, j: Judgement, names: dict[int, str]) -> list[tuple]:
+def record(gen_id: int, j: Judgement) -> list[tuple]:
     """The debt file (before the promotion it belongs to) and the metric rows of the
     served state; returns the rows. The per-class list goes on the generation."""
     plan = j.plan
     if plan is None:
         return []
-    if j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL:
+    owed = j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
+    if owed:
         save_debt(gen_id, j.debt)
     share = len(j.debt) / j.collection if j.collection else 0.0
-    owed = j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
     g = gen_id
     return [
         (g, g, Metric.SERVED_DELTA, plan.overall.delta),

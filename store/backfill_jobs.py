@@ -37,12 +37,9 @@ def resumable_job(
     lineage: Lineage, champion: int, policy: str, budget: float
 ) -> BackfillJob | None:
     """An unfinished job (killed or failed) with the same champion, policy and budget."""
+    wanted = (champion, policy, budget)
     for job in reversed(lineage.backfill_jobs()):
-        if job.status in UNFINISHED_JOBS and (job.generation_id, job.policy, job.budget) == (
-            champion,
-            policy,
-            budget,
-        ):
+        if job.status in UNFINISHED_JOBS and (job.generation_id, job.policy, job.budget) == wanted:
             return job
     return None
 

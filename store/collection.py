@@ -36,6 +36,7 @@ in the directory; errors name the file.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -89,12 +90,6 @@ def gallery_schema(dim: int) -> pa.Schema:
     )
 
 
-def legacy_schema(dim: int) -> pa.Schema:
-    """The parts' schema before keys (galleries made before the collection had them)."""
-    schema = gallery_schema(dim)
-    return pa.schema([schema.field(c) for c in LEGACY_COLUMNS])
-
-
 def _adapt(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> pa.Table | pa.RecordBatch:
     """``columns`` of a legacy part's table: ``key`` is the item id, no fingerprint."""
     arrays = []
@@ -105,9 +100,12 @@ def _adapt(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> pa.Table
             arrays.append(pa.array([""] * table.num_rows, pa.string()))
         else:
             arrays.append(table.column(c))
-    if isinstance(table, pa.RecordBatch):
-        return pa.RecordBatch.from_arrays(arrays, names=list(columns))
-    return pa.Table.from_arrays(arrays, names=list(columns))
+    return type(table).from_arrays(arrays, names=list(columns))
+
+
+def _legacy_read(columns: Sequence[str]) -> list[str]:
+    """The columns of a legacy part to read for ``columns`` (:func:`_adapt` makes the rest)."""
+    return sorted({c for c in columns if c in LEGACY_COLUMNS} | {"item_id"})
 
 
 def part_name(slot: int, version: int = 0) -> str:
@@ -311,8 +309,9 @@ class Collection:
         except (pa.ArrowInvalid, OSError) as exc:
             raise CollectionStoreError(f"corrupt Parquet file {path}: {exc}") from exc
         expected = gallery_schema(info.embed_dim)
+        legacy = pa.schema([expected.field(c) for c in LEGACY_COLUMNS])  # parts before keys
         schema = f.schema_arrow.remove_metadata()
-        if not schema.equals(expected) and not schema.equals(legacy_schema(info.embed_dim)):
+        if not schema.equals(expected) and not schema.equals(legacy):
             f.close()
             if _dims_only_differ(schema, expected):
                 raise CollectionStoreError(
@@ -325,22 +324,26 @@ class Collection:
             )
         return f
 
-    def read_part(
-        self, name: str, info: CollectionInfo | None = None, columns: Sequence[str] | None = None
-    ) -> pa.Table:
-        """Read (``columns`` of) one part file, validated against the gallery's schema."""
-        info = info or self.require()
+    @contextmanager
+    def _reading(self, name: str, info: CollectionInfo) -> Iterator[pq.ParquetFile]:
+        """Part ``name``, opened and checked; a read that fails names the corrupt file."""
         f = self._open(name, info)
         try:
-            if "key" in f.schema_arrow.names:
-                return f.read(columns=list(columns) if columns is not None else None)
-            want = list(columns) if columns is not None else list(COLUMNS)
-            have = [c for c in want if c in LEGACY_COLUMNS] or ["item_id"]
-            return _adapt(f.read(columns=sorted(set(have) | {"item_id"})), want)
+            yield f
         except (pa.ArrowInvalid, OSError) as exc:
             raise CollectionStoreError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
         finally:
             f.close()
+
+    def read_part(
+        self, name: str, info: CollectionInfo | None = None, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Read (``columns`` of) one part file, validated against the gallery's schema."""
+        with self._reading(name, info or self.require()) as f:
+            if "key" in f.schema_arrow.names:
+                return f.read(columns=list(columns) if columns is not None else None)
+            want = list(columns) if columns is not None else list(COLUMNS)
+            return _adapt(f.read(columns=_legacy_read(want)), want)
 
     def read_rows(self, name: str, info: CollectionInfo | None = None) -> CollectionRows:
         return CollectionRows.from_table(self.read_part(name, info))
@@ -357,29 +360,15 @@ class Collection:
         """
         info = self.require()
         for name in names if names is not None else self.part_names():
-            f = self._open(name, info)
-            try:
-                if "key" in f.schema_arrow.names:
-                    for batch in f.iter_batches(batch_size=batch_rows, columns=list(columns)):
-                        yield name, batch
-                    continue
-                have = sorted({c for c in columns if c in LEGACY_COLUMNS} | {"item_id"})
-                for batch in f.iter_batches(batch_size=batch_rows, columns=have):
-                    yield name, _adapt(batch, columns)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise CollectionStoreError(
-                    f"corrupt Parquet file {self._path(name)}: {exc}"
-                ) from exc
-            finally:
-                f.close()
-
-    def iter_parts(self) -> Iterator[tuple[str, CollectionRows]]:
-        for name in self.part_names():
-            yield name, self.read_rows(name)
+            with self._reading(name, info) as f:
+                legacy = "key" not in f.schema_arrow.names
+                read = _legacy_read(columns) if legacy else list(columns)
+                for batch in f.iter_batches(batch_size=batch_rows, columns=read):
+                    yield name, _adapt(batch, columns) if legacy else batch
 
     def read_all(self) -> CollectionRows:
         """All rows, ordered by item id (for evaluation on small galleries)."""
-        parts = [rows for _, rows in self.iter_parts()]
+        parts = [self.read_rows(name) for name in self.part_names()]
         if not parts:
             raise CollectionStoreError("the gallery has no parts")
         rows = CollectionRows.concat(parts)
@@ -396,10 +385,9 @@ class Collection:
         """
         info = self.require()
         manifest = self.manifest()
-        slots = {}
         for part in manifest:
             self.check_part(part, info, check_hash)
-            slots[slot_of(part.name)] = parse_part_name(part.name)
+        slots = {slot_of(part.name) for part in manifest}
         for path in sorted(self.root.glob("*.parquet")):
             parsed = parse_part_name(path.name)
             if self._pending(path.name).exists():
@@ -450,30 +438,22 @@ class Collection:
         a dropped part), whatever their slot.
         """
         with self.writing():
-            return self._reconcile()
-
-    def _reconcile(self) -> list[str]:
-        manifest = self.manifest()
-        current = {slot_of(p.name): p.name for p in manifest}
-        committed = set(current.values())
-        removed = []
-        for marker in sorted(self.root.glob(f".part-*{PENDING}")):
-            name = marker.name[1 : -len(PENDING)]
-            if name not in committed and (self.root / name).exists():
-                (self.root / name).unlink(missing_ok=True)  # its writer died before its commit
-                removed.append(name)
-            marker.unlink(missing_ok=True)
-        for path in sorted(self.root.iterdir()):
-            name = path.name
-            if name.startswith(".part-") and ".tmp-" in name:
-                path.unlink(missing_ok=True)
-                removed.append(name)
-                continue
-            parsed = parse_part_name(name)
-            if parsed is not None and parsed[0] in current and current[parsed[0]] != name:
-                path.unlink(missing_ok=True)
-                removed.append(name)
-        return removed
+            current = {slot_of(p.name): p.name for p in self.manifest()}
+            committed = set(current.values())
+            removed = []
+            for marker in sorted(self.root.glob(f".part-*{PENDING}")):
+                name = marker.name[1 : -len(PENDING)]
+                if name not in committed and (self.root / name).exists():
+                    (self.root / name).unlink(missing_ok=True)  # its writer died before its commit
+                    removed.append(name)
+                marker.unlink(missing_ok=True)
+            for path in sorted(self.root.iterdir()):
+                name, parsed = path.name, parse_part_name(path.name)
+                temporary = name.startswith(".part-") and ".tmp-" in name
+                if temporary or (parsed is not None and current.get(parsed[0], name) != name):
+                    path.unlink(missing_ok=True)
+                    removed.append(name)
+            return removed
 
     # -- writing ---------------------------------------------------------------------
     def _stage(self, name: str, rows: CollectionRows, dim: int) -> _Staged:
@@ -503,7 +483,8 @@ class Collection:
                 f.write(memoryview(data))
                 f.flush()
                 os.fsync(f.fileno())
-            self._mark(name)  # before the file has its name: a kill from here on is undone
+            # before the file has its name: a kill from here on is undone
+            self._pending(name).touch()
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -514,9 +495,6 @@ class Collection:
     def _pending(self, name: str) -> Path:
         """The intent marker of part file ``name``: the manifest decides that file's fate."""
         return self._path(f".{name}{PENDING}")
-
-    def _mark(self, name: str) -> None:
-        self._pending(name).touch()
 
     def _settle(self, *names: str) -> None:
         """The commit that decides these files' fate happened (or failed): no marker."""
@@ -637,77 +615,65 @@ class Collection:
         one part in memory at a time; all parts commit in one transaction. Returns items.
         """
         with self.writing():
-            return self._create_from_batches(dataset, dim, batches, part_rows)
+            if self.exists():
+                raise CollectionStoreError("the gallery already exists; backfill it instead")
+            if part_rows < 1:
+                raise CollectionStoreError(f"part_rows must be >= 1, got {part_rows}")
+            self._clear_leftovers()
+            staged: list[_Staged] = []
+            pending: list[CollectionRows] = []
+            n_pending = 0
+            last = None
+            total = 0
 
-    def _create_from_batches(
-        self, dataset: str, dim: int, batches: Iterable[CollectionRows], part_rows: int
-    ) -> int:
-        if self.exists():
-            raise CollectionStoreError("the gallery already exists; backfill it instead")
-        if part_rows < 1:
-            raise CollectionStoreError(f"part_rows must be >= 1, got {part_rows}")
-        self._clear_leftovers()
-        staged: list[_Staged] = []
-        pending: list[CollectionRows] = []
-        n_pending = 0
-        last = None
-        total = 0
+            def flush(final: bool) -> None:
+                """Stage the pending rows as whole parts (the rest too when ``final``)."""
+                nonlocal pending, n_pending
+                if n_pending < part_rows and not (final and n_pending):
+                    return
+                rows = CollectionRows.concat(pending)
+                full = n_pending if final else n_pending - n_pending % part_rows
+                for start in range(0, full, part_rows):
+                    chunk = rows.take(np.arange(start, min(start + part_rows, full)))
+                    staged.append(self._stage(part_name(len(staged)), chunk, dim))
+                rest = rows.take(np.arange(full, n_pending))
+                pending, n_pending = ([rest] if len(rest) else []), len(rest)
 
-        def flush(final: bool) -> None:
-            nonlocal pending, n_pending
-            if n_pending < part_rows and not (final and n_pending):
-                return
-            rows = CollectionRows.concat(pending)
-            start = 0
-            while len(rows) - start >= part_rows or (final and start < len(rows)):
-                stop = min(start + part_rows, len(rows))
-                chunk = rows.take(np.arange(start, stop))
-                staged.append(self._stage(part_name(len(staged)), chunk, dim))
-                start = stop
-            rest = rows.take(np.arange(start, len(rows)))
-            pending, n_pending = ([rest] if len(rest) else []), len(rest)
-
-        try:
-            for batch in batches:
-                if len(batch) == 0:
-                    continue
-                ids = np.asarray(batch.item_id)
-                if np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last):
-                    raise CollectionStoreError(
-                        "gallery items must come in strictly increasing id order"
-                    )
-                last = int(ids[-1])
-                batch.to_table(dim)  # validates dim and values before anything is kept
-                pending.append(batch)
-                n_pending += len(batch)
-                total += len(batch)
-                flush(final=False)
-            flush(final=True)
-            if not staged:
-                raise CollectionStoreError("no items: the new gallery would be empty")
-            with self.lineage.session() as s:
-                s.add(
-                    CollectionInfo(
-                        dataset=dataset,
-                        embed_dim=dim,
-                        items=total,
-                        next_id=last + 1,
-                    )
-                )
-                for st in staged:
-                    self._record(s, st, replaces=None)
-        except BaseException:
             try:
-                committed = self.exists()
-            except Exception:
-                committed = True  # cannot tell: keep the files
-            if not committed:
-                for st in staged:
-                    st.path.unlink(missing_ok=True)
-                self._settle(*(st.name for st in staged))
-            raise
-        self._settle(*(st.name for st in staged))
-        return total
+                for batch in batches:
+                    if len(batch) == 0:
+                        continue
+                    ids = np.asarray(batch.item_id)
+                    if np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last):
+                        raise CollectionStoreError(
+                            "gallery items must come in strictly increasing id order"
+                        )
+                    last = int(ids[-1])
+                    batch.to_table(dim)  # validates dim and values before anything is kept
+                    pending.append(batch)
+                    n_pending += len(batch)
+                    total += len(batch)
+                    flush(final=False)
+                flush(final=True)
+                if not staged:
+                    raise CollectionStoreError("no items: the new gallery would be empty")
+                info = CollectionInfo(dataset=dataset, embed_dim=dim, items=total, next_id=last + 1)
+                with self.lineage.session() as s:
+                    s.add(info)
+                    for st in staged:
+                        self._record(s, st, replaces=None)
+            except BaseException:
+                try:
+                    committed = self.exists()
+                except Exception:
+                    committed = True  # cannot tell: keep the files
+                if not committed:
+                    for st in staged:
+                        st.path.unlink(missing_ok=True)
+                    self._settle(*(st.name for st in staged))
+                raise
+            self._settle(*(st.name for st in staged))
+            return total
 
     # -- a growing collection ---------------------------------------------------------
     def next_item_id(self) -> int:
@@ -776,7 +742,7 @@ class Collection:
             rows = next((int(p.rows) for p in self.manifest() if p.name == name), None)
             if rows is None:
                 raise CollectionStoreError(f"gallery part {name} is not in the manifest")
-            self._mark(name)  # a kill after the commit leaves the file to reconcile()
+            self._pending(name).touch()  # a kill after the commit leaves the file to reconcile()
             with self.lineage.session() as s:
                 table = CollectionPart.__table__
                 s.execute(delete(table).where(table.c.name == name))
@@ -826,16 +792,12 @@ def _counts(generation: np.ndarray) -> dict[str, int]:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _short(schema: pa.Schema) -> str:

@@ -183,10 +183,6 @@ class CollectionIndex:
     def _ids_where(self, mask: pa.Array) -> np.ndarray:
         return np.asarray(self._table.column("item_id").filter(mask).to_numpy(), dtype=np.int64)
 
-    @property
-    def trained(self) -> bool:
-        return bool(self.index.is_trained)
-
     def train(self, sample: np.ndarray) -> None:
         """Train an IVF index's cells on ``sample`` (a no-op for a flat index)."""
         if self.kind is IndexKind.FLAT:
@@ -214,7 +210,7 @@ class CollectionIndex:
             raise CollectionStoreError(
                 f"{len(ids)} ids but {len(emb)} embeddings, {len(labels)} labels"
             )
-        if not self.trained:
+        if not self.index.is_trained:
             self.train(emb)
         if self.index.ntotal:
             self.index.remove_ids(ids)
@@ -256,7 +252,7 @@ class CollectionIndex:
                 for part in committed:
                     if part.name in names:
                         collection.check_part(part, info)
-                if not self.trained:
+                if not self.index.is_trained:
                     self.train(_training_sample(collection, TRAIN_PER_CELL * self.nlist))
                 self._replace_parts(collection, stale)
             except PartGone:  # a writer committed meanwhile: start over from its manifest

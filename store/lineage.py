@@ -232,12 +232,9 @@ _ENGINES: dict[str, Engine] = {}
 def engine_for(url: str) -> Engine:
     """One engine per URL, created (with the schema) on first use."""
     if url not in _ENGINES:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            # Prefect runs tasks in threads; SQLite waits for a writer instead of failing.
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        else:
-            kwargs["pool_pre_ping"] = True
+        # Prefect runs tasks in threads; SQLite waits for a writer instead of failing.
+        sqlite: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        kwargs = sqlite if url.startswith("sqlite") else {"pool_pre_ping": True}
         try:
             engine = create_engine(url, **kwargs)
             upgrade(engine)  # the schema, created or upgraded in place (store.migrate)
@@ -305,7 +302,7 @@ class Lineage:
         with self.session() as s:
             gen = s.get(Generation, gen_id)
             if gen is None:
-                known = [g for g in s.exec(select(Generation.id).order_by(Generation.id))]
+                known = list(s.exec(select(Generation.id).order_by(Generation.id)))
                 raise UnknownGeneration(f"unknown generation {gen_id}; the lineage holds {known}")
             return gen
 
@@ -422,15 +419,14 @@ class Lineage:
                 raise UnknownGeneration(f"unknown generation {target_id}")
             gen.retired, gen.retired_reason = True, reason
             s.add(gen)
-            n = 0
             q = select(Constraint).where(
                 Constraint.target_id == target_id, Constraint.status == "active"
             )
-            for c in s.exec(q):
+            active = list(s.exec(q))
+            for c in active:
                 c.status, c.retired_reason, c.retired_at = "retired", reason, _now()
                 s.add(c)
-                n += 1
-            return n
+            return len(active)
 
     # -- evaluations -------------------------------------------------------------------
     def record_metrics(self, rows: Iterable[tuple[int, int, str, float | None]]) -> None:

@@ -94,13 +94,7 @@ def _advisory_key(name: str) -> int:
 class DatabaseLock:
     """A named lock in the lineage database; a context manager, not re-entrant."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        name: str,
-        ttl: float = 30.0,
-        poll: float = 0.5,
-    ) -> None:
+    def __init__(self, engine: Engine, name: str, ttl: float = 30.0, poll: float = 0.5) -> None:
         self.engine = engine
         self.name = name
         self.ttl = ttl
@@ -127,7 +121,8 @@ class DatabaseLock:
             raise StoreError(f"lock {self.name!r} is already held by this object")
         deadline = None if timeout is None else time.monotonic() + timeout
         told = False
-        while not self._try_once():
+        attempt = self._try_postgres if self.postgres else self._try_lease
+        while not attempt():
             # the attempt just failed, so someone holds it: the lease row says who
             if not wait or (deadline is not None and time.monotonic() >= deadline):
                 holder = self._row_holder()
@@ -144,9 +139,6 @@ class DatabaseLock:
         if not self.postgres:
             self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=self.name)
             self._beat.start()
-
-    def _try_once(self) -> bool:
-        return self._try_postgres() if self.postgres else self._try_lease()
 
     def _try_postgres(self) -> bool:
         if self._conn is None:

@@ -59,12 +59,9 @@ def home_relative(path: str | None) -> str | None:
         return path
     p = Path(path) if Path(path).is_absolute() else Path(os.path.abspath(path))  # cwd's
     home = _home_or_none()
-    if home is not None:
-        try:
-            return p.relative_to(home).as_posix()
-        except ValueError:  # outside the home: absolute, as it is
-            pass
-    return str(p)
+    if home is not None and p.is_relative_to(home):
+        return p.relative_to(home).as_posix()
+    return str(p)  # outside the home: absolute, as it is
 
 
 def home_resolved(stored: str | None) -> str | None:
@@ -130,7 +127,6 @@ def sqlalchemy_url(url: str) -> str:
 
 def db_url() -> str:
     """The lineage database: ``GRACEFUL_DB_URL`` or SQLite under the home."""
-    url = os.environ.get("GRACEFUL_DB_URL")
-    if url:
+    if url := os.environ.get("GRACEFUL_DB_URL"):
         return sqlalchemy_url(url)
     return f"sqlite:///{graceful_home() / LINEAGE_FILE}"

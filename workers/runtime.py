@@ -53,11 +53,9 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address == "local":
-        address = None
+    address = os.environ.get("RAY_ADDRESS") or "local"
     _token_auth_by_default()
-    if address is None or _is_loopback(address):
+    if address == "local" or _is_loopback(address):
         _single_node()
     common: dict[str, Any] = {
         "ignore_reinit_error": True,
@@ -65,7 +63,7 @@ def ensure_ray() -> None:
         "logging_level": "ERROR",
         "configure_logging": True,
     }
-    if address is not None:
+    if address != "local":
         # the cluster's own settings (bind address, ports, auth) apply; only connect
         _join(address, common)
         return
@@ -89,8 +87,7 @@ def join_cluster() -> None:
     """Join ``RAY_ADDRESS`` now, if it names a cluster: a cluster that refuses this client
     or does not answer fails here, before the caller records anything. Without an address
     nothing happens (a local cluster starts on first use, as before)."""
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address is not None and address != "local":
+    if (os.environ.get("RAY_ADDRESS") or "local") != "local":
         ensure_ray()
 
 

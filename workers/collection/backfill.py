@@ -14,7 +14,7 @@ it in four steps, each with memory bounded by a few parts, not by the collection
    spec (``CollectionInfo.dataset``, through workers.collection.items.open_reader: a
    folder of images, Parquet row groups located by ``item_id``, or a source's
    evaluation set), embedded by a Ray actor holding the champion (GPU where the cluster
-   has one), and the part is rewritten. Up to ``pipeline_depth`` parts are in flight, so
+   has one), and the part is rewritten. Up to 3 parts are in flight, so
    the actor embeds the next part while this one is written.
 4. **commit**: each rewritten part is committed atomically together with the job's
    progress (one SQL transaction; see :mod:`store.collection`). A job killed at any point
@@ -57,6 +57,7 @@ from workers.measuring import metrics as M
 
 BETAS = tuple(round(0.1 * i, 1) for i in range(11))
 SCAN_ROWS = 8192  # rows per streamed batch
+_CHANGED = "the collection changed while it was read; start the backfill again"
 Progress = Callable[[int, int], None]
 
 
@@ -105,9 +106,8 @@ class EmbedActor:
         if threads:
             torch.set_num_threads(int(threads))
         self.model = load_model(checkpoint, sha)
-        self.source = None
-        if spec is not None:
-            self.source = open_reader(spec, tuple(self.model.config["input_shape"]))
+        shape = tuple(self.model.config["input_shape"])
+        self.source = None if spec is None else open_reader(spec, shape)
         self.seconds = 0.0
         self.read_seconds = 0.0
 
@@ -207,7 +207,7 @@ def m_mix_stream(
     best = np.full(len(q), -np.inf, dtype=np.float32)
     label = np.full(len(q), -1, dtype=np.int64)
     for _, batch in collection.iter_batches(["label", "embedding"], batch_rows=batch_rows):
-        emb = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+        emb = _emb(batch, 1)
         if emb.shape[1] != q.shape[1]:
             raise CollectionStoreError(
                 f"embedding dim mismatch: queries have {q.shape[1]}, the collection has "
@@ -292,9 +292,7 @@ def policy_order(
     for _, batch in collection.iter_batches(cols, names=names, batch_rows=batch_rows):
         m = batch.num_rows
         if at + m > n:
-            raise CollectionStoreError(
-                "the collection changed while it was read; start the backfill again"
-            )
+            raise CollectionStoreError(_CHANGED)
         item_id[at : at + m] = batch.column(0).to_numpy()
         generation[at : at + m] = batch.column(1).to_numpy()
         margin[at : at + m] = batch.column(2).to_numpy()
@@ -308,9 +306,7 @@ def policy_order(
                 s_keys, s_emb = keys[keep], emb[keep]
         at += m
     if at != n:
-        raise CollectionStoreError(
-            "the collection changed while it was read; start the backfill again"
-        )
+        raise CollectionStoreError(_CHANGED)
     strata = None
     if need_emb:
         strata = np.full(n, -1, dtype=np.int16 if k < 2**15 else np.int32)
@@ -410,11 +406,7 @@ def reembed_parts(
             rows.generation[mask] = target
         embedded += int(mask.sum())
         n_done = done + embedded
-
-        def record(session, n=n_done) -> None:
-            if on_commit is not None:
-                on_commit(session, n)
-
+        record = None if on_commit is None else lambda session: on_commit(session, n_done)
         collection.rewrite_part(name, rows, also=record)
         timers["write"] += time.perf_counter() - t1
         committed += 1

@@ -96,30 +96,24 @@ def embed_stream(
     )
     with warnings.catch_warnings():  # the switch is deprecated for 2.64 (pinned below it)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        mapped = _map(ds, champion, spec, res, batch_rows)
+        mapped = ds.map_batches(
+            EmbedByKey,
+            fn_constructor_kwargs={
+                "checkpoint": champion.checkpoint_path,
+                "sha": champion.checkpoint_sha256,
+                "spec": spec,
+                "threads": int(res.get("num_cpus", 1)),
+            },
+            batch_size=batch_rows,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=res.get("num_cpus", 1),
+            num_gpus=res.get("num_gpus", 0),
+            # a failed actor fails the indexing (a rerun resumes it) rather than restarting;
+            # Ray Data's documented switch (also keeps its restart warning off the console)
+            max_restarts=0,
+        )
     yield from mapped.iter_batches(batch_size=batch_rows, batch_format="numpy")
-
-
-def _map(ds: Any, champion: Generation, spec: str, res: dict, batch_rows: int) -> Any:
-    import ray.data
-
-    return ds.map_batches(
-        EmbedByKey,
-        fn_constructor_kwargs={
-            "checkpoint": champion.checkpoint_path,
-            "sha": champion.checkpoint_sha256,
-            "spec": spec,
-            "threads": int(res.get("num_cpus", 1)),
-        },
-        batch_size=batch_rows,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=res.get("num_cpus", 1),
-        num_gpus=res.get("num_gpus", 0),
-        # a failed actor fails the indexing (a rerun resumes it) rather than restarting;
-        # Ray Data's documented switch (also keeps its restart warning off the console)
-        max_restarts=0,
-    )
 
 
 @dataclass
@@ -261,30 +255,27 @@ def run_index(
         result.unchanged = plan.unchanged
         total = len(plan.new) + len(plan.changed) + (len(plan.gone) if prune else 0)
         done = 0
-        if progress:
-            progress(0, total)
+        report: Progress = progress or (lambda done, total: None)
+        report(0, total)
         info = collection.info()
         if info is not None and info.dataset != spec:
             collection.set_dataset(spec)  # the same kind of source, moved: keys still hold
         if prune and len(plan.gone):
             result.pruned = _prune(collection, plan.gone)
             done += result.pruned
-            if progress:
-                progress(done, total)
+            report(done, total)
         if len(plan.changed):
             n, bad = _reembed(collection, champion, spec, plan.changed, vocabulary, part_rows)
             result.reembedded, done = n, done + n + len(bad)
             result.skipped += bad
-            if progress:
-                progress(done, total)
+            report(done, total)
         t_embed = time.perf_counter()
         if len(plan.new):
             for n, bad in _add(collection, champion, spec, plan.new, vocabulary, part_rows):
                 result.added += n
                 result.skipped += bad
                 done += n + len(bad)
-                if progress:
-                    progress(done, total)
+                report(done, total)
         if strict and len(result.skipped) > len(listed_skipped):
             first = result.skipped[len(listed_skipped)]
             raise CollectionError(

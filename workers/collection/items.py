@@ -70,10 +70,11 @@ def parse_collection_spec(spec: str) -> tuple[str, str | None]:
     """(kind, path) of a collection spec (one of COLLECTION_KINDS); for ``reference:``
     the path is the whole spec."""
     head, sep, tail = (spec or "").strip().partition(":")
-    if head.strip().lower() == REFERENCE:
+    kind = head.strip().lower()
+    if kind == REFERENCE:
         reference_source(spec.strip())  # a clear error for a malformed one
         return REFERENCE, spec.strip()
-    if head.strip().lower() == "images":
+    if kind == "images":
         raw = tail.strip()
         if not sep or not raw:
             raise CollectionError(f"spec {spec!r}: 'images' needs a directory, images:DIR")
@@ -163,9 +164,8 @@ def _list_parquet(spec: str, path: str) -> Listing:
     import pyarrow.compute as pc
 
     ds = _parquet_dataset(path)
-    column, _ = _parquet_columns(ds, path, "collection", ("item_id",))
+    column, name_col = _parquet_columns(ds, path, "collection", ("item_id",))
     has_label = "label" in ds.schema.names
-    name_col = "class_name" if "class_name" in ds.schema.names else None
     cols = ["item_id", column] + [
         c for c in ("label", "split", name_col) if c and c in ds.schema.names
     ]

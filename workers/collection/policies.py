@@ -121,8 +121,8 @@ def strata_of(
     stale = np.asarray(generation) != target
     out = np.full(len(stale), -1, dtype=np.int32)
     if stale.any():
-        centroids = train_strata(np.asarray(embedding)[stale], k, seed)
-        out[stale] = assign_strata(centroids, np.asarray(embedding)[stale])
+        old = np.asarray(embedding)[stale]
+        out[stale] = assign_strata(train_strata(old, k, seed), old)
     return out
 
 

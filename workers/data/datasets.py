@@ -565,17 +565,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     )
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-        }:
-            return _numpy_attr("numpy._core.multiarray:_reconstruct", f"{module}:{name}")
-        if (module, name) in {
-            ("numpy.core.numeric", "_frombuffer"),
-            ("numpy._core.numeric", "_frombuffer"),
-        }:
-            # Written by numpy for pickle protocol 5; it only builds an array from a buffer.
-            return _numpy_attr("numpy._core.numeric:_frombuffer", f"{module}:{name}")
+        # numpy's array reconstruction, under its 1.x and 2.x module names (_frombuffer:
+        # written by numpy for pickle protocol 5; it only builds an array from a buffer)
+        submodule = {"_reconstruct": "multiarray", "_frombuffer": "numeric"}.get(name)
+        if submodule and module in (f"numpy.core.{submodule}", f"numpy._core.{submodule}"):
+            return _numpy_attr(f"numpy._core.{submodule}:{name}", f"{module}:{name}")
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         if module in ("builtins", "__builtin__") and name in self._BUILTINS:

@@ -348,16 +348,10 @@ class ParquetItems(_Stored):
         located = self._located()
         rows = located.order[pos]
         units = located.unit[rows]
-        start = located.start
-        out: np.ndarray | None = None
+        out = np.empty((len(keys), *self.shape), np.float32)  # _group reshapes rows to it
         for u in np.unique(units):
-            x = self._group(int(u))
             mine = np.flatnonzero(units == u)
-            if out is None:
-                out = np.empty((len(keys), *x.shape[1:]), np.float32)
-            out[mine] = x[rows[mine] - start[u]]
-        if out is None:
-            return np.zeros((0, *self.shape), np.float32)
+            out[mine] = self._group(int(u))[rows[mine] - located.start[u]]
         return out
 
     def take_each(self, keys: list[str]) -> tuple[np.ndarray, list[str]]:

@@ -75,8 +75,7 @@ def stage_plan(
     frac = _ramp(FIRST_DATA_SHARE, stage, n_stages)
     # the model grows too: wider with every stage, one layer deeper in the second half;
     # a single stage is the last one (the whole model, as the whole data)
-    grow = min(stage, n_stages - 1) / (n_stages - 1) if n_stages > 1 else 1.0
-    arch = default_architecture(input_shape, grow)
+    arch = default_architecture(input_shape, grow=_ramp(0.0, stage, n_stages))
     return Stage(stage, tuple(range(n_cls)), frac, arch)
 
 

@@ -36,7 +36,12 @@ from workers.data.datasets import (
     IMAGE_SUFFIXES,
     Dataset,
     DatasetError,
+    _decode_images,
+    _open_image,
+    _parquet_features,
+    _parquet_image_items,
     decode_images_as,
+    image_size_of,
     parse_spec,
 )
 from workers.data.errors import SourceError
@@ -56,13 +61,6 @@ SCAN_BATCH = 65_536  # Parquet rows per scanned batch
 class SourceUnreachable(SourceError):
     """The source's store does not answer (an endpoint down, a network error): a failure
     to retry, not bad input (exit 1, not 2)."""
-
-
-def is_source(spec: str | None) -> bool:
-    """True for the kinds that are users' growing sources (image folders, Parquet)."""
-    if not spec:
-        return False
-    return parse_spec(spec)[0] in SOURCE_KINDS
 
 
 @dataclass(frozen=True)
@@ -109,11 +107,8 @@ class Scan:
         import pyarrow.compute as pc
 
         counts = pc.value_counts(self.table.column("label")).to_pylist()
-        return {str(r["values"]): int(r["counts"]) for r in sorted(counts, key=_by_value)}
-
-
-def _by_value(row: dict) -> str:
-    return str(row["values"])
+        rows = sorted(counts, key=lambda r: str(r["values"]))
+        return {str(r["values"]): int(r["counts"]) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -186,19 +181,13 @@ def file_entry(
     link, a symlink loop). Such a file is recorded in ``skipped`` (key shown with its
     undecodable bytes replaced); without ``skipped`` it is an error."""
     rel = path.relative_to(root).as_posix()
-    why = None
     try:
         rel.encode("utf-8")
+        return rel, path.stat()
     except UnicodeEncodeError:
         why = "its name is not UTF-8: rename it (keys are text)"
-    st = None
-    if why is None:
-        try:
-            st = path.stat()
-        except OSError as exc:  # ELOOP, ENOENT of a dangling link, EACCES
-            why = f"cannot stat it: {exc.strerror or exc}"
-    if why is None:
-        return rel, st  # type: ignore[return-value]
+    except OSError as exc:  # ELOOP, ENOENT of a dangling link, EACCES
+        why = f"cannot stat it: {exc.strerror or exc}"
     shown = os.fsencode(rel).decode("utf-8", "replace")
     if skipped is None:
         raise SourceError(f"{shown}: {why}")
@@ -249,8 +238,6 @@ def hashed_files(
 
 def _check_image(path: Path) -> str | None:
     """None if the file decodes as an image of a size graceful takes, else why not."""
-    from workers.data.datasets import _open_image
-
     try:
         with _open_image(path, str(path.name)) as img:
             if img.format == "JPEG":  # decoding at 1/8 scale still reads every block
@@ -281,6 +268,14 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def _items_digest(tag: bytes, keys: list, labels: list, shas: list) -> str:
+    """The fingerprint of items listed as (key, class name, content hash)."""
+    digest = hashlib.sha256(tag)
+    for key, label, sha in zip(keys, labels, shas, strict=True):
+        digest.update(f"{key}\0{label}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
 def _order_key(key: str) -> str:
     """Training order of file items: a hash of the key, so classes interleave in blocks."""
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
@@ -295,11 +290,8 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
         )
     known: dict[str, tuple[int, int, str]] = {}
     if previous is not None and "sha256" in previous.column_names:
-        for k, s, m, h in zip(
-            *(previous.column(c).to_pylist() for c in ("key", "size", "mtime_ns", "sha256")),
-            strict=True,
-        ):
-            known[k] = (s, m, h)
+        old = (previous.column(c).to_pylist() for c in ("key", "size", "mtime_ns", "sha256"))
+        known = {k: (s, m, h) for k, s, m, h in zip(*old, strict=True)}
     rows: dict[str, list] = {"key": [], "label": [], "size": [], "mtime_ns": [], "sha256": []}
     skipped: list[dict[str, str]] = []
     files = image_files(root, "train", skipped)
@@ -311,16 +303,11 @@ def _scan_imagefolder(spec: str, root: Path, previous: pa.Table | None) -> Scan:
     table = pa.table(rows)
     order = np.argsort(np.asarray([_order_key(k) for k in rows["key"]]), kind="stable")
     table = table.take(pa.array(order))
-    digest = hashlib.sha256(b"graceful-imagefolder-v1")
     columns = (table.column(c).to_pylist() for c in ("key", "label", "sha256"))
-    for k, lab, h in zip(*columns, strict=True):
-        digest.update(f"{k}\0{lab}\0{h}\n".encode())
-    return Scan(spec, table, digest.hexdigest(), skipped)
+    return Scan(spec, table, _items_digest(b"graceful-imagefolder-v1", *columns), skipped)
 
 
 def _eval_imagefolder(root: Path, size: tuple[int, int] | None = None) -> EvalSet:
-    from workers.data.datasets import _decode_images
-
     test = root / "test"
     if not test.is_dir():
         raise SourceError(
@@ -330,15 +317,11 @@ def _eval_imagefolder(root: Path, size: tuple[int, int] | None = None) -> EvalSe
     files = image_files(root, "test")
     if not files:
         raise SourceError(f"imagefolder {root}: no PNG/JPEG images under test/<class>/")
-    digest = hashlib.sha256(b"graceful-eval-imagefolder-v1")
-    shas = [_file_sha(root / key) for key, _, _ in files]
-    for (key, label, _), sha in zip(files, shas, strict=True):
-        digest.update(f"{key}\0{label}\0{sha}\n".encode())
-    x = _decode_images([(k, root / k) for k, _, _ in files], size)
-    mode = "L" if x.shape[1] == 1 else "RGB"
-    fmt = InputFormat(tuple(x.shape[1:]), mode)
-    labels = [lab for _, lab, _ in files]
-    return EvalSet(x, labels, digest.hexdigest(), fmt, [k for k, _, _ in files], shas)
+    keys, labels = [k for k, _, _ in files], [lab for _, lab, _ in files]
+    shas = [_file_sha(root / k) for k in keys]
+    x = _decode_images([(k, root / k) for k in keys], size)
+    fingerprint = _items_digest(b"graceful-eval-imagefolder-v1", keys, labels, shas)
+    return EvalSet(x, labels, fingerprint, input_format(x.shape[1:]), keys, shas)
 
 
 def _decode(items: list[tuple[str, Any]], fmt: InputFormat) -> np.ndarray:
@@ -523,10 +506,8 @@ def _eval_parquet(path: str, size: tuple[int, int] | None = None) -> EvalSet:
     x, fmt = _parquet_inputs(batch.column(column), column, None, path, size)
     keys = [str(k) for k in batch.column("item_id").to_pylist()]
     shas = [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest() for row in x]
-    digest = hashlib.sha256(b"graceful-eval-parquet-v2")
-    for key, label, sha in zip(keys, labels, shas, strict=True):
-        digest.update(f"{key}\0{label}\0{sha}\n".encode())
-    return EvalSet(x, labels, digest.hexdigest(), fmt, keys, shas)
+    fingerprint = _items_digest(b"graceful-eval-parquet-v2", keys, labels, shas)
+    return EvalSet(x, labels, fingerprint, fmt, keys, shas)
 
 
 def _parquet_inputs(
@@ -534,13 +515,11 @@ def _parquet_inputs(
 ) -> tuple[np.ndarray, InputFormat]:
     """A Parquet input column as float32 inputs (features as they are, images decoded;
     without ``fmt``, to ``size`` or the automatic size)."""
-    from workers.data.datasets import _decode_images, _parquet_features, _parquet_image_items
-
     if name == "image":
         items = _parquet_image_items(col, Path(redact(path)))
         if fmt is None:
             x = _decode_images(items, size)
-            return x, InputFormat(tuple(x.shape[1:]), "L" if x.shape[1] == 1 else "RGB")
+            return x, input_format(x.shape[1:])
         return _decode(items, fmt), fmt
     x = _parquet_features(pa.chunked_array([col]), name, Path(redact(path)))
     if fmt is not None and tuple(x.shape[1:]) != fmt.shape:
@@ -548,7 +527,7 @@ def _parquet_inputs(
             f"Parquet source {redact(path)}: rows of {name!r} have {x.shape[1]} values, the "
             f"evaluation set {fmt.shape[0]}"
         )
-    return x, fmt or InputFormat(tuple(x.shape[1:]))
+    return x, fmt or input_format(x.shape[1:])
 
 
 # -- public ----------------------------------------------------------------------------
@@ -560,18 +539,24 @@ def _local(spec: str) -> tuple[str, str]:
     return kind, raw if "://" in raw else path
 
 
+def _image_folder(path: str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise SourceError(f"image folder {root} does not exist; pass imagefolder:DIR")
+    return root
+
+
 def check_readable(spec: str) -> None:
     """Cheap checks of a spec before anything starts (no Prefect, no Ray): an image folder
     exists; a Parquet path exists and its footers read as Parquet. A SourceError (bad
     input) or SourceUnreachable names the problem."""
-    if not is_source(spec):
+    if not spec or parse_spec(spec)[0] not in SOURCE_KINDS:
         return
     kind, path = _local(spec)
     if kind == "imagefolder":
-        if not Path(path).is_dir():
-            raise SourceError(f"image folder {path} does not exist; pass imagefolder:DIR")
-        return
-    _parquet_dataset(path).schema  # noqa: B018 - reading the schema reads every footer
+        _image_folder(path)
+    else:
+        _parquet_dataset(path).schema  # noqa: B018 - reading the schema reads every footer
 
 
 def scan_source(spec: str, previous: pa.Table | None = None) -> Scan:
@@ -582,10 +567,7 @@ def scan_source(spec: str, previous: pa.Table | None = None) -> Scan:
     """
     kind, path = _local(spec)
     if kind == "imagefolder":
-        root = Path(path)
-        if not root.is_dir():
-            raise SourceError(f"image folder {root} does not exist; pass imagefolder:DIR")
-        return _scan_imagefolder(spec, root, previous)
+        return _scan_imagefolder(spec, _image_folder(path), previous)
     return _scan_parquet(spec, path)
 
 
@@ -593,34 +575,21 @@ def load_eval(spec: str, image_size: int | None = None) -> EvalSet:
     """The source's evaluation set, decoded, with its fingerprint. Images are decoded to
     squares of ``image_size`` (None: workers.data.datasets.auto_size of the first one); its
     shape is the input format of every training item."""
-    from workers.data.datasets import image_size_of
-
     kind, path = _local(spec)
     size = image_size_of(image_size)
     if kind == "imagefolder":
-        root = Path(path)
-        if not root.is_dir():
-            raise SourceError(f"image folder {root} does not exist; pass imagefolder:DIR")
-        return _eval_imagefolder(root, size)
+        return _eval_imagefolder(_image_folder(path), size)
     return _eval_parquet(path, size)
 
 
 def describe_change(old: pa.Table, new: pa.Table) -> str:
     """What changed between two evaluation sets' items tables, in a few words."""
-    before = dict(
-        zip(
-            old.column("key").to_pylist(),
-            zip(*(old.column(c).to_pylist() for c in ("label", "sha256")), strict=True),
-            strict=True,
-        )
-    )
-    after = dict(
-        zip(
-            new.column("key").to_pylist(),
-            zip(*(new.column(c).to_pylist() for c in ("label", "sha256")), strict=True),
-            strict=True,
-        )
-    )
+
+    def by_key(items: pa.Table) -> dict[str, tuple[str, str]]:
+        columns = (items.column(c).to_pylist() for c in ("key", "label", "sha256"))
+        return {key: (label, sha) for key, label, sha in zip(*columns, strict=True)}
+
+    before, after = by_key(old), by_key(new)
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
     changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])

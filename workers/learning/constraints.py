@@ -23,9 +23,7 @@ from typing import Protocol
 
 import torch
 
-from workers.learning.kinds import (
-    ConstraintKind,
-)
+from workers.learning.kinds import ConstraintKind
 from workers.learning.losses import (
     contrastive_compatibility_loss,
     embedding_distillation_loss,

@@ -27,13 +27,11 @@ def forward(model: EmbeddingNet, x: np.ndarray, batch_size: int | None = None) -
     """Run ``model`` over ``x`` in batches (eval mode, no autograd)."""
     model.eval()
     if batch_size is None:
-        conv = is_convolutional(model.config["architecture"])
-        batch_size = CNN_BATCH if conv else MLP_BATCH
+        batch_size = CNN_BATCH if is_convolutional(model.config["architecture"]) else MLP_BATCH
     embs, preds, margins = [], [], []
     for start in range(0, len(x), batch_size):
-        xb = torch.tensor(
-            x[start : start + batch_size], dtype=torch.float32
-        )  # copies: inputs may be read-only
+        # torch.tensor copies: inputs may be read-only
+        xb = torch.tensor(x[start : start + batch_size], dtype=torch.float32)
         emb, logits = model(xb)
         top2 = torch.softmax(logits, dim=1).topk(2, dim=1).values
         embs.append(emb.numpy())

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.learning.models import LOGIT_SCALE
+from workers.learning.models import LOGIT_SCALE, cosine_logits
 
 
 def _mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -48,14 +48,11 @@ def influence_loss(
     the mean is still over all n items.
     """
     single = old_head.dim() == 2
-    heads = old_head[None] if single else old_head
     # (K, n, C): s * cos(new embedding_i, old class row c)
-    logits = scale * F.normalize(new_emb, dim=1) @ F.normalize(heads, dim=2).transpose(1, 2)
+    logits = cosine_logits(new_emb, old_head[None] if single else old_head, scale)
     k, n, c = logits.shape
     ce = F.cross_entropy(logits.reshape(k * n, c), labels.repeat(k), reduction="none")
-    if mask is not None and single:
-        mask = mask[None]
-    out = _mean(ce.view(k, n), mask)
+    out = _mean(ce.view(k, n), mask)  # an (n,) mask broadcasts over K
     return out[0] if single else out
 
 
@@ -118,7 +115,5 @@ def contrastive_compatibility_loss(
     same_class_other = (labels[:, None] == labels[None, :]) & ~eye
     sim = sim.masked_fill(same_class_other, float("-inf"))
     per_item = torch.logsumexp(sim, dim=-1) - sim.diagonal(dim1=1, dim2=2)  # (K, n)
-    if mask is not None and single:
-        mask = mask[None]
     out = _mean(per_item, mask)
     return out[0] if single else out

@@ -53,19 +53,16 @@ class CosineHead(nn.Module):
     ``fixed=True`` freezes the weights at :func:`fixed_prototypes` (a stationary head).
     """
 
-    def __init__(
-        self, embed_dim: int, num_classes: int, scale: float = LOGIT_SCALE, fixed: bool = False
-    ) -> None:
+    def __init__(self, embed_dim: int, num_classes: int, fixed: bool = False) -> None:
         super().__init__()
         if fixed:
             weight = fixed_prototypes(num_classes, embed_dim)
         else:
             weight = torch.randn(num_classes, embed_dim) / math.sqrt(embed_dim)
         self.weight = nn.Parameter(weight, requires_grad=not fixed)
-        self.scale = scale
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(emb, self.weight, self.scale)
+        return cosine_logits(emb, self.weight)
 
 
 def cosine_logits(
@@ -307,11 +304,9 @@ def load_model(path: str | Path, sha256: str | None = None) -> EmbeddingNet:
     model = EmbeddingNet(
         tuple(cfg["input_shape"]), cfg["num_classes"], cfg["embed_dim"], cfg["architecture"]
     )
-    state = dict(blob["state_dict"])
-    for name in ("input_mean", "input_std"):  # checkpoints from before the normalisation
-        if name not in state and name in model.state_dict():
-            state[name] = model.state_dict()[name]
-    model.load_state_dict(state)
+    # checkpoints from before the input normalisation lack its buffers: the identity
+    own = {k: v for k, v in model.state_dict().items() if k in ("input_mean", "input_std")}
+    model.load_state_dict(own | dict(blob["state_dict"]))
     model.eval()
     return model
 
@@ -396,10 +391,7 @@ def _inherit_imported(new: EmbeddingNet, old: EmbeddingNet) -> bool:
     after them); the projection then reads the old features with the old weights and the
     added ones with zero weights, so the embedding is the ancestor's. Otherwise False:
     it trains from scratch."""
-    same = {k: v for k, v in new.config.items() if k != "architecture"} == {
-        k: v for k, v in old.config.items() if k != "architecture"
-    }
-    if not same:
+    if dict(new.config, architecture=None) != dict(old.config, architecture=None):
         return False
     if new.config["architecture"] == old.config["architecture"]:
         new.load_state_dict(old.state_dict())
@@ -420,10 +412,8 @@ def _inherit_imported(new: EmbeddingNet, old: EmbeddingNet) -> bool:
 
 
 def _copy_bn(new: nn.BatchNorm1d, old: nn.BatchNorm1d, n: int) -> None:
-    new.weight[:n] = old.weight
-    new.bias[:n] = old.bias
-    new.running_mean[:n] = old.running_mean
-    new.running_var[:n] = old.running_var
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(new, name)[:n] = getattr(old, name)
     new.num_batches_tracked.copy_(old.num_batches_tracked)
 
 

@@ -103,5 +103,4 @@ class TrainSpec:
 
 def spec_default(name: str) -> Any:
     """A TrainSpec knob's default (the one place it is written)."""
-    f = TrainSpec.__dataclass_fields__[name]
-    return f.default
+    return TrainSpec.__dataclass_fields__[name].default

@@ -289,8 +289,8 @@ def build_teachers(
     reader: Reader,
     store_path: Path,
     device: torch.device,
-    keep_models: bool = False,
-    items_path: Path | None = None,
+    keep_models: bool,
+    items_path: Path,
 ) -> tuple[list[Teacher], TeacherStore | None, np.ndarray, Items, Prepared, list[EmbeddingNet]]:
     """Load each constrained ancestor once; one pass over the snapshot decodes every item
     into an on-disk store (unless the items are in memory already) and embeds it with
@@ -300,17 +300,14 @@ def build_teachers(
     the warm start's BatchNorm statistics), the items as an epoch reads them, what the
     pass measured (channel statistics for the input normalisation) and, with
     ``keep_models``, the frozen ancestors in teacher-slot order (the loop embeds each
-    augmented batch with them; no embedding is stored then). ``items_path``: where the
-    decoded items go (default :func:`_scratch`'s).
+    augmented batch with them; no embedding is stored then). ``items_path``: where a
+    streamed snapshot's decoded items go.
     """
-    check_spec(spec)
     models: dict[int, EmbeddingNet] = {}
     for c in spec.constraints:
         if c.target in models:
             continue
-        frozen = load_model(c.checkpoint, c.sha256).to(device)
-        for p in frozen.parameters():
-            p.requires_grad_(False)
+        frozen = load_model(c.checkpoint, c.sha256).to(device).requires_grad_(False)
         if frozen.config["embed_dim"] != spec.embed_dim:
             raise ValueError(
                 f"generation {c.target} embeds in {frozen.config['embed_dim']} dimensions, "
@@ -328,9 +325,11 @@ def build_teachers(
         if sum(len(s) for s in sample) < 4096:
             sample.append(x[:4096])
 
-    items: Items = (
-        reader if isinstance(reader, ArrayItems) else _item_store(spec, reader, items_path)
-    )
+    items: Items = reader
+    if not isinstance(reader, ArrayItems):  # a streamed source (spec.source)
+        fmt = InputFormat.from_dict(spec.source.input_format)
+        # decoded images are v / 255 of 8-bit pixels: kept as bytes, a quarter of the disk
+        items = ItemStore(items_path, reader.y, fmt.shape, u8=fmt.mode is not None)
     store = None
     if models and not keep_models:
         store = TeacherStore(store_path, len(reader), len(models), spec.embed_dim)
@@ -365,15 +364,6 @@ def build_teachers(
     return list(teachers.values()), store, np.concatenate(sample)[:4096], items, prepared, frozen
 
 
-def _item_store(spec: TrainSpec, reader: Reader, path: Path | None = None) -> ItemStore:
-    """Where a streamed snapshot's decoded items are kept during the training."""
-    path = path or _scratch(spec, "items.bin")
-    fmt = InputFormat.from_dict(spec.source.input_format) if spec.source else None
-    shape = fmt.shape if fmt is not None else ()
-    # decoded images are v / 255 of 8-bit pixels: kept as bytes, a quarter of the disk
-    return ItemStore(path, reader.y, shape, u8=fmt is not None and fmt.mode is not None)
-
-
 def resume_path(checkpoint_dir: str | Path, generation: int) -> Path:
     """Generation ``generation``'s per-epoch resume file."""
     return Path(checkpoint_dir) / f"gen-{generation}.resume.pt"
@@ -386,7 +376,7 @@ def abandoned_marker(checkpoint_dir: str | Path, generation: int) -> Path:
     return Path(checkpoint_dir) / f"gen-{generation}.abandoned"
 
 
-def _scratch(spec: TrainSpec, name: str, replica: Replica = Replica()) -> Path:
+def _scratch(spec: TrainSpec, name: str, replica: Replica) -> Path:
     """A file the training keeps until it ends; one per rank of a data-parallel training
     (the ranks of one node, or of a shared GRACEFUL_HOME, must not write each other's)."""
     rank = f"rank-{replica.rank}." if replica.world_size > 1 else ""
@@ -461,8 +451,7 @@ def train_replica(spec: TrainSpec, replica: Replica = Replica()) -> dict[str, An
     # on a GPU: channels-last convolutions, mixed precision (bfloat16 where the device
     # has it, else float16 with a gradient scaler)
     channels_last = cuda and is_convolutional(spec.architecture) and len(input_shape) == 3
-    amp_dtype = None
-    scaler = None
+    amp_dtype = scaler = None
     if cuda:
         torch.backends.cudnn.benchmark = True
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -533,12 +522,9 @@ def train_replica(spec: TrainSpec, replica: Replica = Replica()) -> dict[str, An
             if frozen:  # the ancestors' view of this very (augmented) batch
                 with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=cuda):
                     teacher_emb = torch.stack([m.embed(xb).float() for m in frozen])
-            if amp_dtype is not None:
-                with torch.autocast("cuda", dtype=amp_dtype):
-                    emb, logits = net(xb)
-                emb, logits = emb.float(), logits.float()  # the losses in float32
-            else:
+            with torch.autocast(device.type, amp_dtype, enabled=cuda):
                 emb, logits = net(xb)
+            emb, logits = emb.float(), logits.float()  # the losses in float32
 
             ce = F.cross_entropy(logits, yb)
             terms = constraint_losses(stacks, StepInputs(emb, logits, yb, teacher_emb), spec)
@@ -580,12 +566,11 @@ def train_replica(spec: TrainSpec, replica: Replica = Replica()) -> dict[str, An
                 raise TrainingInterrupted(f"generation {spec.generation} was abandoned")
         if parallel:  # no rank stops (or is stopped) before rank 0's resume file is whole
             torch.distributed.barrier()
-        done = epoch - first_epoch + 1
         stop = spec.stop_after_epochs
-        if stop is not None and done >= stop and epoch < spec.epochs - 1:
+        if stop is not None and epoch - first_epoch + 1 >= stop and epoch < spec.epochs - 1:
             raise TrainingInterrupted(
                 f"generation {spec.generation}: stopped after epoch {epoch} "
-                f"(stop_after_epochs={spec.stop_after_epochs}); {resume} resumes it"
+                f"(stop_after_epochs={stop}); {resume} resumes it"
             )
 
     path = Path(spec.checkpoint_dir) / f"gen-{spec.generation}.pt"
@@ -750,7 +735,7 @@ def _warm_start(
     return newest.target if inherit_weights(model, old, x) else None
 
 
-def _fingerprint(spec: TrainSpec, n_items: int, augment: str = "none") -> str:
+def _fingerprint(spec: TrainSpec, n_items: int, augment: str) -> str:
     """What must match for a resume file to continue this training (not another one)."""
     targets = sorted((c.target, str(c.kind), c.weight, c.sha256 or "") for c in spec.constraints)
     if spec.source is not None:
@@ -780,7 +765,7 @@ def _fingerprint(spec: TrainSpec, n_items: int, augment: str = "none") -> str:
 
 
 def _write_resume(
-    path: Path, model, opt, sched, history, epoch: int, fingerprint: str, scaler=None
+    path: Path, model, opt, sched, history, epoch: int, fingerprint: str, scaler
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -20,30 +20,6 @@ import numpy as np
 
 from workers.measuring.metric_names import Metric
 
-__all__ = [
-    "ac",
-    "accuracy",
-    "am",
-    "bec",
-    "btc",
-    "compat_matrix",
-    "curve_area",
-    "ecc",
-    "ecc_gap_by_class_group",
-    "flip_metrics",
-    "nearest_neighbors",
-    "nfi",
-    "nfr",
-    "nfr_any",
-    "no_regret",
-    "pfr",
-    "retrieval_hits",
-    "retrieval_map_at_k",
-    "retrieval_top1",
-    "update_gain",
-]
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -70,9 +46,7 @@ def _preds(pred: np.ndarray, y: np.ndarray, name: str = "pred") -> np.ndarray:
 def _pair(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate a (new, old, y) triple; return correctness masks (new_right, old_right)."""
     yy = _labels(y)
-    new_right = _preds(new, yy, "new") == yy
-    old_right = _preds(old, yy, "old") == yy
-    return new_right, old_right
+    return _preds(new, yy, "new") == yy, _preds(old, yy, "old") == yy
 
 
 def _embeddings(emb: np.ndarray, name: str) -> np.ndarray:
@@ -113,14 +87,12 @@ def _retrieval_inputs(
     q, g = _query_gallery(query_emb, gallery_emb)
     ql = _labels(query_labels, "query_labels")
     gl = _labels(gallery_labels, "gallery_labels")
-    if ql.shape[0] != q.shape[0]:
-        raise ValueError(
-            f"length mismatch: {q.shape[0]} query embeddings but {ql.shape[0]} query labels"
-        )
-    if gl.shape[0] != g.shape[0]:
-        raise ValueError(
-            f"length mismatch: {g.shape[0]} gallery embeddings but {gl.shape[0]} gallery labels"
-        )
+    for name, emb, labels in (("query", q, ql), ("gallery", g, gl)):
+        if labels.shape[0] != emb.shape[0]:
+            raise ValueError(
+                f"length mismatch: {emb.shape[0]} {name} embeddings but {labels.shape[0]} "
+                f"{name} labels"
+            )
     return q, ql, g, gl
 
 
@@ -204,8 +176,7 @@ def _search(q: np.ndarray, g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     faiss.normalize_L2(g)
     index = faiss.IndexFlatIP(g.shape[1])
     index.add(g)
-    scores, idx = index.search(q, min(k, g.shape[0]))
-    return scores, idx
+    return index.search(q, min(k, g.shape[0]))
 
 
 def nearest_neighbors(

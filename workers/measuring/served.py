@@ -234,11 +234,8 @@ def plan_targeted(
     the state with nothing re-embedded but the items of ``replace_gens`` (generations
     owed a full backfill, or every item where no collection is indexed yet)."""
     current = view.current_ref()
-    old = (
-        top1_hits(view.champion_q, view.query_y, current, view.ref_y)
-        if view.champion_q is not None
-        else top1_hits(view.candidate_q, view.query_y, current, view.ref_y)
-    )
+    users_q = view.champion_q if view.champion_q is not None else view.candidate_q
+    old = top1_hits(users_q, view.query_y, current, view.ref_y)
     placed, _ = item_classes(view, movable, num_classes)
     selectable = set(np.unique(placed[placed >= 0]).tolist())
     chosen: list[int] = []

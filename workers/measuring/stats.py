@@ -54,19 +54,6 @@ import numpy as np
 
 from workers.measuring.metric_names import Metric
 
-__all__ = [
-    "DEFAULT_CONFIDENCE",
-    "DEFAULT_RESAMPLES",
-    "Interval",
-    "PairedCounts",
-    "clopper_pearson",
-    "mcnemar_exact",
-    "pair_evidence",
-    "paired_bootstrap_ci",
-    "paired_bootstrap_ci_counts",
-    "paired_counts",
-]
-
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 10_000
 _CHUNK = 2_000_000  # multinomial draws held in memory at once (resamples x categories)
