@@ -1133,5 +1133,11 @@ def show_config(
         sys.stdout.write(to_toml(effective))
 
 
+# typer keeps a docstring's line breaks after its first paragraph; each paragraph of a
+# command's description becomes one, wrapped to the terminal ([serve] is text, not markup)
+for _command in app.registered_commands:
+    _doc = inspect.getdoc(_command.callback) or ""
+    _command.help = escape("\n\n".join(" ".join(p.split()) for p in _doc.split("\n\n")))
+
 if __name__ == "__main__":
     app()

@@ -54,3 +54,19 @@ def test_a_bad_option_value_is_one_error_line_naming_the_field(
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}: Input should be ")
     assert "(got 'foo')" in lines[0]
     assert not (tmp_path / "home").exists()  # nothing was created
+
+
+@pytest.mark.parametrize("command", ["cycle", "serve", "index", "search", "abandon"])
+def test_help_reflows_a_commands_description(command: str) -> None:
+    """A docstring's line breaks are the source's, not the help's: every paragraph of a
+    command's description is one paragraph in ``--help``, wrapped to the terminal, so
+    a wide terminal shows it on one line (typer keeps the breaks after the first one)."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "2000"})
+    assert result.exit_code == 0, result.output
+    doc = inspect.getdoc(getattr(cli, command.replace("-", "_")))
+    paragraphs = [" ".join(p.split()) for p in doc.split("\n\n")]
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    for paragraph in paragraphs:
+        assert any(paragraph in line for line in lines), paragraph
