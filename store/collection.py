@@ -90,9 +90,13 @@ def gallery_schema(dim: int) -> pa.Schema:
     )
 
 
+_FIELDS = gallery_schema(1)  # every column's type but the embedding's (dim 1 here)
+
+
 def _adapt(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> pa.Table | pa.RecordBatch:
-    """``columns`` of a legacy part's table: ``key`` is the item id, no fingerprint."""
-    arrays = []
+    """``columns`` of a legacy part's table: ``key`` is the item id, no fingerprint; typed
+    as a current part's (not null), so the two concatenate."""
+    arrays, fields = [], []
     for c in columns:
         if c == "key":
             arrays.append(table.column("item_id").cast(pa.string()))
@@ -100,7 +104,8 @@ def _adapt(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> pa.Table
             arrays.append(pa.array([""] * table.num_rows, pa.string()))
         else:
             arrays.append(table.column(c))
-    return type(table).from_arrays(arrays, names=list(columns))
+        fields.append(table.schema.field(c) if c == "embedding" else _FIELDS.field(c))
+    return type(table).from_arrays(arrays, schema=pa.schema(fields))
 
 
 def _legacy_read(columns: Sequence[str]) -> list[str]:

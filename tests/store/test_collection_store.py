@@ -234,3 +234,19 @@ def test_one_writer_at_a_time(gallery: Collection) -> None:
         with pytest.raises(CollectionStoreError, match=busy):
             other.reconcile()
     assert other.reconcile() == []  # released
+
+
+def test_a_collection_with_parts_from_before_keys_reads_whole(gallery: Collection) -> None:
+    """A lineage made before items had keys keeps its old parts (item_id, label,
+    generation, margin, embedding) beside new ones: read together, an old item's key is
+    its id and its fingerprint empty, and the keys of old and new parts concatenate."""
+    old = gallery.root / gallery.part_names()[0]
+    table = pq.read_table(old)
+    legacy = table.select(["item_id", "label", "generation", "margin", "embedding"])
+    pq.write_table(legacy, old)
+    keys = gallery.keys()
+    assert keys.column("key").to_pylist() == [str(i) for i in range(0, 20, 2)]
+    assert keys.column("fingerprint").to_pylist()[:4] == [""] * 4
+    assert keys.schema == pa.schema([gallery_schema(DIM).field(c) for c in keys.column_names])
+    assert gallery.read_part(gallery.part_names()[0]).schema == gallery_schema(DIM)
+    assert gallery.read_all().item_id.tolist() == list(range(0, 20, 2))
