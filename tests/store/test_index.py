@@ -135,8 +135,9 @@ def test_a_part_deleted_while_its_hash_is_read_is_gone_not_a_crash(
 def test_readers_see_whole_committed_parts_during_rewrites(gallery: Collection) -> None:
     """A writer rewrites every part again and again; a reader that opens the index in a
     loop must always find every item once and each part entirely in one version."""
-    rounds = 12  # long enough that the reader looks several times while it runs
+    rounds = 12
     errors: list[BaseException] = []
+    looked = threading.Event()  # the reader finished a look
 
     def writer() -> None:
         try:
@@ -146,6 +147,9 @@ def test_readers_see_whole_committed_parts_during_rewrites(gallery: Collection) 
                     gallery.rewrite_part(
                         name, one_hot_rows(IDS[slot * PART : (slot + 1) * PART], gen)
                     )
+                # the reader looks again while rounds remain, however busy the machine
+                looked.clear()
+                looked.wait(10)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -162,6 +166,7 @@ def test_readers_see_whole_committed_parts_during_rewrites(gallery: Collection) 
             assert len(gens) == 1, f"slot {slot} mixes versions {gens}"
         seen_versions.update(idx.parts.values())
         looks += 1
+        looked.set()
     t.join()
     assert not errors, errors
     final = CollectionIndex.open(gallery)
