@@ -22,7 +22,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.config import BackfillConfig, GateConfig, IndexConfig, ServeConfig, TrainConfig
+from flows.config import (
+    MAX_EPOCHS,
+    BackfillConfig,
+    GateConfig,
+    IndexConfig,
+    ServeConfig,
+    TrainConfig,
+)
 
 try:  # typer vendors its own click (0.2x); older ones use click itself
     from typer._click import exceptions as _click_errors
@@ -246,9 +253,10 @@ EpochsOpt = Annotated[
     int,
     typer.Option(
         min=1,
-        max=1000,  # flows.config.MAX_EPOCHS
-        help="training epochs per generation (1-1000); an interrupted generation resumed by "
-        "this cycle takes a changed value if no epoch of it finished, else keeps its own",
+        max=MAX_EPOCHS,
+        help=f"training epochs per generation (1-{MAX_EPOCHS}); an interrupted generation "
+        "resumed by this cycle takes a changed value if no epoch of it finished, else keeps "
+        "its own",
         rich_help_panel="Training",
     ),
 ]

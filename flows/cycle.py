@@ -153,7 +153,7 @@ def _steps(
         "generation %s: stage %s, %d training items, constraints against %s",
         g,
         state.stage.index,
-        state.train_items,
+        state.generation.train_samples or 0,
         text.generations(state.active),
     )
     on_step(

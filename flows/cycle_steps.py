@@ -17,6 +17,7 @@ from flows.backfill import backfill_once
 from flows.collection import index_reference
 from flows.config import CycleConfig
 from flows.data import (
+    class_vocabulary,
     evaluation_set,
     lineage_image_size,
     lineage_source,
@@ -73,10 +74,6 @@ class CycleState:
     promoted: bool = False
     reasons: list[str] = field(default_factory=list)
     resumed: str | None = None  # how an interrupted cycle was picked up, if it was
-
-    @property
-    def train_items(self) -> int:
-        return int(self.generation.train_samples or 0)
 
 
 def verify_inputs(lineage: Lineage, generations: list[int]) -> None:
@@ -410,7 +407,7 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
     outcome = GateOutcome.PROMOTE if passed else GateOutcome.REJECT
     served = None
     if passed and cfg.gate.enabled and champion is not None:  # what users will meet
-        names = class_names(lineage, state.dataset)
+        names = {i: n for n, i in class_vocabulary(lineage, state.dataset).items()}
         judged = targeted.judge(
             lineage,
             state.dataset,
@@ -445,14 +442,6 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
         status=GenerationStatus.TRAINED if passed else GenerationStatus.REJECTED,
     )
     return passed
-
-
-def class_names(lineage: Lineage, ds: Dataset) -> dict[int, str]:
-    """Head row -> class name: the lineage's vocabulary, else the data set's names."""
-    vocab = lineage.vocabulary()
-    if vocab:
-        return {i: n for n, i in vocab.items()}
-    return {i: str(n) for i, n in enumerate(ds.class_names)}
 
 
 def promote_step(lineage: Lineage, state: CycleState) -> None:

@@ -115,11 +115,12 @@ def eval_dataset(lineage: Lineage) -> Dataset | None:
         return None
 
 
-def class_vocabulary(lineage: Lineage) -> dict[str, int]:
-    """Class name -> head row of the lineage (a source's vocabulary or the scenario's
-    class names): how a labelled collection's labels are stored."""
+def class_vocabulary(lineage: Lineage, ds: Dataset | None = None) -> dict[str, int]:
+    """Class name -> head row of the lineage (a source's vocabulary, else the class names
+    of ``ds`` or of its evaluation set: the scenario's): how a labelled collection's
+    labels are stored."""
     vocab = lineage.vocabulary()
     if vocab:
         return vocab
-    ds = eval_dataset(lineage)
+    ds = ds if ds is not None else eval_dataset(lineage)
     return {} if ds is None else {str(n): i for i, n in enumerate(ds.class_names)}

@@ -18,11 +18,7 @@ def _plt():
 
 
 def heatmap(
-    pairs: Sequence[Sequence[float]],
-    title: str,
-    path: Path,
-    fmt: str = "{:.3f}",
-    cmap: str = "viridis",
+    pairs: Sequence[Sequence[float]], title: str, path: Path, cmap: str = "viridis"
 ) -> Path:
     """A lower-triangular heat map of ``[a, b, value]`` triples (rows a, columns b)."""
     plt = _plt()
@@ -36,9 +32,7 @@ def heatmap(
     for i in range(len(ids)):
         for j in range(len(ids)):
             if not np.isnan(grid[i, j]):
-                ax.text(
-                    j, i, fmt.format(grid[i, j]), ha="center", va="center", color="w", fontsize=8
-                )
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
     ax.set_xticks(range(len(ids)), [str(g) for g in ids])
     ax.set_yticks(range(len(ids)), [str(g) for g in ids])
     ax.set_xlabel("b (older / gallery)")

@@ -27,6 +27,15 @@ def matrix_rows(pairs: list[list[float]], ids: list[int]) -> list[dict[str, str]
     ]
 
 
+def _markdown(kind: str, label: str, lines: list[str], description: str) -> None:
+    """A markdown artifact of this lineage, keyed ``<kind>-<label>``."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        "\n".join(lines), key=artifact_key(kind, label), description=description
+    )
+
+
 def _img(path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"![{path.stem}](data:image/png;base64,{data})"
@@ -41,7 +50,7 @@ def publish_cycle(
     """Write plots under GRACEFUL_HOME/reports and create the cycle's artifacts (keyed by
     this lineage: :func:`flows.naming.artifact_key`); ``backfill`` and ``retired`` are
     what this cycle's backfill and retire steps did."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_table_artifact
 
     label = lineage_label()
     rep = build_report(lineage)
@@ -96,11 +105,7 @@ def publish_cycle(
         "",
         *[_img(p) for p in plots],
     ]
-    create_markdown_artifact(
-        "\n".join(lines),
-        key=artifact_key("cycle-summary", label),
-        description=f"generation {gen_id}: {gen['status']}",
-    )
+    _markdown("cycle-summary", label, lines, f"generation {gen_id}: {gen['status']}")
     return rep
 
 
@@ -189,8 +194,6 @@ def _snapshot_lines(snap: dict | None) -> list[str]:
 
 def publish_backfill(lineage: Lineage, result: dict) -> None:
     """A markdown artifact with the job's numbers and the backfill curve."""
-    from prefect.artifacts import create_markdown_artifact
-
     label = lineage_label()
     rep = build_report(lineage)
     job = next(j for j in rep["backfills"] if j["job_id"] == result["job"])
@@ -215,31 +218,27 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
             {job["policy"]: job["curve"]}, "Backfill curve", subdir("reports") / "backfill.png"
         )
         lines += ["", _img(path)]
-    create_markdown_artifact(
-        "\n".join(lines),
-        key=artifact_key("backfill-summary", label),
-        description=f"backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
+    _markdown(
+        "backfill-summary",
+        label,
+        lines,
+        f"backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
     )
 
 
 def publish_skip(message: str) -> None:
     """The summary of a cycle that had nothing new to train on."""
-    from prefect.artifacts import create_markdown_artifact
-
     label = lineage_label()
-    create_markdown_artifact(
-        key=artifact_key("cycle-summary", label),
-        markdown=f"# Update cycle\n\n**{message}**: the training data's snapshot equals the "
-        "one that generation trained on, so no generation was trained. Add data, or run "
-        f"with `force`.\n\nLineage `{label}`.",
-        description=message,
+    summary = (
+        f"# Update cycle\n\n**{message}**: the training data's snapshot equals the one that "
+        "generation trained on, so no generation was trained. Add data, or run with "
+        f"`force`.\n\nLineage `{label}`."
     )
+    _markdown("cycle-summary", label, [summary], message)
 
 
 def publish_index(result: dict) -> None:
     """The index run's summary: what was added, re-embedded, pruned, skipped."""
-    from prefect.artifacts import create_markdown_artifact
-
     label = lineage_label()
     spec = safe_spec(result["spec"])
     lines = [
@@ -256,6 +255,4 @@ def publish_index(result: dict) -> None:
     for item in result["skipped_items"]:
         lines.append(f"- skipped `{item['key']}`: {item['reason']}")
     lines += ["", f"Lineage `{label}`."]
-    create_markdown_artifact(
-        "\n".join(lines), key=artifact_key("index-summary", label), description=f"index {spec}"
-    )
+    _markdown("index-summary", label, lines, f"index {spec}")

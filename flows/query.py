@@ -71,27 +71,6 @@ def check_k(k: Any) -> int:
     return k
 
 
-def search_embedding(
-    lineage: Lineage, query: np.ndarray, k: int = 5, index: CollectionIndex | None = None
-) -> list[dict[str, Any]]:
-    """The ``k`` nearest committed collection items to one query embedding (``index``:
-    the collection's index, already opened)."""
-    if index is None:
-        index = CollectionIndex.open(Collection(lineage))
-    scores, ids = index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
-    found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
-    return [
-        {
-            "key": row["key"],
-            "score": float(score),
-            "generation": int(row["generation"]),
-            "label": None if int(row["label"]) == UNLABELLED else int(row["label"]),
-            "item_id": int(row["item_id"]),
-        }
-        for row, score in zip(index.rows_of(found), scores[0][: len(found)], strict=True)
-    ]
-
-
 class Searcher:
     """The champion's encoder and the collection's index: one consistent served state.
 
@@ -306,7 +285,23 @@ class Searcher:
         return v
 
     def search(self, query: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
-        return search_embedding(self.lineage, query, check_k(k), self.index)
+        return self.nearest(query, check_k(k))
+
+    def nearest(self, query: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` nearest committed collection items to one query embedding (``k`` not
+        bounded: a search filtered by label asks for more)."""
+        scores, ids = self.index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
+        found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
+        return [
+            {
+                "key": row["key"],
+                "score": float(score),
+                "generation": int(row["generation"]),
+                "label": None if int(row["label"]) == UNLABELLED else int(row["label"]),
+                "item_id": int(row["item_id"]),
+            }
+            for row, score in zip(self.index.rows_of(found), scores[0][: len(found)], strict=True)
+        ]
 
     def counts(self) -> dict[int, int]:
         """Items of the served index by the generation that embedded them."""

@@ -469,11 +469,9 @@ def _nearest(s: Searcher, query: np.ndarray, k: int, label: int | None) -> list[
     if label is None:
         hits = s.search(query, k)
     else:
-        from flows.query import search_embedding
-
         width = k
         while True:
-            found = search_embedding(s.lineage, query, width, s.index)
+            found = s.nearest(query, width)
             hits = [h for h in found if h["label"] == label][:k]
             if len(hits) == k or width >= s.index.ntotal:
                 break

@@ -5,14 +5,13 @@ steps are run by flows.backfill_job."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from store.lineage import UNFINISHED_JOBS, BackfillJob, JobStatus, Lineage
+from store.lineage import UNFINISHED_JOBS, BackfillJob, JobStatus, Lineage, _now
 from store.settings import subdir
 
 
@@ -58,7 +57,7 @@ def close_interrupted_jobs(lineage: Lineage, keep: int | None, why: str | None =
                 job.id,
                 status=JobStatus.FAILED,
                 error=f"{before}interrupted: {why}",
-                finished_at=datetime.now(UTC),
+                finished_at=_now(),
             )
 
 

@@ -182,8 +182,7 @@ class CollectionRows:
 
     @classmethod
     def from_table(cls, table: pa.Table | pa.RecordBatch) -> CollectionRows:
-        if "key" not in table.schema.names:
-            table = _adapt(table, COLUMNS)
+        """Rows of a part's table (a legacy part's is adapted by :meth:`Collection.read_part`)."""
         emb = table.column("embedding")
         if isinstance(emb, pa.ChunkedArray):
             emb = emb.combine_chunks()
@@ -416,9 +415,8 @@ class Collection:
         path = self._path(part.name)
         if not path.exists():
             raise PartGone(f"collection part {path} is missing (listed in the manifest)")
-        f = self._open(part.name, info)
-        rows = f.metadata.num_rows
-        f.close()
+        with self._reading(part.name, info) as f:
+            rows = f.metadata.num_rows
         if rows != part.rows:
             raise CollectionStoreError(
                 f"gallery part {path} has {rows} rows, the manifest records {part.rows}"
@@ -768,7 +766,7 @@ class Collection:
         if self.exists():
             batches = [pa.Table.from_batches([b]) for _, b in self.iter_batches(list(columns))]
         if not batches:
-            return pa.table({c: pa.array([], gallery_schema(1).field(c).type) for c in columns})
+            return pa.table({c: pa.array([], _FIELDS.field(c).type) for c in columns})
         return pa.concat_tables(batches).combine_chunks()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -18,7 +18,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 from sqlmodel.sql.sqltypes import AutoString
 
-from store.locks import CYCLE_LOCK, DatabaseLock
+from store.locks import CYCLE_LOCK, DatabaseLock, _now
 from store.migrate import upgrade
 from store.settings import (
     StoreError,
@@ -50,10 +50,6 @@ class JobStatus(StrEnum):
 
 UNFINISHED_JOBS = (JobStatus.RUNNING, JobStatus.FAILED)
 INTERRUPTED = "interrupted"  # the report's status for a run whose process is gone
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class HomePath(TypeDecorator):

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, text, update
+from sqlalchemy import and_, delete, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Field, Session, SQLModel
 
 from store.settings import StoreError
@@ -86,19 +87,20 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _advisory_key(name: str) -> int:
-    """A stable signed 64-bit key for ``pg_advisory_lock``."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+def _advisory(conn: Connection, function: str, name: str) -> bool:
+    """Call ``function`` (``pg_try_advisory_lock``, ``pg_advisory_unlock``) on ``name``'s
+    advisory key: a stable signed 64-bit key, the first 8 bytes of the name's sha256."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    return bool(conn.execute(text(f"SELECT {function}(:k)"), {"k": key}).scalar())
 
 
 class DatabaseLock:
     """A named lock in the lineage database; a context manager, not re-entrant."""
 
-    def __init__(self, engine: Engine, name: str, ttl: float = 30.0, poll: float = 0.5) -> None:
+    def __init__(self, engine: Engine, name: str, ttl: float = 30.0) -> None:
         self.engine = engine
         self.name = name
         self.ttl = ttl
-        self.poll = poll
         self.token = uuid.uuid4().hex
         self._conn: Connection | None = None  # PostgreSQL: the connection holding the lock
         self._stop = threading.Event()
@@ -134,7 +136,7 @@ class DatabaseLock:
             if on_wait is not None and not told:
                 on_wait(self._row_holder())
                 told = True
-            time.sleep(self.poll)
+            time.sleep(0.5)
         self.held = True
         if not self.postgres:
             self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=self.name)
@@ -143,12 +145,10 @@ class DatabaseLock:
     def _try_postgres(self) -> bool:
         if self._conn is None:
             self._conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        got = self._conn.execute(
-            text("SELECT pg_try_advisory_lock(:k)"), {"k": _advisory_key(self.name)}
-        ).scalar()
+        got = _advisory(self._conn, "pg_try_advisory_lock", self.name)
         if got:
             self._write_lease(replace=True)
-        return bool(got)
+        return got
 
     def _try_lease(self) -> bool:
         with Session(self.engine) as s, s.begin():
@@ -156,16 +156,16 @@ class DatabaseLock:
             if row is not None and not self._stale(row):
                 return False
             if row is not None:  # its holder died: take it over, if nobody else did first
-                s.exec(
-                    delete(LockLease).where(
-                        LockLease.name == self.name, LockLease.token == row.token
-                    )
-                )
+                s.exec(delete(LockLease).where(self._lease(row.token)))
         try:
             self._write_lease(replace=False)
         except IntegrityError:  # another process inserted first
             return False
         return True
+
+    def _lease(self, token: str) -> ColumnElement[bool]:
+        """Where-clause: this lock's lease row, as taken under ``token``."""
+        return and_(LockLease.name == self.name, LockLease.token == token)
 
     def _stale(self, row: LockLease) -> bool:
         if row.host == socket.gethostname() and not _pid_alive(row.pid):
@@ -193,9 +193,7 @@ class DatabaseLock:
             try:
                 with Session(self.engine) as s, s.begin():
                     s.exec(
-                        update(LockLease)
-                        .where(LockLease.name == self.name, LockLease.token == self.token)
-                        .values(heartbeat_at=_now())
+                        update(LockLease).where(self._lease(self.token)).values(heartbeat_at=_now())
                     )
             except Exception:  # a busy database: the next beat tries again
                 continue
@@ -209,16 +207,10 @@ class DatabaseLock:
             self._beat = None
         if self.held:
             with Session(self.engine) as s, s.begin():
-                s.exec(
-                    delete(LockLease).where(
-                        LockLease.name == self.name, LockLease.token == self.token
-                    )
-                )
+                s.exec(delete(LockLease).where(self._lease(self.token)))
         if self._conn is not None:
             if self.held:
-                self._conn.execute(
-                    text("SELECT pg_advisory_unlock(:k)"), {"k": _advisory_key(self.name)}
-                )
+                _advisory(self._conn, "pg_advisory_unlock", self.name)
             self._conn.close()
             self._conn = None
         self.held = False
@@ -255,8 +247,7 @@ class DatabaseLock:
         if self.held:
             return True
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            key = _advisory_key(self.name)
-            if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            if _advisory(conn, "pg_try_advisory_lock", self.name):
+                _advisory(conn, "pg_advisory_unlock", self.name)
                 return False
             return True

@@ -56,7 +56,6 @@ from workers.data.sources import (
 )
 
 COLLECTION_KINDS = ("images", "imagefolder", "parquet", REFERENCE)
-LIST_BATCH = 65_536  # Parquet rows per listed batch
 ITEMS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string()),
@@ -172,8 +171,7 @@ def _list_parquet(spec: str, path: str) -> Listing:
     tables = []
     try:
         for frag in sorted(ds.get_fragments(), key=lambda f: f.path):
-            for batch in keyed_rows(ds, frag, cols, LIST_BATCH, path, noun="collection"):
-                ids = batch.column("item_id")
+            for batch in keyed_rows(ds, frag, cols, path, noun="collection"):
                 labels = (
                     _class_names(batch, name_col, path)
                     if has_label and batch.column("label").null_count == 0
@@ -182,7 +180,7 @@ def _list_parquet(spec: str, path: str) -> Listing:
                 tables.append(
                     pa.table(
                         {
-                            "key": pc.cast(ids, pa.string()),
+                            "key": pc.cast(batch.column("item_id"), pa.string()),
                             "label": labels,
                             "fingerprint": _row_hashes(batch.column(column), column),
                         },

@@ -264,19 +264,24 @@ class ParquetItems(_Stored):
             pos += len(x)
 
     # by key
+    def _table(self, frag: Any, columns: list[str]) -> pa.Table:
+        """``columns`` of every row of Parquet fragment ``frag`` (test rows too)."""
+        import pyarrow.dataset as pads
+
+        return pads.Scanner.from_fragment(
+            frag, schema=self._ds.schema, columns=columns, use_threads=False
+        ).to_table()
+
     def _located(self) -> _KeyIndex:
         """The key index, built once from the ``item_id`` column alone."""
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
 
         if self._keys is not None:
             return self._keys
         self._open()
         keys, unit_of = [], []
         for u, frag in enumerate(self.row_groups):
-            t = pads.Scanner.from_fragment(
-                frag, schema=self._ds.schema, columns=["item_id"], use_threads=False
-            ).to_table()
+            t = self._table(frag, ["item_id"])
             keys.append(pc.cast(t.column("item_id"), pa.string()).combine_chunks())
             unit_of.append(np.full(t.num_rows, u, np.int32))
         flat = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
@@ -307,18 +312,11 @@ class ParquetItems(_Stored):
 
     def _group(self, u: int) -> np.ndarray:
         """The inputs of row group ``u`` (in its row order), the last two kept."""
-        import pyarrow.dataset as pads
-
         if u in self._cache:
             self._cache.move_to_end(u)
             return self._cache[u]
         start = self._located().start
-        t = pads.Scanner.from_fragment(
-            self.row_groups[u],
-            schema=self._ds.schema,
-            columns=["item_id", self.column],
-            use_threads=False,
-        ).to_table()
+        t = self._table(self.row_groups[u], ["item_id", self.column])
         fmt = self.fmt if self.column == "image" else None
         x, _ = _parquet_inputs(t.column(1).combine_chunks(), self.column, fmt, self.path)
         if x.size != len(x) * int(np.prod(self.shape)):

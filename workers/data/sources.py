@@ -55,7 +55,7 @@ from workers.data.parquet_schema import (
 
 SOURCE_KINDS = ("imagefolder", "parquet")
 BLOCK = 1024  # items per unit of a file-per-item source
-SCAN_BATCH = 65_536  # Parquet rows per scanned batch
+SCAN_BATCH = 65_536  # Parquet rows per batch of a scan or a collection's listing
 
 
 class SourceUnreachable(SourceError):
@@ -232,8 +232,10 @@ def hashed_files(
         seen = known.get(key)
         if seen is not None and tuple(seen[:2]) == (st.st_size, st.st_mtime_ns):
             yield key, label, st, seen[2]
-        elif (sha := readable_sha(root, key, skipped)) is not None:
-            yield key, label, st, sha
+        elif (why := _check_image(root / key)) is not None:
+            skipped.append({"key": key, "reason": why})
+        else:
+            yield key, label, st, _file_sha(root / key)
 
 
 def _check_image(path: Path) -> str | None:
@@ -248,16 +250,6 @@ def _check_image(path: Path) -> str | None:
     except Exception as exc:  # PIL raises many kinds for a broken file
         return f"{type(exc).__name__}: {exc}"[:300]
     return None
-
-
-def readable_sha(root: Path, key: str, skipped: list[dict[str, str]]) -> str | None:
-    """The sha256 of image ``root/key``, or None (and a record in ``skipped``) when it does
-    not decode."""
-    why = _check_image(root / key)
-    if why is not None:
-        skipped.append({"key": key, "reason": why})
-        return None
-    return _file_sha(root / key)
 
 
 def _file_sha(path: Path) -> str:
@@ -392,13 +384,13 @@ def label_indices(names: Any, vocabulary: dict[str, int]) -> np.ndarray:
 
 
 def keyed_rows(
-    ds: Any, frag: Any, cols: list[str], batch_rows: int, path: str, noun: str = "source"
+    ds: Any, frag: Any, cols: list[str], path: str, noun: str = "source"
 ) -> Iterator[pa.RecordBatch]:
     """The non-test rows of one Parquet fragment in batches; every row must have a key."""
     import pyarrow.dataset as pads
 
     scanner = pads.Scanner.from_fragment(
-        frag, schema=ds.schema, columns=cols, batch_size=batch_rows, use_threads=False
+        frag, schema=ds.schema, columns=cols, batch_size=SCAN_BATCH, use_threads=False
     )
     for batch in scanner.to_batches():
         keep = ~_is_test(batch)
@@ -432,7 +424,7 @@ def _scan_parquet(spec: str, path: str) -> Scan:
             digest.update(
                 f"{frag.path}\0{rg.id}\0{rg.num_rows}\0{sorted(stats.items())}\n".encode()
             )
-            for batch in keyed_rows(ds, frag, cols, SCAN_BATCH, path):
+            for batch in keyed_rows(ds, frag, cols, path):
                 ids = pc.cast(batch.column("item_id"), pa.string())
                 names = _class_names(batch, name_col, path)
                 for arr in (ids, names):  # the values and their offsets: exact, no copies
