@@ -62,7 +62,7 @@ from workers.measuring.evaluate import generation_outputs
 from workers.measuring.metrics import ac as ac_metric
 from workers.measuring.metrics import am as am_metric
 from workers.measuring.metrics import ecc_on_classes, retrieval_hits
-from workers.measuring.served import overall_delta, served_by_class, top1_hits
+from workers.measuring.served import overall_delta, served_by_class
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "lifelong"
@@ -250,7 +250,7 @@ class ServedWatch:
             return None
         out = generation_outputs(champion, ds, subdir("cache"))
         rows = gallery.read_all()
-        return top1_hits(out.query_emb, ds.y_test[out.query_idx], rows.embedding, rows.label)
+        return retrieval_hits(out.query_emb, ds.y_test[out.query_idx], rows.embedding, rows.label)
 
     def __call__(self, lin: Lineage, when: str) -> None:
         if when == "before":

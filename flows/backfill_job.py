@@ -7,9 +7,8 @@ the same selection and finishes with every item present exactly once.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +24,6 @@ from store.backfill_jobs import (
 from store.collection import Collection, CollectionStoreError
 from store.files import verify_checkpoint
 from store.lineage import BackfillJob, CollectionInfo, Generation, JobStatus, Lineage
-from store.settings import StoreError
 from workers.collection.backfill import (
     LabelledQueries,
     Progress,
@@ -43,8 +41,7 @@ from workers.collection.policies import budget_items, check_policy
 
 
 def _check_champion(champion: Generation, info: CollectionInfo) -> int:
-    if champion is None or champion.id is None:
-        raise StoreError("no champion generation to backfill with")
+    # the caller (flows.backfill.backfill_once) refuses a lineage with no champion; and
     # before any job is recorded or worker started: a swapped file fails here, not mid-way
     verify_checkpoint(
         champion.checkpoint_path, champion.checkpoint_sha256, f"champion generation {champion.id}"
@@ -58,18 +55,6 @@ def _check_champion(champion: Generation, info: CollectionInfo) -> int:
     return int(champion.id)
 
 
-def _one_writer(fn: Callable[..., BackfillJob]) -> Callable[..., BackfillJob]:
-    """Run ``fn`` holding the collection's writer lock (it dies with a killed job)."""
-
-    @functools.wraps(fn)
-    def locked(lineage: Lineage, collection: Collection, *args: Any, **kwargs: Any) -> BackfillJob:
-        with collection.writing():
-            return fn(lineage, collection, *args, **kwargs)
-
-    return locked
-
-
-@_one_writer
 def run_backfill(
     lineage: Lineage,
     collection: Collection,
@@ -102,115 +87,116 @@ def run_backfill(
     ``crash_after_parts`` simulates a kill (tests): stop after committing that many
     parts. ``stats`` receives timings. Only one backfill writes a gallery at a time.
     """
-    t0 = time.perf_counter()
-    st: dict[str, Any] = stats if stats is not None else {}
-    check_policy(policy)
-    info = collection.require()
-    target = _check_champion(champion, info)
-    parse_collection_spec(info.dataset)  # a clear error for a source that went away
-    collection.verify()  # raises, naming the file, before anything changes
-    collection.reconcile()
-    st["verify_seconds"] = time.perf_counter() - t0
-    st["peak_rss_after_verify"] = peak_rss_bytes()
+    with collection.writing():  # the writer lock dies with a killed job
+        t0 = time.perf_counter()
+        st: dict[str, Any] = stats if stats is not None else {}
+        check_policy(policy)
+        info = collection.require()
+        target = _check_champion(champion, info)
+        parse_collection_spec(info.dataset)  # a clear error for a source that went away
+        collection.verify()  # raises, naming the file, before anything changes
+        collection.reconcile()
+        st["verify_seconds"] = time.perf_counter() - t0
+        st["peak_rss_after_verify"] = peak_rss_bytes()
 
-    t1 = time.perf_counter()
-    job = resumable_job(lineage, target, policy, budget)
-    selection = load_selection(job.id) if job is not None else None
-    before = None
-    if selection is None:
-        num_classes = len(champion.classes) if champion.classes else None
-        order, n_items = policy_order(
-            collection,
-            target,
-            policy,
-            seed,
-            num_classes,
-            retire_share=retire_share,
-            complete=complete,
-            first_items=owed_items,
-        )
-        held = lineage.gallery_counts()
-        forced = sum(held.get(int(k), 0) for k in complete if int(k) != target)
-        if owed_items is not None and len(owed_items):
-            forced += int(np.isin(order, owed_items).sum())
-        selection = order[: max(budget_items(budget, n_items), forced)].copy()
-        curve: list[tuple[float, float]] = []
-        if queries is not None:
-            # the curve where the champion's reference embeddings cover the collection
-            rows = collection.read_all() if queries.reference_emb is not None else None
-            new_emb = None if rows is None else queries.reference_for(rows.key)
-            if rows is not None and new_emb is not None:
-                before = m_mix(queries.emb, queries.labels, rows)
-                curve = backfill_curve(rows, new_emb, order, queries.emb, queries.labels)
-            else:
-                before = m_mix_stream(collection, queries.emb, queries.labels)
-            del rows, new_emb
-        del order
-        if job is None:
-            job = lineage.add_backfill_job(
-                generation_id=target,
-                policy=policy,
-                budget=budget,
-                total_items=len(selection),
-                m_mix_before=before,
-                curve=[list(p) for p in curve],
-            )
-        save_selection(job.id, selection)
-    assert job is not None and job.id is not None
-    job_id = int(job.id)
-    close_interrupted_jobs(lineage, keep=job_id)
-    total = len(selection)
-    chosen = np.sort(selection)
-    del selection
-    done, todo = progress_scan(collection, chosen, target)
-    lineage.update_backfill_job(job_id, status=JobStatus.RUNNING, items_done=done, error=None)
-    if progress:
-        progress(done, total)
-    st["select_seconds"] = time.perf_counter() - t1
-    st["peak_rss_after_select"] = peak_rss_bytes()
-
-    t2 = time.perf_counter()
-    items = 0
-    try:
-        if todo:
-            items = reembed_parts(
+        t1 = time.perf_counter()
+        job = resumable_job(lineage, target, policy, budget)
+        selection = load_selection(job.id) if job is not None else None
+        before = None
+        if selection is None:
+            num_classes = len(champion.classes) if champion.classes else None
+            order, n_items = policy_order(
                 collection,
-                info,
-                todo,
-                chosen,
                 target,
-                champion,
-                done,
-                total,
-                progress,
-                crash_after_parts,
-                3,  # parts in flight (the pipeline's depth)
-                st,
-                progress_recorder(job_id),
+                policy,
+                seed,
+                num_classes,
+                retire_share=retire_share,
+                complete=complete,
+                first_items=owed_items,
             )
-    except BaseException as exc:  # recorded; a later backfill with these settings resumes it
-        lineage.update_backfill_job(
-            job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000]
+            held = lineage.gallery_counts()
+            forced = sum(held.get(int(k), 0) for k in complete if int(k) != target)
+            if owed_items is not None and len(owed_items):
+                forced += int(np.isin(order, owed_items).sum())
+            selection = order[: max(budget_items(budget, n_items), forced)].copy()
+            curve: list[tuple[float, float]] = []
+            if queries is not None:
+                # the curve where the champion's reference embeddings cover the collection
+                rows = collection.read_all() if queries.reference_emb is not None else None
+                new_emb = None if rows is None else queries.reference_for(rows.key)
+                if rows is not None and new_emb is not None:
+                    before = m_mix(queries.emb, queries.labels, rows)
+                    curve = backfill_curve(rows, new_emb, order, queries.emb, queries.labels)
+                else:
+                    before = m_mix_stream(collection, queries.emb, queries.labels)
+                del rows, new_emb
+            del order
+            if job is None:
+                job = lineage.add_backfill_job(
+                    generation_id=target,
+                    policy=policy,
+                    budget=budget,
+                    total_items=len(selection),
+                    m_mix_before=before,
+                    curve=[list(p) for p in curve],
+                )
+            save_selection(job.id, selection)
+        assert job is not None and job.id is not None
+        job_id = int(job.id)
+        close_interrupted_jobs(lineage, keep=job_id)
+        total = len(selection)
+        chosen = np.sort(selection)
+        del selection
+        done, todo = progress_scan(collection, chosen, target)
+        lineage.update_backfill_job(job_id, status=JobStatus.RUNNING, items_done=done, error=None)
+        if progress:
+            progress(done, total)
+        st["select_seconds"] = time.perf_counter() - t1
+        st["peak_rss_after_select"] = peak_rss_bytes()
+
+        t2 = time.perf_counter()
+        items = 0
+        try:
+            if todo:
+                items = reembed_parts(
+                    collection,
+                    info,
+                    todo,
+                    chosen,
+                    target,
+                    champion,
+                    done,
+                    total,
+                    progress,
+                    crash_after_parts,
+                    3,  # parts in flight (the pipeline's depth)
+                    st,
+                    progress_recorder(job_id),
+                )
+        except BaseException as exc:  # recorded; a later backfill with these settings resumes it
+            lineage.update_backfill_job(
+                job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000]
+            )
+            raise
+        st["pipeline_seconds"] = time.perf_counter() - t2
+        st["items"] = items
+        st["parts"] = len(todo)
+
+        t3 = time.perf_counter()
+        after = m_mix_stream(collection, queries.emb, queries.labels) if queries else None
+        job = lineage.update_backfill_job(
+            job_id,
+            status=JobStatus.DONE,
+            items_done=done + items,
+            m_mix_after=after,
+            finished_at=datetime.now(UTC),
         )
-        raise
-    st["pipeline_seconds"] = time.perf_counter() - t2
-    st["items"] = items
-    st["parts"] = len(todo)
+        if update_index:
+            from store.index import CollectionIndex
 
-    t3 = time.perf_counter()
-    after = m_mix_stream(collection, queries.emb, queries.labels) if queries else None
-    job = lineage.update_backfill_job(
-        job_id,
-        status=JobStatus.DONE,
-        items_done=done + items,
-        m_mix_after=after,
-        finished_at=datetime.now(UTC),
-    )
-    if update_index:
-        from store.index import CollectionIndex
-
-        CollectionIndex.open(collection)
-    st["finish_seconds"] = time.perf_counter() - t3
-    st["peak_rss"] = peak_rss_bytes()
-    st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})
-    return job
+            CollectionIndex.open(collection)
+        st["finish_seconds"] = time.perf_counter() - t3
+        st["peak_rss"] = peak_rss_bytes()
+        st.update({f"rss_{k}": v for k, v in rss_breakdown().items()})
+        return job

@@ -170,7 +170,7 @@ def _check_inputs(dataset: str | None, training: bool = False, existing: bool = 
     from workers.data.sources import SourceUnreachable, check_readable
     from workers.runtime import train_resources
 
-    try:
+    with _failing(2, (StoreError, DatasetError, ValueError)), _failing(1, SourceUnreachable):
         graceful_home(create=False)
         if existing:
             require_lineage()
@@ -180,8 +180,6 @@ def _check_inputs(dataset: str | None, training: bool = False, existing: bool = 
                 check_readable(dataset)
         if training:
             train_resources()  # GRACEFUL_TRAIN_RESOURCES, when set, is a JSON object
-    except (StoreError, DatasetError, ValueError) as exc:
-        _fail(exc, code=1 if isinstance(exc, SourceUnreachable) else 2)
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -207,76 +205,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextlib.contextmanager
-def _failing(code: int = 2, errors: type[BaseException] | None = None):
+def _failing(code: int = 2, errors: type | tuple[type, ...] | None = None):
     """A known error inside (``errors``, else :func:`_known_errors`) is one ``error:`` line
-    and exit ``code``."""
+    and exit ``code``; nested, the inner one's errors take its code (an inner one's exit
+    passes the outer)."""
     try:
         yield
     except Exception as exc:  # the known ones are looked up only now (they import torch)
-        if not isinstance(exc, errors or _known_errors()):
+        if isinstance(exc, typer.Exit) or not isinstance(exc, errors or _known_errors()):
             raise
         _fail(exc, code)
-
-
-MethodOpt = Annotated[
-    str,
-    typer.Option(
-        help="none | bct | pct | bct+pct | bct+pct+emb | hoc | bct+hoc | bct+pct+hoc | "
-        "bct+pct+emb+hoc",
-        rich_help_panel="Training",
-    ),
-]
-AncestorWeightsOpt = Annotated[
-    str,
-    typer.Option(
-        help="each: every ancestor gets each kind's weight; share: the ancestors share it",
-        rich_help_panel="Training",
-        hidden=True,
-    ),
-]
-AgainstOpt = Annotated[
-    str,
-    typer.Option(
-        help="all | last: constrain against every active ancestor or the last",
-        rich_help_panel="Training",
-    ),
-]
-PolicyOpt = Annotated[
-    str,
-    typer.Option(
-        help="random | oldest-first | uncertainty | representative", rich_help_panel="Backfill"
-    ),
-]
-
-
-EpochsOpt = Annotated[
-    int,
-    typer.Option(
-        min=1,
-        max=MAX_EPOCHS,
-        help=f"training epochs per generation (1-{MAX_EPOCHS}); an interrupted generation "
-        "resumed by this cycle takes a changed value if no epoch of it finished, else keeps "
-        "its own",
-        rich_help_panel="Training",
-    ),
-]
-ImageSizeOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="side of the square images are decoded to (default: the first evaluation "
-        "image's size, at most 32 a side); a lineage keeps the size it began with",
-        rich_help_panel="Data",
-    ),
-]
-ArchitectureOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="JSON keys over the default architecture, e.g. '{\"width\": 24}' or your own "
-        'backbone: \'{"kind": "import", "factory": "mypkg.nets:build", "options": {}}\'',
-        rich_help_panel="Training",
-        hidden=True,
-    ),
-]
 
 
 def _budget(value: float) -> float:
@@ -290,126 +228,107 @@ def _budget(value: float) -> float:
     return value
 
 
-BudgetOpt = Annotated[
-    float,
-    typer.Option(
-        callback=_budget,
-        help="a fraction (0 to 1) or a count of items (> 1)",
-        rich_help_panel="Backfill",
-    ),
-]
-RetireOpt = Annotated[
-    float,
-    typer.Option(
-        min=0.0,
-        max=1.0,
-        help="backfill first the generations holding at most this share of the collection, "
-        "so they retire",
-        rich_help_panel="Backfill",
-        hidden=True,
-    ),
-]
-SeedOpt = Annotated[
-    int, typer.Option(help="seed of initialisation and epoch order", rich_help_panel="Training")
-]
-NoGateOpt = Annotated[
-    bool, typer.Option("--no-gate", help="promote every generation", rich_help_panel="Gate")
-]
-MaxNfrOpt = Annotated[
-    float,
-    typer.Option(
-        min=0.0, max=1.0, help="gate: reject NFR above this beyond doubt", rich_help_panel="Gate"
-    ),
-]
-TolOpt = Annotated[
-    float,
-    typer.Option(
-        min=0.0, help="gate: accuracy >= champion's - this", rich_help_panel="Gate", hidden=True
-    ),
-]
-EccOpt = Annotated[
-    bool,
-    typer.Option(
-        help="gate: reject when C(g,k) - C(k,k) < -ecc-margin beyond doubt",
-        rich_help_panel="Gate",
-        hidden=True,
-    ),
-]
-EccMarginOpt = Annotated[
-    float,
-    typer.Option(
-        min=0.0,
-        max=1.0,
-        help="gate: C(g,k) may trail C(k,k) by this",
-        rich_help_panel="Gate",
-        hidden=True,
-    ),
-]
-ConfidenceOpt = Annotated[
-    float,
-    typer.Option(
-        "--gate-confidence",
-        min=0.5,
-        max=0.9999,
-        help="gate: level of its intervals",
-        rich_help_panel="Gate",
-        hidden=True,
-    ),
-]
-IncompatibleOpt = Annotated[
+def _opt(kind: Any, panel: str | None, help: str | None, *names: str, **more: Any) -> Any:
+    """An option's annotation, ``Annotated[kind, typer.Option(...)]``, in help panel ``panel``."""
+    return Annotated[kind, typer.Option(*names, help=help, rich_help_panel=panel, **more)]
+
+
+MethodOpt = _opt(
     str,
-    typer.Option(
-        "--gate-on-incompatible",
-        help="targeted | backfill | reject: an update not compatible with an ancestor "
-        "holding collection items is promoted re-embedding only the classes that would "
-        "regress (at most gate.max_backfill of the collection), or all that ancestor's "
-        "items, or rejected",
-        rich_help_panel="Gate",
-    ),
-]
-MaxBackfillOpt = Annotated[
+    "Training",
+    "none | bct | pct | bct+pct | bct+pct+emb | hoc | bct+hoc | bct+pct+hoc | bct+pct+emb+hoc",
+)
+AncestorWeightsOpt = _opt(
+    str,
+    "Training",
+    "each: every ancestor gets each kind's weight; share: the ancestors share it",
+    hidden=True,
+)
+AgainstOpt = _opt(
+    str, "Training", "all | last: constrain against every active ancestor or the last"
+)
+PolicyOpt = _opt(str, "Backfill", "random | oldest-first | uncertainty | representative")
+EpochsOpt = _opt(
+    int,
+    "Training",
+    f"training epochs per generation (1-{MAX_EPOCHS}); an interrupted generation resumed by "
+    "this cycle takes a changed value if no epoch of it finished, else keeps its own",
+    min=1,
+    max=MAX_EPOCHS,
+)
+ImageSizeOpt = _opt(
+    int | None,
+    "Data",
+    "side of the square images are decoded to (default: the first evaluation image's size, "
+    "at most 32 a side); a lineage keeps the size it began with",
+)
+ArchitectureOpt = _opt(
+    str | None,
+    "Training",
+    "JSON keys over the default architecture, e.g. '{\"width\": 24}' or your own backbone: "
+    '\'{"kind": "import", "factory": "mypkg.nets:build", "options": {}}\'',
+    hidden=True,
+)
+BudgetOpt = _opt(
+    float, "Backfill", "a fraction (0 to 1) or a count of items (> 1)", callback=_budget
+)
+RetireOpt = _opt(
     float,
-    typer.Option(
-        "--gate-max-backfill",
-        min=0.0,
-        max=1.0,
-        help="gate: the most a targeted backfill may re-embed (share of the collection)",
-        rich_help_panel="Gate",
-        hidden=True,
-    ),
-]
-ResamplesOpt = Annotated[
-    int,
-    typer.Option(
-        min=100,
-        help="gate: paired bootstrap resamples for C(g,k) - C(k,k)",
-        rich_help_panel="Gate",
-        hidden=True,
-    ),
-]
-NoWaitOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-wait", help="refuse, instead of waiting, while a cycle runs", rich_help_panel="Run"
-    ),
-]
-WeightOpt = Annotated[
+    "Backfill",
+    "backfill first the generations holding at most this share of the collection, so they retire",
+    min=0.0,
+    max=1.0,
+    hidden=True,
+)
+SeedOpt = _opt(int, "Training", "seed of initialisation and epoch order")
+NoGateOpt = _opt(bool, "Gate", "promote every generation", "--no-gate")
+MaxNfrOpt = _opt(float, "Gate", "gate: reject NFR above this beyond doubt", min=0.0, max=1.0)
+TolOpt = _opt(float, "Gate", "gate: accuracy >= champion's - this", min=0.0, hidden=True)
+EccOpt = _opt(
+    bool, "Gate", "gate: reject when C(g,k) - C(k,k) < -ecc-margin beyond doubt", hidden=True
+)
+EccMarginOpt = _opt(
+    float, "Gate", "gate: C(g,k) may trail C(k,k) by this", min=0.0, max=1.0, hidden=True
+)
+ConfidenceOpt = _opt(
+    float,
+    "Gate",
+    "gate: level of its intervals",
+    "--gate-confidence",
+    min=0.5,
+    max=0.9999,
+    hidden=True,
+)
+IncompatibleOpt = _opt(
+    str,
+    "Gate",
+    "targeted | backfill | reject: an update not compatible with an ancestor holding collection "
+    "items is promoted re-embedding only the classes that would regress (at most "
+    "gate.max_backfill of the collection), or all that ancestor's items, or rejected",
+    "--gate-on-incompatible",
+)
+MaxBackfillOpt = _opt(
+    float,
+    "Gate",
+    "gate: the most a targeted backfill may re-embed (share of the collection)",
+    "--gate-max-backfill",
+    min=0.0,
+    max=1.0,
+    hidden=True,
+)
+ResamplesOpt = _opt(
+    int, "Gate", "gate: paired bootstrap resamples for C(g,k) - C(k,k)", min=100, hidden=True
+)
+NoWaitOpt = _opt(bool, "Run", "refuse, instead of waiting, while a cycle runs", "--no-wait")
+WeightOpt = _opt(
     list[str] | None,
-    typer.Option(
-        "--weight",
-        help="KIND=W, repeatable: a constraint kind's weight (influence, focal, embedding, "
-        "contrastive); "
-        "kinds not given keep their default",
-        rich_help_panel="Training",
-        hidden=True,
-    ),
-]
-BatchRowsOpt = Annotated[
-    int,
-    typer.Option(
-        min=1, help="backfill: items per committed part", rich_help_panel="Backfill", hidden=True
-    ),
-]
+    "Training",
+    "KIND=W, repeatable: a constraint kind's weight (influence, focal, embedding, contrastive); "
+    "kinds not given keep their default",
+    "--weight",
+    hidden=True,
+)
+BatchRowsOpt = _opt(int, "Backfill", "backfill: items per committed part", min=1, hidden=True)
 
 
 def _weights(items: list[str] | None) -> dict[str, float]:
@@ -583,16 +502,41 @@ def _with_cycle_options(fn: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
+RunDatasetOpt = _opt(str, "Data", "data-set spec, e.g. digits, fashion-mnist")
+GenerationsOpt = _opt(int, "Run", "cycles to run (>= 1)", min=1)
+CycleDatasetOpt = _opt(
+    str | None,
+    "Data",
+    "imagefolder:DIR, parquet:PATH, or a scenario's data set (default: the lineage's)",
+)
+StagesOpt = _opt(
+    int | None, "Data", "stages of the scenario (default: the lineage's, else 3)", min=1
+)
+ForceOpt = _opt(bool, "Run", "train even if nothing changed since the champion", "--force")
+StrictOpt = _opt(
+    bool, "Data", "refuse a source with unreadable items (else: skip them)", "--strict"
+)
+CapacityOpt = _opt(
+    int | None,
+    "Training",
+    "head rows a new source lineage reserves (default max(64, 2 x classes))",
+    min=2,
+    hidden=True,
+)
+ReevaluateOpt = _opt(
+    bool,
+    "Data",
+    "if the evaluation set changed: measure every kept generation on the new one",
+    "--reevaluate",
+)
+
+
 @app.command()
 @_with_cycle_options
 def run(
     ctx: typer.Context,
-    dataset: Annotated[
-        str, typer.Option(help="data-set spec, e.g. digits, fashion-mnist", rich_help_panel="Data")
-    ] = "digits",
-    generations: Annotated[
-        int, typer.Option(min=1, help="cycles to run (>= 1)", rich_help_panel="Run")
-    ] = 3,
+    dataset: RunDatasetOpt = "digits",
+    generations: GenerationsOpt = 3,
     **shared: Any,
 ) -> None:
     """Run N update cycles of the growing scenario in GRACEFUL_HOME (N: --generations,
@@ -602,63 +546,19 @@ def run(
     opts = {"ctx": ctx, "dataset": dataset, "generations": generations, **shared}
     n = generations if _given(ctx, "generations") else file.get("stages") or generations
     cfg = _cycle_config(opts, file, {"dataset": dataset}, stages=n)
-    _check_inputs(cfg.dataset, training=True)
     _run_cycles(cfg, n)
-    _print_summary()
 
 
 @app.command()
 @_with_cycle_options
 def cycle(
     ctx: typer.Context,
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            help="imagefolder:DIR, parquet:PATH, or a scenario's data set (default: the lineage's)",
-            rich_help_panel="Data",
-        ),
-    ] = None,
-    stages: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="stages of the scenario (default: the lineage's, else 3)",
-            rich_help_panel="Data",
-        ),
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="train even if nothing changed since the champion",
-            rich_help_panel="Run",
-        ),
-    ] = False,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict",
-            help="refuse a source with unreadable items (else: skip them)",
-            rich_help_panel="Data",
-        ),
-    ] = False,
-    class_capacity: Annotated[
-        int | None,
-        typer.Option(
-            min=2,
-            help="head rows a new source lineage reserves (default max(64, 2 x classes))",
-            rich_help_panel="Training",
-            hidden=True,
-        ),
-    ] = None,
-    reevaluate: Annotated[
-        bool,
-        typer.Option(
-            "--reevaluate",
-            help="if the evaluation set changed: measure every kept generation on the new one",
-            rich_help_panel="Data",
-        ),
-    ] = False,
+    dataset: CycleDatasetOpt = None,
+    stages: StagesOpt = None,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    class_capacity: CapacityOpt = None,
+    reevaluate: ReevaluateOpt = False,
     **shared: Any,
 ) -> None:
     """Run one update cycle; an interrupted one resumes.
@@ -672,9 +572,7 @@ def cycle(
     file = _read_config(shared["config"])
     opts = {k: v for k, v in locals().items() if k != "shared"} | shared
     cfg = _cycle_config(opts, file)
-    _check_inputs(cfg.dataset, training=True)
     _run_cycles(cfg, 1)
-    _print_summary()
 
 
 def _progress_bar(transient: bool = False):
@@ -692,6 +590,7 @@ def _progress_bar(transient: bool = False):
 
 
 def _run_cycles(cfg, n: int) -> None:
+    _check_inputs(cfg.dataset, training=True)
     from flows import progress as step_progress
     from flows.cycle import update_cycle
     from workers.runtime import join_cluster
@@ -719,7 +618,7 @@ def _run_cycles(cfg, n: int) -> None:
             if result.get("skipped"):
                 bar.stop()
                 out.print(result["message"])
-                return
+                break
             if result.get("resumed"):
                 err.print(escape(result["resumed"]))
             verdict = "promoted" if result["promoted"] else "rejected"
@@ -732,6 +631,7 @@ def _run_cycles(cfg, n: int) -> None:
                     f"{result['ray_node']} ({result['ray_node_ip']})",
                     soft_wrap=True,
                 )
+    _print_summary()
 
 
 def _matrix_table(title: str, pairs: list, fmt: str = "{:.4f}") -> Table:
@@ -799,13 +699,7 @@ def backfill(
     _env_defaults()
     # bad values (an unknown policy, a budget of inf) are bad input, before anything
     with _failing():
-        cfg = BackfillConfig(
-            budget=budget,
-            policy=policy,
-            batch_rows=batch_rows,
-            seed=seed,
-            retire_share=retire_share,
-        )
+        cfg = BackfillConfig(**locals())  # the options, by their fields' names
     _check_inputs(None, existing=True)
     from flows.backfill import backfill_flow
 
@@ -920,14 +814,11 @@ def search(
         from store.collection import CollectionStoreError
         from store.lineage import Lineage
 
-        try:
+        # an unreadable collection: a failure (exit 1), not bad input
+        with _failing(), _failing(1, CollectionStoreError):
             hits = (
                 search_item(Lineage(), item, k) if file is None else search_file(Lineage(), file, k)
             )
-        except CollectionStoreError as exc:  # an unreadable collection: a failure, not bad input
-            _fail(exc, code=1)
-        except _known_errors() as exc:
-            _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(hits["neighbors"]) + "\n")
         return
@@ -1032,15 +923,11 @@ def abandon(
     file removed, so the next cycle trains a new generation instead of resuming it."""
     _check_inputs(None, existing=True)
     from flows.recovery import abandon_generation
-    from store.lineage import Lineage, UnknownGeneration
+    from store.lineage import Lineage
     from store.locks import LockHeld
 
-    try:
+    with _failing(), _failing(1, LockHeld):  # an unknown generation (a StoreError) is exit 2
         removed = abandon_generation(Lineage(), generation, reason)
-    except LockHeld as exc:
-        _fail(exc, code=1)
-    except (UnknownGeneration, *_known_errors()) as exc:
-        _fail(exc)
     for path in removed:
         err.print(f"removed {escape(path)}")
     out.print(
@@ -1095,13 +982,7 @@ def serve(
 
             serve_in_thread(search_host, search_port)
             out.print(f"graceful search on http://{search_host}:{search_port}/")
-    serve_all(
-        cycle_config,
-        interval_minutes=schedule.interval_minutes,
-        cron=schedule.cron,
-        name=schedule.name,
-        collection=schedule.collection,
-    )
+    serve_all(cycle_config, **schedule.model_dump())  # interval_minutes, cron, name, collection
 
 
 def _serve_config(opts: dict, file: dict):

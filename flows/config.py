@@ -82,6 +82,11 @@ class GateConfig(BaseModel):
     )
 
 
+def _spec(name: str, description: str, **constraints: Any) -> Any:
+    """A field whose default is the trainer's own (:func:`workers.learning.spec.spec_default`)."""
+    return Field(spec_default(name), description=description, **constraints)
+
+
 class TrainConfig(BaseModel):
     """How one generation is trained."""
 
@@ -98,94 +103,71 @@ class TrainConfig(BaseModel):
         description="each ancestor gets every kind's weight, or the ancestors share it "
         "equally (the constraints' total stays the same as the chain grows)",
     )
-    epochs: int = Field(
-        spec_default("epochs"),
+    epochs: int = _spec(
+        "epochs",
+        f"training epochs per generation (1 to {MAX_EPOCHS}; a kill resumes them)",
         ge=1,
         le=MAX_EPOCHS,
-        description=f"training epochs per generation (1 to {MAX_EPOCHS}; a kill resumes them)",
     )
-    batch_size: int = Field(
-        spec_default("batch_size"), ge=2, description="items per training batch"
-    )
-    lr: float = Field(
-        spec_default("lr"),
-        gt=0,
-        description="AdamW's learning rate, cosine-annealed over the epochs",
-    )
-    seed: int = Field(
-        spec_default("seed"), description="seed of the initialisation and of every epoch's order"
-    )
-    embed_dim: int = Field(
-        spec_default("embed_dim"), ge=2, description="dimension of the L2-normalised embedding"
-    )
+    batch_size: int = _spec("batch_size", "items per training batch", ge=2)
+    lr: float = _spec("lr", "AdamW's learning rate, cosine-annealed over the epochs", gt=0)
+    seed: int = _spec("seed", "seed of the initialisation and of every epoch's order")
+    embed_dim: int = _spec("embed_dim", "dimension of the L2-normalised embedding", ge=2)
     weights: dict[ConstraintKind, float] = Field(
         default_factory=full_weights,
         description="weight per constraint kind (one constraint per active ancestor and kind "
         "of the method); kinds left out keep their default",
     )
-    focal_alpha: float = Field(
-        spec_default("focal_alpha"),
+    focal_alpha: float = _spec(
+        "focal_alpha",
+        "PCT focal distillation: every item's weight alpha + beta x 1[the ancestor was right]",
         ge=0,
-        description="PCT focal distillation: every item's weight alpha + beta x "
-        "1[the ancestor was right]",
     )
-    focal_beta: float = Field(
-        spec_default("focal_beta"), ge=0, description="PCT focal distillation: see focal_alpha"
+    focal_beta: float = _spec("focal_beta", "PCT focal distillation: see focal_alpha", ge=0)
+    focal_temperature: float = _spec(
+        "focal_temperature", "PCT focal distillation: temperature of both models' logits", gt=0
     )
-    focal_temperature: float = Field(
-        spec_default("focal_temperature"),
+    contrastive_temperature: float = _spec(
+        "contrastive_temperature", "temperature of the contrastive (d-Simplex-HOC) constraint", gt=0
+    )
+    weight_decay: float = _spec("weight_decay", "AdamW's weight decay", ge=0)
+    influence_scale: float | None = _spec(
+        "influence_scale",
+        "cosine scale of BCT's influence loss (default: the heads' own scale)",
         gt=0,
-        description="PCT focal distillation: temperature of both models' logits",
     )
-    contrastive_temperature: float = Field(
-        spec_default("contrastive_temperature"),
-        gt=0,
-        description="temperature of the contrastive (d-Simplex-HOC) constraint",
-    )
-    weight_decay: float = Field(
-        spec_default("weight_decay"), ge=0, description="AdamW's weight decay"
-    )
-    influence_scale: float | None = Field(
-        spec_default("influence_scale"),
-        gt=0,
-        description="cosine scale of BCT's influence loss (default: the heads' own scale)",
-    )
-    bct_prototypes: bool = Field(
-        spec_default("bct_prototypes"),
-        description="BCT: an ancestor's rows for classes it never saw become the mean old "
+    bct_prototypes: bool = _spec(
+        "bct_prototypes",
+        "BCT: an ancestor's rows for classes it never saw become the mean old "
         "embedding of their items (false: those items are left out of its loss)",
     )
-    embedding_scope: Literal["all", "known", "unknown"] = Field(
-        spec_default("embedding_scope"),
-        description="which items the embedding constraint pulls: all, those of classes the "
+    embedding_scope: Literal["all", "known", "unknown"] = _spec(
+        "embedding_scope",
+        "which items the embedding constraint pulls: all, those of classes the "
         "ancestor saw, or of classes it never saw",
     )
-    loader_workers: int = Field(
-        spec_default("loader_workers"),
-        ge=0,
-        description="DataLoader processes decoding a source's items (0: in the trainer)",
+    loader_workers: int = _spec(
+        "loader_workers", "DataLoader processes decoding a source's items (0: in the trainer)", ge=0
     )
-    workers: int = Field(
-        spec_default("workers"),
-        ge=1,
-        description="data-parallel training processes (Ray Train, DDP: gloo on CPUs, NCCL with "
+    workers: int = _spec(
+        "workers",
+        "data-parallel training processes (Ray Train, DDP: gloo on CPUs, NCCL with "
         "a GPU each); every batch is split among them, so batch_size must be at least 2 x "
         "workers; 1: one process, no Ray Train (deploy/CLUSTER.md)",
+        ge=1,
     )
-    influence_head: Literal["centroids", "head"] = Field(
-        spec_default("influence_head"),
-        description="BCT's frozen head: the ancestor's class centroids, or its own head rows",
+    influence_head: Literal["centroids", "head"] = _spec(
+        "influence_head", "BCT's frozen head: the ancestor's class centroids, or its own head rows"
     )
-    warm_start: bool = Field(
-        spec_default("warm_start"),
-        description="start from the newest constrained ancestor's weights, expanded",
+    warm_start: bool = _spec(
+        "warm_start", "start from the newest constrained ancestor's weights, expanded"
     )
     architecture: dict | None = Field(
         None, description="keys that override the scenario's architecture (kind, width, head…)"
     )
-    augment: Literal["auto", "none", "crop", "crop+flip"] = Field(
-        spec_default("augment"),
-        description="image augmentation in training: a random crop with zero padding and a "
+    augment: Literal["auto", "none", "crop", "crop+flip"] = _spec(
+        "augment",
+        "image augmentation in training: a random crop with zero padding and a "
         "horizontal flip; auto: the resnet's images are cropped, and also flipped for "
         "Fashion-MNIST, CIFAR and colour photographs (never grey images of unknown kind: a "
         "mirrored 'b' is a 'd'; pass crop where your photos' classes are not "
@@ -267,23 +249,19 @@ class BackfillConfig(BaseModel):
 
     @field_validator("budget", mode="before")
     @classmethod
-    def _finite(cls, v: Any) -> Any:
-        """inf and nan (a TOML file's, a deployment run's "inf") are no budget."""
+    def _finite_count(cls, v: Any) -> Any:
+        """inf and nan (a TOML file's, a deployment run's "inf") are no budget; above 1 it is
+        a count of items, a whole number."""
         try:
-            finite = math.isfinite(float(v))
+            number = float(v)
         except (TypeError, ValueError, OverflowError):  # not a number: the type check says so
             return v
-        if not finite:
+        if not math.isfinite(number):
             raise ValueError(
                 "the budget must be a finite number: a fraction of the collection (0 to 1) or "
                 "a count of items (a whole number above 1), e.g. 0.3 or 500"
             )
-        return v
-
-    @field_validator("budget")
-    @classmethod
-    def _whole_count(cls, v: float) -> float:
-        if v > 1 and v != int(v):
+        if number > 1 and number != int(number):
             raise ValueError("a budget above 1 is a count of items: give a whole number")
         return v
 

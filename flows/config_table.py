@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
-from pydantic.fields import FieldInfo
 
 from flows.config import GracefulConfig
 
@@ -49,12 +48,6 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def _default(field: FieldInfo) -> str:
-    """The default cell: the value in backticks, or *unset* for a None default."""
-    value = field.get_default(call_default_factory=True)
-    return "*unset*" if value is None else f"`{_value(value)}`"
-
-
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell."""
     return " ".join(text.split()).replace("|", "\\|")
@@ -75,7 +68,9 @@ def rows(model: type[BaseModel] = GracefulConfig, prefix: str = "") -> list[tupl
         if choices:
             listed = " | ".join(f"`{c}`" for c in choices)
             description = f"{description} ({listed})" if description else listed
-        own.append((f"`{prefix}{name}`", _default(field), _cell(description)))
+        value = field.get_default(call_default_factory=True)
+        default = "*unset*" if value is None else f"`{_value(value)}`"
+        own.append((f"`{prefix}{name}`", default, _cell(description)))
     return own + sections
 
 

@@ -309,13 +309,10 @@ def update_cycle(config: CycleConfig | None = None) -> dict[str, Any]:
 
     result = run_cycle(Lineage(), cfg, on_step, run_step=as_task, log=get_run_logger())
     if result.get("skipped"):
-        since = result["generation"]
-        name_run(
-            f"skipped: generation {since} rejected on this snapshot"
-            if "rejected" in result["message"]
-            else f"skipped: no new data since generation {since}"
-        )
-        publish_skip_task(result["message"])
+        message, since = result["message"], result["generation"]
+        rejected = f"skipped: generation {since} rejected on this snapshot"
+        name_run(rejected if "rejected" in message else message)  # else: no new data since
+        publish_skip_task(message)
     else:
         publish_task(result["generation"], result["backfill"], result["retired"])
         progress.step("published")

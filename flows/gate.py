@@ -199,15 +199,14 @@ def decide(
                 f"FAIL accuracy {accuracy:.4f} < champion {champion_accuracy:.4f} - {tol}"
             )
     owed: dict[int, int] = {}  # ancestor -> index of its reason, under on_incompatible
-    defer = cfg.on_incompatible in (OnIncompatible.BACKFILL, OnIncompatible.TARGETED)
     for k, (passed, reason) in _ecc_checks(compat, cfg, ecc_counts, ecc_groups).items():
-        if not passed and cfg.on_incompatible == OnIncompatible.TARGETED:
-            owed[k] = len(reasons)  # the served state decides (judge_served), pinned or not
-        elif not passed and defer and k not in pinned:
-            owed[k] = len(reasons)  # no rejection by itself: k's items can all leave
+        # no rejection by itself: under targeted the served state decides (judge_served),
+        # pinned or not; under backfill k's items can all leave, unless it is pinned
+        kept = cfg.on_incompatible == OnIncompatible.BACKFILL and k in pinned
+        if not passed and cfg.on_incompatible != OnIncompatible.REJECT and not kept:
+            owed[k] = len(reasons)
         elif not passed:
             ok = False
-            kept = defer and k in pinned
             reason = (
                 "FAIL " + reason + ("; it is pinned: unpin it to backfill it away" if kept else "")
             )

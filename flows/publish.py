@@ -74,7 +74,7 @@ def publish_cycle(
         plots.append(curves(series, "Backfill curves", out / "backfill_curves.png"))
     gen = next(g for g in rep["generations"] if g["id"] == gen_id)
     champion = rep["champion"] if rep["champion"] is not None else "none"
-    collection = rep["gallery"] or {}
+    collection = rep["gallery"]
     lines = [
         f"# Generation {gen_id}: {gen['status']}",
         "",
@@ -96,8 +96,7 @@ def publish_cycle(
         *([] if gen["constraints"] else ["- none (a first generation)"]),
         "",
         "## Collection",
-        f"- {int(collection.get('items') or 0):,} items: "
-        f"{text.by_generation(collection.get('by_generation'))}",
+        f"- {collection['items']:,} items: {text.by_generation(collection['by_generation'])}",
         f"- this cycle's backfill: {text.cycle_backfill(backfill)}",
         f"- retired from the constraint chain: {text.retired(retired)}",
         "",

@@ -316,21 +316,14 @@ def search_item(lineage: Lineage, key: str | int, k: int = 5) -> dict[str, Any]:
     source and embedded by the champion."""
     s = Searcher.open(lineage)
     emb, label = s.key_query(str(key))
-    return {
-        "item": str(key),
-        "label": label,
-        "generation": s.champion,
-        "neighbors": s.search(emb, k),
-    }
+    return {"item": str(key), "label": label, **_answer(s, emb, k)}
 
 
 def search_file(lineage: Lineage, path: Path | str, k: int = 5) -> dict[str, Any]:
     """The ``k`` nearest collection items to a query file, embedded by the champion."""
     s = Searcher.open(lineage)
-    emb = s.file_query(path)
-    return {
-        "file": str(path),
-        "label": None,
-        "generation": s.champion,
-        "neighbors": s.search(emb, k),
-    }
+    return {"file": str(path), "label": None, **_answer(s, s.file_query(path), k)}
+
+
+def _answer(s: Searcher, emb: np.ndarray, k: int) -> dict[str, Any]:
+    return {"generation": s.champion, "neighbors": s.search(emb, k)}

@@ -31,14 +31,6 @@ PAIR_METRICS = (
 )
 
 
-def _pairs(lineage: Lineage, metric: str, strict: bool) -> list[list[float]]:
-    return [
-        [a, b, v]
-        for a, b, v in lineage.metric(metric)
-        if (a > b if strict else a >= b) and v is not None
-    ]
-
-
 def generation_status(gen: Generation, cycle_running: bool) -> str:
     """The stored status, or ``interrupted`` for a cycle whose process is gone."""
     unfinished = interrupted_step(gen) is not None
@@ -114,16 +106,12 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
     backfill serves again (``recovered``); ``targeted_backfill``: the items it owes
     (``items``, ``share`` of the collection).
     """
-    pair: dict[int, dict[int, dict[str, float | None]]] = {}  # g -> k -> metric -> value
-    for metric in GATE_PAIR_METRICS:
+    # g -> k -> metric -> value: the pair metrics at each ancestor k < g, g's own at k = g
+    rows: dict[int, dict[int, dict[str, float | None]]] = {}
+    for metric in GATE_PAIR_METRICS + GATE_OWN_METRICS:
         for a, b, v in lineage.metric(metric):
-            if a > b:
-                pair.setdefault(a, {}).setdefault(b, {})[metric] = v
-    own: dict[int, dict[str, float | None]] = {}
-    for metric in GATE_OWN_METRICS:
-        for a, b, v in lineage.metric(metric):
-            if a == b:
-                own.setdefault(a, {})[metric] = v
+            if a > b if metric in GATE_PAIR_METRICS else a == b:
+                rows.setdefault(a, {}).setdefault(b, {})[metric] = v
 
     def count(v: float | None) -> int | None:
         return None if v is None else int(round(v))
@@ -131,8 +119,10 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
     out: dict[int, dict[str, Any]] = {}
     for g in gens:
         gid = int(g.id)  # type: ignore[arg-type]
+        pair = rows.get(gid, {})
+        o = pair.pop(gid, {})
         ancestors = []
-        for k, m in sorted(pair.get(gid, {}).items()):
+        for k, m in sorted(pair.items()):
             if "ecc_delta" not in m and "nfr_lo" not in m:
                 continue  # no evidence recorded (evaluated before graceful recorded it)
             ancestors.append(
@@ -154,7 +144,6 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
                     },
                 }
             )
-        o = own.get(gid, {})
         out[gid] = {
             "passed": g.gate_passed,
             "reasons": g.gate_reasons,
@@ -241,7 +230,11 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
         ],
     }
     for metric in PAIR_METRICS:
-        report[metric] = _pairs(lineage, metric, strict=metric != Metric.COMPAT_MAP100)
+        report[metric] = [
+            [a, b, v]
+            for a, b, v in lineage.metric(metric)
+            if (a >= b if metric == Metric.COMPAT_MAP100 else a > b) and v is not None
+        ]
     report["nfr_any"] = [[a, v] for a, b, v in lineage.metric(Metric.NFR_ANY) if a == b]
     top1 = {(a, b): v for a, b, v in lineage.metric(Metric.COMPAT_TOP1) if a >= b and v is not None}
     report["compat_top1"] = [[a, b, v] for (a, b), v in sorted(top1.items())]

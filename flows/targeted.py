@@ -140,14 +140,12 @@ def judge(
     view, holders = served_view(lineage, ds, candidate, champion, cache_dir)
     collection = Collection(lineage)
     kw = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples}
-    if not holders:  # nothing indexed yet: it will be indexed whole by the champion
-        plan = plan_targeted(
-            view, [], num_classes, greedy=False, replace_gens=view.ref_by_gen, **kw
-        )
-    elif cfg.on_incompatible == OnIncompatible.TARGETED:
+    if holders and cfg.on_incompatible == OnIncompatible.TARGETED:
         plan = plan_targeted(view, holders - pinned, num_classes, **kw)
-    else:
-        plan = plan_targeted(view, [], num_classes, greedy=False, replace_gens=owed_full, **kw)
+    else:  # whole generations replaced: those owed a full backfill, or where nothing is
+        # indexed yet all of them (the champion will index the collection whole)
+        replace = owed_full if holders else view.ref_by_gen
+        plan = plan_targeted(view, [], num_classes, greedy=False, replace_gens=replace, **kw)
     debt = np.zeros(0, dtype=np.int64)
     if plan.classes:  # the same classes, found in the collection by its stored embeddings
         _, protos = item_classes(view, holders - pinned, num_classes)
@@ -165,7 +163,7 @@ def judge(
     return Judgement(outcome, reasons, plan, debt, size)
 
 
-def record(gen_id: int, j: Judgement) -> list[tuple]:
+def record(g: int, j: Judgement) -> list[tuple]:
     """The debt file (before the promotion it belongs to) and the metric rows of the
     served state; returns the rows. The per-class list goes on the generation."""
     plan = j.plan
@@ -173,9 +171,8 @@ def record(gen_id: int, j: Judgement) -> list[tuple]:
         return []
     owed = j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
     if owed:
-        save_debt(gen_id, j.debt)
+        save_debt(g, j.debt)
     share = len(j.debt) / j.collection if j.collection else 0.0
-    g = gen_id
     return [
         (g, g, Metric.SERVED_DELTA, plan.overall.delta),
         (g, g, Metric.SERVED_DELTA_LO, plan.overall.lo),

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from store.lineage import UNFINISHED_JOBS, BackfillJob, JobStatus, Lineage, _now
+from store.lineage import UNFINISHED_JOBS, BackfillJob, JobStatus, Lineage, _now, set_row
 from store.settings import subdir
 
 
@@ -64,12 +63,4 @@ def close_interrupted_jobs(lineage: Lineage, keep: int | None, why: str | None =
 def progress_recorder(job_id: int) -> Callable[[Session, int], None]:
     """What a rewritten part's commit also writes: the job's items done, in the same
     transaction, so progress never runs ahead of (or behind) the parts."""
-
-    def record(session: Session, items_done: int) -> None:
-        session.execute(
-            update(BackfillJob.__table__)  # type: ignore[arg-type]
-            .where(BackfillJob.__table__.c.id == job_id)  # type: ignore[attr-defined]
-            .values(items_done=items_done)
-        )
-
-    return record
+    return lambda session, items_done: set_row(session, BackfillJob, job_id, items_done=items_done)

@@ -50,12 +50,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, insert
 from sqlmodel import Session
 
 from store.failpoints import failpoint
 from store.files import file_sha256
-from store.lineage import CollectionInfo, CollectionPart, Lineage, _now
+from store.lineage import CollectionInfo, CollectionPart, Lineage, _now, set_row
 from store.settings import StoreError, graceful_home, subdir
 
 COLUMNS = ("item_id", "key", "label", "generation", "margin", "fingerprint", "embedding")
@@ -303,8 +303,10 @@ class Collection:
     def _path(self, name: str) -> Path:
         return self.root / name
 
-    def _open(self, name: str, info: CollectionInfo) -> pq.ParquetFile:
-        """Open part ``name`` and check its schema (reads the footer only)."""
+    @contextmanager
+    def _reading(self, name: str, info: CollectionInfo) -> Iterator[pq.ParquetFile]:
+        """Part ``name``, opened and its schema checked (reads the footer only); a read
+        that fails names the corrupt file."""
         path = self._path(name)
         try:
             f = pq.ParquetFile(path)
@@ -326,16 +328,10 @@ class Collection:
                 f"foreign Parquet file {path}: schema ({_short(schema)}) is not the "
                 f"gallery's ({_short(expected)})"
             )
-        return f
-
-    @contextmanager
-    def _reading(self, name: str, info: CollectionInfo) -> Iterator[pq.ParquetFile]:
-        """Part ``name``, opened and checked; a read that fails names the corrupt file."""
-        f = self._open(name, info)
         try:
             yield f
         except (pa.ArrowInvalid, OSError) as exc:
-            raise CollectionStoreError(f"corrupt Parquet file {self._path(name)}: {exc}") from exc
+            raise CollectionStoreError(f"corrupt Parquet file {path}: {exc}") from exc
         finally:
             f.close()
 
@@ -533,9 +529,7 @@ class Collection:
         Returns the new part's name. On any failure the manifest still names ``name``.
         """
         info = self.require()
-        slot, version = parse_part_name(name) or (None, None)
-        if slot is None:
-            raise CollectionStoreError(f"{name!r} is not a collection part name")
+        slot, version = parse_part_name(name) or (slot_of(name), 0)  # slot_of raises
         before = next((int(p.rows) for p in self.manifest() if p.name == name), None)
         staged = self._stage(part_name(slot, version + 1), rows, info.embed_dim)
 
@@ -566,15 +560,16 @@ class Collection:
             raise
         self._settle(staged.name)
 
-    def _unlink_if_unreferenced(self, name: str) -> None:
-        """Delete a staged file after a failed commit, unless the commit did happen."""
+    def _unlink_if_unreferenced(self, *names: str) -> None:
+        """Delete staged files after a failed commit, unless the commit did happen."""
         try:
-            committed = name in self.part_names()
-        except Exception:  # cannot tell: leave it to reconcile()
+            committed = set(self.part_names())
+        except Exception:  # cannot tell: leave them to reconcile()
             return
-        if not committed:
-            self._path(name).unlink(missing_ok=True)
-        self._settle(name)
+        for name in names:
+            if name not in committed:
+                self._path(name).unlink(missing_ok=True)
+        self._settle(*names)
 
     def _clear_leftovers(self) -> None:
         """Files of an interrupted first indexing (there is no manifest yet)."""
@@ -666,14 +661,7 @@ class Collection:
                     for st in staged:
                         self._record(s, st, replaces=None)
             except BaseException:
-                try:
-                    committed = self.exists()
-                except Exception:
-                    committed = True  # cannot tell: keep the files
-                if not committed:
-                    for st in staged:
-                        st.path.unlink(missing_ok=True)
-                    self._settle(*(st.name for st in staged))
+                self._unlink_if_unreferenced(*(st.name for st in staged))
                 raise
             self._settle(*(st.name for st in staged))
             return total
@@ -732,7 +720,7 @@ class Collection:
                     s.add(CollectionInfo(dataset=dataset, embed_dim=dim, items=0, next_id=next_id))
                     s.flush()
                 else:
-                    _set_info(s, next_id=next_id)
+                    set_row(s, CollectionInfo, 1, next_id=next_id)
                 self._record(s, staged, replaces=None)
                 _add_items(s, len(rows))
 
@@ -758,7 +746,7 @@ class Collection:
     def set_dataset(self, dataset: str) -> None:
         """Record that the collection's items now come from ``dataset`` (same kind, moved)."""
         with self.lineage.session() as s:
-            _set_info(s, dataset=dataset)
+            set_row(s, CollectionInfo, 1, dataset=dataset)
 
     def keys(self, columns: Sequence[str] = ("key", "item_id", "fingerprint")) -> pa.Table:
         """``columns`` of every committed item (no embeddings), streamed part by part."""
@@ -770,14 +758,8 @@ class Collection:
         return pa.concat_tables(batches).combine_chunks()
 
 
-def _set_info(session: Session, **values: object) -> None:
-    """Update the collection's one info row."""
-    table = CollectionInfo.__table__
-    session.execute(update(table).where(table.c.id == 1).values(**values))
-
-
 def _add_items(session: Session, delta: int) -> None:
-    _set_info(session, items=CollectionInfo.__table__.c["items"] + delta)
+    set_row(session, CollectionInfo, 1, items=CollectionInfo.__table__.c["items"] + delta)
 
 
 @dataclass

@@ -26,6 +26,7 @@ far in their new version, the rest in their old one, never half a part.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -78,20 +79,14 @@ _LOOKUP_SCHEMA = pa.schema(
 )
 
 
-def _lookup_table(ids, keys=None, labels=None, generations=None, slot: int = -1) -> pa.Table:
-    ids = np.asarray(ids, dtype=np.int64)
-    n = len(ids)
+def _lookup_table(ids, keys, labels, generations, slot: int) -> pa.Table:
     return pa.table(
         {
-            "item_id": ids,
-            "key": pa.array(
-                [str(int(i)) for i in ids] if keys is None else list(keys), pa.string()
-            ),
-            "label": np.zeros(n, np.int64) if labels is None else np.asarray(labels, np.int64),
-            "generation": np.full(n, -1, np.int32)
-            if generations is None
-            else np.asarray(generations, np.int32),
-            "slot": np.full(n, slot, np.int32),
+            "item_id": np.asarray(ids, dtype=np.int64),
+            "key": pa.array(list(keys), pa.string()),
+            "label": np.asarray(labels, np.int64),
+            "generation": np.asarray(generations, np.int32),
+            "slot": np.full(len(ids), slot, np.int32),
         },
         schema=_LOOKUP_SCHEMA,
     )
@@ -193,15 +188,8 @@ class CollectionIndex:
         self.index.train(sample)
         self.trainings += 1
 
-    def upsert(
-        self,
-        ids: np.ndarray,
-        emb: np.ndarray,
-        labels: np.ndarray,
-        keys: list[str] | None = None,
-        generations: np.ndarray | None = None,
-    ) -> None:
-        """Insert or replace items (each id once)."""
+    def upsert(self, ids: np.ndarray, emb: np.ndarray, labels: np.ndarray) -> None:
+        """Insert or replace items (each id once; keyed by their ids, of no generation)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         emb = self._check(emb)
         if len(np.unique(ids)) != len(ids):
@@ -216,7 +204,8 @@ class CollectionIndex:
             self.index.remove_ids(ids)
         self.index.add_with_ids(emb, ids)
         drop = pc.is_in(self._table.column("item_id"), pa.array(ids))
-        self._replace_rows(drop, [_lookup_table(ids, keys, labels, generations)])
+        keys = [str(int(i)) for i in ids]
+        self._replace_rows(drop, [_lookup_table(ids, keys, labels, np.full(len(ids), -1), -1)])
 
     def sync(self, collection: Collection, attempts: int = 64) -> bool:
         """Bring the index to the collection's committed manifest; True if anything changed.
@@ -332,12 +321,9 @@ class CollectionIndex:
     def clone(self) -> CollectionIndex:
         """An independent copy (faiss index and lookup): a reader keeps searching this one
         while the copy is synced, then the copy replaces it (copy-on-write)."""
-        twin = CollectionIndex(self.dim, self.kind, self.nlist)
+        twin = copy.copy(self)  # Arrow tables are immutable: shared until replaced
         twin.index = faiss.clone_index(self.index)
-        twin.nprobe, twin.recall, twin.trainings = self.nprobe, self.recall, self.trainings
         twin.parts = dict(self.parts)
-        twin._table = self._table  # Arrow tables are immutable: shared until replaced
-        twin._probe = self._probe
         return twin
 
     def embedding_of(self, item_id: int) -> np.ndarray | None:
@@ -444,12 +430,9 @@ class CollectionIndex:
         table = self._rows()
         known = table.column("item_id").to_numpy()
         flat = np.asarray(ids, dtype=np.int64).ravel()
-        if len(known) == 0:
-            if len(flat):
-                raise CollectionStoreError(f"item ids not in the index: {flat[:10].tolist()}")
-            return np.zeros(0, np.int64)
         pos = np.searchsorted(known, flat)
-        ok = (pos < len(known)) & (known[np.minimum(pos, len(known) - 1)] == flat)
+        ok = pos < len(known)
+        ok[ok] = known[pos[ok]] == flat[ok]
         if not ok.all():
             raise CollectionStoreError(f"item ids not in the index: {flat[~ok][:10].tolist()}")
         return pos

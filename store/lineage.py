@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, create_engine, select
@@ -218,6 +218,13 @@ class CollectionInfo(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_now)
 
 
+def set_row(session: Session, model: type[SQLModel], key: int, **values: Any) -> None:
+    """Set ``values`` on row ``key`` of ``model``'s table in ``session``'s transaction: a
+    plain UPDATE, not the ORM's load-modify-flush (it runs once a part or a step)."""
+    table = model.__table__  # type: ignore[attr-defined]
+    session.execute(update(table).where(table.c.id == key).values(**values))
+
+
 class UnknownGeneration(StoreError):
     """A generation id that the lineage does not hold."""
 
@@ -270,6 +277,11 @@ class Lineage:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
+    def _all(self, query: Any) -> list[Any]:
+        """Every row ``query`` selects, read in one transaction."""
+        with self.session() as s:
+            return list(s.exec(query))
+
     # -- generations -------------------------------------------------------------------
     def add_generation(self, **fields: Any) -> Generation:
         """Record a generation with no constraints and no snapshot."""
@@ -303,8 +315,7 @@ class Lineage:
             return gen
 
     def generations(self) -> list[Generation]:
-        with self.session() as s:
-            return list(s.exec(select(Generation).order_by(Generation.id)))
+        return self._all(select(Generation).order_by(Generation.id))
 
     def _update(self, model: type[SQLModel], key: int, error: type[Exception], fields: dict):
         """Set ``fields`` on one row in one transaction; an unknown id raises ``error``."""
@@ -314,7 +325,6 @@ class Lineage:
                 raise error(f"unknown {model.__tablename__.replace('job', ' job')} {key}")
             for name, value in fields.items():
                 setattr(row, name, value)
-            s.add(row)
             return row
 
     def update_generation(self, gen_id: int, **fields: Any) -> Generation:
@@ -348,28 +358,22 @@ class Lineage:
                 )
             for old in olds:
                 old.is_champion = False
-                s.add(old)
             s.flush()  # the old champion steps down before the unique index sees the new one
             gen.is_champion = True
             gen.status = GenerationStatus.PROMOTED
-            s.add(gen)
 
     def snapshots(self) -> dict[int, SnapshotRecord]:
         """Each generation's snapshot, by generation id (generations made before have none)."""
-        with self.session() as s:
-            return {r.generation_id: r for r in s.exec(select(SnapshotRecord))}
+        return {r.generation_id: r for r in self._all(select(SnapshotRecord))}
 
     def set_eval_fingerprint(self, fingerprint: str) -> None:
         """Every snapshot is measured on this evaluation set now (after a re-evaluation)."""
         with self.session() as s:
-            for record in s.exec(select(SnapshotRecord)):
-                record.eval_fingerprint = fingerprint
-                s.add(record)
+            s.execute(update(SnapshotRecord).values(eval_fingerprint=fingerprint))
 
     def vocabulary(self) -> dict[str, int]:
         """Class name -> head row, in row order."""
-        with self.session() as s:
-            return {r.name: r.idx for r in s.exec(select(ClassName).order_by(ClassName.idx))}
+        return {r.name: r.idx for r in self._all(select(ClassName).order_by(ClassName.idx))}
 
     def extend_vocabulary(
         self, names: Iterable[str], capacity: int | None = None
@@ -401,11 +405,10 @@ class Lineage:
 
     # -- constraints -------------------------------------------------------------------
     def constraints(self, gen_id: int | None = None) -> list[Constraint]:
-        with self.session() as s:
-            q = select(Constraint).order_by(Constraint.generation_id, Constraint.target_id)
-            if gen_id is not None:
-                q = q.where(Constraint.generation_id == gen_id)
-            return list(s.exec(q))
+        q = select(Constraint).order_by(Constraint.generation_id, Constraint.target_id)
+        if gen_id is not None:
+            q = q.where(Constraint.generation_id == gen_id)
+        return self._all(q)
 
     def retire(self, target_id: int, reason: str) -> int:
         """Retire generation ``target_id`` from the chain; returns constraints retired."""
@@ -414,15 +417,12 @@ class Lineage:
             if gen is None:
                 raise UnknownGeneration(f"unknown generation {target_id}")
             gen.retired, gen.retired_reason = True, reason
-            s.add(gen)
-            q = select(Constraint).where(
-                Constraint.target_id == target_id, Constraint.status == "active"
+            active = s.execute(
+                update(Constraint)
+                .where(Constraint.target_id == target_id, Constraint.status == "active")
+                .values(status="retired", retired_reason=reason, retired_at=_now())
             )
-            active = list(s.exec(q))
-            for c in active:
-                c.status, c.retired_reason, c.retired_at = "retired", reason, _now()
-                s.add(c)
-            return len(active)
+            return active.rowcount
 
     # -- evaluations -------------------------------------------------------------------
     def record_metrics(self, rows: Iterable[tuple[int, int, str, float | None]]) -> None:
@@ -440,13 +440,12 @@ class Lineage:
                 s.add(row)
 
     def metric(self, metric: str) -> list[tuple[int, int, float | None]]:
-        with self.session() as s:
-            q = (
-                select(Evaluation)
-                .where(Evaluation.metric == metric)
-                .order_by(Evaluation.generation_id, Evaluation.other_id)
-            )
-            return [(e.generation_id, e.other_id, e.value) for e in s.exec(q)]
+        q = (
+            select(Evaluation)
+            .where(Evaluation.metric == metric)
+            .order_by(Evaluation.generation_id, Evaluation.other_id)
+        )
+        return [(e.generation_id, e.other_id, e.value) for e in self._all(q)]
 
     # -- backfill jobs -----------------------------------------------------------------
     def add_backfill_job(self, **fields: Any) -> BackfillJob:
@@ -461,8 +460,7 @@ class Lineage:
         return self._update(BackfillJob, job_id, StoreError, fields)
 
     def backfill_jobs(self) -> list[BackfillJob]:
-        with self.session() as s:
-            return list(s.exec(select(BackfillJob).order_by(BackfillJob.id)))
+        return self._all(select(BackfillJob).order_by(BackfillJob.id))
 
     # -- gallery manifest --------------------------------------------------------------
     def gallery_info(self) -> CollectionInfo | None:
@@ -470,8 +468,7 @@ class Lineage:
             return s.get(CollectionInfo, 1)
 
     def gallery_parts(self) -> list[CollectionPart]:
-        with self.session() as s:
-            return list(s.exec(select(CollectionPart).order_by(CollectionPart.name)))
+        return self._all(select(CollectionPart).order_by(CollectionPart.name))
 
     def gallery_counts(self) -> dict[int, int]:
         """Items per generation over the committed gallery (from the manifest)."""

@@ -228,8 +228,11 @@ class DatabaseLock:
     def holder(self) -> Holder | None:
         """Who holds the lock now, or None when nobody does (a dead holder is nobody)."""
         if self.postgres:
-            if not self._postgres_locked():
-                return None
+            if not self.held:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                    if _advisory(c, "pg_try_advisory_lock", self.name):
+                        _advisory(c, "pg_advisory_unlock", self.name)
+                        return None
             # locked: the row may not be written yet
             return self._row_holder() or Holder("unknown host", 0, _now())
         holder = self._row_holder()
@@ -242,12 +245,3 @@ class DatabaseLock:
         if row is None:
             return None
         return Holder(row.host, row.pid, _aware(row.acquired_at), self._stale(row))
-
-    def _postgres_locked(self) -> bool:
-        if self.held:
-            return True
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            if _advisory(conn, "pg_try_advisory_lock", self.name):
-                _advisory(conn, "pg_advisory_unlock", self.name)
-                return False
-            return True

@@ -55,7 +55,7 @@ def ensure_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
     _token_auth_by_default()
-    if address == "local" or _is_loopback(address):
+    if address == "local" or address.removeprefix("ray://").rsplit(":", 1)[0] in _LOOPBACK_NAMES:
         _single_node()
     common: dict[str, Any] = {
         "ignore_reinit_error": True,
@@ -206,11 +206,6 @@ def _token_auth_by_default() -> None:
     # (they read the environment) but not this driver, which would then be refused by its own
     # cluster. Ray re-reads it the same way when it enables token auth itself.
     Config.initialize("")
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.removeprefix("ray://").rsplit(":", 1)[0]
-    return host in _LOOPBACK_NAMES
 
 
 def _single_node() -> None:

@@ -114,6 +114,19 @@ def test_inherit_weights_refuses_what_it_cannot_preserve() -> None:
     assert not inherit_weights(EmbeddingNet(SHAPE, 5, 4, {"width": 16, "depth": 2}), old)
 
 
+def test_a_resnet_gaining_a_stage_is_left_untouched_input_statistics_included() -> None:
+    # depth 2 -> 3 adds a stage (another resolution): no warm start, and the new model keeps
+    # the normalisation of its own training data, not its ancestor's
+    image = (1, 8, 8)
+    old = EmbeddingNet(image, 5, 8, {"kind": "resnet", "width": 4, "depth": 2})
+    old.set_input_stats([0.7], [0.2])
+    new = EmbeddingNet(image, 5, 8, {"kind": "resnet", "width": 4, "depth": 3})
+    new.set_input_stats([0.3], [0.5])
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    assert not inherit_weights(new, old)
+    assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())
+
+
 def test_checkpoint_round_trip_and_hash(tmp_path: Path) -> None:
     model = EmbeddingNet(SHAPE, 5, 8, {"kind": "mlp", "width": 8, "depth": 1, "head": "fixed"})
     path = tmp_path / "m.pt"

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.measuring.metrics import retrieval_hits
 from workers.measuring.served import (
     class_prototypes,
     mixed_reference,
     served_by_class,
     targeted_selection,
-    top1_hits,
 )
 
 
-def test_top1_hits_and_mixed_reference_by_hand() -> None:
+def test_retrieval_hits_and_mixed_reference_by_hand() -> None:
     # reference items: class 0 at (1, 0), class 1 at (0, 1); a query at (0.9, 0.1) of
     # class 0 finds the first (hit), one at (0.2, 0.8) of class 0 finds the second (miss)
     ref = np.array([[1.0, 0.0], [0.0, 1.0]])
-    hits = top1_hits(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 0]), ref, np.array([0, 1]))
+    hits = retrieval_hits(
+        np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 0]), ref, np.array([0, 1])
+    )
     assert hits.tolist() == [True, False]
     # re-embedding the second item (by the candidate, at (1, 1)): only it changes
     mixed = mixed_reference(ref, np.array([[5.0, 5.0], [1.0, 1.0]]), np.array([False, True]))

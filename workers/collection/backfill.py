@@ -41,6 +41,7 @@ from store.collection import Collection, CollectionRows, CollectionStoreError
 from store.failpoints import failpoint
 from store.lineage import CollectionInfo, Generation
 from store.settings import StoreError
+from workers.collection.indexing import EmbedByKey
 from workers.collection.policies import (
     EMBEDDING_POLICIES,
     SAMPLE_PER_STRATUM,
@@ -52,7 +53,6 @@ from workers.collection.policies import (
     train_strata,
 )
 from workers.learning.embed import forward
-from workers.learning.models import load_model
 from workers.measuring import metrics as M
 
 BETAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -87,27 +87,12 @@ def peak_rss_bytes() -> int:
     return hwm if hwm else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class EmbedActor:
-    """Holds one generation's model for a whole job (loaded and hash-checked once) and
-    reads the items' inputs itself, by key, from the collection's spec: the driver sends
-    keys, not images."""
+class EmbedActor(EmbedByKey):
+    """Holds one generation's model for a whole job and reads the items' inputs itself,
+    by key, from the collection's spec: the driver sends keys, not images."""
 
-    def __init__(
-        self,
-        checkpoint: str,
-        sha: str | None,
-        threads: int | None = None,
-        spec: str | None = None,
-    ) -> None:
-        import torch
-
-        from workers.collection.items import open_reader
-
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.model = load_model(checkpoint, sha)
-        shape = tuple(self.model.config["input_shape"])
-        self.source = None if spec is None else open_reader(spec, shape)
+    def __init__(self, checkpoint: str, sha: str | None, threads: int | None, spec: str) -> None:
+        super().__init__(checkpoint, sha, spec, threads)
         self.seconds = 0.0
         self.read_seconds = 0.0
 
@@ -123,11 +108,9 @@ class EmbedActor:
     def embed_items(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and margins of the collection's items ``keys`` (in the order of the
         collection's parts, which a streamed source reads forward)."""
-        if self.source is None:
-            raise StoreError("this embedding actor has no data set to read items from")
         t = time.perf_counter()
         try:
-            x = self.source.take_keys(list(keys))
+            x = self.reader.take_keys(list(keys))
         except Exception as exc:  # noqa: BLE001 - the message names the item and the fix
             raise StoreError(
                 f"{exc}; an item is gone from the collection's source: run "

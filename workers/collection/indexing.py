@@ -64,8 +64,7 @@ class EmbedByKey:
         bad_set = set(bad)
         ok = np.asarray([k not in bad_set for k in keys], dtype=bool)
         out = forward(self.model, x)
-        dim = out.embedding.shape[1]
-        emb = np.zeros((len(keys), dim), np.float32)
+        emb = np.zeros((len(keys), out.embedding.shape[1]), np.float32)
         margin = np.zeros(len(keys), np.float32)
         emb[ok], margin[ok] = out.embedding, out.margin
         return {"key": np.asarray(keys, dtype=object), "ok": ok, "embedding": emb, "margin": margin}

@@ -49,6 +49,7 @@ from workers.data.scenario import eval_split
 from workers.data.source import REFERENCE, reference_source
 from workers.data.sources import (
     _parquet_dataset,
+    _units,
     hashed_files,
     image_files,
     input_format,
@@ -87,8 +88,6 @@ def parse_collection_spec(spec: str) -> tuple[str, str | None]:
             f"spec {spec!r} is a data set, not a collection: index images:DIR, "
             "imagefolder:DIR or parquet:PATH"
         )
-    if kind == "parquet" and "://" in spec:
-        return kind, spec.split(":", 1)[1].strip()
     return kind, path
 
 
@@ -168,29 +167,19 @@ def _list_parquet(spec: str, path: str) -> Listing:
     cols = ["item_id", column] + [
         c for c in ("label", "split", name_col) if c and c in ds.schema.names
     ]
-    tables = []
+    parts: list[list[pa.Array]] = [[], [], []]  # key, label, fingerprint of each batch
     try:
-        for frag in sorted(ds.get_fragments(), key=lambda f: f.path):
+        for frag in _units(ds):  # the scan's walk: by file path, then row group
             for batch in keyed_rows(ds, frag, cols, path, noun="collection"):
-                labels = (
-                    _class_names(batch, name_col, path)
-                    if has_label and batch.column("label").null_count == 0
-                    else pa.nulls(batch.num_rows, pa.string())
-                )
-                tables.append(
-                    pa.table(
-                        {
-                            "key": pc.cast(batch.column("item_id"), pa.string()),
-                            "label": labels,
-                            "fingerprint": _row_hashes(batch.column(column), column),
-                        },
-                        schema=ITEMS_SCHEMA,
-                    )
-                )
+                named = has_label and batch.column("label").null_count == 0
+                nulls = pa.nulls(batch.num_rows, pa.string())
+                parts[1].append(_class_names(batch, name_col, path) if named else nulls)
+                parts[0].append(pc.cast(batch.column("item_id"), pa.string()))
+                parts[2].append(_row_hashes(batch.column(column), column))
     except (pa.ArrowException, OSError) as exc:
         raise CollectionError(f"cannot read Parquet {redact(path)}: {_clean(exc)}") from None
-    table = pa.concat_tables(tables).combine_chunks() if tables else ITEMS_SCHEMA.empty_table()
-    return Listing(spec, table)
+    columns = [pa.concat_arrays(p) if p else pa.array([], pa.string()) for p in parts]
+    return Listing(spec, pa.Table.from_arrays(columns, schema=ITEMS_SCHEMA))
 
 
 def _list_reference(spec: str) -> Listing:

@@ -43,10 +43,9 @@ SAMPLE_PER_STRATUM = 256  # k-means training points per stratum (faiss's default
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def check_policy(policy: str) -> str:
+def check_policy(policy: str) -> None:
     if policy not in POLICIES:
         raise ValueError(f"unknown backfill policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return policy
 
 
 def budget_items(budget: float, n_items: int) -> int:

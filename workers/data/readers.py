@@ -37,6 +37,7 @@ from workers.data.sources import (
     _parquet_dataset,
     _parquet_inputs,
     _units,
+    fragment_scanner,
 )
 
 Chunk = tuple[int, np.ndarray, np.ndarray]  # (first position, inputs, labels)
@@ -207,7 +208,6 @@ class ParquetItems(_Stored):
         self._places: list[tuple[str, int]] = []  # the stream's units: (file, row group)
         self._first: list[int] = []  # the first position of each unit
         super().__init__(*args, **kwargs)
-        self.path, self.shape = self.where, tuple(self.fmt.shape)
 
     def _snapshot(self, table: pa.Table) -> None:
         # a unit is a row group: one contiguous range of positions, named by file and id
@@ -222,9 +222,9 @@ class ParquetItems(_Stored):
 
     def _open(self) -> None:
         if self._ds is None:
-            self._ds = _parquet_dataset(self.path)
+            self._ds = _parquet_dataset(self.where)
             noun = "collection" if self.y is None else "source"  # read by key, or streamed
-            self.column, _ = _parquet_columns(self._ds, self.path, noun, ("item_id",))
+            self.column, _ = _parquet_columns(self._ds, self.where, noun, ("item_id",))
             self.row_groups = _units(self._ds)
             self.by_place = {(f.path, f.row_groups[0].id): f for f in self.row_groups}
 
@@ -233,44 +233,32 @@ class ParquetItems(_Stored):
         return list(range(len(self._places)))
 
     def read(self, unit: Any) -> Iterator[Chunk]:
-        import pyarrow.dataset as pads
-
         if self.y is None:
             raise _no_stream(self)
         self._open()
         frag = self.by_place.get(self._places[unit])
         if frag is None:
             raise SourceError(
-                f"Parquet source {redact(self.path)}: {redact(self._places[unit][0])} row group "
+                f"Parquet source {redact(self.where)}: {redact(self._places[unit][0])} row group "
                 f"{self._places[unit][1]} is gone since the snapshot; run the cycle again"
             )
         cols = [self.column] + (["split"] if "split" in self._ds.schema.names else [])
         pos = int(self._first[unit])
-        scanner = pads.Scanner.from_fragment(
-            frag,
-            schema=self._ds.schema,
-            columns=cols,
-            batch_size=BLOCK,
-            batch_readahead=1,  # memory: one batch ahead, not sixteen
-            use_threads=False,
-        )
+        # memory: one batch ahead, not sixteen
+        scanner = fragment_scanner(self._ds, frag, cols, batch_size=BLOCK, batch_readahead=1)
         for batch in scanner.to_batches():
             train = ~_is_test(batch)
             if not train.any():
                 continue
             col = batch.column(0).filter(pa.array(train))
-            x, _ = _parquet_inputs(col, self.column, self.fmt, self.path)
+            x, _ = _parquet_inputs(col, self.column, self.fmt, self.where)
             yield pos, x, self.y[pos : pos + len(x)]
             pos += len(x)
 
     # by key
     def _table(self, frag: Any, columns: list[str]) -> pa.Table:
         """``columns`` of every row of Parquet fragment ``frag`` (test rows too)."""
-        import pyarrow.dataset as pads
-
-        return pads.Scanner.from_fragment(
-            frag, schema=self._ds.schema, columns=columns, use_threads=False
-        ).to_table()
+        return fragment_scanner(self._ds, frag, columns).to_table()
 
     def _located(self) -> _KeyIndex:
         """The key index, built once from the ``item_id`` column alone."""
@@ -279,19 +267,18 @@ class ParquetItems(_Stored):
         if self._keys is not None:
             return self._keys
         self._open()
-        keys, unit_of = [], []
-        for u, frag in enumerate(self.row_groups):
-            t = self._table(frag, ["item_id"])
-            keys.append(pc.cast(t.column("item_id"), pa.string()).combine_chunks())
-            unit_of.append(np.full(t.num_rows, u, np.int32))
+        keys = [
+            pc.cast(self._table(frag, ["item_id"]).column("item_id"), pa.string()).combine_chunks()
+            for frag in self.row_groups
+        ]
+        sizes = np.asarray([len(k) for k in keys], dtype=np.int64)
         flat = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
         del keys
         every = fixed_bytes(flat)  # sortable, searchable fixed-width UTF-8 bytes
         del flat
         order = np.argsort(every, kind="stable")
-        unit = np.concatenate(unit_of) if unit_of else np.zeros(0, np.int32)
+        unit = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
         # row group u holds the listing's rows start[u] .. start[u + 1] - 1, in order
-        sizes = np.asarray([len(a) for a in unit_of], dtype=np.int64)
         start = np.concatenate([[0], np.cumsum(sizes)])
         self._keys = _KeyIndex(order, every[order], unit, start)
         return self._keys
@@ -318,17 +305,17 @@ class ParquetItems(_Stored):
         start = self._located().start
         t = self._table(self.row_groups[u], ["item_id", self.column])
         fmt = self.fmt if self.column == "image" else None
-        x, _ = _parquet_inputs(t.column(1).combine_chunks(), self.column, fmt, self.path)
-        if x.size != len(x) * int(np.prod(self.shape)):
+        x, _ = _parquet_inputs(t.column(1).combine_chunks(), self.column, fmt, self.where)
+        if x.size != len(x) * int(np.prod(self.fmt.shape)):
             raise CollectionError(
-                f"Parquet collection {redact(self.path)}: rows of {self.column!r} have "
+                f"Parquet collection {redact(self.where)}: rows of {self.column!r} have "
                 f"{x.size // max(1, len(x))} values; the champion takes inputs of shape "
-                f"{self.shape}"
+                f"{self.fmt.shape}"
             )
-        x = x.reshape(len(x), *self.shape)
+        x = x.reshape(len(x), *self.fmt.shape)
         if len(x) != start[u + 1] - start[u]:
             raise UnreadableItem(
-                f"Parquet collection {redact(self.path)}: {redact(self.row_groups[u].path)} "
+                f"Parquet collection {redact(self.where)}: {redact(self.row_groups[u].path)} "
                 "changed while it was read; index again"
             )
         self._cache[u] = x
@@ -341,12 +328,12 @@ class ParquetItems(_Stored):
         if not ok.all():
             missing = [k for k, f in zip(keys, ok, strict=True) if not f][:5]
             raise UnreadableItem(
-                f"Parquet collection {redact(self.path)}: item_id {missing} no longer in it"
+                f"Parquet collection {redact(self.where)}: item_id {missing} no longer in it"
             )
         located = self._located()
         rows = located.order[pos]
         units = located.unit[rows]
-        out = np.empty((len(keys), *self.shape), np.float32)  # _group reshapes rows to it
+        out = np.empty((len(keys), *self.fmt.shape), np.float32)  # _group reshapes rows to it
         for u in np.unique(units):
             mine = np.flatnonzero(units == u)
             out[mine] = self._group(int(u))[rows[mine] - located.start[u]]

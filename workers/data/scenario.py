@@ -46,18 +46,10 @@ def default_architecture(input_shape: tuple[int, ...] | None, grow: float = 1.0)
     the MLP, width ``128 + 128 grow``, 2 layers, 3 from half way.
     """
     if input_shape is not None and len(input_shape) == 3:
-        return {
-            "kind": "resnet",
-            "width": int(12 + 4 * grow),
-            "depth": 3 + int(grow >= 0.5),
-            "head": HEAD,
-        }
-    return {
-        "kind": "mlp",
-        "width": int(128 + 128 * grow),
-        "depth": 2 + int(grow >= 0.5),
-        "head": HEAD,
-    }
+        kind, width, depth = "resnet", int(12 + 4 * grow), 3
+    else:
+        kind, width, depth = "mlp", int(128 + 128 * grow), 2
+    return {"kind": kind, "width": width, "depth": depth + int(grow >= 0.5), "head": HEAD}
 
 
 def stage_plan(

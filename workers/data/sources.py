@@ -383,16 +383,21 @@ def label_indices(names: Any, vocabulary: dict[str, int]) -> np.ndarray:
     return rows[np.asarray(at.to_numpy(zero_copy_only=False), dtype=np.int64)]
 
 
+def fragment_scanner(ds: Any, frag: Any, cols: list[str], **options: Any) -> Any:
+    """A scanner of columns ``cols`` of Parquet fragment ``frag`` (of dataset ``ds``), in
+    one thread."""
+    import pyarrow.dataset as pads
+
+    return pads.Scanner.from_fragment(
+        frag, schema=ds.schema, columns=cols, use_threads=False, **options
+    )
+
+
 def keyed_rows(
     ds: Any, frag: Any, cols: list[str], path: str, noun: str = "source"
 ) -> Iterator[pa.RecordBatch]:
     """The non-test rows of one Parquet fragment in batches; every row must have a key."""
-    import pyarrow.dataset as pads
-
-    scanner = pads.Scanner.from_fragment(
-        frag, schema=ds.schema, columns=cols, batch_size=SCAN_BATCH, use_threads=False
-    )
-    for batch in scanner.to_batches():
+    for batch in fragment_scanner(ds, frag, cols, batch_size=SCAN_BATCH).to_batches():
         keep = ~_is_test(batch)
         if not keep.any():
             continue
@@ -449,16 +454,15 @@ def _scan_parquet(spec: str, path: str) -> Scan:
         )
     unit = np.concatenate(units)
     units.clear()
-    # file and row group of each row, as small integers into the list of places
-    paths = sorted({f for f, _ in places})
-    number = {f: i for i, f in enumerate(paths)}
-    file_of = np.asarray([number[f] for f, _ in places], dtype=np.int32)
+    # file and row group of each row, as small integers into the list of places (the
+    # units go by file path: the files' dictionary is in path order)
+    files = pa.array([f for f, _ in places], pa.string()).dictionary_encode()
     group_of = np.asarray([g for _, g in places], dtype=np.int32)
     table = pa.table(
         {
             "key": key_col,
             "label": pa.chunked_array(labels).combine_chunks().dictionary_encode(),
-            "file": pa.DictionaryArray.from_arrays(file_of[unit], pa.array(paths, pa.string())),
+            "file": files.take(pa.array(unit)),
             "row_group": group_of[unit],
         }
     )
@@ -527,8 +531,7 @@ def _local(spec: str) -> tuple[str, str]:
     kind, path = parse_spec(spec)
     if kind not in SOURCE_KINDS or path is None:
         raise SourceError(f"{spec!r} is not a source; use imagefolder:DIR or parquet:PATH")
-    raw = spec.split(":", 1)[1].strip()
-    return kind, raw if "://" in raw else path
+    return kind, path  # a URI as it is (workers.data.datasets.parse_spec)
 
 
 def _image_folder(path: str) -> Path:

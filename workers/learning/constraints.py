@@ -144,12 +144,8 @@ def _loss_contrastive(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tens
 def _stack_embedding(
     teachers: list[Teacher], spec: LossSettings
 ) -> tuple[Tensors, torch.Tensor | None]:
-    mask = None
-    if spec.embedding_scope == "known":
-        mask = torch.stack([t.known for t in teachers])
-    elif spec.embedding_scope == "unknown":
-        mask = ~torch.stack([t.known for t in teachers])
-    return {}, mask
+    known = torch.stack([t.known for t in teachers])
+    return {}, {"all": None, "known": known, "unknown": ~known}[spec.embedding_scope]
 
 
 def _loss_embedding(s: Stack, b: StepInputs, spec: LossSettings) -> torch.Tensor:

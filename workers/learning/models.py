@@ -336,13 +336,14 @@ def inherit_weights(new: EmbeddingNet, old: EmbeddingNet, x: torch.Tensor | None
         or new.config["embed_dim"] != old.config["embed_dim"]
         or new.config["num_classes"] != old.config["num_classes"]
         or new.config["input_shape"] != old.config["input_shape"]
+        # a resnet's new stage would change resolution and channels
+        or a_new["kind"] == "resnet"
+        and len(resnet_blocks(a_new["depth"])) != len(resnet_blocks(a_old["depth"]))
     ):
         return False
     if hasattr(new, "input_mean"):  # the ancestor's normalisation, or its function changes
         new.set_input_stats(old.input_mean, old.input_std)
     if a_new["kind"] == "resnet":
-        if len(resnet_blocks(a_new["depth"])) != len(resnet_blocks(a_old["depth"])):
-            return False  # a new stage would change resolution and channels
         _inherit_resnet(new, old)
         new.head.weight.copy_(old.head.weight)
         return True
@@ -434,12 +435,6 @@ class _Widen:
         total = torch.zeros(c_old, dtype=torch.float64).index_add_(0, self.g, u)
         self.share = (u / total[self.g]).float()
 
-    @classmethod
-    def same(cls, c: int) -> _Widen:
-        w = cls.__new__(cls)
-        w.g, w.share = torch.arange(c), torch.ones(c)
-        return w
-
 
 def _widen_conv(new: nn.Conv2d, old: nn.Conv2d, w_in: _Widen, w_out: _Widen) -> None:
     """Outgoing filters replicate the old ones; inputs are weighed by their shares."""
@@ -471,7 +466,8 @@ def _inherit_resnet(new: EmbeddingNet, old: EmbeddingNet) -> None:
     streams = [_Widen(o, n, gen) for o, n in zip(c_old, c_new, strict=True)]
     nb, ob = new.backbone, old.backbone
     assert isinstance(nb, ResNetBackbone) and isinstance(ob, ResNetBackbone)
-    image = _Widen.same(nb.stem[0].in_channels)
+    # the image's channels as they are: c to c channels, every share u / u = 1 exactly
+    image = _Widen(nb.stem[0].in_channels, nb.stem[0].in_channels, torch.Generator())
     _widen_conv(nb.stem[0], ob.stem[0], image, streams[0])
     _widen_bn(nb.stem[1], ob.stem[1], streams[0])
     below = streams[0]

@@ -6,7 +6,8 @@ the evaluation set this is simulated with its two halves: the *reference* half s
 for the collection (each item embedded by the generation that holds it, or by the
 candidate where a backfill would re-embed it: :func:`mixed_reference`), the *query*
 half for users' queries. A query is served well when its nearest reference item is of
-its class (:func:`top1_hits`).
+its class: the evaluation's own retrieval hit
+(:func:`workers.measuring.metrics.retrieval_hits`), so served state and C[a][b] agree.
 
 :func:`served_by_class` compares two served states on the same queries, class by class:
 the paired difference of hit rates of each class's queries with a paired bootstrap
@@ -64,15 +65,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norm > 0, norm, 1.0)
-
-
-def top1_hits(
-    query_emb: np.ndarray, query_y: np.ndarray, ref_emb: np.ndarray, ref_y: np.ndarray
-) -> np.ndarray:
-    """Per query: whether its nearest reference item (cosine) is of its class: the
-    evaluation's own retrieval hit (``workers.measuring.metrics.retrieval_hits``, faiss), so the
-    served state and C[a][b] count a hit the same way."""
-    return retrieval_hits(query_emb, query_y, ref_emb, ref_y)
 
 
 def mixed_reference(current: np.ndarray, candidate: np.ndarray, replaced: np.ndarray) -> np.ndarray:
@@ -235,7 +227,7 @@ def plan_targeted(
     owed a full backfill, or every item where no collection is indexed yet)."""
     current = view.current_ref()
     users_q = view.champion_q if view.champion_q is not None else view.candidate_q
-    old = top1_hits(users_q, view.query_y, current, view.ref_y)
+    old = retrieval_hits(users_q, view.query_y, current, view.ref_y)
     placed, _ = item_classes(view, movable, num_classes)
     selectable = set(np.unique(placed[placed >= 0]).tolist())
     chosen: list[int] = []
@@ -244,7 +236,7 @@ def plan_targeted(
     while True:
         replaced = full | (np.isin(placed, chosen) & (placed >= 0))
         ref = mixed_reference(current, view.candidate_ref, replaced)
-        new = top1_hits(view.candidate_q, view.query_y, ref, view.ref_y)
+        new = retrieval_hits(view.candidate_q, view.query_y, ref, view.ref_y)
         base = new if base is None else base
         deltas = served_by_class(
             new, old, view.query_y, confidence=confidence, resamples=resamples, seed=seed
