@@ -117,7 +117,7 @@ def baseline(queries: list[bytes], threads: int, seconds: float, count: int) -> 
 
     s = Searcher.open(Lineage(), save=False).load()
     return _drive(
-        lambda i: (200, s.search(s.image_query(queries[i % len(queries)]), K)),
+        lambda i: (200, s.nearest(s.image_query(queries[i % len(queries)]), K)),
         threads,
         seconds,
         count,

@@ -149,9 +149,7 @@ def publish_task(result: dict[str, Any]) -> None:
     publish_backfill(Lineage(), result)
 
 
-def _default(field: str) -> Any:
-    """A BackfillConfig field's default: the flow's flat parameters take the model's."""
-    return BackfillConfig.model_fields[field].get_default(call_default_factory=True)
+DEFAULT = BackfillConfig()  # the flow's flat parameters take the model's defaults
 
 
 def backfill_config(config: BackfillConfig | None = None, **flat: Any) -> BackfillConfig:
@@ -164,12 +162,12 @@ def backfill_config(config: BackfillConfig | None = None, **flat: Any) -> Backfi
 
 @flow(name="partial-backfill", flow_run_name=backfill_run_name, log_prints=True)
 def backfill_flow(
-    budget: float = _default("budget"),
-    policy: Policy = _default("policy"),
-    retire_share: float = _default("retire_share"),
-    batch_rows: int = _default("batch_rows"),
-    seed: int = _default("seed"),
-    curve: bool = _default("curve"),
+    budget: float = DEFAULT.budget,
+    policy: Policy = DEFAULT.policy,
+    retire_share: float = DEFAULT.retire_share,
+    batch_rows: int = DEFAULT.batch_rows,
+    seed: int = DEFAULT.seed,
+    curve: bool = DEFAULT.curve,
     config: BackfillConfig | None = None,
 ) -> dict[str, Any]:
     """Re-embed part of the gallery with the champion, in policy order, within budget.

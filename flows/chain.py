@@ -97,13 +97,12 @@ def owed_items(lineage: Lineage) -> np.ndarray:
 
 
 def retire_unused(lineage: Lineage) -> list[tuple[int, str]]:
-    """Retire promoted generations with no items left in the collection (unless pinned/champion)."""
-    counts = lineage.gallery_counts()
+    """Retire the promoted generations no longer active: no items left in the collection,
+    neither pinned nor champion (:func:`active_generations`)."""
+    active = active_generations(lineage)
     retired = []
     for gen in lineage.generations():
-        if gen.status != GenerationStatus.PROMOTED or gen.retired or gen.pinned or gen.is_champion:
-            continue
-        if counts.get(int(gen.id), 0) == 0:  # type: ignore[arg-type]
+        if gen.status == GenerationStatus.PROMOTED and not gen.retired and gen.id not in active:
             reason = f"generation {gen.id} has no items left in the collection (backfilled away)"
             lineage.retire(int(gen.id), reason)  # type: ignore[arg-type]
             retired.append((int(gen.id), reason))  # type: ignore[arg-type]

@@ -24,7 +24,6 @@ from prefect.cache_policies import NO_CACHE
 from flows import chain, text
 from flows.config import CycleConfig
 from flows.cycle_steps import (
-    CycleState,
     backfill_step,
     evaluate_step,
     gate_step,
@@ -92,12 +91,9 @@ def run_cycle(
     ``skipped`` and its message."""
     log = log or logging.getLogger("graceful.cycle")
     join_cluster()  # a RAY_ADDRESS that refuses this client fails here: nothing recorded
-
-    def waiting(holder: object) -> None:
-        log.warning("waiting for the update cycle that is running (%s)", holder or "starting")
-
     lock = lineage.lock(CYCLE_LOCK)
-    lock.acquire(wait=config.wait_for_lock, on_wait=waiting)
+    waiting = "waiting for the update cycle that is running (%s)"
+    lock.acquire(wait=config.wait_for_lock, on_wait=lambda h: log.warning(waiting, h or "starting"))
     try:
         return _steps(lineage, config, on_step or (lambda event: None), run_step, log)
     finally:
@@ -164,7 +160,13 @@ def _steps(
         )
     )
     if state.step <= Step.TRAIN:
-        _train(state, run(CycleStep.TRAIN, train_step, lineage, state), log)
+        result = run(CycleStep.TRAIN, train_step, lineage, state)
+        if result.get("resumed_from_epoch"):
+            log.warning("training resumed from epoch %s", result["resumed_from_epoch"])
+        if result.get("warm_start_note"):
+            log.warning("%s", result["warm_start_note"])
+        node = result.get("ray_node"), result.get("ray_node_ip")
+        log.info("generation %s trained on Ray node %s (%s)", g, *node)
     on_step(CycleEvent(CycleStep.TRAIN, "trained", g))
     if state.step <= Step.EVALUATE:
         metrics = run(CycleStep.EVALUATE, evaluate_step, lineage, state)
@@ -230,20 +232,6 @@ def _skip(lineage: Lineage, plan: Any, cfg: CycleConfig) -> tuple[int, str] | No
     return None
 
 
-def _train(state: CycleState, result: dict[str, Any], log: Any) -> None:
-    """Log what the training step said beyond its figures."""
-    if result.get("resumed_from_epoch"):
-        log.warning("training resumed from epoch %s", result["resumed_from_epoch"])
-    if result.get("warm_start_note"):
-        log.warning("%s", result["warm_start_note"])
-    log.info(
-        "generation %s trained on Ray node %s (%s)",
-        state.generation.id,
-        result.get("ray_node"),
-        result.get("ray_node_ip"),
-    )
-
-
 # -- Prefect -------------------------------------------------------------------------------
 def as_task(step: CycleStep, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a step as a thin Prefect task named for it (the flow's ``run_step``)."""
@@ -275,15 +263,11 @@ def final_state(result: dict[str, Any]) -> Any:
     if result.get("skipped"):
         return Completed(name="Skipped", message=result["message"], data=result)
     if not result.get("promoted"):
-        return Completed(name="Rejected", message=rejection(result), data=result)
+        reasons = result.get("reasons") or []
+        fails = [r.removeprefix("FAIL ") for r in reasons if r.startswith("FAIL ")]
+        why = f"generation {result['generation']} rejected: " + ("; ".join(fails or reasons) or "?")
+        return Completed(name="Rejected", message=why, data=result)
     return result
-
-
-def rejection(result: dict[str, Any]) -> str:
-    """``generation 4 rejected: <the gate's failing reasons>``."""
-    reasons = result.get("reasons") or []
-    fails = [r.removeprefix("FAIL ") for r in reasons if r.startswith("FAIL ")]
-    return f"generation {result['generation']} rejected: " + ("; ".join(fails or reasons) or "?")
 
 
 @flow(name="update-cycle", flow_run_name=cycle_run_name, log_prints=True)

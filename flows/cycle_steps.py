@@ -23,13 +23,7 @@ from flows.data import (
     lineage_source,
     training_items,
 )
-from flows.gate import (
-    FirstEvidence,
-    GateOutcome,
-    backfill_owed,
-    decide,
-    evidence_rows,
-)
+from flows.gate import FirstEvidence, GateOutcome, decide, evidence_rows
 from flows.steps import Step
 from store.backfill_jobs import close_interrupted_jobs
 from store.collection import Collection
@@ -150,12 +144,6 @@ def reevaluate(lineage: Lineage, plan: CyclePlan, part_rows: int = 4096) -> list
     return [int(g.id) for g in kept]  # type: ignore[arg-type]
 
 
-def lineage_kind(existing: list[Generation]) -> str | None:
-    """The backbone kind of the newest of ``existing`` generations (None: there is none)."""
-    kinds = [g.architecture.get("kind") for g in existing if g.architecture]
-    return kinds[-1] if kinds else None
-
-
 def previous_items(last: SnapshotRecord | None) -> pa.Table | None:
     """The last snapshot's items, whose files' sizes and times spare re-hashing them."""
     path = last.keys_path if last is not None else None
@@ -179,11 +167,12 @@ def plan_snapshot(lineage: Lineage, cfg: CycleConfig) -> CyclePlan:
     last = snapshots[max(snapshots)] if snapshots else None
     existing = [g for g in lineage.generations() if g.status != GenerationStatus.FAILED]
     recorded = [r.stages for _, r in sorted(snapshots.items()) if r.stages]
+    kinds = [g.architecture.get("kind") for g in existing if g.architecture]  # newest last
     at = Position(
         index=cfg.stage if cfg.stage is not None else len(existing),
         stages=cfg.stages or (recorded[-1] if recorded else None),
         # a new lineage asked for a kind (train.architecture) starts that kind's schedule
-        backbone=lineage_kind(existing) or (t.architecture or {}).get("kind"),
+        backbone=(kinds or [None])[-1] or (t.architecture or {}).get("kind"),
         previous=previous_items(last),
         image_size=size,
     )
@@ -313,16 +302,12 @@ def train_step(
     """
     gen, t = state.generation, (cfg or state.config).train
     by_id = {g.id: g for g in lineage.generations()}
-    constraints = [
+    constraints = [  # c.kind a name: check_spec turns it into the enum
         ConstraintSpec(
-            c.target_id,
-            c.kind,  # check_spec turns the name into the enum
-            c.weight,
-            by_id[c.target_id].checkpoint_path,
-            by_id[c.target_id].checkpoint_sha256,
-            list(by_id[c.target_id].classes),
+            c.target_id, c.kind, c.weight, a.checkpoint_path, a.checkpoint_sha256, list(a.classes)
         )
         for c in lineage.constraints(gen.id)
+        for a in [by_id[c.target_id]]
     ]
     custom = train_resources()  # GRACEFUL_TRAIN_RESOURCES: the nodes it may train on
     spec = t.train_spec(
@@ -389,7 +374,7 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
     flip_counts = {k: p.items for k, p in ev.pairs.items()}
     groups = {k: p.groups for k, p in ev.pairs.items() if p.groups is not None}
     pinned = {int(x.id) for x in lineage.generations() if x.pinned}  # type: ignore[arg-type]
-    passed, reasons = decide(
+    passed, reasons, owed = decide(
         ev.accuracy,
         champion.accuracy if champion else None,
         compat,
@@ -403,7 +388,6 @@ def gate_step(lineage: Lineage, state: CycleState, ev: Evaluation, cfg: CycleCon
     )
     if cfg.gate.enabled:  # the intervals at the gate's level, as the reasons quote them
         lineage.record_metrics(evidence_rows(g, ecc_counts, flip_counts, cfg.gate))
-    owed = backfill_owed(compat, cfg.gate, ecc_counts, pinned) if passed else []
     outcome = GateOutcome.PROMOTE if passed else GateOutcome.REJECT
     served = None
     if passed and cfg.gate.enabled and champion is not None:  # what users will meet

@@ -19,17 +19,14 @@ def lineage_source(lineage: Lineage, spec: str | None = None, stages: int | None
     snapshots = lineage.snapshots()
     last = snapshots[max(snapshots)] if snapshots else None  # the newest generation's
     gens = lineage.generations()
-    if spec is None:
-        if last is not None:
-            spec = last.source
-        elif gens:
-            spec = gens[-1].dataset  # made before snapshots recorded the source
-        else:
-            raise StoreError("no data set: pass --dataset (this lineage has trained nothing)")
     if last is not None:  # the kind is recorded once: a snapshot with a stage count
         kind = SourceKind.SCENARIO if last.stages is not None else SourceKind.ITEMS
-    elif gens:
-        kind = SourceKind.SCENARIO  # made before snapshots: only the scenario was
+        spec = last.source if spec is None else spec
+    elif gens:  # made before snapshots recorded the source: only the scenario was
+        kind = SourceKind.SCENARIO
+        spec = gens[-1].dataset if spec is None else spec
+    elif spec is None:
+        raise StoreError("no data set: pass --dataset (this lineage has trained nothing)")
     else:
         kind = SourceKind.SCENARIO if stages is not None else None
     return open_source(spec, kind)

@@ -163,8 +163,9 @@ def decide(
     ecc_groups: Mapping[int, ClassGroupGaps] | None = None,
     pinned: Collection[int] = (),
     first: FirstEvidence | None = None,
-) -> tuple[bool, list[str]]:
-    """Promote only if no check fails on the evidence (the rule: module docstring).
+) -> tuple[bool, list[str], list[int]]:
+    """Promote only if no check fails on the evidence (the rule: module docstring); with
+    the reasons, and the ancestors a promoted generation owes a full backfill.
 
     ``compat[k] = (C[g][k], C[k][k])`` and ``nfr[k] = NFR(g, k)`` for each active ancestor
     k; ``ecc_counts[k]`` the paired top-1 hits of generation-g vs generation-k queries on
@@ -174,32 +175,26 @@ def decide(
     gap lies, on the classes k trained on or on the others; it does not change a verdict.
     With ``cfg.on_incompatible == "backfill"`` an ECC failure against k does not reject
     g unless k is ``pinned`` (kept on purpose): if g is promoted its reason starts
-    ``BACKFILL`` and g owes k a full backfill (:func:`backfill_owed`); if g is rejected for
-    another reason, the ECC failure is reported as a ``FAIL`` like any other.
+    ``BACKFILL`` and g owes k a full backfill (returned, in ancestor order); if g is rejected
+    for another reason, the ECC failure is reported as a ``FAIL`` like any other.
     With ``cfg.first_above_chance``, a first generation (no champion) is promoted only if
     its accuracy is above chance with evidence (:func:`_above_chance`, given ``first``).
     """
     if not cfg.enabled:
-        return True, ["gate disabled: promoted without checks"]
-    ecc_counts = ecc_counts or {}
-    flip_counts = flip_counts or {}
-    reasons: list[str] = []
-    ok = True
+        return True, ["gate disabled: promoted without checks"], []
+    ecc_counts, flip_counts, groups = ecc_counts or {}, flip_counts or {}, ecc_groups or {}
     if champion_accuracy is None:
-        passed, reason = _above_chance(accuracy, first, cfg)
-        ok &= passed
-        reasons.append(reason)
+        ok, reason = _above_chance(accuracy, first, cfg)
     else:
         tol = cfg.accuracy_tolerance
-        if accuracy + EPS >= champion_accuracy - tol:
-            reasons.append(f"accuracy {accuracy:.4f} >= champion {champion_accuracy:.4f} - {tol}")
-        else:
-            ok = False
-            reasons.append(
-                f"FAIL accuracy {accuracy:.4f} < champion {champion_accuracy:.4f} - {tol}"
-            )
+        ok = bool(accuracy + EPS >= champion_accuracy - tol)
+        op = ">=" if ok else "<"
+        what = f"accuracy {accuracy:.4f} {op} champion {champion_accuracy:.4f} - {tol}"
+        reason = what if ok else f"FAIL {what}"
+    reasons = [reason]
     owed: dict[int, int] = {}  # ancestor -> index of its reason, under on_incompatible
-    for k, (passed, reason) in _ecc_checks(compat, cfg, ecc_counts, ecc_groups).items():
+    for k, (c_gk, c_kk) in sorted(compat.items()) if cfg.require_ecc else ():
+        passed, reason = _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg, groups.get(k))
         # no rejection by itself: under targeted the served state decides (judge_served),
         # pinned or not; under backfill k's items can all leave, unless it is pinned
         kept = cfg.on_incompatible == OnIncompatible.BACKFILL and k in pinned
@@ -228,37 +223,8 @@ def decide(
                 f"BACKFILL {reasons[i]}; every collection item of {k} is re-embedded by this "
                 "cycle's backfill (on_incompatible=backfill)"
             )
-    return ok, reasons
-
-
-def _ecc_checks(
-    compat: Mapping[int, tuple[float, float]],
-    cfg: GateConfig,
-    ecc_counts: Mapping[int, PairedCounts],
-    ecc_groups: Mapping[int, ClassGroupGaps] | None = None,
-) -> dict[int, tuple[bool, str]]:
-    """ECC against each ancestor: (passed, reason without prefix); none if not required."""
-    if not cfg.require_ecc:
-        return {}
-    groups = ecc_groups or {}
-    return {
-        k: _ecc_check(k, c_gk, c_kk, ecc_counts.get(k), cfg, groups.get(k))
-        for k, (c_gk, c_kk) in sorted(compat.items())
-    }
-
-
-def backfill_owed(
-    compat: Mapping[int, tuple[float, float]],
-    cfg: GateConfig,
-    ecc_counts: Mapping[int, PairedCounts] | None = None,
-    pinned: Collection[int] = (),
-) -> list[int]:
-    """The ancestors a promoted generation owes a full backfill (``on_incompatible``): those
-    :func:`decide` found it incompatible with, on the same evidence, unless pinned."""
-    if not (cfg.enabled and cfg.on_incompatible == OnIncompatible.BACKFILL):
-        return []
-    checks = _ecc_checks(compat, cfg, ecc_counts or {})
-    return [k for k, (passed, _) in checks.items() if not passed and k not in pinned]
+    full = [k for k in owed if ok and cfg.on_incompatible == OnIncompatible.BACKFILL]
+    return ok, reasons, full
 
 
 def evidence_rows(

@@ -196,9 +196,9 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
     label = lineage_label()
     rep = build_report(lineage)
     job = next(j for j in rep["backfills"] if j["job_id"] == result["job"])
-    budget = job["budget"]
+    what = f"job {job['job_id']}: {job['policy']}, budget {job['budget']:g}"
     lines = [
-        f"# Backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
+        f"# Backfill {what}",
         "",
         f"items **{job['items_done']:,}**/{job['items_total']:,} re-embedded by generation "
         f"{result['generation']} · M_mix {text.num(job['m_mix_before'])} → "
@@ -217,12 +217,7 @@ def publish_backfill(lineage: Lineage, result: dict) -> None:
             {job["policy"]: job["curve"]}, "Backfill curve", subdir("reports") / "backfill.png"
         )
         lines += ["", _img(path)]
-    _markdown(
-        "backfill-summary",
-        label,
-        lines,
-        f"backfill job {job['job_id']}: {job['policy']}, budget {budget:g}",
-    )
+    _markdown("backfill-summary", label, lines, f"backfill {what}")
 
 
 def publish_skip(message: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ def check_k(k: Any) -> int:
     return k
 
 
+def _hit(row: dict[str, Any]) -> dict[str, Any]:
+    """An index row as answers show it (the label None when unlabelled)."""
+    label = int(row["label"])
+    return {
+        "key": row["key"],
+        "generation": int(row["generation"]),
+        "label": None if label == UNLABELLED else label,
+        "item_id": int(row["item_id"]),
+    }
+
+
 class Searcher:
     """The champion's encoder and the collection's index: one consistent served state.
 
@@ -96,7 +108,6 @@ class Searcher:
         self.manifest = tuple(sorted(index.parts.values()))
         self._model = model
         self._reader: Any = None
-        self._vocabulary: dict[str, int] | None = None  # read once: a read path repeats
         self._lock = threading.RLock()  # the reader asks for the model
 
     @classmethod
@@ -146,8 +157,9 @@ class Searcher:
         return tuple(int(v) for v in self.model.config["input_shape"])
 
     def load(self) -> Searcher:
-        """Load the encoder now (a service does it before it serves this state)."""
-        _ = self.model
+        """Load the encoder and count the items now (a service does it before it serves
+        this state)."""
+        _ = self.model, self.counts
         return self
 
     def embed(self, x: np.ndarray) -> np.ndarray:
@@ -171,12 +183,10 @@ class Searcher:
                 self._reader = open_reader(self.dataset, self.input_shape)
             return self._reader
 
+    @cached_property
     def _labels(self) -> dict[str, int]:
-        """Class name -> head row, read once for this state."""
-        with self._lock:
-            if self._vocabulary is None:
-                self._vocabulary = class_vocabulary(self.lineage)
-            return self._vocabulary
+        """Class name -> head row, read once for this state (a read path repeats)."""
+        return class_vocabulary(self.lineage)
 
     # -- queries -------------------------------------------------------------------------
     def key_query(self, key: str) -> tuple[np.ndarray, int | None]:
@@ -184,30 +194,26 @@ class Searcher:
         from workers.collection.items import CollectionError
         from workers.data.readers import UnreadableItem
 
-        key = check_key(key)
-        item = self.index.id_of(key)
-        label = None
-        if item is not None:
-            row = self.index.rows_of(np.asarray([item]))[0]
-            label = None if int(row["label"]) == UNLABELLED else int(row["label"])
-            if int(row["generation"]) == self.champion:  # stored: what the champion computes
-                stored = self.index.embedding_of(item)
-                if stored is not None:
-                    return stored, label
-        elif not self.reference:
+        row = self.row(key)
+        label = None if row is None else row["label"]
+        if row is None and not self.reference:
             raise UnknownKey(
                 f"unknown key {key!r}: the collection ({self.dataset}) does not hold it; "
                 "`graceful index SPEC` adds new items"
             )
+        if row is not None and row["generation"] == self.champion:  # stored: what it computes
+            stored = self.index.embedding_of(row["item_id"])
+            if stored is not None:
+                return stored, label
         try:
             reader = self._source()
             x = reader.take_keys([key])
         except CollectionError as exc:
-            if item is None and isinstance(exc, UnreadableItem):  # nor an evaluation set item
+            if row is None and isinstance(exc, UnreadableItem):  # nor an evaluation set item
                 raise UnknownKey(f"unknown key {key!r}: {exc}") from None
             raise StoreError(f"cannot read item {key!r} from {self.dataset}: {exc}") from None
         if label is None and hasattr(reader, "label_of"):  # a labelled evaluation item
-            label = self._labels().get(reader.label_of(key))
+            label = self._labels.get(reader.label_of(key))
         return self.embed(x)[0], label
 
     def image_query(self, data: bytes | Path, name: str = "upload") -> np.ndarray:
@@ -284,25 +290,22 @@ class Searcher:
             raise BadQuery("the vector is all zeros (no direction to search)")
         return v
 
-    def search(self, query: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
-        return self.nearest(query, check_k(k))
-
     def nearest(self, query: np.ndarray, k: int) -> list[dict[str, Any]]:
         """The ``k`` nearest committed collection items to one query embedding (``k`` not
         bounded: a search filtered by label asks for more)."""
         scores, ids = self.index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
         found = ids[0][ids[0] >= 0]  # an IVF search may find fewer than k
         return [
-            {
-                "key": row["key"],
-                "score": float(score),
-                "generation": int(row["generation"]),
-                "label": None if int(row["label"]) == UNLABELLED else int(row["label"]),
-                "item_id": int(row["item_id"]),
-            }
+            {"key": row["key"], "score": float(score)} | _hit(row)
             for row, score in zip(self.index.rows_of(found), scores[0][: len(found)], strict=True)
         ]
 
+    def row(self, key: str) -> dict[str, Any] | None:
+        """The collection's item ``key`` as answers show it, or None when it holds none."""
+        item = self.index.id_of(check_key(key))
+        return None if item is None else _hit(self.index.rows_of(np.asarray([item]))[0])
+
+    @cached_property
     def counts(self) -> dict[int, int]:
         """Items of the served index by the generation that embedded them."""
         gens, counts = np.unique(
@@ -326,4 +329,4 @@ def search_file(lineage: Lineage, path: Path | str, k: int = 5) -> dict[str, Any
 
 
 def _answer(s: Searcher, emb: np.ndarray, k: int) -> dict[str, Any]:
-    return {"generation": s.champion, "neighbors": s.search(emb, k)}
+    return {"generation": s.champion, "neighbors": s.nearest(emb, check_k(k))}

@@ -143,7 +143,8 @@ def resume_state(
     verify_inputs(lineage, sorted(set(active) | targets))
     if step > Step.TRAIN:
         verify_checkpoint(gen.checkpoint_path, gen.checkpoint_sha256, f"generation {gen_id}")
-    state = CycleState(
+    resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
+    return CycleState(
         ev.dataset(source.spec, vocab),
         stage,
         gen,
@@ -153,11 +154,8 @@ def resume_state(
         cfg,
         champion.id if champion else None,
         step=step,
+        resumed=f"{resumed}; {epochs_note}" if epochs_note else resumed,
     )
-    state.resumed = f"resumed generation {gen_id}, interrupted before {step.name.lower()}"
-    if epochs_note:
-        state.resumed += f"; {epochs_note}"
-    return state
 
 
 def recover_generations(

@@ -8,7 +8,6 @@ from flows.steps import interrupted_step
 from store.collection import Collection
 from store.lineage import (
     INTERRUPTED,
-    BackfillJob,
     Generation,
     JobStatus,
     Lineage,
@@ -29,17 +28,6 @@ PAIR_METRICS = (
     Metric.ECC,
     Metric.UPDATE_GAIN,
 )
-
-
-def generation_status(gen: Generation, cycle_running: bool) -> str:
-    """The stored status, or ``interrupted`` for a cycle whose process is gone."""
-    unfinished = interrupted_step(gen) is not None
-    return INTERRUPTED if unfinished and not cycle_running else str(gen.status)
-
-
-def job_status(job: BackfillJob, writer_running: bool) -> str:
-    """The stored status, or ``interrupted`` for a running job that no process writes."""
-    return INTERRUPTED if job.status == JobStatus.RUNNING and not writer_running else job.status
 
 
 def _snapshot(record: SnapshotRecord | None) -> dict[str, Any] | None:
@@ -169,12 +157,6 @@ def _gate(lineage: Lineage, gens: list[Generation]) -> dict[int, dict[str, Any]]
     return out
 
 
-def collection_kind(spec: str) -> str:
-    """What the report calls a collection: the evaluation set's reference half (the
-    scenario's, as the report has always named it) or a user's collection."""
-    return "scenario" if is_reference(spec) else "collection"
-
-
 def build_report(lineage: Lineage) -> dict[str, Any]:
     """``generations``, pair metrics, ``ac``/``am``, ``m_mix``, ``gallery``, ``backfills``.
 
@@ -195,7 +177,9 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
         "generations": [
             {
                 "id": g.id,
-                "status": generation_status(g, cycle_running),
+                "status": INTERRUPTED
+                if interrupted_step(g) is not None and not cycle_running
+                else str(g.status),
                 "champion": g.is_champion,
                 "accuracy": g.accuracy,
                 "architecture": g.architecture,
@@ -249,7 +233,10 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
         "by_generation": {str(g): n for g, n in counts.items()},
         # extensions: what the collection indexes (None before anything is indexed)
         "spec": info.dataset if info is not None else None,
-        "kind": None if info is None else collection_kind(info.dataset),
+        # the evaluation set's reference half: the scenario's, as the report has always named it
+        "kind": None
+        if info is None
+        else ("scenario" if is_reference(info.dataset) else "collection"),
     }
     report["backfills"] = [
         {
@@ -257,7 +244,9 @@ def build_report(lineage: Lineage) -> dict[str, Any]:
             "generation": j.generation_id,
             "policy": j.policy,
             "budget": j.budget,
-            "status": job_status(j, writer_running),
+            "status": INTERRUPTED
+            if j.status == JobStatus.RUNNING and not writer_running
+            else j.status,
             "error": j.error,
             "items_total": j.total_items,
             "items_done": j.items_done,

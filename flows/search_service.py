@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-from flows.query import MAX_K, BadQuery, NotReady, Searcher, UnknownKey, check_k, check_key
+from flows.query import MAX_K, BadQuery, NotReady, Searcher, UnknownKey, check_k
 from store.collection import Collection
 from store.lineage import Lineage
 from store.settings import NoLineage, StoreError, require_lineage
@@ -75,7 +75,6 @@ class ServedState:
         self.version = 0  # bumped at every swap; answers carry it
         self.problem = "starting"
         self.swaps = 0
-        self.counts: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one refresh at a time
@@ -93,8 +92,12 @@ class ServedState:
         with self._lock:
             cur = self.searcher
             try:
-                if self.lineage is None:
-                    self.lineage = _existing_lineage()
+                if self.lineage is None:  # none yet: wait (503), creating no home nor database
+                    try:
+                        require_lineage()
+                    except NoLineage as exc:
+                        raise NotReady(f"no champion generation yet: {exc}") from None
+                    self.lineage = Lineage()
                 if cur is None:
                     nxt = Searcher.open(self.lineage).load()
                 else:
@@ -108,10 +111,8 @@ class ServedState:
             except NotReady as exc:
                 self.problem = str(exc)
                 return False
-            counts = nxt.counts()
             # one reference swap: requests that began keep the state they read
             self.searcher, self.version = nxt, self.version + 1
-            self.counts = counts
             if cur is not None:
                 self.swaps += 1
                 log.info(
@@ -141,16 +142,6 @@ class ServedState:
                 self.refresh()
             except Exception as exc:  # a database hiccup: the served state stays, try again
                 log.warning("search state refresh failed: %s", exc)
-
-
-def _existing_lineage() -> Lineage:
-    """The lineage, once there is one: a server started on a home that holds none yet
-    waits (503) and creates neither the home nor a database."""
-    try:
-        require_lineage()
-    except NoLineage as exc:
-        raise NotReady(f"no champion generation yet: {exc}") from None
-    return Lineage()
 
 
 # -- metrics ----------------------------------------------------------------------------
@@ -183,8 +174,7 @@ class Metrics:
         out = []
 
         def head(name: str, kind: str, text: str) -> None:
-            out.append(f"# HELP {name} {text}")
-            out.append(f"# TYPE {name} {kind}")
+            out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
 
         with self._lock:
             head("graceful_search_requests_total", "counter", "HTTP requests by route and status")
@@ -222,7 +212,7 @@ class Metrics:
         head("graceful_search_state_swaps_total", "counter", "swaps of the served state")
         out.append(f"graceful_search_state_swaps_total {state.swaps}")
         head("graceful_search_collection_items", "gauge", "served items by embedding generation")
-        for g, n in sorted(state.counts.items()):
+        for g, n in sorted(() if s is None else s.counts.items()):
             out.append(f'graceful_search_collection_items{{generation="{g}"}} {n}')
         return "\n".join(out) + "\n"
 
@@ -267,21 +257,19 @@ def create_app(token: str | None = None, poll_seconds: float = POLL_SECONDS):
     @app.middleware("http")
     async def guard(request: Request, call_next):
         start = time.perf_counter()
-        path = request.url.path
+        path, length = request.url.path, request.headers.get("content-length")
         if token and path != "/healthz" and not _authorised(request, token):
             response = error(401, f"missing or wrong API token ({TOKEN_ENV})")
+        elif length and length.isdigit() and int(length) > max(MAX_BODY_BYTES, DRAIN_BYTES):
+            response = error(
+                413, f"the request is {int(length):,} bytes; at most {MAX_BODY_BYTES:,}"
+            )
         else:
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max(MAX_BODY_BYTES, DRAIN_BYTES):
-                response = error(
-                    413, f"the request is {int(length):,} bytes; at most {MAX_BODY_BYTES:,}"
-                )
-            else:
-                try:
-                    response = await call_next(request)
-                except Exception as exc:  # a fault of ours: JSON, counted, logged
-                    log.exception("search service error")
-                    response = error(500, f"internal error: {type(exc).__name__}: {exc}")
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # a fault of ours: JSON, counted, logged
+                log.exception("search service error")
+                response = error(500, f"internal error: {type(exc).__name__}: {exc}")
         metrics.observe(
             request.method, _route(path), response.status_code, time.perf_counter() - start
         )
@@ -330,7 +318,7 @@ def create_app(token: str | None = None, poll_seconds: float = POLL_SECONDS):
             "champion": s.champion,
             "version": version,
             "items": s.index.ntotal,
-            "by_generation": {str(g): n for g, n in state.counts.items()},
+            "by_generation": {str(g): n for g, n in s.counts.items()},
             "collection": s.dataset,
             "index": s.index.kind.value,
             "max_k": MAX_K,
@@ -393,22 +381,14 @@ def create_app(token: str | None = None, poll_seconds: float = POLL_SECONDS):
     @app.get("/items/{key:path}")
     def item(key: str) -> dict[str, Any]:
         """One collection item: its key, id, label and the generation that embedded it."""
-        s, _ = state.current()
-        row = _row(s, key)
-        return {
-            "key": row["key"],
-            "item_id": int(row["item_id"]),
-            "generation": int(row["generation"]),
-            "label": None if int(row["label"]) < 0 else int(row["label"]),
-            "thumbnail": f"/thumbnails/{row['key']}",
-        }
+        row = _row(state.current()[0], key)
+        return {"key": key, "item_id": row["item_id"]} | row | {"thumbnail": f"/thumbnails/{key}"}
 
     @app.get("/thumbnails/{key:path}")
     def thumbnail(key: str):
         """A small PNG of a collection item, made from the collection's source."""
         s, _ = state.current()
-        row = _row(s, key)
-        png = _thumbnail(s, row["key"])
+        png = _thumbnail(s, _row(s, key)["key"])
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -448,10 +428,10 @@ async def _read_body(request, limit: int) -> bytes:
 
 
 def _row(s: Searcher, key: str) -> dict[str, Any]:
-    item = s.index.id_of(check_key(key))
-    if item is None:
+    row = s.row(key)
+    if row is None:
         raise UnknownKey(f"unknown key {key!r}: the collection ({s.dataset}) does not hold it")
-    return s.index.rows_of(np.asarray([item]))[0]
+    return row
 
 
 def _label_row(s: Searcher, label: Any) -> int:
@@ -466,16 +446,12 @@ def _label_row(s: Searcher, label: Any) -> int:
 
 def _nearest(s: Searcher, query: np.ndarray, k: int, label: int | None) -> list[dict[str, Any]]:
     """The k nearest items (with ``label`` only: searched wider until k are found)."""
-    if label is None:
-        hits = s.search(query, k)
-    else:
-        width = k
-        while True:
-            found = s.nearest(query, width)
-            hits = [h for h in found if h["label"] == label][:k]
-            if len(hits) == k or width >= s.index.ntotal:
-                break
-            width = min(s.index.ntotal, width * 8)
+    width = k
+    while True:
+        hits = [h for h in s.nearest(query, width) if label is None or h["label"] == label][:k]
+        if label is None or len(hits) == k or width >= s.index.ntotal:
+            break
+        width = min(s.index.ntotal, width * 8)
     return [{f: h[f] for f in ("key", "score", "generation", "label")} for h in hits]
 
 

@@ -17,7 +17,7 @@ class on the generation and the debt (``store.debts``) before the promotion.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,9 @@ class Judgement:
 
     outcome: GateOutcome
     reasons: list[str]
-    plan: ServedPlan | None = None
-    debt: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    collection: int = 0
+    plan: ServedPlan
+    debt: np.ndarray
+    collection: int
 
 
 def _holders(
@@ -166,10 +166,7 @@ def judge(
 def record(g: int, j: Judgement) -> list[tuple]:
     """The debt file (before the promotion it belongs to) and the metric rows of the
     served state; returns the rows. The per-class list goes on the generation."""
-    plan = j.plan
-    if plan is None:
-        return []
-    owed = j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
+    plan, owed = j.plan, j.outcome == GateOutcome.PROMOTE_WITH_BACKFILL
     if owed:
         save_debt(g, j.debt)
     share = len(j.debt) / j.collection if j.collection else 0.0
@@ -185,10 +182,8 @@ def record(g: int, j: Judgement) -> list[tuple]:
     ]
 
 
-def served_rows(plan: ServedPlan | None, names: dict[int, str]) -> list[dict] | None:
+def served_rows(plan: ServedPlan, names: dict[int, str]) -> list[dict]:
     """The per-class served state as the report shows it (contract: ``gate.served``)."""
-    if plan is None:
-        return None
     return [
         {
             "class": names.get(d.cls, str(d.cls)),

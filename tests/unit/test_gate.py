@@ -8,7 +8,6 @@ from flows.config import GateConfig
 from flows.gate import (
     ClassGroupGaps,
     FirstEvidence,
-    backfill_owed,
     decide,
     evidence_rows,
 )
@@ -21,7 +20,7 @@ def _fails(reasons: list[str]) -> list[str]:
 
 
 def test_first_generation_passes() -> None:
-    ok, reasons = decide(0.5, None, {}, {}, GateConfig())
+    ok, reasons, _ = decide(0.5, None, {}, {}, GateConfig())
     assert ok and "first generation" in reasons[0]
 
 
@@ -35,14 +34,14 @@ def test_first_generation_must_be_above_chance_with_evidence() -> None:
     on = GateConfig()  # on by default
     assert on.first_above_chance
     for hits, promoted in ((12, False), (16, False), (30, True)):
-        ok, reasons = decide(hits / 100, None, {}, {}, on, first=FirstEvidence(hits, 100, 0.1))
+        ok, reasons, _ = decide(hits / 100, None, {}, {}, on, first=FirstEvidence(hits, 100, 0.1))
         assert ok is promoted, reasons
-    ok, reasons = decide(0.12, None, {}, {}, on, first=FirstEvidence(12, 100, 0.1))
+    ok, reasons, _ = decide(0.12, None, {}, {}, on, first=FirstEvidence(12, 100, 0.1))
     assert reasons == [
         "FAIL first generation: accuracy 0.1200 not above chance ([0.0636, 0.2002] at 95% CI, "
         "chance 0.1000); train longer or on more data"
     ]
-    ok, reasons = decide(0.3, None, {}, {}, on, first=FirstEvidence(30, 100, 0.1))
+    ok, reasons, _ = decide(0.3, None, {}, {}, on, first=FirstEvidence(30, 100, 0.1))
     assert reasons == [
         "first generation: accuracy 0.3000 above chance ([0.2124, 0.3998] at 95% CI, chance 0.1000)"
     ]
@@ -60,36 +59,36 @@ def test_first_generation_must_be_above_chance_with_evidence() -> None:
 
 
 def test_passes_when_every_threshold_holds() -> None:
-    ok, reasons = decide(0.90, 0.91, {1: (0.80, 0.79)}, {1: 0.02}, GateConfig())
+    ok, reasons, _ = decide(0.90, 0.91, {1: (0.80, 0.79)}, {1: 0.02}, GateConfig())
     assert ok, reasons
     assert not _fails(reasons)
 
 
 def test_rejects_too_many_flips_without_counts() -> None:
     # point values only: the interval is the point, NFR 0.11 > 0.10
-    ok, reasons = decide(0.95, 0.90, {1: (0.9, 0.8)}, {1: 0.11}, GateConfig(max_nfr=0.10))
+    ok, reasons, _ = decide(0.95, 0.90, {1: (0.9, 0.8)}, {1: 0.11}, GateConfig(max_nfr=0.10))
     assert not ok
     assert any(r.startswith("FAIL NFR against 1") for r in reasons)
     assert "point value" in _fails(reasons)[0]
 
 
 def test_rejects_accuracy_drop_beyond_tolerance() -> None:
-    ok, _ = decide(0.87, 0.90, {}, {}, GateConfig(accuracy_tolerance=0.02))
+    ok, _, _ = decide(0.87, 0.90, {}, {}, GateConfig(accuracy_tolerance=0.02))
     assert not ok
-    ok, _ = decide(0.885, 0.90, {}, {}, GateConfig(accuracy_tolerance=0.02))
+    ok, _, _ = decide(0.885, 0.90, {}, {}, GateConfig(accuracy_tolerance=0.02))
     assert ok
 
 
 def test_point_ecc_fails_only_below_the_margin_and_per_ancestor() -> None:
     compat = {1: (0.8, 0.7), 2: (0.74, 0.75), 3: (0.75, 0.75)}
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"))
+    ok, reasons, _ = decide(0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"))
     assert not ok  # a tie is no evidence of a loss; 2 is below by 0.01 > margin 0
     assert [r.split(":")[0] for r in _fails(reasons)] == ["FAIL not compatible with 2"]
-    ok, _ = decide(
+    ok, _, _ = decide(
         0.9, 0.9, compat, {}, GateConfig(ecc_margin=0.01, on_incompatible="reject")
     )  # -0.01 not below -0.01
     assert ok
-    ok, _ = decide(0.9, 0.9, {2: (0.5, 0.75)}, {}, GateConfig(require_ecc=False))
+    ok, _, _ = decide(0.9, 0.9, {2: (0.5, 0.75)}, {}, GateConfig(require_ecc=False))
     assert ok
 
 
@@ -98,11 +97,11 @@ def test_a_two_query_difference_is_noise_and_promotes() -> None:
     # queries, i.e. 275 vs 277 hits: 40 queries only generation 2's hit, 42 only 1's.
     counts = {1: PairedCounts(1000, 40, 42)}
     compat = {1: (0.275, 0.277)}
-    ok, reasons = decide(
+    ok, reasons, _ = decide(
         0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject")
     )  # point rule: rejected
     assert not ok
-    ok, reasons = decide(
+    ok, reasons, _ = decide(
         0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"), ecc_counts=counts
     )
     assert ok, reasons
@@ -141,7 +140,7 @@ def test_reasons_say_where_the_gap_lies_without_changing_the_verdict() -> None:
     assert "trained on" not in _fails(plain[1])[0]
     # an ancestor that trained on every class: no split to report
     whole = {1: ClassGroupGaps(seen=-0.1, unseen=None, unseen_queries=0)}
-    _, reasons = decide(
+    _, reasons, _ = decide(
         0.9,
         0.9,
         compat,
@@ -159,7 +158,7 @@ def test_on_incompatible_backfill_promotes_and_says_what_it_owes() -> None:
     counts = {1: PairedCounts(400, 10, 50), 2: PairedCounts(400, 30, 31)}
     compat = {1: (0.6, 0.7), 2: (0.7, 0.7025)}
     cfg = GateConfig(on_incompatible="backfill")
-    ok, reasons = decide(0.9, 0.9, compat, {}, cfg, ecc_counts=counts)
+    ok, reasons, owed = decide(0.9, 0.9, compat, {}, cfg, ecc_counts=counts)
     assert ok and not _fails(reasons)
     assert reasons[1].startswith("BACKFILL not compatible with 1: ")
     assert reasons[1].endswith(
@@ -167,17 +166,17 @@ def test_on_incompatible_backfill_promotes_and_says_what_it_owes() -> None:
         "(on_incompatible=backfill)"
     )
     assert reasons[2].startswith("compatible with 2")
-    assert backfill_owed(compat, cfg, counts) == [1]  # the same evidence, the same answer
+    assert owed == [1]  # the same evidence, the same answer
     # the default rejects the same evidence, and owes nothing
-    ok, reasons = decide(
+    ok, reasons, owed = decide(
         0.9, 0.9, compat, {}, GateConfig(on_incompatible="reject"), ecc_counts=counts
     )
     assert not ok and _fails(reasons)[0].startswith("FAIL not compatible with 1")
-    assert backfill_owed(compat, GateConfig(on_incompatible="reject"), counts) == []
+    assert owed == []
     # rejected for another reason: the ECC failure is a failure like any, nothing promised
     flips = {1: PairedCounts(540, 10, 100)}
     nfr = {1: 100 / 540}
-    ok, reasons = decide(0.9, 0.9, compat, nfr, cfg, ecc_counts=counts, flip_counts=flips)
+    ok, reasons, _ = decide(0.9, 0.9, compat, nfr, cfg, ecc_counts=counts, flip_counts=flips)
     assert not ok and not any(r.startswith("BACKFILL") for r in reasons)
     fails = _fails(reasons)
     assert len(fails) == 2 and fails[0].startswith("FAIL not compatible with 1: ")
@@ -188,13 +187,14 @@ def test_a_pinned_ancestor_is_never_backfilled_away() -> None:
     counts = {1: PairedCounts(400, 10, 50)}
     compat = {1: (0.6, 0.7)}
     cfg = GateConfig(on_incompatible="backfill")
-    ok, reasons = decide(0.9, 0.9, compat, {}, cfg, ecc_counts=counts, pinned={1})
+    ok, reasons, owed = decide(0.9, 0.9, compat, {}, cfg, ecc_counts=counts, pinned={1})
     assert not ok
     assert _fails(reasons)[0].endswith("; it is pinned: unpin it to backfill it away")
-    assert backfill_owed(compat, cfg, counts, pinned={1}) == []
+    assert owed == []
     off = GateConfig(on_incompatible="backfill", require_ecc=False)
-    assert decide(0.9, 0.9, compat, {}, off, ecc_counts=counts)[0]
-    assert backfill_owed(compat, off, counts) == []
+    ok, _, owed = decide(0.9, 0.9, compat, {}, off, ecc_counts=counts)
+    assert ok
+    assert owed == []
 
 
 def test_the_typed_evidence_is_what_the_rows_store() -> None:
@@ -218,7 +218,7 @@ def test_a_clear_ecc_regression_is_still_rejected() -> None:
     # sqrt(60/400 - 0.01) = 0.374, upper bound about -0.1 + 1.96 * 0.374/20 = -0.063
     counts = {1: PairedCounts(400, 10, 50)}
     cfg = GateConfig(ecc_margin=0.01, on_incompatible="reject")
-    ok, reasons = decide(0.9, 0.9, {1: (0.30, 0.40)}, {}, cfg, ecc_counts=counts)
+    ok, reasons, _ = decide(0.9, 0.9, {1: (0.30, 0.40)}, {}, cfg, ecc_counts=counts)
     assert not ok
     (fail,) = _fails(reasons)
     assert fail.startswith("FAIL not compatible with 1: C[g][1]-C[1][1] = -0.1000, 95% CI [")
@@ -231,7 +231,7 @@ def test_confidence_decides_how_much_evidence_is_enough() -> None:
     # -0.025 + 1.2816 * 0.01115 = -0.0107 is below 0; the 99% one, +0.0037, is not
     counts = {1: PairedCounts(1000, 50, 75)}
     compat = {1: (0.5, 0.525)}
-    ok, reasons = decide(
+    ok, reasons, _ = decide(
         0.9,
         0.9,
         compat,
@@ -240,7 +240,7 @@ def test_confidence_decides_how_much_evidence_is_enough() -> None:
         ecc_counts=counts,
     )
     assert not ok and "80% CI" in _fails(reasons)[0]
-    ok, reasons = decide(
+    ok, reasons, _ = decide(
         0.9,
         0.9,
         compat,
@@ -255,7 +255,7 @@ def test_nfr_just_above_the_bound_is_noise() -> None:
     # 60 negative flips of 540 items: NFR 0.111 > 0.10, but the lower bound is about
     # 0.111 - 1.96 * sqrt(0.111 * 0.889 / 540) = 0.085
     flips = {1: PairedCounts(540, 30, 60)}
-    ok, reasons = decide(0.9, 0.9, {}, {1: 60 / 540}, GateConfig(), flip_counts=flips)
+    ok, reasons, _ = decide(0.9, 0.9, {}, {1: 60 / 540}, GateConfig(), flip_counts=flips)
     assert ok, reasons
     assert reasons[1].startswith("NFR against 1 = 0.1111, 95% CI [0.08")
     assert "not above 0.1" in reasons[1] and "60 negative vs 30 positive flips" in reasons[1]
@@ -264,7 +264,7 @@ def test_nfr_just_above_the_bound_is_noise() -> None:
 def test_nfr_clearly_above_the_bound_is_rejected() -> None:
     # 100 of 540: NFR 0.185, lower bound about 0.185 - 1.96 * 0.0167 = 0.152 > 0.10
     flips = {1: PairedCounts(540, 10, 100)}
-    ok, reasons = decide(0.9, 0.9, {}, {1: 100 / 540}, GateConfig(), flip_counts=flips)
+    ok, reasons, _ = decide(0.9, 0.9, {}, {1: 100 / 540}, GateConfig(), flip_counts=flips)
     assert not ok
     (fail,) = _fails(reasons)
     assert fail.startswith("FAIL NFR against 1 = 0.1852, 95% CI [0.15")
@@ -275,15 +275,15 @@ def test_any_negative_flip_fails_a_zero_bound() -> None:
     # one flip of 540: the lower bound 1 - 0.975^(1/540) = 4.7e-5 > 0
     flips = {1: PairedCounts(540, 0, 1)}
     assert clopper_pearson(1, 540)[0] == pytest.approx(1 - 0.975 ** (1 / 540))
-    ok, reasons = decide(0.9, 0.9, {}, {1: 1 / 540}, GateConfig(max_nfr=0.0), flip_counts=flips)
+    ok, reasons, _ = decide(0.9, 0.9, {}, {1: 1 / 540}, GateConfig(max_nfr=0.0), flip_counts=flips)
     assert not ok and _fails(reasons)[0].startswith("FAIL NFR against 1")
     flips = {1: PairedCounts(540, 3, 0)}  # no negative flip at all: lower bound 0
-    ok, _ = decide(0.9, 0.9, {}, {1: 0.0}, GateConfig(max_nfr=0.0), flip_counts=flips)
+    ok, _, _ = decide(0.9, 0.9, {}, {1: 0.0}, GateConfig(max_nfr=0.0), flip_counts=flips)
     assert ok
 
 
 def test_disabled_gate_promotes() -> None:
-    ok, reasons = decide(0.1, 0.9, {1: (0.0, 1.0)}, {1: 1.0}, GateConfig(enabled=False))
+    ok, reasons, _ = decide(0.1, 0.9, {1: (0.0, 1.0)}, {1: 1.0}, GateConfig(enabled=False))
     assert ok and "disabled" in reasons[0]
 
 
@@ -302,7 +302,7 @@ def test_stored_evidence_matches_the_gate_reasons() -> None:
     assert rows[(g, g, "evidence_confidence")] == 0.9
     assert rows[(g, g, "gate_ecc_margin")] == 0.02 and rows[(g, g, "gate_max_nfr")] == 0.1
     assert rows[(g, 1, "flip_neg")] == 100 and rows[(g, 2, "ecc_gain")] == 30
-    _, reasons = decide(
+    _, reasons, _ = decide(
         0.9, 0.9, {2: (0.5, 0.5)}, {2: 25 / 540}, cfg, ecc_counts=queries, flip_counts=items
     )
     lo, hi = rows[(g, 2, "ecc_delta_lo")], rows[(g, 2, "ecc_delta_hi")]
@@ -320,14 +320,14 @@ def test_targeted_defers_an_ecc_failure_to_the_served_state() -> None:
     # the same evidence the backfill test uses: not compatible with 1 beyond doubt
     counts = {1: PairedCounts(400, 10, 50)}
     compat = {1: (0.6, 0.7)}
-    ok, reasons = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    ok, reasons, owed = decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
     assert ok and reasons[1].startswith("TARGETED not compatible with 1: ")
     assert reasons[1].endswith("(on_incompatible=targeted)")
-    assert backfill_owed(compat, GateConfig(), counts) == []  # no full backfill owed
+    assert owed == []  # no full backfill owed
     # a pinned ancestor too: whether its items must move is the served state's question
     assert decide(0.9, 0.9, compat, {}, GateConfig(), ecc_counts=counts, pinned={1})[0]
     # not better (accuracy below the champion's - tolerance): rejected, ECC a failure too
-    ok, reasons = decide(0.8, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
+    ok, reasons, _ = decide(0.8, 0.9, compat, {}, GateConfig(), ecc_counts=counts)
     assert not ok and len(_fails(reasons)) == 2
 
 

@@ -208,9 +208,9 @@ def test_teacher_heads_and_logits_by_hand(tmp_path: Path) -> None:
     prepared = prepare(ArrayItems(x, y), [model], store, num_classes=3, device=torch.device("cpu"))
     sums, counts = prepared.class_sums, prepared.counts
     # embeddings (1,0), (1,0), (0,1), written once to disk and read back by position
-    emb = torch.from_numpy(store.read(0, 3).copy())[:, 0]
+    emb = torch.from_numpy(store.take(np.arange(3)).copy())[:, 0]
     assert torch.allclose(emb, torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
-    assert torch.allclose(torch.from_numpy(store.read(2, 3).copy())[0, 0], torch.tensor([0.0, 1]))
+    assert torch.allclose(torch.from_numpy(store.take([2]).copy())[0, 0], torch.tensor([0.0, 1]))
     assert counts.tolist() == [1.0, 0.0, 2.0]
     assert torch.allclose(sums[0, 2], torch.tensor([1.0, 1.0]))
     own = model.head.weight.detach()

@@ -18,8 +18,10 @@ Every bad input raises :class:`DatasetError`. Nothing is read at import time.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import gzip
+import importlib
 import io
 import os
 import pickle
@@ -64,7 +66,6 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "Ankle boot",
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-_GRAY_MODES = frozenset({"1", "L", "LA"})
 _SPLITS = ("train", "test")
 
 
@@ -357,7 +358,7 @@ def _open_image(source: Path | bytes, name: str) -> Any:
 
 def _image_mode(img: Any) -> str:
     """'L' for a grey image (8- or 16-bit, with or without alpha), else 'RGB'."""
-    return "L" if img.mode in _GRAY_MODES or img.mode.startswith("I") else "RGB"
+    return "L" if img.mode in ("1", "L", "LA") or img.mode.startswith("I") else "RGB"
 
 
 def auto_size(height: int, width: int, cap: int = AUTO_IMAGE_SIDE) -> tuple[int, int]:
@@ -379,16 +380,13 @@ def _decode_images(
     Mode is 'L' if every image is grayscale, else 'RGB'. The size is ``size`` =
     (height, width), by default :func:`auto_size` of the first item's.
     """
-    modes: list[str] = []
+    modes: set[str] = set()
     for name, source in items:
         with _open_image(source, name) as img:
-            modes.append(_image_mode(img))
-            if size is None:
-                size = auto_size(img.height, img.width)
-    mode = "L" if all(m == "L" for m in modes) else "RGB"
-    if size is None:
-        return np.zeros((0, 1 if mode == "L" else 3, 0, 0), dtype=np.float32)
-    return decode_images_as(items, mode, size)
+            modes.add(_image_mode(img))
+            size = size or auto_size(img.height, img.width)
+    # no items: (0, 1, 0, 0) unless ``size`` is given
+    return decode_images_as(items, "RGB" if "RGB" in modes else "L", size or (0, 0))
 
 
 def _load_imagefolder(root: Path, size: tuple[int, int] | None = None) -> _Parts:
@@ -406,34 +404,27 @@ def _load_imagefolder(root: Path, size: tuple[int, int] | None = None) -> _Parts
     )
     if not classes:
         raise DatasetError(f"imagefolder {root}: no class folders under train/ or test/")
-    files: dict[str, list[tuple[str, Path | bytes]]] = {}
-    labels: dict[str, list[int]] = {}
+    found: dict[str, list[tuple[Path, int]]] = {}  # per split: (file, class index)
     for split, d in split_dirs.items():
-        files[split], labels[split] = [], []
-        for idx, cls in enumerate(classes):
-            cdir = d / cls
-            if not cdir.is_dir():
-                continue
-            for f in sorted(cdir.iterdir()):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    files[split].append((str(f), f))
-                    labels[split].append(idx)
-        if not files[split]:
+        found[split] = [
+            (f, idx)
+            for idx, cls in enumerate(classes)
+            if (d / cls).is_dir()
+            for f in sorted((d / cls).iterdir())
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not found[split]:
             raise DatasetError(f"imagefolder {root}: {split} split has no PNG/JPEG images")
-    empty = sorted(set(range(len(classes))) - set(labels["train"]) - set(labels["test"]))
+    empty = sorted(set(range(len(classes))) - {i for fs in found.values() for _, i in fs})
     if empty:
         raise DatasetError(
             f"imagefolder {root}: class folder(s) without images: "
             f"{', '.join(classes[i] for i in empty)}"
         )
-    x_tr, x_te = _decode_split_images(files["train"], files["test"], size)
-    return (
-        x_tr,
-        np.asarray(labels["train"], dtype=np.int64),
-        x_te,
-        np.asarray(labels["test"], dtype=np.int64),
-        tuple(classes),
-    )
+    tr, te = ([(str(f), f) for f, _ in found[s]] for s in _SPLITS)
+    x_tr, x_te = _decode_split_images(tr, te, size)
+    y_tr, y_te = (np.asarray([i for _, i in found[s]], dtype=np.int64) for s in _SPLITS)
+    return x_tr, y_tr, x_te, y_te, tuple(classes)
 
 
 def _decode_split_images(
@@ -487,7 +478,7 @@ def thumbnail_png(source: Path | bytes, name: str, side: int = 160) -> bytes:
                 img.draft("RGB", (side, side))
             small = ImageOps.exif_transpose(img)
             small.thumbnail((side, side))
-            small = small.convert("L" if _image_mode(small) == "L" else "RGB")
+            small = small.convert(_image_mode(small))
         except (OSError, ValueError, SyntaxError) as exc:
             raise DatasetError(f"cannot decode image {name}: {exc}") from exc
     return _png(small)
@@ -543,19 +534,6 @@ def _fit(img: Any, mode: str, height: int, width: int) -> np.ndarray:
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _numpy_attr(*candidates: str) -> Any:
-    """Return the first importable ``module:attr`` among candidates (numpy 1.x / 2.x)."""
-    import importlib
-
-    for cand in candidates:
-        mod, _, attr = cand.partition(":")
-        try:
-            return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"none of {candidates} available")
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that only resolves numpy array reconstruction and harmless builtins."""
 
@@ -569,7 +547,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # written by numpy for pickle protocol 5; it only builds an array from a buffer)
         submodule = {"_reconstruct": "multiarray", "_frombuffer": "numeric"}.get(name)
         if submodule and module in (f"numpy.core.{submodule}", f"numpy._core.{submodule}"):
-            return _numpy_attr(f"numpy._core.{submodule}:{name}", f"{module}:{name}")
+            for mod in (f"numpy._core.{submodule}", module):  # numpy 2.x's name first
+                with contextlib.suppress(ImportError, AttributeError):
+                    return getattr(importlib.import_module(mod), name)
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         if module in ("builtins", "__builtin__") and name in self._BUILTINS:

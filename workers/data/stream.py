@@ -74,10 +74,6 @@ class RowFile:
         finally:
             os.close(fd)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop``."""
-        return self.take(np.arange(start, stop))
-
     def take(self, positions: np.ndarray) -> np.ndarray:
         """Rows at ascending ``positions``: one read per run of consecutive positions."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -108,7 +104,7 @@ class TeacherStore(RowFile):
 
     def __init__(self, path: str | Path, n: int, k: int, d: int) -> None:
         super().__init__(path, n, (k, d), np.float32)
-        self.k, self.d = k, d
+        self.d = d
 
 
 class ItemStore(RowFile):

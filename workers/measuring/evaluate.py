@@ -120,8 +120,7 @@ def evaluate_against_ancestors(
     g = int(gen.id)  # type: ignore[arg-type]
     accuracy = M.accuracy(new.prediction, y)
     rows: list[tuple[int, int, str, float | None]] = [(g, g, Metric.ACCURACY, accuracy)]
-    g_idx, q_idx = new.reference_idx, new.query_idx
-    qy, gy = y[q_idx], y[g_idx]
+    qy, gy = y[new.query_idx], y[new.reference_idx]
 
     own = M.compat_matrix({g: new.query_emb}, {g: new.reference_emb}, qy, gy)[(g, g)]
     rows += [(g, g, Metric.COMPAT_TOP1, own["top1"]), (g, g, Metric.COMPAT_MAP100, own["map100"])]
@@ -131,25 +130,19 @@ def evaluate_against_ancestors(
     for anc in ancestors:
         k = int(anc.id)  # type: ignore[arg-type]
         old = generation_outputs(anc, ds, cache_dir)
-        flips = M.flip_metrics(new.prediction, old.prediction, y)
-        rows += [(g, k, name, value) for name, value in flips.items()]
+        rows += [(g, k, n, v) for n, v in M.flip_metrics(new.prediction, old.prediction, y).items()]
         if k in active:
             olds_active.append(old.prediction)
-        cross = M.compat_matrix(
-            {g: new.query_emb, k: old.query_emb}, {k: old.reference_emb}, qy, gy
-        )
-        c_gk = cross[(g, k)]
-        c_kk = cross[(k, k)]["top1"]
-        rows += [
-            (g, k, Metric.COMPAT_TOP1, c_gk["top1"]),
-            (g, k, Metric.COMPAT_MAP100, c_gk["map100"]),
-            (g, k, Metric.ECC, float(M.ecc(c_gk["top1"], c_kk))),
-            (g, k, Metric.UPDATE_GAIN, M.update_gain(c_gk["top1"], c_kk, own["top1"])),
-        ]
         # a generation recorded without its classes (an older lineage) has no split
-        pair = gate_evidence(new, old, y, anc.classes or None)
-        pairs[k] = PairEvidence(c_gk["top1"], c_kk, flips[Metric.NFR], *pair)
-        rows += pairs[k].rows(g, k)
+        p = pairs[k] = gate_evidence(new, old, y, anc.classes or None)
+        map_gk = M.retrieval_map_at_k(new.query_emb, qy, old.reference_emb, gy)
+        rows += [
+            (g, k, Metric.COMPAT_TOP1, p.compat),
+            (g, k, Metric.COMPAT_MAP100, map_gk),
+            (g, k, Metric.ECC, float(M.ecc(p.compat, p.own))),
+            (g, k, Metric.UPDATE_GAIN, M.update_gain(p.compat, p.own, own["top1"])),
+            *p.rows(g, k),
+        ]
     rows.append((g, g, Metric.NFR_ANY, M.nfr_any(new.prediction, olds_active, y)))
     rows.append((g, g, Metric.EVIDENCE_CONFIDENCE, S.DEFAULT_CONFIDENCE))
     hits = int((new.prediction == y).sum())
@@ -159,9 +152,8 @@ def evaluate_against_ancestors(
 
 def gate_evidence(
     new: EvalOutputs, old: EvalOutputs, y: np.ndarray, old_classes: Sequence[int] | None = None
-) -> tuple[S.PairedCounts, S.PairedCounts, S.ClassGroupGaps | None]:
-    """The gate's paired evidence for (new, old) on the same cases: (queries, items,
-    groups).
+) -> PairEvidence:
+    """The gate's paired evidence for (new, old) on the same cases.
 
     Retrieval: per query, the top-1 hit of the new generation's query and of the old one's,
     both against the old generation's gallery (their means are C[g][k] and C[k][k]).
@@ -173,10 +165,11 @@ def gate_evidence(
     qy, gy = y[new.query_idx], y[new.reference_idx]
     new_hits = M.retrieval_hits(new.query_emb, qy, old.reference_emb, gy)
     old_hits = M.retrieval_hits(old.query_emb, qy, old.reference_emb, gy)
-    queries = S.paired_counts(new_hits, old_hits)
     items = S.paired_counts(new.prediction == y, old.prediction == y)
     groups = None
     if old_classes is not None:
         gaps = M.ecc_gap_by_class_group(new_hits, old_hits, qy, old_classes)
         groups = S.ClassGroupGaps(gaps["seen"], gaps["unseen"], int(gaps["unseen_queries"]))
-    return queries, items, groups
+    c_gk, c_kk = float(np.mean(new_hits)), float(np.mean(old_hits))  # as M.retrieval_top1
+    queries = S.paired_counts(new_hits, old_hits)
+    return PairEvidence(c_gk, c_kk, items.loss_rate, queries, items, groups)

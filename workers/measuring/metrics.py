@@ -43,12 +43,6 @@ def _preds(pred: np.ndarray, y: np.ndarray, name: str = "pred") -> np.ndarray:
     return arr
 
 
-def _pair(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a (new, old, y) triple; return correctness masks (new_right, old_right)."""
-    yy = _labels(y)
-    return _preds(new, yy, "new") == yy, _preds(old, yy, "old") == yy
-
-
 def _embeddings(emb: np.ndarray, name: str) -> np.ndarray:
     """Return a C-contiguous float32 copy of a non-empty, finite 2-D embedding matrix."""
     arr = np.asarray(emb)
@@ -105,43 +99,44 @@ def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(_preds(pred, yy) == yy))
 
 
+def flip_metrics(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """All pairwise flip metrics: {"nfr", "pfr", "nfi", "btc", "bec"} (see each one's own)."""
+    yy = _labels(y)
+    new_right, old_right = _preds(new, yy, "new") == yy, _preds(old, yy, "old") == yy
+    neg_flips = float(np.mean(old_right & ~new_right))
+    n_new_wrong, n_old_right = int((~new_right).sum()), int(old_right.sum())
+    return {
+        Metric.NFR: neg_flips,
+        Metric.PFR: float(np.mean(~old_right & new_right)),
+        Metric.NFI: neg_flips / float(np.mean(~new_right)) if n_new_wrong else 0.0,
+        Metric.BTC: int((new_right & old_right).sum()) / n_old_right if n_old_right else 1.0,
+        Metric.BEC: int((~new_right & ~old_right).sum()) / n_new_wrong if n_new_wrong else 1.0,
+    }
+
+
 def nfr(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> float:
     """Negative flip rate: mean 1[old right and new wrong]."""
-    new_right, old_right = _pair(new, old, y)
-    return float(np.mean(old_right & ~new_right))
+    return flip_metrics(new, old, y)[Metric.NFR]
 
 
 def pfr(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> float:
     """Positive flip rate: mean 1[old wrong and new right]."""
-    new_right, old_right = _pair(new, old, y)
-    return float(np.mean(~old_right & new_right))
+    return flip_metrics(new, old, y)[Metric.PFR]
 
 
 def nfi(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> float:
     """Negative flip impact: NFR / (1 - acc(new)); 0.0 when the new model makes no errors."""
-    new_right, old_right = _pair(new, old, y)
-    err = float(np.mean(~new_right))
-    if err == 0.0:
-        return 0.0
-    return float(np.mean(old_right & ~new_right)) / err
+    return flip_metrics(new, old, y)[Metric.NFI]
 
 
 def btc(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> float:
     """Backward trust compatibility: #(both right) / #(old right); 1.0 if old got none right."""
-    new_right, old_right = _pair(new, old, y)
-    n_old = int(old_right.sum())
-    if n_old == 0:
-        return 1.0
-    return int((new_right & old_right).sum()) / n_old
+    return flip_metrics(new, old, y)[Metric.BTC]
 
 
 def bec(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> float:
     """Backward error compatibility: #(both wrong) / #(new wrong); 1.0 if new made no errors."""
-    new_right, old_right = _pair(new, old, y)
-    n_new_wrong = int((~new_right).sum())
-    if n_new_wrong == 0:
-        return 1.0
-    return int((~new_right & ~old_right).sum()) / n_new_wrong
+    return flip_metrics(new, old, y)[Metric.BEC]
 
 
 def nfr_any(new: np.ndarray, olds: Sequence[np.ndarray], y: np.ndarray) -> float:
@@ -154,17 +149,6 @@ def nfr_any(new: np.ndarray, olds: Sequence[np.ndarray], y: np.ndarray) -> float
     for i, old in enumerate(olds):
         any_right |= _preds(old, yy, f"olds[{i}]") == yy
     return float(np.mean(any_right & ~new_right))
-
-
-def flip_metrics(new: np.ndarray, old: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """All pairwise flip metrics: {"nfr", "pfr", "nfi", "btc", "bec"}."""
-    return {
-        Metric.NFR: nfr(new, old, y),
-        Metric.PFR: pfr(new, old, y),
-        Metric.NFI: nfi(new, old, y),
-        Metric.BTC: btc(new, old, y),
-        Metric.BEC: bec(new, old, y),
-    }
 
 
 # --------------------------------------------------------------------------- retrieval

@@ -35,12 +35,12 @@ Each piece has a hand-computed test (tests/unit/test_served.py).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from workers.measuring.metrics import retrieval_hits
-from workers.measuring.stats import PairedCounts, paired_bootstrap_ci_counts, paired_counts
+from workers.measuring.stats import paired_bootstrap_ci_counts, paired_counts
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,10 @@ def served_by_class(
     out = []
     for c in classes.tolist():
         m = query_y == c
-        counts = paired_counts(new_hits[m], old_hits[m])
-        ci = paired_bootstrap_ci_counts(counts, confidence=level, resamples=resamples, seed=seed)
-        out.append(
-            ClassDelta(int(c), counts.delta, ci.lo, ci.hi, counts.n, counts.gain, counts.loss)
+        d = overall_delta(
+            new_hits[m], old_hits[m], confidence=level, resamples=resamples, seed=seed
         )
+        out.append(replace(d, cls=int(c)))
     return out
 
 
@@ -114,10 +113,14 @@ def targeted_selection(
     that generation's space is one of ``classes``: a boolean mask."""
     if len(item_emb) == 0:
         return np.zeros(0, dtype=bool)
-    present = np.linalg.norm(prototypes, axis=1) > 0  # classes without reference items
-    scores = _unit(item_emb) @ prototypes.T
-    scores[:, ~present] = -np.inf
-    return np.isin(np.argmax(scores, axis=1), np.asarray(list(classes), dtype=np.int64))
+    return np.isin(_nearest(item_emb, prototypes), np.asarray(list(classes), dtype=np.int64))
+
+
+def _nearest(emb: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """Per row of ``emb``, its nearest prototype's class (cosine)."""
+    scores = _unit(emb) @ prototypes.T
+    scores[:, ~(np.linalg.norm(prototypes, axis=1) > 0)] = -np.inf  # classes without items
+    return np.argmax(scores, axis=1)
 
 
 def overall_delta(
@@ -130,13 +133,11 @@ def overall_delta(
 ) -> ClassDelta:
     """All queries' served hit rate, new minus old, with its paired bootstrap interval
     at ``confidence`` (``cls`` is -1)."""
-    new_hits, old_hits = np.asarray(new_hits, bool), np.asarray(old_hits, bool)
-    gain, loss = int((new_hits & ~old_hits).sum()), int((~new_hits & old_hits).sum())
-    counts = PairedCounts(len(new_hits), gain, loss)
-    if counts.n == 0:
+    if len(new_hits) == 0:
         return ClassDelta(-1, 0.0, 0.0, 0.0, 0, 0, 0)
+    counts = paired_counts(new_hits, old_hits)
     ci = paired_bootstrap_ci_counts(counts, confidence=confidence, resamples=resamples, seed=seed)
-    return ClassDelta(-1, counts.delta, ci.lo, ci.hi, counts.n, gain, loss)
+    return ClassDelta(-1, counts.delta, ci.lo, ci.hi, counts.n, counts.gain, counts.loss)
 
 
 @dataclass
@@ -204,9 +205,7 @@ def item_classes(
         protos[gen] = class_prototypes(emb, view.ref_y, num_classes)
         m = view.held_by == gen
         if m.any():
-            scores = _unit(emb[m]) @ protos[gen].T
-            scores[:, np.linalg.norm(protos[gen], axis=1) == 0] = -np.inf
-            placed[m] = np.argmax(scores, axis=1)
+            placed[m] = _nearest(emb[m], protos[gen])
     return placed, protos
 
 
