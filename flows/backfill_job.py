@@ -170,7 +170,6 @@ def run_backfill(
                     total,
                     progress,
                     crash_after_parts,
-                    3,  # parts in flight (the pipeline's depth)
                     st,
                     progress_recorder(job_id),
                 )

@@ -699,7 +699,13 @@ def backfill(
     _env_defaults()
     # bad values (an unknown policy, a budget of inf) are bad input, before anything
     with _failing():
-        cfg = BackfillConfig(**locals())  # the options, by their fields' names
+        cfg = BackfillConfig(
+            budget=budget,
+            policy=policy,
+            retire_share=retire_share,
+            batch_rows=batch_rows,
+            seed=seed,
+        )
     _check_inputs(None, existing=True)
     from flows.backfill import backfill_flow
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
-from store.lineage import UNFINISHED_JOBS, BackfillJob, JobStatus, Lineage, _now, set_row
+from store.lineage import UNFINISHED_JOBS, BackfillJob, JobStatus, Lineage, set_row
+from store.locks import _now
 from store.settings import subdir
 
 

@@ -55,7 +55,8 @@ from sqlmodel import Session
 
 from store.failpoints import failpoint
 from store.files import file_sha256
-from store.lineage import CollectionInfo, CollectionPart, Lineage, _now, set_row
+from store.lineage import CollectionInfo, CollectionPart, Lineage, set_row
+from store.locks import _now
 from store.settings import StoreError, graceful_home, subdir
 
 COLUMNS = ("item_id", "key", "label", "generation", "margin", "fingerprint", "embedding")

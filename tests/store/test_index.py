@@ -138,10 +138,13 @@ def test_readers_see_whole_committed_parts_during_rewrites(gallery: Collection) 
     rounds = 12
     errors: list[BaseException] = []
     looked = threading.Event()  # the reader finished a look
+    stop = threading.Event()  # the reader failed: the writer ends at once
 
     def writer() -> None:
         try:
             for gen in range(2, 2 + rounds):
+                if stop.is_set():
+                    return
                 for name in gallery.part_names():
                     slot = int(name[5:10])
                     gallery.rewrite_part(
@@ -157,17 +160,21 @@ def test_readers_see_whole_committed_parts_during_rewrites(gallery: Collection) 
     t.start()
     looks = 0
     seen_versions = set()
-    while t.is_alive() or looks == 0:
-        idx = CollectionIndex.open(gallery, save=looks % 2 == 0)
-        ids = index_ids(idx)
-        assert len(ids) == len(IDS) and len(np.unique(ids)) == len(IDS)
-        for slot in range(N_PARTS):
-            gens = {generation_in_index(idx, i) for i in IDS[slot * PART : (slot + 1) * PART]}
-            assert len(gens) == 1, f"slot {slot} mixes versions {gens}"
-        seen_versions.update(idx.parts.values())
-        looks += 1
+    try:
+        while t.is_alive() or looks == 0:
+            idx = CollectionIndex.open(gallery, save=looks % 2 == 0)
+            ids = index_ids(idx)
+            assert len(ids) == len(IDS) and len(np.unique(ids)) == len(IDS)
+            for slot in range(N_PARTS):
+                gens = {generation_in_index(idx, i) for i in IDS[slot * PART : (slot + 1) * PART]}
+                assert len(gens) == 1, f"slot {slot} mixes versions {gens}"
+            seen_versions.update(idx.parts.values())
+            looks += 1
+            looked.set()
+    finally:  # a failed look stops the writer now, not after its remaining rounds' waits
+        stop.set()
         looked.set()
-    t.join()
+        t.join()
     assert not errors, errors
     final = CollectionIndex.open(gallery)
     assert {generation_in_index(final, i) for i in IDS} == {(1 + rounds) % DIM}

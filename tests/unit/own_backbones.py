@@ -38,3 +38,14 @@ def flat_vector(input_shape: tuple[int, ...]) -> nn.Module:
 
 def not_a_module(input_shape: tuple[int, ...]) -> str:
     return "a string"
+
+
+class OverEagerConv(TinyConv):
+    """Says it grew from any ancestor, even a wider one (a team's bug graceful guards)."""
+
+    def grow_from(self, old: nn.Module) -> bool:
+        return True
+
+
+def over_eager_conv(input_shape: tuple[int, ...], width: int = 8) -> nn.Module:
+    return OverEagerConv(input_shape[0], width)

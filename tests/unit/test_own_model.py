@@ -91,6 +91,21 @@ def test_own_backbone_warm_start_is_function_preserving() -> None:
     assert not inherit_weights(resnet, old)
 
 
+def test_an_own_backbone_narrower_than_its_ancestor_is_left_untouched() -> None:
+    # its grow_from claims success, but the projection cannot read the ancestor's wider
+    # features: no warm start, and the new model keeps its own weights and normalisation
+    eager = "tests.unit.own_backbones:over_eager_conv"
+    old = EmbeddingNet((3, 8, 8), 2, 4, {"kind": "import", "factory": eager})
+    new = EmbeddingNet(
+        (3, 8, 8), 2, 4, {"kind": "import", "factory": eager, "options": {"width": 4}}
+    )
+    old.set_input_stats([0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
+    new.set_input_stats([0.1, 0.2, 0.3], [0.3, 0.3, 0.3])
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    assert not inherit_weights(new, old)
+    assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())
+
+
 @pytest.mark.parametrize(
     ("factory", "message"),
     [

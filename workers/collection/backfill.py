@@ -130,7 +130,11 @@ class EmbedActor(EmbedByKey):
         }
 
 
-def start_actor(champion: Generation, spec: str | None = None):
+# parts in flight between reading, embedding and committing (the pipeline's depth)
+PIPELINE_DEPTH = 3
+
+
+def start_actor(champion: Generation, spec: str):
     """A Ray actor embedding with ``champion`` (the cluster's GPU if it has one), reading
     items of collection ``spec`` by key. Its OpenMP threads sleep instead of spinning while they
     wait, so the driver's Parquet work next to it costs it little."""
@@ -350,7 +354,6 @@ def reembed_parts(
     total: int,
     progress: Progress | None,
     crash_after_parts: int | None,
-    depth: int,
     st: dict[str, Any],
     on_commit: Callable[[Any, int], None] | None = None,
 ) -> int:
@@ -419,7 +422,7 @@ def reembed_parts(
             timers["read"] += t1 - t
             timers["submit"] += time.perf_counter() - t1
             inflight.append((name, (ids, labels, item_keys, prints), full, mask, ref))
-            if len(inflight) >= depth:
+            if len(inflight) >= PIPELINE_DEPTH:
                 finish()
         while inflight:
             finish()

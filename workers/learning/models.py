@@ -397,14 +397,14 @@ def _inherit_imported(new: EmbeddingNet, old: EmbeddingNet) -> bool:
     if new.config["architecture"] == old.config["architecture"]:
         new.load_state_dict(old.state_dict())
         return True
+    f_old = old.project.weight.shape[1]
+    if new.project.weight.shape[1] < f_old:  # fewer features than the ancestor's to read
+        return False
     grow = getattr(new.backbone, "grow_from", None)
     if not callable(grow) or not grow(old.backbone):
         return False
     if hasattr(new, "input_mean"):
         new.set_input_stats(old.input_mean, old.input_std)
-    f_old = old.project.weight.shape[1]
-    if new.project.weight.shape[1] < f_old:
-        return False
     new.project.weight.zero_()
     new.project.weight[:, :f_old] = old.project.weight
     new.project.bias.copy_(old.project.bias)
